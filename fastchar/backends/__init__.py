@@ -1,0 +1,100 @@
+"""Backends: a backend is a module that defines every kernel in KERNELS with the reference signature.
+
+`get_backend(name)` returns a namespace of kernels. A backend may leave a kernel out only by naming
+it in its `FALLBACK` set; the reference fills the gap and `fallbacks(name)` reports it. Nothing else
+in fastchar imports a backend module directly: `Model(cfg, backend=...)` chooses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from types import SimpleNamespace
+
+KERNELS = (
+    "embedding_forward",
+    "embedding_backward",
+    "rmsnorm_forward",
+    "rmsnorm_backward",
+    "matmul_forward",
+    "matmul_backward",
+    "attention_forward",
+    "attention_backward",
+    "attention_decode",
+    "relu2_forward",
+    "relu2_backward",
+    "residual_forward",
+    "residual_backward",
+    "crossentropy_forward",
+    "crossentropy_backward",
+    "grad_norm",
+    "adamw_update",
+)
+
+MODULES = {"numpy": "reference", "numba": "numba_cpu", "cython": "cython_cpu"}
+ALIASES = {"reference": "numpy"}
+
+
+class BackendError(RuntimeError):
+    """A backend is unknown or cannot be loaded here."""
+
+
+def canonical(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in MODULES and name != "auto":
+        choices = ", ".join([*MODULES, "auto"])
+        raise BackendError(f"unknown backend {name!r}; choose one of: {choices}")
+    return name
+
+
+@cache
+def _load(name: str) -> SimpleNamespace:
+    try:
+        module = importlib.import_module(f"fastchar.backends.{MODULES[name]}")
+    except ImportError as exc:
+        raise BackendError(f"backend {name!r} is not available: {exc}") from exc
+    reference = importlib.import_module("fastchar.backends.reference")
+    fallback = set(getattr(module, "FALLBACK", ()))
+    kernels = {}
+    for kernel in KERNELS:
+        if hasattr(module, kernel) and kernel not in fallback:
+            kernels[kernel] = getattr(module, kernel)
+        elif kernel in fallback:
+            kernels[kernel] = getattr(reference, kernel)
+        else:
+            raise BackendError(f"backend {name!r} lacks kernel {kernel!r} and does not list it in FALLBACK")
+    return SimpleNamespace(name=name, fallback=frozenset(fallback), **kernels)
+
+
+def get_backend(name: str = "auto") -> SimpleNamespace:
+    """The kernels of backend `name` ("numpy", "numba", "cython" or "auto": the fastest available)."""
+    name = canonical(name)
+    if name == "auto":
+        name = default_backend()
+    return _load(name)
+
+
+def available_backends() -> list[str]:
+    """Backends that load on this machine, in MODULES order."""
+    names = []
+    for name in MODULES:
+        try:
+            _load(name)
+        except BackendError:
+            continue
+        names.append(name)
+    return names
+
+
+# Measured by benchmarks/bench_train.py on the project's 2-core machines (see README): the first
+# available entry of this list is the default.
+PREFERENCE = ("cython", "numba", "numpy")
+
+
+def default_backend() -> str:
+    """The fastest backend available here, by the measured PREFERENCE order."""
+    available = available_backends()
+    for name in PREFERENCE:
+        if name in available:
+            return name
+    raise BackendError("no backend is available")

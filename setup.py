@@ -1,0 +1,37 @@
+"""Build the Cython kernels (fastchar._cykernels) from csrc/. Everything else lives in pyproject.toml."""
+
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTCHAR_CYTHON_DEBUG") == "1"
+OPENMP = os.environ.get("FASTCHAR_NO_OPENMP") != "1"
+
+compile_args = ["-O3"]
+if os.environ.get("FASTCHAR_NATIVE") == "1":
+    compile_args.append("-march=native")
+link_args = []
+if OPENMP:
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+extension = Extension(
+    "fastchar._cykernels",
+    ["csrc/_kernels.pyx"],
+    include_dirs=[np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": DEBUG,
+}
+
+setup(ext_modules=cythonize([extension], compiler_directives=directives))

@@ -1,0 +1,52 @@
+"""Shared fixtures: a seeded rng, the backends to test, tolerances in one table, tiny configs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from fastchar.backends import available_backends
+from fastchar.config import ModelConfig
+
+# (rtol, atol) per kernel, float32 against the float32 reference. Reductions over C or T in a
+# different order differ by a few ulps of the largest term; matmuls over up to 512 terms more so.
+DEFAULT_TOL = (1e-4, 1e-5)
+TOL = {
+    "matmul_forward": (1e-4, 1e-4),
+    "matmul_backward": (1e-4, 1e-4),
+    "attention_backward": (1e-4, 5e-5),
+    "crossentropy_forward": (1e-5, 1e-5),
+    "grad_norm": (1e-5, 0.0),
+    "adamw_update": (1e-5, 1e-6),
+}
+
+
+def tol(kernel: str) -> tuple[float, float]:
+    return TOL.get(kernel, DEFAULT_TOL)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def compiled_backends() -> list[str]:
+    """Every backend but the reference; FASTCHAR_REQUIRE_BACKENDS makes a missing one an error."""
+    names = [b for b in available_backends() if b != "numpy"]
+    required = os.environ.get("FASTCHAR_REQUIRE_BACKENDS", "")
+    for name in filter(None, required.split(",")):
+        if name not in available_backends():
+            raise RuntimeError(f"backend {name!r} is required (FASTCHAR_REQUIRE_BACKENDS) but not available")
+    return names
+
+
+@pytest.fixture(params=available_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(vocab_size=11, d_model=32, n_layer=2, n_head=4, ctx=16, mlp_hidden=128)
