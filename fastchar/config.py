@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and what is allowed."""
+from fastchar.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,9 +27,7 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
-            raise ConfigError(
-                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ConfigError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

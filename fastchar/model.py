@@ -17,13 +17,10 @@ import numpy.typing as npt
 from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend
 from fastchar.config import ModelConfig
+from fastchar.errors import InputError
 
 RMSNORM_EPS = 1e-5
 INIT_STD = 0.02
-
-
-class InputError(ValueError):
-    """A token batch does not fit the model; the message says what is wrong."""
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -60,6 +57,9 @@ class Model:
         self.dacts: Arena | None = None
         self._targets: np.ndarray | None = None
         self._inputs: np.ndarray | None = None
+        self.tokenizer = None  # set by fastchar.load and the Trainer
+        self.train_cfg: dict | None = None
+        self.train_state: dict = {}
         self.init_weights(seed)
 
     @property
@@ -105,9 +105,7 @@ class Model:
             raise InputError(f"{name} has T={x.shape[1]} positions but the model's ctx is {self.cfg.ctx}")
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
-            raise InputError(
-                f"{name} holds token ids in [{lo}, {hi}] but the vocabulary has {self.cfg.vocab_size}"
-            )
+            raise InputError(f"{name} holds token ids in [{lo}, {hi}] but the vocabulary has {self.cfg.vocab_size}")
         return np.ascontiguousarray(x, dtype=np.int32)
 
     def _ensure_acts(self, B: int, T: int) -> Arena:
@@ -210,7 +208,7 @@ class Model:
         k.embedding_backward(g["wte"], g["wpe"], d["encoded"], x)
 
     def save(self, path: str | Path, **extra: object) -> Path:
-        """Write a checkpoint folder; see fastchar.checkpoint.save."""
+        """Write a checkpoint folder (weights, Adam moments, config, tokenizer); see checkpoint.save."""
         from fastchar.checkpoint import save
 
         return save(self, path, **extra)

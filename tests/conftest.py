@@ -50,3 +50,18 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(vocab_size=11, d_model=32, n_layer=2, n_head=4, ctx=16, mlp_hidden=128)
+
+
+PANGRAMS = (
+    "the quick brown fox jumps over the lazy dog.\n"
+    "pack my box with five dozen liquor jugs!\n"
+    "how vexingly quick daft zebras jump?\n"
+)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small learnable UTF-8 text file (about 12 k characters)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(PANGRAMS * 100, encoding="utf-8")
+    return path

@@ -46,21 +46,47 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
     if kernel == "rmsnorm_backward":
         inp, weight = f32(r, B, T, C), f32(r, C)
         rstd = (1 / np.sqrt(np.mean(inp * inp, -1) + 1e-5)).astype(np.float32)
-        return {"dinp": f32(r, B, T, C), "dweight": f32(r, C), "dout": f32(r, B, T, C), "inp": inp, "weight": weight, "rstd": rstd}
+        return {
+            "dinp": f32(r, B, T, C),
+            "dweight": f32(r, C),
+            "dout": f32(r, B, T, C),
+            "inp": inp,
+            "weight": weight,
+            "rstd": rstd,
+        }
     if kernel == "matmul_forward":
         return {"out": f32(r, N, H), "inp": f32(r, N, C), "weight": f32(r, C, H)}
     if kernel == "matmul_backward":
-        return {"dinp": f32(r, N, C), "dweight": f32(r, C, H), "dout": f32(r, N, H), "inp": f32(r, N, C), "weight": f32(r, C, H)}
+        return {
+            "dinp": f32(r, N, C),
+            "dweight": f32(r, C, H),
+            "dout": f32(r, N, H),
+            "inp": f32(r, N, C),
+            "weight": f32(r, C, H),
+        }
     if kernel == "attention_forward":
         return {"out": f32(r, B, T, C), "att": f32(r, B, NH, T, T), "qkv": f32(r, B, T, 3 * C)}
     if kernel == "attention_backward":
         qkv = f32(r, B, T, 3 * C)
         att = np.zeros((B, NH, T, T), np.float32)
         ref.attention_forward(np.zeros((B, T, C), np.float32), att, qkv)
-        return {"dqkv": f32(r, B, T, 3 * C), "datt": f32(r, B, NH, T, T), "dout": f32(r, B, T, C), "qkv": qkv, "att": att}
+        return {
+            "dqkv": f32(r, B, T, 3 * C),
+            "datt": f32(r, B, NH, T, T),
+            "dout": f32(r, B, T, C),
+            "qkv": qkv,
+            "att": att,
+        }
     if kernel == "attention_decode":
         S = T + 2
-        return {"out": f32(r, B, C), "q": f32(r, B, C), "kcache": f32(r, B, S, C), "vcache": f32(r, B, S, C), "n_ctx": T, "n_head": NH}
+        return {
+            "out": f32(r, B, C),
+            "q": f32(r, B, C),
+            "kcache": f32(r, B, S, C),
+            "vcache": f32(r, B, S, C),
+            "n_ctx": T,
+            "n_head": NH,
+        }
     if kernel == "relu2_forward":
         return {"out": f32(r, B, T, H), "inp": f32(r, B, T, H)}
     if kernel == "relu2_backward":
@@ -75,7 +101,12 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
         logits = 3 * f32(r, B, T, V)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        return {"dlogits": f32(r, B, T, V), "dlosses": np.full((B, T), 1 / N, np.float32), "probs": probs, "targets": idx}
+        return {
+            "dlogits": f32(r, B, T, V),
+            "dlosses": np.full((B, T), 1 / N, np.float32),
+            "probs": probs,
+            "targets": idx,
+        }
     if kernel == "grad_norm":
         return {"grads": f32(r, N * C + 3)}
     if kernel == "adamw_update":

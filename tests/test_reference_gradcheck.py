@@ -104,9 +104,7 @@ def naive_attention(qkv: np.ndarray) -> np.ndarray:
         for h in range(NH):
             for t in range(T):
                 q = qkv[b, t, h * HS : (h + 1) * HS]
-                scores = np.array(
-                    [q @ qkv[b, s, C + h * HS : C + (h + 1) * HS] / np.sqrt(HS) for s in range(t + 1)]
-                )
+                scores = np.array([q @ qkv[b, s, C + h * HS : C + (h + 1) * HS] / np.sqrt(HS) for s in range(t + 1)])
                 p = np.exp(scores - scores.max())
                 p /= p.sum()
                 for s in range(t + 1):
@@ -138,7 +136,9 @@ def test_attention_decode_matches_last_row(r):
     ref.attention_forward(out, att, qkv)
     for t in range(T):
         dec = np.zeros((B, C))
-        ref.attention_decode(dec, qkv[:, t, :C].copy(), qkv[:, :, C : 2 * C].copy(), qkv[:, :, 2 * C :].copy(), t + 1, NH)
+        ref.attention_decode(
+            dec, qkv[:, t, :C].copy(), qkv[:, :, C : 2 * C].copy(), qkv[:, :, 2 * C :].copy(), t + 1, NH
+        )
         np.testing.assert_allclose(dec, out[:, t], rtol=1e-12, atol=1e-12)
 
 

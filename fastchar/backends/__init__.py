@@ -11,6 +11,8 @@ import importlib
 from functools import cache
 from types import SimpleNamespace
 
+from fastchar.errors import FastcharError
+
 KERNELS = (
     "embedding_forward",
     "embedding_backward",
@@ -35,7 +37,7 @@ MODULES = {"numpy": "reference", "numba": "numba_cpu", "cython": "cython_cpu"}
 ALIASES = {"reference": "numpy"}
 
 
-class BackendError(RuntimeError):
+class BackendError(FastcharError):
     """A backend is unknown or cannot be loaded here."""
 
 

@@ -35,9 +35,7 @@ def embedding_backward(dwte: np.ndarray, dwpe: np.ndarray, dout: np.ndarray, idx
     dwpe[:T] += dout.sum(axis=0)
 
 
-def rmsnorm_forward(
-    out: np.ndarray, rstd: np.ndarray, inp: np.ndarray, weight: np.ndarray, eps: float
-) -> None:
+def rmsnorm_forward(out: np.ndarray, rstd: np.ndarray, inp: np.ndarray, weight: np.ndarray, eps: float) -> None:
     """out = inp / sqrt(mean(inp**2) + eps) * weight, over the last axis.
 
     out (B, T, C); rstd (B, T) saved 1/sqrt(mean + eps); inp (B, T, C); weight (C,).
@@ -108,9 +106,7 @@ def attention_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray) -> None
     out[...] = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
-def attention_backward(
-    dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray
-) -> None:
+def attention_backward(dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray) -> None:
     """Backward of attention_forward. Accumulates into dqkv; datt is scratch and is overwritten.
 
     dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
@@ -183,9 +179,7 @@ def residual_backward(dinp1: np.ndarray, dinp2: np.ndarray, dout: np.ndarray) ->
     dinp2 += dout
 
 
-def crossentropy_forward(
-    losses: np.ndarray, probs: np.ndarray, logits: np.ndarray, targets: np.ndarray
-) -> None:
+def crossentropy_forward(losses: np.ndarray, probs: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
     """probs = softmax(logits); losses = -log probs[target], natural log.
 
     losses (B, T); probs (B, T, V) saved; logits (B, T, V); targets (B, T) int.
@@ -197,9 +191,7 @@ def crossentropy_forward(
     losses[...] = -np.take_along_axis(log_probs, targets[..., None].astype(np.intp), -1)[..., 0]
 
 
-def crossentropy_backward(
-    dlogits: np.ndarray, dlosses: np.ndarray, probs: np.ndarray, targets: np.ndarray
-) -> None:
+def crossentropy_backward(dlogits: np.ndarray, dlosses: np.ndarray, probs: np.ndarray, targets: np.ndarray) -> None:
     """Fused softmax + cross-entropy backward: dlogits += dlosses * (probs - onehot). Accumulates.
 
     dlogits (B, T, V); dlosses (B, T); probs (B, T, V); targets (B, T) int.

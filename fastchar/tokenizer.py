@@ -1,0 +1,75 @@
+"""CharTokenizer: one token per character, the vocabulary sorted by code point (any Unicode).
+
+Saved with the model as JSON. Leaves out sub-word merges and special tokens on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from fastchar.errors import InputError
+
+
+class CharTokenizer:
+    """Maps characters to ids 0..V-1 in code-point order and back."""
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        chars = list(chars)
+        if not chars:
+            raise InputError("a tokenizer needs at least one character")
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise InputError("a tokenizer's vocabulary must be distinct single characters")
+        self.chars = sorted(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(set(text))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def dtype(self) -> np.dtype:
+        """The smallest unsigned integer type that holds every id."""
+        return np.dtype(np.uint8 if self.vocab_size <= 256 else np.uint16 if self.vocab_size <= 65536 else np.uint32)
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of text that the vocabulary lacks, sorted."""
+        return sorted(set(text) - self.stoi.keys())
+
+    def encode(self, text: str) -> npt.NDArray[np.int32]:
+        """text -> ids (len(text),) int32; names any character the vocabulary lacks."""
+        missing = self.unknown(text)
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:20])
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise InputError(
+                f"the text has {len(missing)} character(s) the vocabulary lacks: {shown}{more}",
+                hint="use only characters the model was trained on (see `fastchar info CHECKPOINT`)",
+            )
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return np.searchsorted(self._codes, codes).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"type": "char", "chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CharTokenizer:
+        return cls(list(data["chars"]))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

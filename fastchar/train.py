@@ -1,0 +1,236 @@
+"""Trainer: the training loop of SPEC.md with timing, evaluation, logs and checkpoints.
+
+Each step draws a seeded batch, runs forward, backward, clipping and AdamW, and times itself. Every
+eval_every steps it measures train and val loss on a fixed set of batches, writes the `latest`
+checkpoint and, on a new best validation loss, the `best` one. Ctrl-C saves `latest` and stops; a
+NaN or infinite loss stops without overwriting the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fastchar.checkpoint import save
+from fastchar.config import TrainConfig
+from fastchar.data import TextDataset
+from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
+from fastchar.model import Model
+from fastchar.optim import AdamW, lr_at
+
+EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
+
+
+class Interrupted(FastcharError):
+    """Training stopped by Ctrl-C after saving a checkpoint."""
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, before any work, if folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"the output folder {folder} is not writable ({exc.strerror or exc})",
+            hint="pass a folder you can write to with --out DIR",
+        ) from None
+
+
+class Trainer:
+    """Trains `model` on `dataset` with the recipe `cfg`; resumes from `model.train_state` if set."""
+
+    def __init__(
+        self,
+        model: Model,
+        dataset: TextDataset,
+        cfg: TrainConfig,
+        log: Callable[[str], None] | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if dataset.vocab_size != model.cfg.vocab_size:
+            raise ConfigError(
+                f"the text has {dataset.vocab_size} distinct characters but the model's vocab_size "
+                f"is {model.cfg.vocab_size}"
+            )
+        dataset.check_context(model.cfg.ctx)
+        self.model, self.dataset, self.cfg = model, dataset, cfg
+        self.model.tokenizer = dataset.tokenizer
+        self.out = Path(cfg.out)
+        self.log = log or print
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        state = model.train_state or {}
+        self.step = int(state.get("step", 0))
+        self.best_val = float(state.get("best_val", math.inf))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.rng = np.random.default_rng(cfg.seed)
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+        self.optimizer = AdamW(model, cfg, step=self.step)
+        self.losses: list[float] = []
+        self._stop_requested = False
+
+    # -- pieces of a step ---------------------------------------------------------------------
+
+    def progress_fraction(self, elapsed: float) -> float | None:
+        """Cosine position under a wall-clock budget (None: schedule by steps)."""
+        if self.cfg.time_budget <= 0:
+            return None
+        return elapsed / self.cfg.time_budget
+
+    def train_step(self, lr: float) -> tuple[float, float]:
+        """One batch, forward, backward, clip and AdamW; returns (loss, grad norm)."""
+        x, y = self.dataset.get_batch("train", self.cfg.batch, self.model.cfg.ctx, self.rng)
+        loss = self.model.forward(x, y)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}")
+        self.model.backward()
+        norm = self.optimizer.step(lr)
+        self.step += 1
+        return loss, norm
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over cfg.eval_batches fixed random batches of each split."""
+        result = {}
+        for split in ("train", "val"):
+            rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
+            total = 0.0
+            for _ in range(self.cfg.eval_batches):
+                x, y = self.dataset.get_batch(split, self.cfg.batch, self.model.cfg.ctx, rng)
+                total += self.model.forward(x, y)
+            result[split] = total / self.cfg.eval_batches
+        return result
+
+    def state(self, elapsed: float) -> dict:
+        return {
+            "step": self.step,
+            "rng": self.rng.bit_generator.state,
+            "best_val": self.best_val if math.isfinite(self.best_val) else None,
+            "elapsed": elapsed,
+        }
+
+    def save(self, name: str, elapsed: float) -> Path:
+        state = self.state(elapsed)
+        self.model.train_state = state
+        return save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state)
+
+    def _record(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train(self, until: int | None = None) -> dict:
+        """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
+        cfg, model = self.cfg, self.model
+        check_writable(self.out)
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        tokens_per_step = cfg.batch * model.cfg.ctx
+        self.log(
+            f"training {model.num_params():,} parameters with backend {model.backend} | "
+            f"B={cfg.batch} T={model.cfg.ctx} steps={cfg.steps} lr={cfg.lr:g} "
+            f"time_budget={cfg.time_budget:g}s | out {self.out}"
+        )
+        if self.step:
+            self.log(f"resuming at step {self.step}")
+        bar = self._progress_bar(last)
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._request_stop)
+        start = time.perf_counter()
+        step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
+
+        def elapsed() -> float:
+            return self.elapsed_before + time.perf_counter() - start
+
+        try:
+            while self.step < last:
+                if cfg.time_budget > 0 and elapsed() >= cfg.time_budget:
+                    break
+                lr = lr_at(self.step, cfg, self.progress_fraction(elapsed()))
+                t0 = time.perf_counter()
+                loss, norm = self.train_step(lr)
+                dt = time.perf_counter() - t0
+                step_time, window_time, window_steps = step_time + dt, window_time + dt, window_steps + 1
+                self.losses.append(loss)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == last:
+                    tok_s = tokens_per_step * window_steps / window_time
+                    self._emit(
+                        bar,
+                        f"step {self.step:>6} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
+                        f"{tok_s:,.0f} tok/s | {elapsed():.1f} s",
+                    )
+                    self._record(
+                        {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                         "tok_per_s": tok_s, "elapsed": elapsed()}
+                    )  # fmt: skip
+                    window_time, window_steps = 0.0, 0
+                if self.step % cfg.eval_every == 0:
+                    summary = self._evaluate_and_save(bar, elapsed())
+                if self._stop_requested:
+                    path = self.save("latest", elapsed())
+                    raise Interrupted(
+                        f"interrupted at step {self.step}; saved a checkpoint to {path}",
+                        hint=f"resume with: fastchar train --resume {path}",
+                    )
+            if self.step % cfg.eval_every != 0 or not summary:
+                summary = self._evaluate_and_save(bar, elapsed())
+        except TrainingDiverged as exc:
+            exc.hint = (
+                f"the last good checkpoint is {self.out / 'latest'}; lower --lr or raise --warmup"
+                if (self.out / "latest").exists()
+                else "lower --lr or raise --warmup"
+            )
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+        summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
+        summary["elapsed"] = elapsed()
+        summary["step"] = self.step
+        return summary
+
+    def _evaluate_and_save(self, bar: object, elapsed: float) -> dict:
+        losses = self.evaluate()
+        improved = losses["val"] < self.best_val
+        if improved:
+            self.best_val = losses["val"]
+        self.save("latest", elapsed)
+        if improved:
+            self.save("best", elapsed)
+        mark = " (best, saved)" if improved else ""
+        self._emit(bar, f"eval step {self.step:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
+        self._record({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed})
+        return {"train_loss": losses["train"], "val_loss": losses["val"], "best_val": self.best_val}
+
+    def _emit(self, bar: object, line: str) -> None:
+        if bar is not None:
+            bar.write(line)
+        else:
+            self.log(line)
+
+    def _progress_bar(self, last: int) -> object:
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        total = None if self.cfg.time_budget > 0 else last
+        return tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
