@@ -9,7 +9,9 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("FASTCHAR_CYTHON_DEBUG") == "1"
 OPENMP = os.environ.get("FASTCHAR_NO_OPENMP") != "1"
 
-compile_args = ["-O3"]
+# The kernels never read errno or FP exception flags; without these two, sqrtf (AdamW) and
+# compare-selects (relu, max) stay scalar. Neither flag changes any computed value.
+compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 if os.environ.get("FASTCHAR_NATIVE") == "1":
     compile_args.append("-march=native")
 link_args = []

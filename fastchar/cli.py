@@ -151,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_runtime_flags(info)
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmarks (training, sampling, kernels) from a source checkout",
+        description="Run benchmarks/bench_train.py (and with --kernels, bench_kernels.py). Options after "
+        "the known ones pass through: e.g. `fastchar bench --quick`, `fastchar bench -- --compile --scaling`.",
+    )
+    bench.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
+    bench.add_argument("--kernels", action="store_true", help="also time every kernel x backend")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to bench_train (see its --help)")
+    bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -318,6 +330,22 @@ def _format_info(report: dict) -> str:
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")
     return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "bench_train.py").is_file():
+        raise FastcharError(
+            "the benchmarks are not installed with the package", hint="run `fastchar bench` from a source checkout"
+        )
+    sys.path.insert(0, str(root))
+    rest = [a for a in args.rest if a != "--"] + (["--quick"] if args.quick else [])
+    if args.kernels:
+        importlib.import_module("benchmarks.bench_kernels").main(["--quick"] if args.quick else [])
+    importlib.import_module("benchmarks.bench_train").main(rest)
+    return 0
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def cache_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         ("qkv", (1, 3 * C)),
         ("atty", (1, C)),
         ("proj", (1, 1, C)),
-        ("fch", (1, H)),
-        ("fch_act", (1, H)),
+        ("fch", (1, 1, H)),
+        ("fch_act", (1, 1, H)),
         ("logits", (1, V)),
     ]
 
@@ -77,9 +77,9 @@ class KVCache:
             k.matmul_forward(proj[0], a["atty"], p[s + "attn.proj"])
             k.residual_forward(x, x, proj)
             k.rmsnorm_forward(h, a["rstd"], x, p[s + "ln2.weight"], RMSNORM_EPS)
-            k.matmul_forward(a["fch"], h[0], p[s + "mlp.fc"])
+            k.matmul_forward(a["fch"][0], h[0], p[s + "mlp.fc"])
             k.relu2_forward(a["fch_act"], a["fch"])
-            k.matmul_forward(proj[0], a["fch_act"], p[s + "mlp.proj"])
+            k.matmul_forward(proj[0], a["fch_act"][0], p[s + "mlp.proj"])
             k.residual_forward(x, x, proj)
         k.rmsnorm_forward(h, a["rstd"], x, p["ln_f.weight"], RMSNORM_EPS)
         k.matmul_forward(a["logits"], h[0], p["lm_head"])

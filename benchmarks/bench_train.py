@@ -1,0 +1,352 @@
+"""Training and sampling throughput: every fastchar backend, and PyTorch on the identical model.
+
+    python -m benchmarks.bench_train                 # B = 12 and 64, all backends, PyTorch if installed
+    python -m benchmarks.bench_train --compile       # also torch.compile (17-19 s to compile)
+    python -m benchmarks.bench_train --scaling       # tokens/s against d_model and B, 1 and 2 threads
+    python -m benchmarks.bench_train --memory        # peak RSS of B = 64 and its growth over 1,000 steps
+    python -m benchmarks.bench_train --quick         # a few steps of everything: proves it runs
+
+A training step is batch + forward + backward + clip + AdamW; tokens/s = B * T / median step time.
+Every backend is first checked against the reference (loss of one batch). Appends one JSON line to
+benchmarks/results/bench_train.jsonl and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import string
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks.common import append_record, machine, median_time, peak_rss_mib, rss_mib, table
+from fastchar import CharTokenizer, Model, ModelConfig, TrainConfig, generate
+from fastchar.backends import KERNELS, available_backends, default_backend
+from fastchar.data import TextDataset, find_corpus
+from fastchar.errors import DataError
+from fastchar.optim import AdamW, lr_at
+from fastchar.threads import set_threads
+
+FAMILIES = {
+    "embedding": "embedding",
+    "rmsnorm": "rmsnorm",
+    "matmul": "matmul",
+    "attention": "attention",
+    "relu2": "relu2",
+    "residual": "residual",
+    "crossentropy": "crossentropy",
+    "grad_norm": "adamw + norm",
+    "adamw": "adamw + norm",
+}
+PROMPT = "ROMEO:"
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def make_batches(cfg: ModelConfig, B: int, n: int, data: TextDataset | None, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    if data is None:  # synthetic: keeps data loading out of the timing
+        return [(rng.integers(0, cfg.vocab_size, (B, cfg.ctx)).astype(np.int32),) * 2 for _ in range(n)]
+    return [data.get_batch("train", B, cfg.ctx, rng) for _ in range(n)]
+
+
+def load_corpus(synthetic: bool) -> TextDataset | None:
+    if synthetic:
+        return None
+    try:
+        return TextDataset(find_corpus(download=False))
+    except DataError:
+        return None
+
+
+# -- fastchar ---------------------------------------------------------------------------------
+
+
+def fastchar_step(model: Model, opt: AdamW, tcfg: TrainConfig, batch: tuple, step: int) -> float:
+    x, y = batch
+    loss = model.forward(x, y)
+    model.backward()
+    opt.step(lr_at(step, tcfg))
+    return loss
+
+
+def check_backend(backend: str, cfg: ModelConfig, batch: tuple) -> None:
+    """Correctness before timing: the loss of one batch matches the reference."""
+    want = Model(cfg, backend="numpy", seed=0).forward(*batch)
+    got = Model(cfg, backend=backend, seed=0).forward(*batch)
+    if abs(got - want) > 1e-4 * abs(want):
+        raise SystemExit(f"{backend}: loss {got} differs from the reference's {want}; not timing it")
+
+
+def time_fastchar(backend: str, cfg: ModelConfig, B: int, steps: int, warmup: int, data) -> dict:
+    model = Model(cfg, backend=backend, seed=0)
+    tcfg = TrainConfig(batch=B, steps=10**6)
+    opt = AdamW(model, tcfg)
+    batches = make_batches(cfg, B, steps + warmup, data)
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        fastchar_step(model, opt, tcfg, batch, i)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {"step_ms": step * 1e3, "tok_s": B * cfg.ctx / step}
+
+
+def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data) -> dict[str, float]:
+    """ms per step by kernel family, timing each kernel call; 'python + other' is the rest."""
+    model = Model(cfg, backend=backend, seed=0)
+    spent: dict[str, float] = defaultdict(float)
+    inner = model.kernels
+
+    def timed(name, fn):
+        family = next(v for k, v in FAMILIES.items() if name.startswith(k))
+
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            spent[family] += time.perf_counter() - t0
+            return out
+
+        return call
+
+    model.kernels = SimpleNamespace(name=inner.name, **{k: timed(k, getattr(inner, k)) for k in KERNELS})
+    tcfg = TrainConfig(batch=B, steps=10**6)
+    opt = AdamW(model, tcfg)
+    batches = make_batches(cfg, B, steps + 2, data)
+    for i in range(2):
+        fastchar_step(model, opt, tcfg, batches[i], i)
+    spent.clear()
+    t0 = time.perf_counter()
+    for i in range(2, steps + 2):
+        fastchar_step(model, opt, tcfg, batches[i], i)
+    total = time.perf_counter() - t0
+    result = {k: v / steps * 1e3 for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    result["python + other"] = total / steps * 1e3 - sum(result.values())
+    result["total"] = total / steps * 1e3
+    return result
+
+
+def time_sampling(backend: str, cfg: ModelConfig, tokenizer: CharTokenizer, n: int, repeats: int) -> float:
+    model = Model(cfg, backend=backend, seed=0)
+    generate(model, tokenizer, PROMPT, 20, seed=0)  # warm-up: compile, caches
+    seconds = median_time(lambda: generate(model, tokenizer, PROMPT, n, seed=0), repeats, warmup=0)
+    return n / seconds
+
+
+# -- PyTorch ----------------------------------------------------------------------------------
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False) -> dict:
+    import torch
+
+    from benchmarks.torch_model import TorchGPT
+
+    torch.set_num_threads(threads)
+    model = TorchGPT(cfg)
+    model.load_from(Model(cfg, backend="numpy", seed=0).params)
+    tcfg = TrainConfig(batch=B, steps=10**6)
+    opt = torch.optim.AdamW(
+        model.decay_groups(tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, fused=fused
+    )
+    forward = torch.compile(model) if mode == "compile" else model
+    batches = [
+        (torch.from_numpy(x).long(), torch.from_numpy(y).long()) for x, y in make_batches(cfg, B, steps + warmup, data)
+    ]
+    params = list(model.parameters())
+
+    def step(i, batch):
+        _, loss = forward(*batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(i, tcfg)
+        opt.step()
+
+    t0 = time.perf_counter()
+    step(0, batches[0])
+    first = time.perf_counter() - t0
+    times = []
+    for i, batch in enumerate(batches[1:], start=1):
+        t0 = time.perf_counter()
+        step(i, batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    return {"step_ms": s * 1e3, "tok_s": B * cfg.ctx / s, "first_step_s": first}
+
+
+def time_torch_sampling(cfg, tokenizer, n, repeats, threads, cache: bool) -> float:
+    import torch
+
+    from benchmarks.torch_model import TorchGPT
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = TorchGPT(cfg)
+    model.load_from(Model(cfg, backend="numpy", seed=0).params)
+    idx = torch.tensor([tokenizer.encode(PROMPT).tolist()])
+    fn = model.generate_cache if cache else model.generate_nocache
+    fn(idx, 10)
+    return n / median_time(lambda: fn(idx, n), repeats, warmup=0)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", nargs="+", default=None, help="fastchar backends (default: all available)")
+    p.add_argument("--batch", type=int, nargs="+", default=[12, 64], help="batch sizes B (default 12 64)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every pool (default 2)")
+    p.add_argument("--synthetic", action="store_true", help="random tokens instead of Tiny Shakespeare")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--sample-chars", type=int, default=500, help="characters per sampling run (default 500)")
+    p.add_argument("--scaling", action="store_true", help="tokens/s against d_model and B, 1 and 2 threads")
+    p.add_argument("--memory", action="store_true", help="peak RSS at B = 64 and growth over --memory-steps")
+    p.add_argument("--memory-steps", type=int, default=1000)
+    p.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.sample_chars, args.memory_steps = 3, 1, 40, 20
+        args.batch = args.batch[:1] if args.batch != [12, 64] else [4]
+    set_threads(args.threads)
+    backends = args.backends or available_backends()
+    data = load_corpus(args.synthetic)
+    tokenizer = data.tokenizer if data is not None else CharTokenizer(set(string.ascii_letters + " \n:,.!?'-;&$3"))
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size)
+    print(f"machine: {machine(args.threads)}")
+    print(f"data: {'Tiny Shakespeare' if data is not None else 'synthetic'}; default backend: {default_backend()}")
+    record: dict = {"machine": machine(args.threads), "config": cfg.to_dict(), "steps": args.steps, "train": {}}
+
+    # training throughput
+    rows = []
+    torch_ok = torch_available() and not args.no_torch
+    for B in args.batch:
+        check_batch = make_batches(cfg, 2, 1, data)[0]
+        results = {}
+        for backend in backends:
+            check_backend(backend, cfg, check_batch) if backend != "numpy" else None
+            steps = max(2, args.steps // 6) if backend == "numpy" else args.steps
+            results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data)
+        if torch_ok:
+            results["torch eager"] = time_torch(cfg, B, args.steps, args.warmup, data, args.threads)
+            results["torch eager, fused AdamW"] = time_torch(
+                cfg, B, args.steps, args.warmup, data, args.threads, fused=True
+            )
+            if args.compile:
+                results["torch.compile"] = time_torch(
+                    cfg, B, args.steps, args.warmup, data, args.threads, mode="compile"
+                )
+        eager = results.get("torch eager", {}).get("tok_s")
+        compiled = results.get("torch.compile", {}).get("tok_s")
+        for name, r in results.items():
+            rows.append([B, name, r["tok_s"], r["step_ms"],
+                         f"{r['tok_s'] / eager:.2f}x" if eager else "-",
+                         f"{r['tok_s'] / compiled:.2f}x" if compiled else "-"])  # fmt: skip
+        record["train"][f"B{B}"] = results
+    print("\n## Training throughput (tokens/s, median step)\n")
+    print(table(["B", "system", "tok/s", "ms/step", "vs torch eager", "vs torch.compile"], rows))
+
+    # where a step's time goes
+    record["breakdown"] = {}
+    for B in args.batch:
+        rows = []
+        for backend in backends:
+            if backend == "numpy" and len(backends) > 1:
+                continue
+            parts = breakdown(backend, cfg, B, max(2, args.steps // 2), data)
+            record["breakdown"][f"{backend}/B{B}"] = parts
+            rows += [[backend, k, v, f"{100 * v / parts['total']:.0f} %"] for k, v in parts.items()]
+        print(f"\n## Where a step goes, B = {B} (ms per step)\n")
+        print(table(["backend", "family", "ms", "share"], rows))
+
+    # sampling
+    rows = []
+    repeats = 1 if args.quick else 3
+    record["sampling"] = {}
+    for backend in backends:
+        cps = time_sampling(backend, cfg, tokenizer, args.sample_chars, repeats)
+        record["sampling"][backend] = cps
+        rows.append([backend, cps])
+    if torch_ok:
+        for cache in (False, True):
+            name = f"torch eager, {'KV cache' if cache else 'no cache'}"
+            cps = time_torch_sampling(cfg, tokenizer, args.sample_chars, repeats, args.threads, cache)
+            record["sampling"][name] = cps
+            rows.append([name, cps])
+    print(f"\n## Sampling (batch 1, {args.sample_chars} characters from {PROMPT!r}; chars/s)\n")
+    print(table(["system", "chars/s"], rows))
+
+    if args.scaling:
+        record["scaling"] = scaling(args, data, backends)
+    if args.memory:
+        record["memory"] = memory(args, cfg, data, backends)
+    if not (args.quick or args.no_record):
+        path = append_record("bench_train", record)
+        print(f"\nrecorded in {path}")
+    return record
+
+
+def scaling(args, data, backends) -> dict:
+    best = default_backend() if default_backend() in backends else backends[0]
+    vocab = data.vocab_size if data is not None else 65  # the synthetic vocabulary has 65 characters too
+    out: dict = {"backend": best, "d_model": {}, "batch": {}}
+    widths = (64, 128) if args.quick else (64, 128, 256, 384)
+    batches = (4, 12) if args.quick else (4, 12, 32, 64)
+    rows = []
+    for threads in (1, 2):
+        set_threads(threads)
+        for C in widths:
+            cfg = ModelConfig(vocab_size=vocab, d_model=C, mlp_hidden=4 * C)
+            r = time_fastchar(best, cfg, 12, args.steps, args.warmup, data)
+            out["d_model"][f"{C}/t{threads}"] = r["tok_s"]
+            rows.append([threads, f"d_model {C}, B 12", r["tok_s"], r["step_ms"]])
+        for B in batches:
+            r = time_fastchar(best, ModelConfig(vocab_size=vocab), B, args.steps, args.warmup, data)
+            out["batch"][f"{B}/t{threads}"] = r["tok_s"]
+            rows.append([threads, f"d_model 128, B {B}", r["tok_s"], r["step_ms"]])
+    set_threads(args.threads)
+    print(f"\n## Scaling ({best}; tokens/s)\n")
+    print(table(["threads", "config", "tok/s", "ms/step"], rows))
+    return out
+
+
+def memory(args, cfg, data, backends) -> dict:
+    best = default_backend() if default_backend() in backends else backends[0]
+    model = Model(cfg, backend=best, seed=0)
+    tcfg = TrainConfig(batch=64, steps=10**6)
+    opt = AdamW(model, tcfg)
+    rng = np.random.default_rng(0)
+    rss = []
+    for i in range(args.memory_steps):
+        batch = data.get_batch("train", 64, cfg.ctx, rng) if data is not None else make_batches(cfg, 64, 1, None, i)[0]
+        fastchar_step(model, opt, tcfg, batch, i)
+        if i + 1 in (min(100, args.memory_steps), args.memory_steps):
+            rss.append(rss_mib())
+    out = {"backend": best, "steps": args.memory_steps, "rss_after_100_mib": rss[0], "rss_end_mib": rss[-1],
+           "peak_rss_mib": peak_rss_mib(), "arena_mib": (model.acts.nbytes + model.dacts.nbytes) / 2**20}  # fmt: skip
+    print(f"\n## Memory ({best}, B = 64)\n")
+    print(table(["measure", "MiB"], [[k, v] for k, v in out.items() if k.endswith("mib")]))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The benchmarks' quick modes run end to end (not timed: this only proves they work)."""
+
+from __future__ import annotations
+
+from benchmarks import bench_kernels, bench_train
+from fastchar.backends import default_backend
+
+
+def test_bench_kernels_quick(capsys):
+    record = bench_kernels.main(["--quick", "--backends", "numpy"])
+    assert any(key.endswith("matmul_forward/numpy") for key in record["kernels"])
+    assert "| kernel | backend |" in capsys.readouterr().out
+
+
+def test_bench_train_quick(capsys):
+    best = default_backend()
+    record = bench_train.main(["--quick", "--synthetic", "--no-torch", "--scaling", "--memory", "--backends", best])
+    assert record["train"]["B4"][best]["tok_s"] > 0
+    assert record["sampling"][best] > 0
+    assert record["memory"]["peak_rss_mib"] > 0
+    out = capsys.readouterr().out
+    assert "## Training throughput" in out and "## Sampling" in out and "## Scaling" in out
