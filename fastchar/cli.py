@@ -325,7 +325,13 @@ def _format_info(report: dict) -> str:
     lines.append(f"openmp (cython kernels): {t['openmp']['threads'] if t['openmp'] else 'not built'} threads")
     for blas in t["blas"]:
         lines.append(
-            f"blas: {blas['internal_api']} {blas['version']}, {blas['num_threads']} threads ({blas['filepath']})"
+            f"blas: {blas['internal_api']} {blas['version']} ({blas['architecture']} kernels), "
+            f"{blas['num_threads']} threads ({blas['filepath']})"
+        )
+    if t["replaced_OPENBLAS_CORETYPE"]:
+        lines.append(
+            f"note: OPENBLAS_CORETYPE={t['replaced_OPENBLAS_CORETYPE']} was replaced by "
+            f"{t['OPENBLAS_CORETYPE']} on this AVX-512 CPU (FASTCHAR_KEEP_OPENBLAS_CORETYPE=1 keeps it)"
         )
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")

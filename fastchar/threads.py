@@ -1,7 +1,10 @@
-"""One thread count for every pool: Numba's, OpenMP's (the Cython kernels) and BLAS's.
+"""One thread pool, sized on purpose: OpenMP runs N threads, BLAS runs 1.
 
-On a 2-core machine two pools of 2 spinning threads each would oversubscribe the cores, so fastchar
-sizes them together (BLAS through threadpoolctl) and reports what is active.
+The Numba kernels (threading layer "omp") and the Cython kernels share one libgomp pool of N
+threads, and both split every matrix product into single-threaded sgemm calls. BLAS is therefore
+pinned to 1 thread (threadpoolctl): on 2 cores a second pool of spinning OpenBLAS threads made a
+training step 10-40x slower. The NumPy reference backend follows the same rule (it is the ground
+truth, not the fast path). `thread_report` says what is active.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 from fastchar.errors import ConfigError
 
 _blas_limit = None  # keeps threadpoolctl's limit alive
+_configured: int | None = None
 
 
 def cores() -> int:
@@ -23,8 +27,8 @@ def cores() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Size Numba, OpenMP and BLAS to n threads each (default: the machine's cores); returns n."""
-    global _blas_limit
+    """n OpenMP threads for Numba and the Cython kernels (default: the cores), BLAS 1; returns n."""
+    global _blas_limit, _configured
     n = cores() if n is None else n
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"--threads must be a positive integer, got {n!r}")
@@ -45,15 +49,26 @@ def set_threads(n: int | None = None) -> int:
         _cykernels.set_openmp_threads(n)
     except ImportError:
         pass
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, the one the kernels call, so it is limited too)
     from threadpoolctl import threadpool_limits
 
-    _blas_limit = threadpool_limits(limits=n, user_api="blas")
+    _blas_limit = threadpool_limits(limits=1, user_api="blas")
+    _configured = n
     return n
+
+
+def ensure_threads() -> int:
+    """Apply the default thread policy once, unless set_threads already ran."""
+    return _configured if _configured is not None else set_threads()
 
 
 def thread_report() -> dict:
     """What is active: Numba's threading layer and threads, OpenMP's threads, and each BLAS."""
-    report: dict = {"cores": cores()}
+    report: dict = {
+        "cores": cores(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "replaced_OPENBLAS_CORETYPE": os.environ.get("FASTCHAR_REPLACED_OPENBLAS_CORETYPE"),
+    }
     if importlib.util.find_spec("numba") is not None:
         import numba
 
@@ -71,7 +86,7 @@ def thread_report() -> dict:
     from threadpoolctl import threadpool_info
 
     report["blas"] = [
-        {k: info.get(k) for k in ("internal_api", "num_threads", "version", "filepath")}
+        {k: info.get(k) for k in ("internal_api", "num_threads", "version", "architecture", "filepath")}
         for info in threadpool_info()
         if info.get("user_api") == "blas"
     ]

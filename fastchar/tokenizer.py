@@ -19,18 +19,19 @@ class CharTokenizer:
     """Maps characters to ids 0..V-1 in code-point order and back."""
 
     def __init__(self, chars: Iterable[str]) -> None:
-        chars = list(chars)
+        """chars: the vocabulary, or any text holding it (duplicates are dropped)."""
+        chars = set(chars)
         if not chars:
             raise InputError("a tokenizer needs at least one character")
-        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
-            raise InputError("a tokenizer's vocabulary must be distinct single characters")
+        if any(len(c) != 1 for c in chars):
+            raise InputError("a tokenizer's vocabulary must be single characters")
         self.chars = sorted(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
-        return cls(set(text))
+        return cls(text)
 
     @property
     def vocab_size(self) -> int:

@@ -70,9 +70,12 @@ def _load(name: str) -> SimpleNamespace:
 
 def get_backend(name: str = "auto") -> SimpleNamespace:
     """The kernels of backend `name` ("numpy", "numba", "cython" or "auto": the fastest available)."""
+    from fastchar.threads import ensure_threads
+
     name = canonical(name)
     if name == "auto":
         name = default_backend()
+    ensure_threads()
     return _load(name)
 
 

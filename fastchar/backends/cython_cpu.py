@@ -6,15 +6,10 @@ here: if the extension was not built, importing this module raises ImportError, 
 loader reports as "backend 'cython' is not available".
 
 Threads: the kernels' OpenMP threads also split every matrix product into single-threaded sgemm
-calls, so importing this module sets scipy's own OpenBLAS (not NumPy's) to one thread. Two thread
-pools spinning on 2 cores (OpenMP's and OpenBLAS's) made a training step 10-40x slower.
+calls; fastchar.threads pins BLAS to one thread (get_backend applies it before any kernel runs).
 """
 
 from __future__ import annotations
-
-import os
-
-from threadpoolctl import ThreadpoolController
 
 try:
     from fastchar._cykernels import (
@@ -46,17 +41,6 @@ except ImportError as exc:
     ) from exc
 
 
-def _single_thread_scipy_blas() -> None:
-    """One thread for scipy's BLAS, the one the extension links through scipy.linalg.cython_blas."""
-    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS so threadpoolctl can see it)
-
-    blas = ThreadpoolController().select(user_api="blas")
-    for lib in blas.lib_controllers:
-        if "scipy" in os.path.basename(os.path.dirname(lib.filepath)):  # e.g. scipy.libs/
-            lib.set_num_threads(1)
-
-
-_single_thread_scipy_blas()
 set_gemm_mode(0)
 
 __all__ = [

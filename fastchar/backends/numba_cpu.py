@@ -1,0 +1,664 @@
+"""The Numba backend: every reference kernel compiled with `@njit(cache=True)`, float32 only.
+
+Conventions are the reference's (fastchar/backends/reference.py): same names, argument order and
+shapes; kernels write into preallocated C-contiguous arrays and return None (`grad_norm` returns a
+float); backward kernels ACCUMULATE (+=) into every gradient they write.
+
+How it is fast:
+- GEMMs go to the BLAS that SciPy ships, through Numba's own `numba_xxgemm` helper (the function
+  `np.dot` uses inside njit code), called with beta = 1 so that `matmul_backward` accumulates in
+  place with no temporary. Row-major operands are passed as their column-major transposes, so a
+  transposed operand is a flag, never a copy.
+- Everything else is a loop nest: `parallel=True` with `prange` only over a dimension that splits
+  the writes (rows for activations and input grads, (batch, head) pairs for attention, column blocks
+  for weight-gradient reductions), so no two threads ever `+=` into the same element.
+- `fastmath=True` where reassociating a float32 reduction is acceptable (tests/test_kernels.py
+  checks every kernel against the reference within tests/conftest.py's TOL).
+
+Left out: float64 (use the reference for gradchecks) and non-contiguous arrays on the fast paths
+(matmuls copy such operands; the other kernels index them generically and are only slower).
+Numba's thread count is set by the caller (numba.set_num_threads); nothing here pins it.
+If no writable on-disk cache location exists, the cache goes to a fresh temporary directory with
+a warning instead of failing at import.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "embedding_forward",
+    "embedding_backward",
+    "rmsnorm_forward",
+    "rmsnorm_backward",
+    "matmul_forward",
+    "matmul_backward",
+    "attention_forward",
+    "attention_backward",
+    "attention_decode",
+    "relu2_forward",
+    "relu2_backward",
+    "residual_forward",
+    "residual_backward",
+    "crossentropy_forward",
+    "crossentropy_backward",
+    "grad_norm",
+    "adamw_update",
+]
+
+FALLBACK: frozenset[str] = frozenset()
+
+# Width of the column blocks that weight-gradient reductions are split into across threads: 16
+# float32 = one 64-byte cache line, so two threads never write the same line.
+COL_BLOCK = 16
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk cache: Numba raises at decoration time when no cache location is writable (the package
+# directory, NUMBA_CACHE_DIR and ~/.cache all refused). Probe once with a throwaway function and
+# fall back to a temporary directory, so a read-only install still runs (compiling every start).
+
+
+def _cache_probe() -> int:
+    return 0
+
+
+def _ensure_cache_location() -> None:
+    try:
+        njit(cache=True)(_cache_probe)
+    except RuntimeError as exc:
+        fallback = tempfile.mkdtemp(prefix="fastchar-numba-cache-")
+        numba.config.CACHE_DIR = fallback
+        warnings.warn(
+            f"fastchar: no writable Numba cache location ({exc}); caching compiled kernels in "
+            f"{fallback} for this process only, so every start recompiles (about 1 min). "
+            "Set NUMBA_CACHE_DIR to a writable directory to keep them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        njit(cache=True)(_cache_probe)
+
+
+_ensure_cache_location()
+
+
+# --------------------------------------------------------------------------------------------
+# BLAS: Numba's helper `numba_xxgemm` (in numba._helperlib, bound to scipy.linalg.cython_blas)
+# is the Fortran sgemm with by-value sizes. It is resolved by symbol name, so functions that call
+# it can be cached. A row-major C (M, N) = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T.
+
+_xxgemm = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(
+        types.char,  # kind: 's' for float32
+        types.char,  # transa
+        types.char,  # transb
+        types.intp,  # m
+        types.intp,  # n
+        types.intp,  # k
+        types.CPointer(types.float32),  # alpha
+        types.CPointer(types.float32),  # a
+        types.intp,  # lda
+        types.CPointer(types.float32),  # b
+        types.intp,  # ldb
+        types.CPointer(types.float32),  # beta
+        types.CPointer(types.float32),  # c
+        types.intp,  # ldc
+    ),
+)
+_KIND_S = ord("s")
+_NOTRANS = ord("n")
+_TRANS = ord("t")
+_ONE = np.ones(1, np.float32)  # frozen into the compiled code as constants; BLAS only reads them
+_ZERO = np.zeros(1, np.float32)
+
+
+@njit(cache=True)
+def _gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, Cm, ldc):  # noqa: N803 (BLAS names)
+    """Row-major Cm (M, N) = op(A) @ op(B) + beta * Cm, op = transpose when ta/tb == _TRANS.
+
+    A, B, Cm are C-contiguous float32 arrays; lda, ldb, ldc their row lengths; beta a (1,) array.
+    """
+    status = _xxgemm(
+        _KIND_S, tb, ta, N, M, K, _ONE.ctypes, B.ctypes, ldb, A.ctypes, lda, beta.ctypes,
+        Cm.ctypes, ldc,
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError("BLAS sgemm is unavailable (numba_xxgemm failed)")
+
+
+# --------------------------------------------------------------------------------------------
+# exp: LLVM cannot vectorise calls to libm's expf (no SVML here), so softmaxes use this inlinable
+# float32 exp (Cephes expf: Cody-Waite reduction, degree-6 polynomial, about 1 ulp on [-87, 88]).
+
+
+@intrinsic
+def _i32_as_f32(typingctx, i):  # noqa: ARG001 (Numba's intrinsic signature)
+    """Reinterpret the bits of an int32 as a float32 (to build 2**n)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _expf(x):
+    """exp(x) for float32 x; x below -87.3 gives about 1e-38 instead of a denormal or 0."""
+    x = min(max(x, np.float32(-87.33)), np.float32(88.37))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    return y * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+
+
+@njit(cache=True, parallel=True)
+def embedding_forward(out: np.ndarray, idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> None:
+    """out[b, t] = wte[idx[b, t]] + wpe[t].
+
+    out (B, T, C); idx (B, T) int; wte (V, C); wpe (>=T, C), position t reads row t.
+    """
+    B, T, C = out.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        tok = idx[b, t]
+        for c in range(C):
+            out[b, t, c] = wte[tok, c] + wpe[t, c]
+
+
+@njit(cache=True, parallel=True)
+def embedding_backward(dwte: np.ndarray, dwpe: np.ndarray, dout: np.ndarray, idx: np.ndarray) -> None:
+    """dwte[idx[b, t]] += dout[b, t]; dwpe[t] += sum_b dout[b, t]. Accumulates.
+
+    dwte (V, C); dwpe (>=T, C); dout (B, T, C); idx (B, T) int.
+    """
+    B, T, C = dout.shape
+    # Tokens repeat, so rows of dwte collide: split the work by column blocks instead, each thread
+    # walks every (b, t) for its own columns. dwpe rides along in the same pass.
+    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
+        c1 = min(C, c0 + COL_BLOCK)
+        for b in range(B):
+            for t in range(T):
+                tok = idx[b, t]
+                for c in range(c0, c1):
+                    g = dout[b, t, c]
+                    dwte[tok, c] += g
+                    dwpe[t, c] += g
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rmsnorm_forward(out: np.ndarray, rstd: np.ndarray, inp: np.ndarray, weight: np.ndarray, eps: float) -> None:
+    """out = inp / sqrt(mean(inp**2) + eps) * weight, over the last axis.
+
+    out (B, T, C); rstd (B, T) saved 1/sqrt(mean + eps); inp (B, T, C); weight (C,).
+    """
+    B, T, C = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        ss = np.float32(0.0)
+        for c in range(C):
+            x = inp[b, t, c]
+            ss += x * x
+        s = np.float32(1.0) / np.sqrt(ss / np.float32(C) + np.float32(eps))
+        rstd[b, t] = s
+        for c in range(C):
+            out[b, t, c] = inp[b, t, c] * s * weight[c]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rmsnorm_backward(
+    dinp: np.ndarray,
+    dweight: np.ndarray,
+    dout: np.ndarray,
+    inp: np.ndarray,
+    weight: np.ndarray,
+    rstd: np.ndarray,
+) -> None:
+    """dinp += rstd * (dxhat - xhat * mean(dxhat * xhat)), dxhat = dout * weight. Accumulates.
+
+    dinp (B, T, C); dweight (C,); dout (B, T, C); inp (B, T, C); weight (C,); rstd (B, T).
+    """
+    B, T, C = inp.shape
+    # dinp: rows are independent; one reduction over C, then the update.
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        s = rstd[b, t]
+        dot = np.float32(0.0)
+        for c in range(C):
+            dot += dout[b, t, c] * weight[c] * inp[b, t, c]
+        k = dot * s * s / np.float32(C)  # mean(dxhat * xhat) * rstd, folded
+        for c in range(C):
+            dinp[b, t, c] += s * (dout[b, t, c] * weight[c] - inp[b, t, c] * k)
+    # dweight: a reduction over rows, split across threads by column blocks (race-free).
+    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
+        c1 = min(C, c0 + COL_BLOCK)
+        for b in range(B):
+            for t in range(T):
+                s = rstd[b, t]
+                for c in range(c0, c1):
+                    dweight[c] += dout[b, t, c] * inp[b, t, c] * s
+
+
+# --------------------------------------------------------------------------------------------
+# Matmul (BLAS)
+
+
+# Matmuls are split across the OpenMP threads here, each task one single-threaded sgemm: BLAS
+# runs with 1 thread (fastchar.threads), so only one thread pool (libgomp, shared with the Cython
+# kernels) is ever awake. Two pools spinning on 2 cores made steps 10-40x slower.
+GEMM_TASKS = 8  # row (or column) blocks per matmul; enough to balance 2 to 8 threads
+
+
+@njit(cache=True, parallel=True)
+def matmul_forward(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
+    """out = inp @ weight (weights are stored [in, out]).
+
+    out (N, OC); inp (N, IC); weight (IC, OC). C-contiguous float32.
+    """
+    N, IC = inp.shape
+    OC = weight.shape[1]
+    if N == 0 or OC == 0:
+        return
+    if IC == 0:
+        out[:] = 0.0
+        return
+    rows = (N + GEMM_TASKS - 1) // GEMM_TASKS
+    for task in prange(GEMM_TASKS):
+        r0 = task * rows
+        r1 = min(N, r0 + rows)
+        if r1 > r0:
+            _gemm(_NOTRANS, _NOTRANS, r1 - r0, OC, IC, inp[r0:], IC, weight, OC, _ZERO, out[r0:], OC)
+
+
+@njit(cache=True, parallel=True)
+def matmul_backward(
+    dinp: np.ndarray, dweight: np.ndarray, dout: np.ndarray, inp: np.ndarray, weight: np.ndarray
+) -> None:
+    """dinp += dout @ weight.T; dweight += inp.T @ dout. Accumulates.
+
+    dinp (N, IC); dweight (IC, OC); dout (N, OC); inp (N, IC); weight (IC, OC). C-contiguous.
+    """
+    N, IC = inp.shape
+    OC = weight.shape[1]
+    if N == 0 or OC == 0 or IC == 0:
+        return
+    # Tasks 0..GEMM_TASKS-1 own row blocks of dinp; the rest own column blocks of dweight (beta = 1:
+    # BLAS adds into the gradient in place). No two tasks write the same element.
+    rows = (N + GEMM_TASKS - 1) // GEMM_TASKS
+    cols = (OC + GEMM_TASKS - 1) // GEMM_TASKS
+    for task in prange(2 * GEMM_TASKS):
+        if task < GEMM_TASKS:
+            r0 = task * rows
+            r1 = min(N, r0 + rows)
+            if r1 > r0:
+                _gemm(_NOTRANS, _TRANS, r1 - r0, IC, OC, dout[r0:], OC, weight, OC, _ONE, dinp[r0:], IC)
+        else:
+            c0 = (task - GEMM_TASKS) * cols
+            c1 = min(OC, c0 + cols)
+            if c1 > c0:
+                _gemm(_TRANS, _NOTRANS, IC, c1 - c0, N, inp, IC, dout[:, c0:], OC, _ONE, dweight[:, c0:], OC)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention. One (batch, head) pair per task: its rows of att and its HS columns of out / dqkv
+# belong to it alone, so tasks never share a write. Only the causal half (t2 <= t) is computed,
+# rounded up to whole blocks of ATTN_PAD keys (the extra entries are masked or multiply a zero).
+# Each head's K and V are first copied transposed, (HS, T), into per-thread scratch, so every inner
+# loop runs over t2 along contiguous memory: LLVM vectorises those, where loops over HS with a
+# strided t2 would become gathers. dk and dv are summed transposed in scratch and added at the end.
+ATTN_PAD = 16  # one AVX-512 vector of float32
+ATTN_CHUNKS = 64  # (batch, head) tasks are grouped into at most this many chunks of scratch reuse
+
+
+@njit(cache=True, inline="always")
+def _head_transposed(dst, src, b, col, T, HS):
+    """dst[i, t] = src[b, t, col + i]: one head's columns of a (B, T, X) tensor as (HS, T)."""
+    for t in range(T):
+        for i in range(HS):
+            dst[i, t] = src[b, t, col + i]
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _attention_forward_head(out, att, qkv, kt, vt, b, h, T, C, HS, scale):
+    qo = h * HS
+    _head_transposed(kt, qkv, b, C + qo, T, HS)
+    _head_transposed(vt, qkv, b, 2 * C + qo, T, HS)
+    for t in range(T):
+        row = att[b, h, t]
+        n = t + 1
+        npad = min(T, (t + ATTN_PAD) // ATTN_PAD * ATTN_PAD)
+        # scaled scores q[t] . k[t2], as HS passes along the row
+        q0 = qkv[b, t, qo] * scale
+        for t2 in range(npad):
+            row[t2] = q0 * kt[0, t2]
+        for i in range(1, HS):
+            qi = qkv[b, t, qo + i] * scale
+            for t2 in range(npad):
+                row[t2] += qi * kt[i, t2]
+        # softmax over t2 < n: max, exp and sum, normalise; the mask writes zeros
+        mx = row[0]
+        for t2 in range(1, n):
+            mx = max(mx, row[t2])
+        tot = np.float32(0.0)
+        for t2 in range(n):
+            e = _expf(row[t2] - mx)
+            row[t2] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for t2 in range(n):
+            row[t2] *= inv
+        for t2 in range(n, T):
+            row[t2] = 0.0
+        # out[t, i] = att[t] . v[:, i]
+        for i in range(HS):
+            acc = np.float32(0.0)
+            for t2 in range(npad):
+                acc += row[t2] * vt[i, t2]
+            out[b, t, qo + i] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray) -> None:
+    """Causal softmax attention: att = softmax(q k^T / sqrt(HS) + mask); out = att v, heads merged.
+
+    out (B, T, C); att (B, NH, T, T) saved probabilities, zero above the diagonal; qkv (B, T, 3C).
+    """
+    B, NH, T, _ = att.shape
+    C = out.shape[2]
+    HS = C // NH
+    scale = np.float32(1.0 / math.sqrt(HS))
+    tasks = B * NH
+    nchunks = min(tasks, ATTN_CHUNKS)
+    for ch in prange(nchunks):
+        kt = np.empty((HS, T), np.float32)  # scratch: this head's K and V, transposed
+        vt = np.empty((HS, T), np.float32)
+        for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
+            _attention_forward_head(out, att, qkv, kt, vt, bh // NH, bh % NH, T, C, HS, scale)
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, b, h, T, C, HS, scale):
+    qo, ko, vo = h * HS, C + h * HS, 2 * C + h * HS
+    _head_transposed(kt, qkv, b, ko, T, HS)
+    _head_transposed(vt, qkv, b, vo, T, HS)
+    dkt[:] = 0.0
+    dvt[:] = 0.0
+    for t in range(T):
+        row = datt[b, h, t]
+        arow = att[b, h, t]
+        npad = min(T, (t + ATTN_PAD) // ATTN_PAD * ATTN_PAD)
+        # datt[t, t2] = dy[t] . v[t2]; beyond t2 = t att is zero, so padding adds nothing below
+        d0 = dout[b, t, qo]
+        for t2 in range(npad):
+            row[t2] = d0 * vt[0, t2]
+        for i in range(1, HS):
+            di = dout[b, t, qo + i]
+            for t2 in range(npad):
+                row[t2] += di * vt[i, t2]
+        # softmax backward in place: datt[t, t2] <- ds = att * (datt - sum(att * datt)) * scale
+        s = np.float32(0.0)
+        for t2 in range(npad):
+            s += arow[t2] * row[t2]
+        for t2 in range(npad):
+            row[t2] = arow[t2] * (row[t2] - s) * scale
+        # dq[t, i] = ds[t] . k[:, i]; dk[t2] += ds[t, t2] q[t]; dv[t2] += att[t, t2] dy[t]
+        for i in range(HS):
+            acc = np.float32(0.0)
+            qi = qkv[b, t, qo + i]
+            di = dout[b, t, qo + i]
+            for t2 in range(npad):
+                acc += row[t2] * kt[i, t2]
+                dkt[i, t2] += row[t2] * qi
+                dvt[i, t2] += arow[t2] * di
+            dqkv[b, t, qo + i] += acc
+    for t in range(T):
+        for i in range(HS):
+            dqkv[b, t, ko + i] += dkt[i, t]
+            dqkv[b, t, vo + i] += dvt[i, t]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_backward(dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray) -> None:
+    """Backward of attention_forward. Accumulates into dqkv; datt is scratch and is overwritten.
+
+    dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
+    """
+    B, NH, T, _ = att.shape
+    C = dout.shape[2]
+    HS = C // NH
+    scale = np.float32(1.0 / math.sqrt(HS))
+    tasks = B * NH
+    nchunks = min(tasks, ATTN_CHUNKS)
+    for ch in prange(nchunks):
+        kt = np.empty((HS, T), np.float32)  # scratch: K and V transposed, dK and dV sums
+        vt = np.empty((HS, T), np.float32)
+        dkt = np.empty((HS, T), np.float32)
+        dvt = np.empty((HS, T), np.float32)
+        for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
+            _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, bh // NH, bh % NH, T, C, HS, scale)
+
+
+@njit(cache=True, fastmath=True)
+def attention_decode(
+    out: np.ndarray, q: np.ndarray, kcache: np.ndarray, vcache: np.ndarray, n_ctx: int, n_head: int
+) -> None:
+    """One query per sequence against the first n_ctx cached keys and values (all in the past).
+
+    out (B, C); q (B, C); kcache (B, S, C); vcache (B, S, C), S >= n_ctx; n_ctx, n_head ints.
+    """
+    # Serial: a decode step is a few thousand flops, less than a parallel launch costs.
+    B, C = q.shape
+    HS = C // n_head
+    scale = np.float32(1.0 / math.sqrt(HS))
+    scores = np.empty(max(n_ctx, 1), np.float32)
+    for b in range(B):
+        for h in range(n_head):
+            o = h * HS
+            mx = np.float32(-np.inf)
+            for t in range(n_ctx):
+                s = np.float32(0.0)
+                for i in range(HS):
+                    s += q[b, o + i] * kcache[b, t, o + i]
+                s *= scale
+                scores[t] = s
+                mx = max(mx, s)
+            tot = np.float32(0.0)
+            for t in range(n_ctx):
+                e = np.exp(scores[t] - mx)
+                scores[t] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for i in range(HS):
+                out[b, o + i] = 0.0
+            for t in range(n_ctx):
+                p = scores[t] * inv
+                for i in range(HS):
+                    out[b, o + i] += p * vcache[b, t, o + i]
+
+
+# --------------------------------------------------------------------------------------------
+# Pointwise
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def relu2_forward(out: np.ndarray, inp: np.ndarray) -> None:
+    """out = relu(inp) ** 2.
+
+    out (B, T, H); inp (B, T, H), H the MLP width.
+    """
+    B, T, H = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for j in range(H):
+            x = max(inp[b, t, j], np.float32(0.0))
+            out[b, t, j] = x * x
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def relu2_backward(dinp: np.ndarray, dout: np.ndarray, inp: np.ndarray) -> None:
+    """dinp += dout * 2 * relu(inp). Accumulates.
+
+    dinp (B, T, H); dout (B, T, H); inp (B, T, H).
+    """
+    B, T, H = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for j in range(H):
+            dinp[b, t, j] += dout[b, t, j] * np.float32(2.0) * max(inp[b, t, j], np.float32(0.0))
+
+
+@njit(cache=True, parallel=True)
+def residual_forward(out: np.ndarray, inp1: np.ndarray, inp2: np.ndarray) -> None:
+    """out = inp1 + inp2.
+
+    out, inp1, inp2 (B, T, C).
+    """
+    B, T, C = out.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for c in range(C):
+            out[b, t, c] = inp1[b, t, c] + inp2[b, t, c]
+
+
+@njit(cache=True, parallel=True)
+def residual_backward(dinp1: np.ndarray, dinp2: np.ndarray, dout: np.ndarray) -> None:
+    """dinp1 += dout; dinp2 += dout. Accumulates.
+
+    dinp1, dinp2, dout (B, T, C).
+    """
+    B, T, C = dout.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for c in range(C):
+            g = dout[b, t, c]
+            dinp1[b, t, c] += g
+            dinp2[b, t, c] += g
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def crossentropy_forward(losses: np.ndarray, probs: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+    """probs = softmax(logits); losses = -log probs[target], natural log.
+
+    losses (B, T); probs (B, T, V) saved; logits (B, T, V); targets (B, T) int.
+    """
+    B, T, V = logits.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        # max, then sum of exp (float64), then log-sum-exp; probs from the shifted logits
+        mx = np.float32(-np.inf)
+        for j in range(V):
+            mx = max(mx, logits[b, t, j])
+        tot = 0.0
+        for j in range(V):
+            e = np.exp(logits[b, t, j] - mx)
+            probs[b, t, j] = e
+            tot += e
+        log_z = np.log(tot)
+        inv = np.float32(1.0 / tot)
+        for j in range(V):
+            probs[b, t, j] *= inv
+        losses[b, t] = log_z - (logits[b, t, targets[b, t]] - mx)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def crossentropy_backward(dlogits: np.ndarray, dlosses: np.ndarray, probs: np.ndarray, targets: np.ndarray) -> None:
+    """Fused softmax + cross-entropy backward: dlogits += dlosses * (probs - onehot). Accumulates.
+
+    dlogits (B, T, V); dlosses (B, T); probs (B, T, V); targets (B, T) int.
+    """
+    B, T, V = probs.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        dl = dlosses[b, t]
+        for j in range(V):
+            dlogits[b, t, j] += dl * probs[b, t, j]
+        dlogits[b, t, targets[b, t]] -= dl
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def grad_norm(grads: np.ndarray) -> float:
+    """sqrt(sum(grads**2)), accumulated in float64.
+
+    grads (P,) the flat gradient buffer.
+    """
+    total = 0.0
+    for i in prange(grads.shape[0]):
+        g = np.float64(grads[i])
+        total += g * g
+    return np.sqrt(total)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def adamw_update(
+    params: np.ndarray,
+    grads: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    decay: np.ndarray,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: float,
+) -> None:
+    """AdamW on flat buffers; g = grads * grad_scale (the clip factor), step counts from 1.
+
+    p -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * decay * p)
+    params, grads, m, v (P,); decay (P,) uint8, 1 where weight decay applies (2-D tensors).
+    """
+    # One pass over the five buffers; scalars folded in float64 once, applied in float32.
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    c1 = np.float32(1.0 - beta1)
+    c2 = np.float32(1.0 - beta2)
+    inv_bc1 = np.float32(1.0 / (1.0 - beta1**step))
+    inv_bc2 = np.float32(1.0 / (1.0 - beta2**step))
+    lr32 = np.float32(lr)
+    wd = np.float32(weight_decay)
+    eps32 = np.float32(eps)
+    scale = np.float32(grad_scale)
+    for i in prange(params.shape[0]):
+        g = grads[i] * scale
+        mi = b1 * m[i] + c1 * g
+        vi = b2 * v[i] + c2 * g * g
+        m[i] = mi
+        v[i] = vi
+        p = params[i]
+        upd = (mi * inv_bc1) / (np.sqrt(vi * inv_bc2) + eps32) + wd * np.float32(decay[i]) * p
+        params[i] = p - lr32 * upd
