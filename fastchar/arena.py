@@ -100,6 +100,8 @@ def act_specs(cfg: ModelConfig, B: int, T: int) -> Spec:
             (p + "fcproj", (B, T, C)),
             (p + "res2", (B, T, C)),
         ]
+        if cfg.dropout > 0:  # residual branches after dropout (the masks themselves are not stored)
+            specs += [(p + "attproj_drop", (B, T, C)), (p + "fcproj_drop", (B, T, C))]
     specs += [
         ("lnf", (B, T, C)),
         ("lnf_rstd", (B, T)),

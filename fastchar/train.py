@@ -76,6 +76,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
+        model.dropout_counter = int(state.get("dropout_counter", 0))
         self.optimizer = AdamW(model, cfg, step=self.step)
         self.losses: list[float] = []
         self._stop_requested = False
@@ -91,6 +92,7 @@ class Trainer:
     def train_step(self, lr: float) -> tuple[float, float]:
         """One batch, forward, backward, clip and AdamW; returns (loss, grad norm)."""
         x, y = self.dataset.get_batch("train", self.cfg.batch, self.model.cfg.ctx, self.rng)
+        self.model.train()
         loss = self.model.forward(x, y)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}")
@@ -102,6 +104,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over cfg.eval_batches fixed random batches of each split."""
         result = {}
+        self.model.eval()  # no dropout
         for split in ("train", "val"):
             rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
             total = 0.0
@@ -109,6 +112,7 @@ class Trainer:
                 x, y = self.dataset.get_batch(split, self.cfg.batch, self.model.cfg.ctx, rng)
                 total += self.model.forward(x, y)
             result[split] = total / self.cfg.eval_batches
+        self.model.train()
         return result
 
     def state(self, elapsed: float) -> dict:
@@ -117,6 +121,7 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "best_val": self.best_val if math.isfinite(self.best_val) else None,
             "elapsed": elapsed,
+            "dropout_counter": self.model.dropout_counter,
         }
 
     def save(self, name: str, elapsed: float) -> Path:
