@@ -1,4 +1,7 @@
-"""Build the Cython kernels (fastchar._cykernels) from csrc/. Everything else lives in pyproject.toml."""
+"""Build the Cython kernels (fastchar._cykernels) and generation loop (fastchar._cydecode) from csrc/.
+
+Everything else lives in pyproject.toml.
+"""
 
 import os
 
@@ -28,6 +31,17 @@ extension = Extension(
     extra_link_args=link_args,
 )
 
+# The compiled generation loop (fastchar.sampler.stream); same flags. Its matrix product picks an
+# ISA at load time (target_clones), so it needs no -march flag.
+decode_extension = Extension(
+    "fastchar._cydecode",
+    ["csrc/_decode.pyx"],
+    include_dirs=[np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
 directives = {
     "language_level": 3,
     "boundscheck": DEBUG,
@@ -36,4 +50,4 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-setup(ext_modules=cythonize([extension], compiler_directives=directives))
+setup(ext_modules=cythonize([extension, decode_extension], compiler_directives=directives))

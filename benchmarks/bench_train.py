@@ -40,6 +40,7 @@ FAMILIES = {
     "crossentropy": "crossentropy",
     "grad_norm": "adamw + norm",
     "adamw": "adamw + norm",
+    "dropout": "dropout",
 }
 PROMPT = "ROMEO:"
 
@@ -104,7 +105,7 @@ def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data) -> dict[
     inner = model.kernels
 
     def timed(name, fn):
-        family = next(v for k, v in FAMILIES.items() if name.startswith(k))
+        family = next((v for k, v in FAMILIES.items() if name.startswith(k)), name)
 
         def call(*args):
             t0 = time.perf_counter()

@@ -82,6 +82,8 @@ def run_torch(data: TextDataset, mcfg: ModelConfig, tcfg: TrainConfig, threads: 
         return out[0], out[1]
 
     curve, step, start = [], 0, time.perf_counter()
+    train, val = evaluate()  # as fastchar's Trainer does at step 0
+    curve.append({"step": 0, "seconds": time.perf_counter() - start, "val": val, "train": train})
     while step < tcfg.steps and time.perf_counter() - start < tcfg.time_budget:
         elapsed = time.perf_counter() - start
         lr = lr_at(step, tcfg, elapsed / tcfg.time_budget)

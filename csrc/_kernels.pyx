@@ -11,12 +11,18 @@ C = A @ B is computed as the column-major C^T = B^T @ A^T.
 Letters in shapes: B batch, T time, C channels, NH heads, HS head size, V vocabulary, N = B*T rows,
 IC/OC matmul in/out channels, H the MLP width, P the flat parameter count, S the cache length.
 Not here: anything allocating, Python objects inside loops, float64 (only grad_norm sums in double).
+
+Dropout masks are recomputed, never stored: element i of a tensor is kept when
+lowbias32(i * 0x9E3779B9 + key) >= thr in wrapping uint32 arithmetic, thr from the reference's
+_dropout_threshold(p) (fastchar/backends/reference.py), so every backend draws the same mask.
 """
 
 cimport openmp
 from cython.parallel cimport parallel, prange
 from libc.math cimport expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
+
+from fastchar.backends.reference import _dropout_threshold
 
 # Elements per parallel chunk for elementwise kernels: big enough to amortise scheduling, small
 # enough that 2 threads split the smallest training tensors (B*T*C = 768*128) evenly.
@@ -227,6 +233,26 @@ cdef inline void _causal_at_b(float* out, const float* x, Py_ssize_t ldx, const 
             for t in range(t0, T):
                 xd = xd + x[t * ldx + d] * m[t * T + t0]
             out[d * Tp + t0] = xd
+
+
+cdef inline float _dropout_scale(Py_ssize_t i, unsigned int key, unsigned int thr,
+                                 float dscale) noexcept nogil:
+    """dscale if flat index i is kept, else 0: lowbias32((i mod 2**32) * 0x9E3779B9 + key) >= thr.
+
+    unsigned int arithmetic wraps mod 2**32, which is the hash's definition.
+    """
+    cdef unsigned int h = <unsigned int>i * <unsigned int>0x9E3779B9 + key
+    h = h ^ (h >> 16)
+    h = h * <unsigned int>0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * <unsigned int>0x846CA68B
+    h = h ^ (h >> 16)
+    return dscale if h >= thr else <float>0.0
+
+
+cdef inline unsigned int _threshold(double p) except? 0:
+    """The reference's uint32 dropout threshold of p (raises ValueError outside [0, 1))."""
+    return _dropout_threshold(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,14 +514,19 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::
 # ---------------------------------------------------------------------------------------------
 
 cdef void _attention_forward_bh(float* out, float* att, const float* qkv, Py_ssize_t T,
-                                Py_ssize_t C, Py_ssize_t HS, float scale) noexcept nogil:
+                                Py_ssize_t C, Py_ssize_t HS, float scale, bint drop,
+                                Py_ssize_t base, unsigned int key, unsigned int thr,
+                                float dscale) noexcept nogil:
     """One head: out (T, ld C) at its columns; att (T, T); qkv (T, ld 3C) at its q column.
 
     K is first transposed to kt (HS, Tp) on the stack (Tp = T rounded up to 8, zero-padded), so
     a score row is blocks of 8 keys accumulated in registers; then max, exp and sum, normalise,
-    and out[t] = sum_t2 att[t, t2] v[t2] with HS columns held in registers.
+    and out[t] = sum_t2 att[t, t2] v[t2] with HS columns held in registers. With drop, out uses
+    att * mask (a row in pd scratch; base = att's flat index of this head's [0, 0]).
     """
     cdef float kt[ATT_SCRATCH]
+    cdef float pd[ATT_SCRATCH]  # T <= Tp <= ATT_SCRATCH / HS
+    cdef const float* w
     cdef Py_ssize_t C3 = 3 * C
     cdef Py_ssize_t Tp = (T + 7) // 8 * 8
     cdef Py_ssize_t t, t2, d, n
@@ -520,13 +551,20 @@ cdef void _attention_forward_bh(float* out, float* att, const float* qkv, Py_ssi
             a[t2] = a[t2] * inv
         for t2 in range(n, T):
             a[t2] = 0.0
+        w = a
+        if drop:
+            for t2 in range(n):
+                pd[t2] = a[t2] * _dropout_scale(base + t * T + t2, key, thr, dscale)
+            w = pd
         for d in range(HS):
             out[t * C + d] = 0.0
-        _weighted_rows(out + t * C, a, v, C3, n, HS)
+        _weighted_rows(out + t * C, w, v, C3, n, HS)
 
 
 cdef void _attention_forward_bh_small(float* out, float* att, const float* qkv, Py_ssize_t T,
-                                      Py_ssize_t C, Py_ssize_t HS, float scale) noexcept nogil:
+                                      Py_ssize_t C, Py_ssize_t HS, float scale, bint drop,
+                                      Py_ssize_t base, unsigned int key, unsigned int thr,
+                                      float dscale) noexcept nogil:
     """Fallback when HS * T exceeds the stack scratch: the same math with per-pair dot products."""
     cdef Py_ssize_t C3 = 3 * C
     cdef Py_ssize_t t, t2, d
@@ -535,7 +573,7 @@ cdef void _attention_forward_bh_small(float* out, float* att, const float* qkv, 
     cdef const float* v = qkv + 2 * C
     cdef float* a
     cdef float* o
-    cdef float mx, inv
+    cdef float mx, inv, w
     for t in range(T):
         q = qkv + t * C3
         a = att + t * T
@@ -553,7 +591,10 @@ cdef void _attention_forward_bh_small(float* out, float* att, const float* qkv, 
         for d in range(HS):
             o[d] = 0.0
         for t2 in range(t + 1):
-            _axpy(o, a[t2], v + t2 * C3, HS)
+            w = a[t2]
+            if drop:
+                w = w * _dropout_scale(base + t * T + t2, key, thr, dscale)
+            _axpy(o, w, v + t2 * C3, HS)
 
 
 def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att,
@@ -562,6 +603,21 @@ def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att,
 
     out (B, T, C); att (B, NH, T, T) saved probabilities, zero above the diagonal; qkv (B, T, 3C).
     """
+    _attention_forward(out, att, qkv, False, 0, 0, 1.0)
+
+
+def attention_dropout_forward(float[:, :, ::1] out, float[:, :, :, ::1] att,
+                              const float[:, :, ::1] qkv, unsigned int key, double p) -> None:
+    """attention_forward with dropout on the probabilities: out = (att * mask) v, heads merged.
+
+    out (B, T, C); att (B, NH, T, T) saved probabilities BEFORE dropout, zero above the diagonal;
+    qkv (B, T, 3C); key uint32 and p in [0, 1): the mask over att's flat index.
+    """
+    _attention_forward(out, att, qkv, True, key, _threshold(p), 1.0 / (1.0 - p))
+
+
+cdef _attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float[:, :, ::1] qkv,
+                        bint drop, unsigned int key, unsigned int thr, float dscale):
     cdef Py_ssize_t B = att.shape[0], NH = att.shape[1], T = att.shape[2]
     cdef Py_ssize_t C = out.shape[2]
     cdef Py_ssize_t HS = C // NH
@@ -576,18 +632,32 @@ def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att,
             h = bh % NH
             if HS * ((T + 7) // 8 * 8) <= ATT_SCRATCH:
                 _attention_forward_bh(po + b * T * C + h * HS, pa + bh * T * T,
-                                      pq + b * T * 3 * C + h * HS, T, C, HS, scale)
+                                      pq + b * T * 3 * C + h * HS, T, C, HS, scale,
+                                      drop, bh * T * T, key, thr, dscale)
             else:
                 _attention_forward_bh_small(po + b * T * C + h * HS, pa + bh * T * T,
-                                            pq + b * T * 3 * C + h * HS, T, C, HS, scale)
+                                            pq + b * T * 3 * C + h * HS, T, C, HS, scale,
+                                            drop, bh * T * T, key, thr, dscale)
+
+
+cdef inline void _add_transposed(float* y, Py_ssize_t ldy, const float* xt, Py_ssize_t Tp,
+                                 Py_ssize_t T, Py_ssize_t HS) noexcept nogil:
+    """y[t2*ldy + d] += xt[d*Tp + t2] for t2 < T, d < HS: a (HS, Tp) scratch added back as (T, HS)."""
+    cdef Py_ssize_t t2, d
+    for t2 in range(T):
+        for d in range(HS):
+            y[t2 * ldy + d] = y[t2 * ldy + d] + xt[d * Tp + t2]
 
 
 cdef void _attention_backward_bh(float* dqkv, float* datt, const float* dout, const float* qkv,
                                  const float* att, Py_ssize_t T, Py_ssize_t C, Py_ssize_t HS,
-                                 float scale) noexcept nogil:
+                                 float scale, bint drop, Py_ssize_t base, unsigned int key,
+                                 unsigned int thr, float dscale) noexcept nogil:
     """One head. Row by row, with v transposed to (HS, Tp) stack scratch (Tp = T rounded up to 8):
     datt = dy v^T, softmax backward in place (datt becomes dscores), dq += dscores k. Then two
-    register-blocked passes: dv^T = dy^T att and dk^T = q^T dscores, added back to dqkv."""
+    register-blocked passes: dv^T = dy^T att and dk^T = q^T dscores, added back to dqkv.
+    With drop, dv^T = dy^T (att * mask) comes first, through datt (scratch until the row loop),
+    and the row loop multiplies datt = dy v^T by the mask before the softmax backward."""
     cdef float vt[ATT_SCRATCH]
     cdef float dt[ATT_SCRATCH]
     cdef Py_ssize_t C3 = 3 * C
@@ -599,6 +669,18 @@ cdef void _attention_backward_bh(float* dqkv, float* datt, const float* dout, co
     cdef const float* a
     cdef float* da
     cdef float s
+    if drop:
+        # dv^T (HS, T) = dy^T (att * mask) first, while datt is free to hold att * mask (the
+        # product needs zeros above the diagonal, which the copy gets)
+        for t in range(T):
+            a = att + t * T
+            da = datt + t * T
+            for t2 in range(t + 1):
+                da[t2] = a[t2] * _dropout_scale(base + t * T + t2, key, thr, dscale)
+            for t2 in range(t + 1, T):
+                da[t2] = 0.0
+        _causal_at_b(dt, dout, C, datt, T, Tp, HS)
+        _add_transposed(dv, C3, dt, Tp, T, HS)
     for d in range(HS):
         for t2 in range(T):
             vt[d * Tp + t2] = v[t2 * C3 + d]
@@ -608,8 +690,11 @@ cdef void _attention_backward_bh(float* dqkv, float* datt, const float* dout, co
         a = att + t * T
         da = datt + t * T
         n = t + 1
-        # datt[t, :n] = dy[t] . v^T[:, :n]
+        # datt[t, :n] = dy[t] . v^T[:, :n]; with drop, times the mask: the grad before dropout
         _row_times_t(da, dout + t * C, vt, Tp, n, HS, 1.0)
+        if drop:
+            for t2 in range(n):
+                da[t2] = da[t2] * _dropout_scale(base + t * T + t2, key, thr, dscale)
         # dscores = att * (datt - sum(att * datt)) * scale, in place; zero above the diagonal
         s = _dot(a, da, n)
         for t2 in range(n):
@@ -618,20 +703,19 @@ cdef void _attention_backward_bh(float* dqkv, float* datt, const float* dout, co
             da[t2] = 0.0
         # dq[t] += sum_t2 dscores[t, t2] k[t2]
         _weighted_rows(dqkv + t * C3, da, qkv + C, C3, n, HS)
-    # dv^T (HS, T) = dy^T att; dk^T (HS, T) = q^T dscores; both through dt scratch
-    _causal_at_b(dt, dout, C, att, T, Tp, HS)
-    for t2 in range(T):
-        for d in range(HS):
-            dv[t2 * C3 + d] = dv[t2 * C3 + d] + dt[d * Tp + t2]
+    # dv^T (HS, T) = dy^T att (done above with drop); dk^T (HS, T) = q^T dscores; through dt scratch
+    if not drop:
+        _causal_at_b(dt, dout, C, att, T, Tp, HS)
+        _add_transposed(dv, C3, dt, Tp, T, HS)
     _causal_at_b(dt, qkv, C3, datt, T, Tp, HS)
-    for t2 in range(T):
-        for d in range(HS):
-            dk[t2 * C3 + d] = dk[t2 * C3 + d] + dt[d * Tp + t2]
+    _add_transposed(dk, C3, dt, Tp, T, HS)
 
 
 cdef void _attention_backward_bh_small(float* dqkv, float* datt, const float* dout,
                                        const float* qkv, const float* att, Py_ssize_t T,
-                                       Py_ssize_t C, Py_ssize_t HS, float scale) noexcept nogil:
+                                       Py_ssize_t C, Py_ssize_t HS, float scale, bint drop,
+                                       Py_ssize_t base, unsigned int key, unsigned int thr,
+                                       float dscale) noexcept nogil:
     """Fallback when HS * T exceeds the stack scratch: per-pair dot products and axpys."""
     cdef Py_ssize_t C3 = 3 * C
     cdef Py_ssize_t t, t2
@@ -644,7 +728,7 @@ cdef void _attention_backward_bh_small(float* dqkv, float* datt, const float* do
     cdef const float* a
     cdef const float* dy
     cdef float* da
-    cdef float s, ds
+    cdef float s, ds, w, m
     for t in range(T):
         q = qkv + t * C3
         dq = dqkv + t * C3
@@ -653,7 +737,12 @@ cdef void _attention_backward_bh_small(float* dqkv, float* datt, const float* do
         dy = dout + t * C
         for t2 in range(t + 1):
             da[t2] = _dot(dy, v + t2 * C3, HS)
-            _axpy(dv + t2 * C3, a[t2], dy, HS)
+            w = a[t2]
+            if drop:  # dv uses att * mask; datt becomes the grad before dropout
+                m = _dropout_scale(base + t * T + t2, key, thr, dscale)
+                w = w * m
+                da[t2] = da[t2] * m
+            _axpy(dv + t2 * C3, w, dy, HS)
         s = _dot(a, da, t + 1)
         for t2 in range(t + 1):
             ds = a[t2] * (da[t2] - s) * scale
@@ -668,6 +757,24 @@ def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt,
 
     dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
     """
+    _attention_backward(dqkv, datt, dout, qkv, att, False, 0, 0, 1.0)
+
+
+def attention_dropout_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt,
+                               const float[:, :, ::1] dout, const float[:, :, ::1] qkv,
+                               const float[:, :, :, ::1] att, unsigned int key, double p) -> None:
+    """Backward of attention_dropout_forward. Accumulates into dqkv; datt is scratch (overwritten).
+
+    dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T)
+    the saved probabilities before dropout; key, p as in the forward.
+    """
+    _attention_backward(dqkv, datt, dout, qkv, att, True, key, _threshold(p), 1.0 / (1.0 - p))
+
+
+cdef _attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt,
+                         const float[:, :, ::1] dout, const float[:, :, ::1] qkv,
+                         const float[:, :, :, ::1] att, bint drop, unsigned int key,
+                         unsigned int thr, float dscale):
     cdef Py_ssize_t B = att.shape[0], NH = att.shape[1], T = att.shape[2]
     cdef Py_ssize_t C = dout.shape[2]
     cdef Py_ssize_t HS = C // NH
@@ -685,12 +792,13 @@ def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt,
             if HS * ((T + 7) // 8 * 8) <= ATT_SCRATCH:
                 _attention_backward_bh(pdq + b * T * 3 * C + h * HS, pda + bh * T * T,
                                        pdy + b * T * C + h * HS, pq + b * T * 3 * C + h * HS,
-                                       pa + bh * T * T, T, C, HS, scale)
+                                       pa + bh * T * T, T, C, HS, scale,
+                                       drop, bh * T * T, key, thr, dscale)
             else:
                 _attention_backward_bh_small(pdq + b * T * 3 * C + h * HS, pda + bh * T * T,
                                              pdy + b * T * C + h * HS,
                                              pq + b * T * 3 * C + h * HS, pa + bh * T * T,
-                                             T, C, HS, scale)
+                                             T, C, HS, scale, drop, bh * T * T, key, thr, dscale)
 
 
 cdef void _attention_decode_bh(float* out, const float* q, const float* kc, const float* vc,
@@ -749,8 +857,63 @@ def attention_decode(float[:, ::1] out, const float[:, ::1] q, const float[:, :,
 
 
 # ---------------------------------------------------------------------------------------------
-# elementwise: relu2, residual (parallel over CHUNK-sized slices)
+# elementwise: dropout, relu2, residual (parallel over CHUNK-sized slices)
 # ---------------------------------------------------------------------------------------------
+
+cdef inline void _dropout_forward_chunk(float* out, const float* x, Py_ssize_t n, Py_ssize_t i0,
+                                        unsigned int key, unsigned int thr,
+                                        float dscale) noexcept nogil:
+    """out[i] = x[i] * mask(i0 + i): i0 is the chunk's flat index in the tensor."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = x[i] * _dropout_scale(i0 + i, key, thr, dscale)
+
+
+def dropout_forward(float[:, :, ::1] out, const float[:, :, ::1] inp, unsigned int key,
+                    double p) -> None:
+    """out = inp * mask, mask = keep(i) / (1 - p) over the flat index i; out may be inp (in place).
+
+    out (B, T, C); inp (B, T, C); key uint32, p in [0, 1).
+    """
+    cdef Py_ssize_t n = inp.shape[0] * inp.shape[1] * inp.shape[2]
+    cdef Py_ssize_t nchunks = (n + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t i
+    cdef unsigned int thr = _threshold(p)
+    cdef float dscale = 1.0 / (1.0 - p)
+    cdef float* po = &out[0, 0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    with nogil:
+        for i in prange(nchunks, schedule="static"):
+            _dropout_forward_chunk(po + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK),
+                                   i * CHUNK, key, thr, dscale)
+
+
+cdef inline void _dropout_backward_chunk(float* dx, const float* dy, Py_ssize_t n, Py_ssize_t i0,
+                                         unsigned int key, unsigned int thr,
+                                         float dscale) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = dx[i] + dy[i] * _dropout_scale(i0 + i, key, thr, dscale)
+
+
+def dropout_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, unsigned int key,
+                     double p) -> None:
+    """dinp += dout * mask, the forward's mask for the same key and p. Accumulates.
+
+    dinp (B, T, C); dout (B, T, C); key uint32, p in [0, 1).
+    """
+    cdef Py_ssize_t n = dout.shape[0] * dout.shape[1] * dout.shape[2]
+    cdef Py_ssize_t nchunks = (n + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t i
+    cdef unsigned int thr = _threshold(p)
+    cdef float dscale = 1.0 / (1.0 - p)
+    cdef float* pdx = &dinp[0, 0, 0]
+    cdef const float* pdy = &dout[0, 0, 0]
+    with nogil:
+        for i in prange(nchunks, schedule="static"):
+            _dropout_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, min(CHUNK, n - i * CHUNK),
+                                    i * CHUNK, key, thr, dscale)
+
 
 cdef inline void _relu2_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i

@@ -5,11 +5,17 @@ query attends to everything cached. Positions are learned and absolute (wpe has 
 cache cannot slide: when it is full, the newest ctx/2 characters are kept and re-encoded from
 position 0 (one prefill per ctx/2 new characters). The model therefore always conditions on the
 last ctx/2 to ctx characters, never on fewer (once that many exist).
+
+`stream` runs the whole per-character loop in compiled code when the model's backend provides
+`generate_tokens` (numba: fastchar/backends/numba_decode.py, cython: csrc/_decode.pyx) and the model
+is float32: one call per chunk of DECODE_CHUNK characters, same cache rule, same sampling, the same
+uniforms drawn from the same Generator in the same order. Otherwise (the numpy reference, float64)
+it runs the Python loop below (KVCache + sample_token), which is the reference for the compiled one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -38,13 +44,30 @@ def cache_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
+# Characters per call of a compiled generation loop: big enough that the Python call (~10 us) is
+# noise, small enough that `stream` still hands out text as it is made.
+DECODE_CHUNK = 32
+
+
+def check_window(model: Model, window: int | None) -> int:
+    """The context window (default: the model's ctx), checked to be in [1, ctx]."""
+    window = model.cfg.ctx if window is None else window
+    if not 1 <= window <= model.cfg.ctx:
+        raise ConfigError(f"the context window must be in [1, {model.cfg.ctx}], got {window}")
+    return window
+
+
+def decode_scratch_size(cfg: ModelConfig, window: int) -> int:
+    """float32 scratch of a compiled generation loop: logits (V) + S rows of x, h, proj, qkv, atty
+    (7C), fch (H) and attention scores (1), S = window."""
+    return cfg.vocab_size + window * (7 * cfg.d_model + cfg.mlp_hidden + 1)
+
+
 class KVCache:
     """Cached keys and values of the tokens in `tokens`, which sit at positions 0..len-1."""
 
     def __init__(self, model: Model, window: int | None = None) -> None:
-        window = model.cfg.ctx if window is None else window
-        if not 1 <= window <= model.cfg.ctx:
-            raise ConfigError(f"the context window must be in [1, {model.cfg.ctx}], got {window}")
+        window = check_window(model, window)
         self.model = model
         self.window = window
         self.arena = Arena(cache_specs(model.cfg), model.dtype)
@@ -158,6 +181,86 @@ def sample_token(
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
 
 
+def compiled_loop(model: Model) -> Callable | None:
+    """The backend's compiled `generate_tokens` if it has one and the model is float32, else None."""
+    fn = getattr(model.kernels, "generate_tokens", None)
+    return fn if fn is not None and model.dtype == np.float32 else None
+
+
+def python_tokens(
+    model: Model,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+    window: int,
+) -> Iterator[int]:
+    """The reference loop: token ids one at a time (KVCache.advance, then sample_token)."""
+    cache = KVCache(model, window)
+    logits = cache.feed(ids[-cache.window :])
+    for i in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_k, top_p, rng)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = cache.advance(token)
+
+
+def compiled_tokens(
+    model: Model,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+    window: int,
+    chunk: int = DECODE_CHUNK,
+    logits: np.ndarray | None = None,
+) -> Iterator[np.ndarray]:
+    """The compiled loop: token ids (n,) int32 per chunk of n <= chunk; same semantics as python_tokens.
+
+    logits, if given, is a (max_new_tokens, V) float32 array that receives the logits of every draw
+    (for tests: they must equal a full forward over the tokens held in the cache at that step).
+    """
+    fn = compiled_loop(model)
+    if fn is None:
+        raise InputError(f"backend {model.backend!r} has no compiled generation loop for {model.dtype} models")
+    if chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    cfg = model.cfg
+    V = cfg.vocab_size
+    params = model.params
+    offsets = np.array([params.offsets[name] for name, _ in params.specs], np.int64)
+    kcache = np.zeros((cfg.n_layer, cfg.d_model, window), np.float32)  # time last (see the kernels)
+    vcache = np.zeros_like(kcache)
+    scratch = np.zeros(decode_scratch_size(cfg, window), np.float32)
+    work = np.zeros(3 * V, np.float64)
+    order = np.zeros(V, np.int32)
+    tokens = np.zeros(window, np.int32)
+    prompt = ids[-window:]
+    tokens[: len(prompt)] = prompt
+    n_cache, n_feed = 0, len(prompt)
+    out = np.zeros(chunk, np.int32)
+    no_uniforms = np.zeros(chunk, np.float64)
+    no_logits = np.zeros((0, V), np.float32)
+    k = 0 if top_k is None else int(min(top_k, V))
+    p = 1.0 if top_p is None else float(top_p)
+    done = 0
+    while done < max_new_tokens:
+        n = min(chunk, max_new_tokens - done)
+        uniforms = rng.random(n) if temperature > 0 else no_uniforms[:n]  # one draw per token, as sample_token
+        rows = no_logits if logits is None else logits[done : done + n]
+        n_cache = fn(
+            out[:n], tokens, n_cache, n_feed, params.flat, offsets, cfg.n_head, kcache, vcache,
+            scratch, work, order, float(temperature), k, p, uniforms, done + n < max_new_tokens, rows,
+        )  # fmt: skip
+        n_feed = 0
+        done += n
+        yield out[:n].copy()
+
+
 def stream(
     model: Model,
     tokenizer: CharTokenizer,
@@ -171,7 +274,8 @@ def stream(
 ) -> Iterator[str]:
     """Yield max_new_tokens characters, one at a time as they are made, continuing prompt.
 
-    ctx limits the context window (default and maximum: the model's ctx).
+    ctx limits the context window (default and maximum: the model's ctx). With a compiled loop
+    (see the module docstring) characters are made DECODE_CHUNK at a time, then yielded one by one.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -182,13 +286,15 @@ def stream(
     if not ids:  # nothing to condition on: start from a newline if the vocabulary has one
         ids = [tokenizer.stoi.get("\n", 0)]
     rng = np.random.default_rng(seed)
-    cache = KVCache(model, ctx)
-    logits = cache.feed(ids[-cache.window :])
-    for i in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_k, top_p, rng)
-        yield tokenizer.chars[token]
-        if i + 1 < max_new_tokens:
-            logits = cache.advance(token)
+    window = check_window(model, ctx)
+    chars = tokenizer.chars
+    if compiled_loop(model) is not None:
+        for block in compiled_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
+            for token in block:
+                yield chars[token]
+    else:
+        for token in python_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
+            yield chars[token]
 
 
 def generate(

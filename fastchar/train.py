@@ -157,6 +157,10 @@ class Trainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - start
 
+        if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
+            losses = self.evaluate()
+            self._emit(bar, f"eval step {0:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}")
+            self._record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()})
         try:
             while self.step < last:
                 if cfg.time_budget > 0 and elapsed() >= cfg.time_budget:

@@ -1,8 +1,10 @@
 """Every kernel of every compiled backend against the NumPy reference, in float32.
 
-Shapes cover T = 1, C not a multiple of 8 or 16, B*T not a multiple of common tile sizes, and the
-base model's real shape. Outputs, saved buffers and every gradient are compared; backward kernels
-start from non-zero gradients, so accumulation (+=) is tested too.
+Shapes cover T = 1, C not a multiple of 8 or 16, B*T not a multiple of common tile sizes, the base
+model's real shape, and one head of 128 channels (the Cython attention's fallback path). Outputs,
+saved buffers and every gradient are compared; backward kernels start from non-zero gradients, so
+accumulation (+=) is tested too. Dropout kernels run with the (key, p) of
+fastchar/backends/cases.py; with p = 0 they must equal the plain kernels bit for bit.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ SHAPES = [
     (3, 7, 20, 4, 11),
     (2, 13, 36, 6, 65),
     (2, 64, 128, 8, 65),
+    (1, 33, 128, 1, 5),  # HS * T beyond the Cython attention's stack scratch: its fallback path
 ]
 
-SCRATCH = {"attention_backward": {"datt"}}
+SCRATCH = {"attention_backward": {"datt"}, "attention_dropout_backward": {"datt"}}
 
 
 def copy_args(args: dict) -> dict:
@@ -63,3 +66,36 @@ def test_backend_defines_every_kernel(backend_name: str) -> None:
     assert not backend.fallback, f"{backend_name} falls back to the reference for {sorted(backend.fallback)}"
     for kernel in KERNELS:
         assert getattr(backend, kernel) is not getattr(ref, kernel), f"{backend_name}.{kernel} is the reference"
+
+
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[5]], ids=lambda s: "B{}T{}C{}NH{}V{}".format(*s))
+@pytest.mark.parametrize("backend_name", compiled_backends())
+def test_attention_dropout_p0_is_attention(backend_name: str, shape: tuple) -> None:
+    """p = 0 keeps every probability: the dropout kernels give the plain kernels' results exactly."""
+    backend = get_backend(backend_name)
+    r = np.random.default_rng(11)
+    fwd = make_args("attention_forward", shape, r)
+    plain, drop = copy_args(fwd), copy_args(fwd)
+    backend.attention_forward(*plain.values())
+    backend.attention_dropout_forward(*drop.values(), 12345, 0.0)
+    bwd = make_args("attention_backward", shape, r)
+    plain_b, drop_b = copy_args(bwd), copy_args(bwd)
+    backend.attention_backward(*plain_b.values())
+    backend.attention_dropout_backward(*drop_b.values(), 12345, 0.0)
+    for name, got, want in [
+        ("out", drop["out"], plain["out"]),
+        ("att", drop["att"], plain["att"]),
+        ("dqkv", drop_b["dqkv"], plain_b["dqkv"]),
+    ]:
+        diff = float(np.max(np.abs(got - want)))
+        assert np.array_equal(got, want), f"{backend_name}: p=0 {name} differs, max abs diff {diff:.3g}"
+
+
+@pytest.mark.parametrize("backend_name", compiled_backends())
+def test_dropout_in_place(backend_name: str) -> None:
+    r = np.random.default_rng(12)
+    inp = r.standard_normal((3, 7, 20)).astype(np.float32)
+    expected = np.zeros_like(inp)
+    ref.dropout_forward(expected, inp, 12345, 0.3)
+    get_backend(backend_name).dropout_forward(inp, inp, 12345, 0.3)
+    assert np.array_equal(inp, expected), f"{backend_name}.dropout_forward in place differs from the reference"

@@ -2,6 +2,8 @@
 
 Every other test compares against the reference. Each kernel's loss is sum(out * g) for a random g;
 each analytic grad is checked, element by element, against a 4th-order central difference.
+Dropout kernels are checked with a fixed (key, p), which makes them deterministic functions; their
+mask is also checked against its definition in plain Python integers.
 """
 
 from __future__ import annotations
@@ -96,8 +98,11 @@ def test_matmul(r):
     assert_grad("dweight", dweight, numeric_grad(loss, weight))
 
 
-def naive_attention(qkv: np.ndarray) -> np.ndarray:
-    """Loop-by-loop causal attention, independent of the reference's vectorised form."""
+def naive_attention(qkv: np.ndarray, keep: Callable[[int], float] = lambda i: 1.0) -> np.ndarray:
+    """Loop-by-loop causal attention, independent of the reference's vectorised form.
+
+    keep(i) multiplies the probability at att's flat index i (dropout), 1 by default.
+    """
     out = np.zeros((B, T, C))
     HS = C // NH
     for b in range(B):
@@ -108,7 +113,8 @@ def naive_attention(qkv: np.ndarray) -> np.ndarray:
                 p = np.exp(scores - scores.max())
                 p /= p.sum()
                 for s in range(t + 1):
-                    out[b, t, h * HS : (h + 1) * HS] += p[s] * qkv[b, s, 2 * C + h * HS : 2 * C + (h + 1) * HS]
+                    w = p[s] * keep(((b * NH + h) * T + t) * T + s)
+                    out[b, t, h * HS : (h + 1) * HS] += w * qkv[b, s, 2 * C + h * HS : 2 * C + (h + 1) * HS]
     return out
 
 
@@ -140,6 +146,111 @@ def test_attention_decode_matches_last_row(r):
             dec, qkv[:, t, :C].copy(), qkv[:, :, C : 2 * C].copy(), qkv[:, :, 2 * C :].copy(), t + 1, NH
         )
         np.testing.assert_allclose(dec, out[:, t], rtol=1e-12, atol=1e-12)
+
+
+KEY, P = 12345, 0.3  # a fixed mask: the dropout kernels are then deterministic functions
+
+
+def lowbias32_keep(i: int, key: int, p: float) -> bool:
+    """The dropout rule in plain Python integers, straight from its definition."""
+    h = (i % 2**32 * 0x9E3779B9 + key) % 2**32
+    h ^= h >> 16
+    h = h * 0x7FEB352D % 2**32
+    h ^= h >> 15
+    h = h * 0x846CA68B % 2**32
+    h ^= h >> 16
+    return h >= min(round(p * 2**32), 2**32 - 1)
+
+
+def test_dropout_mask_matches_definition():
+    for key in (0, KEY, 2**32 - 1):
+        mask = ref._dropout_mask((3, 7, 11), key, P, np.float64).reshape(-1)
+        expected = [1 / (1 - P) if lowbias32_keep(i, key, P) else 0.0 for i in range(mask.size)]
+        np.testing.assert_array_equal(mask, expected)
+    assert ref._dropout_threshold(0.0) == 0
+    assert ref._dropout_threshold(np.nextafter(1.0, 0.0)) == 2**32 - 1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout p"):
+            ref._dropout_threshold(bad)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_dropout_kept_fraction(p):
+    mask = ref._dropout_mask((16, 256, 256), KEY, p, np.float32)  # 1 M elements
+    kept = np.count_nonzero(mask) / mask.size
+    assert abs(kept - (1 - p)) <= 0.01 * (1 - p), f"p={p}: kept fraction {kept:.4f}, expected {1 - p}"
+    np.testing.assert_allclose(mask.mean(), 1.0, rtol=0.01)  # the 1/(1-p) scale keeps the mean
+
+
+def test_dropout_keys_differ():
+    masks = [ref._dropout_mask((B, T, C), key, P, np.float64) != 0 for key in (0, 1, KEY, 2**32 - 1)]
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            differ = np.mean(masks[i] != masks[j])
+            assert differ > 0.25, f"keys {i} and {j}: masks differ in only {differ:.1%} of elements"
+
+
+def test_dropout(r):
+    inp = r.standard_normal((B, T, C))
+    g = r.standard_normal((B, T, C))
+    out = np.zeros_like(inp)
+
+    def loss() -> float:
+        ref.dropout_forward(out, inp, KEY, P)
+        return float(np.sum(out * g))
+
+    loss()
+    keep = np.array([lowbias32_keep(i, KEY, P) for i in range(inp.size)]).reshape(inp.shape)
+    np.testing.assert_allclose(out, np.where(keep, inp / (1 - P), 0.0), rtol=1e-15)
+    dinp = np.ones_like(inp)  # nonzero: backward accumulates
+    ref.dropout_backward(dinp, g, KEY, P)
+    assert_grad("dinp", dinp - 1, numeric_grad(loss, inp))
+
+
+def test_dropout_in_place(r):
+    inp = r.standard_normal((B, T, C))
+    expected = np.zeros_like(inp)
+    ref.dropout_forward(expected, inp, KEY, P)
+    ref.dropout_forward(inp, inp, KEY, P)
+    np.testing.assert_array_equal(inp, expected)
+
+
+def test_attention_dropout(r):
+    qkv = r.standard_normal((B, T, 3 * C))
+    g = r.standard_normal((B, T, C))
+    out, att = np.zeros((B, T, C)), np.zeros((B, NH, T, T))
+
+    def loss() -> float:
+        ref.attention_dropout_forward(out, att, qkv, KEY, P)
+        return float(np.sum(out * g))
+
+    loss()
+    expected = naive_attention(qkv, lambda i: lowbias32_keep(i, KEY, P) / (1 - P))
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    plain_out, plain_att = np.zeros_like(out), np.zeros_like(att)
+    ref.attention_forward(plain_out, plain_att, qkv)
+    np.testing.assert_array_equal(att, plain_att)  # att is saved before dropout
+    dqkv, datt = np.ones_like(qkv), np.zeros_like(att)
+    ref.attention_dropout_backward(dqkv, datt, g, qkv, att, KEY, P)
+    assert_grad("dqkv", dqkv - 1, numeric_grad(loss, qkv))
+
+
+def test_dropout_p0_is_identity(r):
+    """p = 0 keeps everything: the dropout kernels equal the plain ones exactly."""
+    qkv, g = r.standard_normal((B, T, 3 * C)), r.standard_normal((B, T, C))
+    out, att, dqkv, datt = np.zeros((B, T, C)), np.zeros((B, NH, T, T)), np.ones_like(qkv), np.zeros((B, NH, T, T))
+    ref.attention_forward(out, att, qkv)
+    ref.attention_backward(dqkv, datt, g, qkv, att)
+    out0, att0, dqkv0, datt0 = np.zeros_like(out), np.zeros_like(att), np.ones_like(qkv), np.zeros_like(datt)
+    ref.attention_dropout_forward(out0, att0, qkv, KEY, 0.0)
+    ref.attention_dropout_backward(dqkv0, datt0, g, qkv, att0, KEY, 0.0)
+    for name, a, b in [("out", out0, out), ("att", att0, att), ("dqkv", dqkv0, dqkv), ("datt", datt0, datt)]:
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    drop, dinp = np.zeros_like(g), np.ones_like(g)
+    ref.dropout_forward(drop, g, KEY, 0.0)
+    ref.dropout_backward(dinp, g, KEY, 0.0)
+    np.testing.assert_array_equal(drop, g)
+    np.testing.assert_array_equal(dinp, 1 + g)
 
 
 def test_relu2(r):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -119,3 +120,16 @@ def test_unwritable_out_as_a_file_fails_before_training(corpus, tmp_path):
     with pytest.raises(ConfigError, match="not writable"):
         trainer.train()
     assert trainer.step == 0 and math.isinf(trainer.best_val)
+
+
+def test_time_budget_stops_on_wall_clock_and_stretches_the_schedule(corpus, tmp_path):
+    trainer = make(corpus, tmp_path, steps=10**6, warmup=2, eval_every=10**6, time_budget=1.5)
+    lrs = []
+    trainer.log = lambda line: lrs.append(line)
+    summary = trainer.train()
+    assert 1.5 <= summary["elapsed"] < 10, summary["elapsed"]
+    assert 10 < trainer.step < 10**6
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "lr" in r]
+    assert steps[-1]["lr"] < 0.5 * trainer.cfg.lr, "the cosine decays over the budget, not over `steps`"
+    assert load(tmp_path / "run" / "best").train_state["step"] == trainer.step

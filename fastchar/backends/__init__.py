@@ -1,7 +1,8 @@
 """Backends: a backend is a module that defines every kernel in KERNELS with the reference signature.
 
 `get_backend(name)` returns a namespace of kernels. A backend may leave a kernel out only by naming
-it in its `FALLBACK` set; the reference fills the gap and `fallbacks(name)` reports it. Nothing else
+it in its `FALLBACK` set; the reference fills the gap and `fallbacks(name)` reports it. Entries of
+`OPTIONAL` (e.g. the compiled generation loop) live in separate modules and are None when missing. Nothing else
 in fastchar imports a backend module directly: `Model(cfg, backend=...)` chooses.
 """
 
@@ -23,6 +24,10 @@ KERNELS = (
     "attention_forward",
     "attention_backward",
     "attention_decode",
+    "attention_dropout_forward",
+    "attention_dropout_backward",
+    "dropout_forward",
+    "dropout_backward",
     "relu2_forward",
     "relu2_backward",
     "residual_forward",
@@ -34,6 +39,13 @@ KERNELS = (
 )
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cython": "cython_cpu"}
+
+# Optional entry points beyond KERNELS: name -> {backend: module}. A backend without one (or whose
+# module does not import here) gets None under that name, and callers fall back to their own Python
+# path (fastchar.sampler's generation loop for `generate_tokens`).
+OPTIONAL = {
+    "generate_tokens": {"numba": "fastchar.backends.numba_decode", "cython": "fastchar.backends.cython_decode"},
+}
 ALIASES = {"reference": "numpy"}
 
 
@@ -65,7 +77,19 @@ def _load(name: str) -> SimpleNamespace:
             kernels[kernel] = getattr(reference, kernel)
         else:
             raise BackendError(f"backend {name!r} lacks kernel {kernel!r} and does not list it in FALLBACK")
+    for entry, homes in OPTIONAL.items():
+        kernels[entry] = _optional(homes.get(name), entry)
     return SimpleNamespace(name=name, fallback=frozenset(fallback), **kernels)
+
+
+def _optional(module_name: str | None, entry: str) -> object | None:
+    """getattr(module, entry), or None when there is no such module or it does not import."""
+    if module_name is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module_name), entry, None)
+    except ImportError:
+        return None
 
 
 def get_backend(name: str = "auto") -> SimpleNamespace:

@@ -11,6 +11,9 @@ import numpy as np
 
 from fastchar.backends import reference as ref
 
+DROPOUT_KEY = 12345  # the dropout kernels' (key, p): any fixed pair makes them deterministic
+DROPOUT_P = 0.3
+
 
 def f32(r: np.random.Generator, *shape: int) -> np.ndarray:
     return r.standard_normal(shape).astype(np.float32)
@@ -63,6 +66,31 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
             "qkv": qkv,
             "att": att,
         }
+    if kernel == "attention_dropout_forward":
+        return {
+            "out": f32(r, B, T, C),
+            "att": f32(r, B, NH, T, T),
+            "qkv": f32(r, B, T, 3 * C),
+            "key": DROPOUT_KEY,
+            "p": DROPOUT_P,
+        }
+    if kernel == "attention_dropout_backward":
+        qkv = f32(r, B, T, 3 * C)
+        att = np.zeros((B, NH, T, T), np.float32)
+        ref.attention_dropout_forward(np.zeros((B, T, C), np.float32), att, qkv, DROPOUT_KEY, DROPOUT_P)
+        return {
+            "dqkv": f32(r, B, T, 3 * C),
+            "datt": f32(r, B, NH, T, T),
+            "dout": f32(r, B, T, C),
+            "qkv": qkv,
+            "att": att,
+            "key": DROPOUT_KEY,
+            "p": DROPOUT_P,
+        }
+    if kernel == "dropout_forward":
+        return {"out": f32(r, B, T, C), "inp": f32(r, B, T, C), "key": DROPOUT_KEY, "p": DROPOUT_P}
+    if kernel == "dropout_backward":
+        return {"dinp": f32(r, B, T, C), "dout": f32(r, B, T, C), "key": DROPOUT_KEY, "p": DROPOUT_P}
     if kernel == "attention_decode":
         S = T + 2
         return {

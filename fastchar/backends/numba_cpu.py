@@ -15,6 +15,10 @@ How it is fast:
 - `fastmath=True` where reassociating a float32 reduction is acceptable (tests/test_kernels.py
   checks every kernel against the reference within tests/conftest.py's TOL).
 
+Dropout: the mask is a hash of (key, flat index), the reference's `_dropout_threshold` and lowbias32
+(fastchar/backends/reference.py), recomputed wherever it is needed; the public dropout kernels are
+thin Python wrappers that turn (key, p) into the uint32 threshold and scale, then call njit code.
+
 Left out: float64 (use the reference for gradchecks) and non-contiguous arrays on the fast paths
 (matmuls copy such operands; the other kernels index them generically and are only slower).
 Numba's thread count is set by the caller (numba.set_num_threads); nothing here pins it.
@@ -34,6 +38,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from fastchar.backends.reference import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32, _dropout_threshold
+
 __all__ = [
     "embedding_forward",
     "embedding_backward",
@@ -44,6 +50,10 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "attention_decode",
+    "attention_dropout_forward",
+    "attention_dropout_backward",
+    "dropout_forward",
+    "dropout_backward",
     "relu2_forward",
     "relu2_backward",
     "residual_forward",
@@ -326,12 +336,81 @@ def matmul_backward(
 
 
 # --------------------------------------------------------------------------------------------
+# Dropout: keep(i) = lowbias32((i * GOLDEN + key) mod 2**32) >= thr, in uint64 registers masked to
+# 32 bits (Numba widens uint32 arithmetic to 64 bits anyway; the masks make it exact mod 2**32).
+
+_M32 = np.uint64(U32)
+_GOLDEN = np.uint64(DROPOUT_GOLDEN)
+_MUL1 = np.uint64(LOWBIAS32_MUL1)
+_MUL2 = np.uint64(LOWBIAS32_MUL2)
+_S15 = np.uint64(15)
+_S16 = np.uint64(16)
+
+
+@njit(cache=True, inline="always")
+def _dropout_scale(i, key, thr, dscale):
+    """dscale if flat index i (int, >= 0) is kept under (key, thr) else 0; key, thr uint64."""
+    h = ((np.uint64(i) & _M32) * _GOLDEN + key) & _M32
+    h ^= h >> _S16
+    h = (h * _MUL1) & _M32
+    h ^= h >> _S15
+    h = (h * _MUL2) & _M32
+    h ^= h >> _S16
+    return dscale if h >= thr else np.float32(0.0)
+
+
+def _dropout_params(key: int, p: float) -> tuple[np.uint64, np.uint64, np.float32]:
+    """(key, threshold, 1 / (1 - p)) as the njit kernels take them."""
+    if not 0 <= key <= U32:
+        raise ValueError(f"dropout key must be in [0, 2**32), got {key}")
+    return np.uint64(key), np.uint64(_dropout_threshold(p)), np.float32(1.0 / (1.0 - p))
+
+
+@njit(cache=True, parallel=True)
+def _dropout_forward(out, inp, key, thr, dscale):
+    B, T, C = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        base = r * C
+        for c in range(C):
+            out[b, t, c] = inp[b, t, c] * _dropout_scale(base + c, key, thr, dscale)
+
+
+@njit(cache=True, parallel=True)
+def _dropout_backward(dinp, dout, key, thr, dscale):
+    B, T, C = dout.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        base = r * C
+        for c in range(C):
+            dinp[b, t, c] += dout[b, t, c] * _dropout_scale(base + c, key, thr, dscale)
+
+
+def dropout_forward(out: np.ndarray, inp: np.ndarray, key: int, p: float) -> None:
+    """out = inp * mask, mask = keep(i) / (1 - p) over the flat index i; out may be inp (in place).
+
+    out (B, T, C); inp (B, T, C); key uint32, p in [0, 1).
+    """
+    _dropout_forward(out, inp, *_dropout_params(key, p))
+
+
+def dropout_backward(dinp: np.ndarray, dout: np.ndarray, key: int, p: float) -> None:
+    """dinp += dout * mask, the forward's mask for the same key and p. Accumulates.
+
+    dinp (B, T, C); dout (B, T, C); key uint32, p in [0, 1).
+    """
+    _dropout_backward(dinp, dout, *_dropout_params(key, p))
+
+
+# --------------------------------------------------------------------------------------------
 # Attention. One (batch, head) pair per task: its rows of att and its HS columns of out / dqkv
 # belong to it alone, so tasks never share a write. Only the causal half (t2 <= t) is computed,
 # rounded up to whole blocks of ATTN_PAD keys (the extra entries are masked or multiply a zero).
 # Each head's K and V are first copied transposed, (HS, T), into per-thread scratch, so every inner
 # loop runs over t2 along contiguous memory: LLVM vectorises those, where loops over HS with a
 # strided t2 would become gathers. dk and dv are summed transposed in scratch and added at the end.
+# The head helpers take the dropout arguments too; attention_forward/backward pass drop=False, a
+# constant after inlining, so the dropout code is compiled out of them.
 ATTN_PAD = 16  # one AVX-512 vector of float32
 ATTN_CHUNKS = 64  # (batch, head) tasks are grouped into at most this many chunks of scratch reuse
 
@@ -345,7 +424,11 @@ def _head_transposed(dst, src, b, col, T, HS):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _attention_forward_head(out, att, qkv, kt, vt, b, h, T, C, HS, scale):
+def _attention_forward_head(out, att, qkv, kt, vt, prow, b, h, T, C, HS, scale, drop, base, key, thr, dscale):
+    """One head; with drop, out uses att * mask (in prow scratch, (T,)), att keeps the probabilities.
+
+    base = the flat index of att[b, h, 0, 0], where this head's dropout mask starts.
+    """
     qo = h * HS
     _head_transposed(kt, qkv, b, C + qo, T, HS)
     _head_transposed(vt, qkv, b, 2 * C + qo, T, HS)
@@ -375,11 +458,18 @@ def _attention_forward_head(out, att, qkv, kt, vt, b, h, T, C, HS, scale):
             row[t2] *= inv
         for t2 in range(n, T):
             row[t2] = 0.0
+        # dropout on a copy of the row (entries past n are 0 and stay 0)
+        src = row
+        if drop:
+            rb = base + t * T
+            for t2 in range(npad):
+                prow[t2] = row[t2] * _dropout_scale(rb + t2, key, thr, dscale)
+            src = prow
         # out[t, i] = att[t] . v[:, i]
         for i in range(HS):
             acc = np.float32(0.0)
             for t2 in range(npad):
-                acc += row[t2] * vt[i, t2]
+                acc += src[t2] * vt[i, t2]
             out[b, t, qo + i] = acc
 
 
@@ -399,11 +489,43 @@ def attention_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray) -> None
         kt = np.empty((HS, T), np.float32)  # scratch: this head's K and V, transposed
         vt = np.empty((HS, T), np.float32)
         for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
-            _attention_forward_head(out, att, qkv, kt, vt, bh // NH, bh % NH, T, C, HS, scale)
+            _attention_forward_head(
+                out, att, qkv, kt, vt, kt[0], bh // NH, bh % NH, T, C, HS, scale, False, 0, _M32, _M32, scale
+            )
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_dropout_forward(out, att, qkv, key, thr, dscale):
+    B, NH, T, _ = att.shape
+    C = out.shape[2]
+    HS = C // NH
+    scale = np.float32(1.0 / math.sqrt(HS))
+    tasks = B * NH
+    nchunks = min(tasks, ATTN_CHUNKS)
+    for ch in prange(nchunks):
+        kt = np.empty((HS, T), np.float32)
+        vt = np.empty((HS, T), np.float32)
+        prow = np.empty(T, np.float32)  # one row of att * mask
+        for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
+            _attention_forward_head(
+                out, att, qkv, kt, vt, prow, bh // NH, bh % NH, T, C, HS, scale, True, bh * T * T, key, thr, dscale
+            )
+
+
+def attention_dropout_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray, key: int, p: float) -> None:
+    """attention_forward with dropout on the probabilities: out = (att * mask) v, heads merged.
+
+    out (B, T, C); att (B, NH, T, T) saved probabilities BEFORE dropout, zero above the diagonal;
+    qkv (B, T, 3C); key uint32 and p in [0, 1): the mask over att's flat index.
+    """
+    _attention_dropout_forward(out, att, qkv, *_dropout_params(key, p))
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, b, h, T, C, HS, scale):
+def _attention_backward_head(
+    dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, prow, b, h, T, C, HS, scale, drop, base, key, thr, dscale
+):
+    """One head; with drop, dv uses att * mask (prow scratch) and datt is multiplied by the mask."""
     qo, ko, vo = h * HS, C + h * HS, 2 * C + h * HS
     _head_transposed(kt, qkv, b, ko, T, HS)
     _head_transposed(vt, qkv, b, vo, T, HS)
@@ -421,6 +543,15 @@ def _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, b, h,
             di = dout[b, t, qo + i]
             for t2 in range(npad):
                 row[t2] += di * vt[i, t2]
+        # dropout: dv needs att * mask, the softmax backward datt * mask (the grad before dropout)
+        pa = arow
+        if drop:
+            rb = base + t * T
+            for t2 in range(npad):
+                m = _dropout_scale(rb + t2, key, thr, dscale)
+                prow[t2] = arow[t2] * m
+                row[t2] *= m
+            pa = prow
         # softmax backward in place: datt[t, t2] <- ds = att * (datt - sum(att * datt)) * scale
         s = np.float32(0.0)
         for t2 in range(npad):
@@ -435,7 +566,7 @@ def _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, b, h,
             for t2 in range(npad):
                 acc += row[t2] * kt[i, t2]
                 dkt[i, t2] += row[t2] * qi
-                dvt[i, t2] += arow[t2] * di
+                dvt[i, t2] += pa[t2] * di
             dqkv[b, t, qo + i] += acc
     for t in range(T):
         for i in range(HS):
@@ -461,7 +592,42 @@ def attention_backward(dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv
         dkt = np.empty((HS, T), np.float32)
         dvt = np.empty((HS, T), np.float32)
         for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
-            _attention_backward_head(dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, bh // NH, bh % NH, T, C, HS, scale)
+            _attention_backward_head(
+                dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, kt[0], bh // NH, bh % NH, T, C, HS, scale,
+                False, 0, _M32, _M32, scale,
+            )  # fmt: skip
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_dropout_backward(dqkv, datt, dout, qkv, att, key, thr, dscale):
+    B, NH, T, _ = att.shape
+    C = dout.shape[2]
+    HS = C // NH
+    scale = np.float32(1.0 / math.sqrt(HS))
+    tasks = B * NH
+    nchunks = min(tasks, ATTN_CHUNKS)
+    for ch in prange(nchunks):
+        kt = np.empty((HS, T), np.float32)
+        vt = np.empty((HS, T), np.float32)
+        dkt = np.empty((HS, T), np.float32)
+        dvt = np.empty((HS, T), np.float32)
+        prow = np.empty(T, np.float32)  # one row of att * mask
+        for bh in range(ch * tasks // nchunks, (ch + 1) * tasks // nchunks):
+            _attention_backward_head(
+                dqkv, datt, dout, qkv, att, kt, vt, dkt, dvt, prow, bh // NH, bh % NH, T, C, HS, scale,
+                True, bh * T * T, key, thr, dscale,
+            )  # fmt: skip
+
+
+def attention_dropout_backward(
+    dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, key: int, p: float
+) -> None:
+    """Backward of attention_dropout_forward. Accumulates into dqkv; datt is scratch (overwritten).
+
+    dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T)
+    the saved probabilities before dropout; key, p as in the forward.
+    """
+    _attention_dropout_backward(dqkv, datt, dout, qkv, att, *_dropout_params(key, p))
 
 
 @njit(cache=True, fastmath=True)

@@ -9,6 +9,10 @@ Conventions (shared by every backend):
 
 Letters in shapes: B batch, T time, C channels, NH heads, HS head size, V vocabulary, N = B*T rows,
 IC/OC matmul in/out channels, P the flat parameter count, S the cache length.
+
+Dropout masks are never stored or drawn from an RNG: element i (flat C-order index) of a tensor is
+kept when lowbias32(i * 0x9E3779B9 + key) >= _dropout_threshold(p), all mod 2**32. Every backend
+computes the same hash, so one (key, p) gives the same mask everywhere, in forward and backward.
 """
 
 from __future__ import annotations
@@ -111,19 +115,52 @@ def attention_backward(dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv
 
     dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
     """
+    _attention_backward(dqkv, datt, dout, qkv, att, None)
+
+
+def _attention_backward(
+    dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, mask: np.ndarray | None
+) -> None:
+    """attention_backward when out = (att * mask) v; mask (B, NH, T, T) or None for no dropout."""
     B, NH, T, _ = att.shape
     q, k, v = _split_heads(qkv, NH)
     HS = q.shape[-1]
     scale = 1.0 / np.sqrt(HS)
     dy = dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
     datt[...] = dy @ v.transpose(0, 1, 3, 2)
-    dv = att.transpose(0, 1, 3, 2) @ dy
+    dv = (att if mask is None else att * mask).transpose(0, 1, 3, 2) @ dy
+    if mask is not None:
+        datt *= mask  # gradient w.r.t. the probabilities before dropout
     # softmax backward, row by row; the mask needs nothing since att is zero there
     dscores = att * (datt - np.sum(att * datt, axis=-1, keepdims=True)) * scale
     dq = dscores @ k
     dk = dscores.transpose(0, 1, 3, 2) @ q
     grads = np.stack([dq, dk, dv])  # (3, B, NH, T, HS)
     dqkv += grads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * HS)
+
+
+def attention_dropout_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray, key: int, p: float) -> None:
+    """attention_forward with dropout on the probabilities: out = (att * mask) v, heads merged.
+
+    out (B, T, C); att (B, NH, T, T) saved probabilities BEFORE dropout, zero above the diagonal;
+    qkv (B, T, 3C); key uint32 and p in [0, 1): the mask over att's flat index (see _dropout_mask).
+    """
+    B, NH, T, _ = att.shape
+    attention_forward(out, att, qkv)  # fills att; out is recomputed below from the dropped att
+    v = _split_heads(qkv, NH)[2]
+    dropped = att * _dropout_mask(att.shape, key, p, att.dtype)
+    out[...] = (dropped @ v).transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+def attention_dropout_backward(
+    dqkv: np.ndarray, datt: np.ndarray, dout: np.ndarray, qkv: np.ndarray, att: np.ndarray, key: int, p: float
+) -> None:
+    """Backward of attention_dropout_forward. Accumulates into dqkv; datt is scratch (overwritten).
+
+    dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T)
+    the saved probabilities before dropout; key, p as in the forward.
+    """
+    _attention_backward(dqkv, datt, dout, qkv, att, _dropout_mask(att.shape, key, p, att.dtype))
 
 
 def attention_decode(
@@ -143,6 +180,56 @@ def attention_decode(
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     out[...] = (p @ v).reshape(B, C)
+
+
+DROPOUT_GOLDEN = 0x9E3779B9  # spreads consecutive indices over the 32-bit range before hashing
+LOWBIAS32_MUL1 = 0x7FEB352D  # the two multipliers of Chris Wellons' lowbias32 integer hash
+LOWBIAS32_MUL2 = 0x846CA68B
+U32 = 0xFFFFFFFF
+
+
+def _dropout_threshold(p: float) -> int:
+    """The uint32 threshold of dropout probability p: an element is kept when its hash >= it.
+
+    round(p * 2**32), capped at 2**32 - 1; p = 0 gives 0, so every element is kept.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    return min(round(p * 2.0**32), U32)
+
+
+def _dropout_hash(n: int, key: int) -> np.ndarray:
+    """lowbias32((i * 0x9E3779B9 + key) mod 2**32) for i in range(n), as uint32 (wraps mod 2**32)."""
+    i = np.arange(n, dtype=np.uint64) & np.uint64(U32)  # 64-bit index, truncated to 32 bits
+    h = ((i * np.uint64(DROPOUT_GOLDEN) + np.uint64(key)) & np.uint64(U32)).astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(LOWBIAS32_MUL1)  # uint32 * uint32 wraps mod 2**32
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(LOWBIAS32_MUL2)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _dropout_mask(shape: tuple[int, ...], key: int, p: float, dtype: np.dtype) -> np.ndarray:
+    """scale = 1 / (1 - p) where element i (flat C order) is kept, else 0; shape `shape`."""
+    keep = _dropout_hash(int(np.prod(shape)), key) >= np.uint32(_dropout_threshold(p))
+    return (keep * np.asarray(1.0 / (1.0 - p), dtype=dtype)).reshape(shape)
+
+
+def dropout_forward(out: np.ndarray, inp: np.ndarray, key: int, p: float) -> None:
+    """out = inp * mask, mask = keep(i) / (1 - p) over the flat index i; out may be inp (in place).
+
+    out (B, T, C); inp (B, T, C); key uint32, p in [0, 1).
+    """
+    np.multiply(inp, _dropout_mask(inp.shape, key, p, inp.dtype), out=out)
+
+
+def dropout_backward(dinp: np.ndarray, dout: np.ndarray, key: int, p: float) -> None:
+    """dinp += dout * mask, the forward's mask for the same key and p. Accumulates.
+
+    dinp (B, T, C); dout (B, T, C); key uint32, p in [0, 1).
+    """
+    dinp += dout * _dropout_mask(dout.shape, key, p, dout.dtype)
 
 
 def relu2_forward(out: np.ndarray, inp: np.ndarray) -> None:

@@ -1,0 +1,408 @@
+# cython: language_level=3
+"""fastchar._cydecode: the Cython backend's compiled generation loop (see fastchar/backends/cython_decode.py).
+
+`generate_tokens` runs fastchar/sampler.py's sampler (KVCache.advance's window refill, sample_token's
+temperature / top-k / top-p) for a chunk of new characters in one nogil call. It is the twin of
+fastchar/backends/numba_decode.py: same name, signature, loop structure and scratch layout.
+
+Every position goes through `_forward_rows`, which runs M positions at once (1 for a decode step,
+window/2 for a refill, the prompt's length for the prompt): each weight row is read once per call
+and reused for all M rows, so a refill costs one pass over the weights. The matrix product is plain
+C (below) compiled three times (x86-64-v4 / v3 / baseline, GCC's target_clones; the loader picks one
+for the CPU), because the extension itself is built for the baseline ISA: SSE2 without FMA would
+run the product several times slower. Single-threaded: at batch 1 a step is ~0.8 M multiply-adds.
+
+Letters in shapes: S the window (cache rows), C channels, NH heads, HS head size, H the MLP width,
+V vocabulary, L layers, N new tokens per call, P the flat parameter count.
+Not here: batch > 1, float64 (the Python loop in fastchar/sampler.py covers both).
+"""
+
+from libc.math cimport exp, sqrtf
+from libc.stdint cimport int64_t
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define FC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #else
+    #define FC_CLONES
+    #endif
+    #include <math.h>
+
+    /* y[:M] = x[:M] @ w; y (M, N), x (M, K), w (K, N) row-major. Four input channels per pass over
+       an output row; output rows in blocks of four, so each weight element loaded feeds four rows. */
+    FC_CLONES
+    static void fc_matmul(float *restrict y, const float *restrict x, const float *restrict w,
+                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t N) {
+        Py_ssize_t K4 = K - K % 4, m = 0, i, j;
+        for (; m + 4 <= M; m += 4) {
+            float *y0 = y + m * N, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
+            const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+            for (j = 0; j < N; j++) { y0[j] = 0.0f; y1[j] = 0.0f; y2[j] = 0.0f; y3[j] = 0.0f; }
+            for (i = 0; i < K4; i += 4) {
+                const float *w0 = w + i * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+                float a0 = x0[i], a1 = x0[i + 1], a2 = x0[i + 2], a3 = x0[i + 3];
+                float b0 = x1[i], b1 = x1[i + 1], b2 = x1[i + 2], b3 = x1[i + 3];
+                float c0 = x2[i], c1 = x2[i + 1], c2 = x2[i + 2], c3 = x2[i + 3];
+                float d0 = x3[i], d1 = x3[i + 1], d2 = x3[i + 2], d3 = x3[i + 3];
+                for (j = 0; j < N; j++) {
+                    float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+                    y0[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3;
+                    y1[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
+                    y2[j] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3;
+                    y3[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3;
+                }
+            }
+            for (; i < K; i++) {
+                const float *wi = w + i * N;
+                float a0 = x0[i], b0 = x1[i], c0 = x2[i], d0 = x3[i];
+                for (j = 0; j < N; j++) {
+                    y0[j] += a0 * wi[j]; y1[j] += b0 * wi[j]; y2[j] += c0 * wi[j]; y3[j] += d0 * wi[j];
+                }
+            }
+        }
+        for (; m < M; m++) {
+            float *yr = y + m * N;
+            const float *xr = x + m * K;
+            for (j = 0; j < N; j++) yr[j] = 0.0f;
+            for (i = 0; i < K4; i += 4) {
+                const float *w0 = w + i * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+                float a0 = xr[i], a1 = xr[i + 1], a2 = xr[i + 2], a3 = xr[i + 3];
+                for (j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+            }
+            for (; i < K; i++) {
+                const float *wi = w + i * N;
+                float a0 = xr[i];
+                for (j = 0; j < N; j++) yr[j] += a0 * wi[j];
+            }
+        }
+    }
+
+    /* exp(x) for x <= 0, Cephes expf as in _kernels.pyx (~2 ulp; below -87 flushes to ~1e-38). */
+    static inline float fc_expf(float x) {
+        union { float f; int i; } b;
+        float n, r, p;
+        x = x > -87.0f ? x : -87.0f;
+        n = x * 1.44269504088896341f + 12582912.0f;
+        n = n - 12582912.0f;
+        r = x - n * 0.693359375f;
+        r = r + n * 2.12194440e-4f;
+        p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        b.i = ((int)n + 127) << 23;
+        return p * b.f;
+    }
+
+    /* out[m] = softmax(q[m] K[:p0+m+1]^T / sqrt(HS)) V[:p0+m+1] per head (keys already cached).
+       out (M, C); qkv (M, 3C), q first; kt, vt (C, S) with time last, so every inner loop runs
+       over contiguous positions; scores (S,) scratch. */
+    FC_CLONES
+    static void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt,
+                             const float *restrict vt, Py_ssize_t p0, Py_ssize_t M, Py_ssize_t C,
+                             Py_ssize_t S, Py_ssize_t n_head, float *restrict scores) {
+        Py_ssize_t HS = C / n_head, m, h, c, t, n;
+        float scale = 1.0f / sqrtf((float)HS);
+        for (m = 0; m < M; m++) {
+            const float *q = qkv + m * 3 * C;
+            n = p0 + m + 1;
+            for (h = 0; h < n_head; h++) {
+                float mx, tot = 0.0f, inv;
+                for (t = 0; t < n; t++) scores[t] = 0.0f;
+                for (c = h * HS; c < h * HS + HS; c++) {
+                    const float *krow = kt + c * S;
+                    float qc = q[c] * scale;
+                    for (t = 0; t < n; t++) scores[t] += qc * krow[t];
+                }
+                mx = scores[0];
+                for (t = 1; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
+                for (t = 0; t < n; t++) { scores[t] = fc_expf(scores[t] - mx); tot += scores[t]; }
+                inv = 1.0f / tot;
+                for (c = h * HS; c < h * HS + HS; c++) {
+                    const float *vrow = vt + c * S;
+                    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a;
+                    Py_ssize_t n8 = n - n % 8, j;
+                    for (t = 0; t < n8; t += 8)
+                        for (j = 0; j < 8; j++) acc[j] += scores[t + j] * vrow[t + j];
+                    a = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+                    for (; t < n; t++) a += scores[t] * vrow[t];
+                    out[m * C + c] = a * inv;
+                }
+            }
+        }
+    }
+    """
+    void fc_matmul(float* y, const float* x, const float* w, Py_ssize_t M, Py_ssize_t K,
+                   Py_ssize_t N) noexcept nogil
+    void fc_attention(float* out, const float* qkv, const float* kt, const float* vt, Py_ssize_t p0,
+                      Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, float* scores) noexcept nogil
+
+
+cdef float RMSNORM_EPS = 1e-5  # = fastchar.model.RMSNORM_EPS
+
+# Index of each tensor in the offsets table (param_specs order): wte, wpe, then 6 per layer
+# (ln1, qkv, proj, ln2, fc, mlp proj), then ln_f, lm_head.
+cdef enum:
+    WTE = 0
+    WPE = 1
+    LN1 = 0
+    QKV = 1
+    PROJ = 2
+    LN2 = 3
+    FC = 4
+    MPROJ = 5
+    PER_LAYER = 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass over M new positions
+# ---------------------------------------------------------------------------------------------
+
+cdef void _rmsnorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_ssize_t C) noexcept nogil:
+    """out[m] = x[m] / sqrt(mean(x[m]**2) + eps) * g. out, x (M, C); g (C,)."""
+    cdef Py_ssize_t m, c
+    cdef float ss, s
+    for m in range(M):
+        ss = 0.0
+        for c in range(C):
+            ss = ss + x[m * C + c] * x[m * C + c]
+        s = 1.0 / sqrtf(ss / C + RMSNORM_EPS)
+        for c in range(C):
+            out[m * C + c] = x[m * C + c] * s * g[c]
+
+
+cdef void _forward_rows(float* logits, const int* tokens, Py_ssize_t p0, Py_ssize_t M,
+                        const float* params, const int64_t* offsets, Py_ssize_t n_head,
+                        float* kcache, float* vcache, float* scratch, Py_ssize_t L, Py_ssize_t S,
+                        Py_ssize_t C, Py_ssize_t H, Py_ssize_t V) noexcept nogil:
+    """Encode tokens[p0:p0+M] at positions p0..p0+M-1, appending their keys/values to the cache,
+    and put the last position's logits (V,) in logits.
+
+    tokens (S,); params (P,); offsets (n, 2) (start, stop); kcache, vcache (L, C, S), time last;
+    scratch: x, h, proj (S, C), qkv (S, 3C), atty (S, C), fch (S, H), scores (S,).
+    """
+    cdef float* x = scratch
+    cdef float* hb = x + S * C
+    cdef float* proj = hb + S * C
+    cdef float* qkv = proj + S * C
+    cdef float* atty = qkv + S * 3 * C
+    cdef float* fch = atty + S * C
+    cdef float* scores = fch + S * H
+    cdef const float* wte = params + offsets[2 * WTE]
+    cdef const float* wpe = params + offsets[2 * WPE]
+    cdef Py_ssize_t m, c, j, layer, b
+    cdef float r
+    cdef float* kc
+    cdef float* vc
+    for m in range(M):
+        for c in range(C):
+            x[m * C + c] = wte[tokens[p0 + m] * C + c] + wpe[(p0 + m) * C + c]
+    for layer in range(L):
+        b = 2 * (2 + layer * PER_LAYER)  # this layer's first row of offsets, as a flat index
+        kc = kcache + layer * S * C
+        vc = vcache + layer * S * C
+        _rmsnorm(hb, x, params + offsets[b + 2 * LN1], M, C)
+        fc_matmul(qkv, hb, params + offsets[b + 2 * QKV], M, C, 3 * C)
+        for m in range(M):
+            for c in range(C):
+                kc[c * S + p0 + m] = qkv[m * 3 * C + C + c]
+                vc[c * S + p0 + m] = qkv[m * 3 * C + 2 * C + c]
+        fc_attention(atty, qkv, kc, vc, p0, M, C, S, n_head, scores)
+        fc_matmul(proj, atty, params + offsets[b + 2 * PROJ], M, C, C)
+        for j in range(M * C):
+            x[j] = x[j] + proj[j]
+        _rmsnorm(hb, x, params + offsets[b + 2 * LN2], M, C)
+        fc_matmul(fch, hb, params + offsets[b + 2 * FC], M, C, H)
+        for j in range(M * H):
+            r = fch[j] if fch[j] > 0 else 0.0
+            fch[j] = r * r
+        fc_matmul(proj, fch, params + offsets[b + 2 * MPROJ], M, H, C)
+        for j in range(M * C):
+            x[j] = x[j] + proj[j]
+    b = 2 * (2 + L * PER_LAYER)
+    _rmsnorm(hb, x + (M - 1) * C, params + offsets[b], 1, C)
+    fc_matmul(logits, hb, params + offsets[b + 2], 1, C, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: sample_token of fastchar/sampler.py, operation for operation in float64
+# ---------------------------------------------------------------------------------------------
+
+cdef double _pairwise_sum(const double* a, Py_ssize_t n) noexcept nogil:
+    """sum(a[:n]) in NumPy's summation order (8 accumulators up to 128 items, then halves)."""
+    cdef double r[8]
+    cdef double s
+    cdef Py_ssize_t i, j, n2
+    if n < 8:
+        s = 0.0
+        for i in range(n):
+            s = s + a[i]
+        return s
+    if n <= 128:
+        for j in range(8):
+            r[j] = a[j]
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                r[j] = r[j] + a[i + j]
+            i = i + 8
+        s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        while i < n:
+            s = s + a[i]
+            i = i + 1
+        return s
+    n2 = n // 2
+    n2 = n2 - n2 % 8
+    return _pairwise_sum(a, n2) + _pairwise_sum(a + n2, n - n2)
+
+
+cdef Py_ssize_t _sample(const float* logits, Py_ssize_t V, double temperature, Py_ssize_t top_k,
+                        double top_p, double u, double* work, int* order) noexcept nogil:
+    """Token id drawn from logits (V,) with the uniform u: greedy, or temperature/top-k/top-p.
+
+    work (3V,) scratch; order (V,) scratch. top_k <= 0 means no top-k; top_p >= 1 no top-p.
+    """
+    cdef Py_ssize_t j, i, best, keep
+    cdef double* z = work
+    cdef double* probs = work + V
+    cdef double* tmp = work + 2 * V
+    cdef double v, kth, mx, total, mass, target, cdf
+    if temperature == 0:
+        best = 0
+        for j in range(1, V):
+            if logits[j] > logits[best]:
+                best = j
+        return best
+    for j in range(V):
+        z[j] = <double>logits[j] / temperature
+    if 0 < top_k < V:
+        # the k-th largest value (with multiplicity), by insertion sort descending; keep z >= it
+        for j in range(V):
+            v = z[j]
+            i = j
+            while i > 0 and tmp[i - 1] < v:
+                tmp[i] = tmp[i - 1]
+                i = i - 1
+            tmp[i] = v
+        kth = tmp[top_k - 1]
+        for j in range(V):
+            if not z[j] >= kth:
+                z[j] = -1.0 / 0.0
+    mx = z[0]
+    for j in range(1, V):
+        mx = z[j] if z[j] > mx else mx
+    for j in range(V):
+        probs[j] = exp(z[j] - mx)
+    total = _pairwise_sum(probs, V)
+    for j in range(V):
+        probs[j] = probs[j] / total
+    if top_p < 1:
+        # stable descending order by probability (ties: lower id first), cumulative mass
+        for j in range(V):
+            i = j
+            while i > 0 and probs[order[i - 1]] < probs[j]:
+                order[i] = order[i - 1]
+                i = i - 1
+            order[i] = <int>j
+        mass = 0.0
+        for j in range(V):
+            mass = mass + probs[order[j]]
+            tmp[j] = mass
+        target = top_p * tmp[V - 1]
+        keep = V
+        for j in range(V):
+            if tmp[j] >= target:
+                keep = j + 1
+                break
+        for j in range(V):
+            z[j] = 0.0
+        for j in range(keep):
+            z[order[j]] = probs[order[j]]
+        total = _pairwise_sum(z, V)
+        for j in range(V):
+            probs[j] = z[j] / total
+    # first index whose cdf exceeds u * cdf[-1] (searchsorted side="right"), clamped to V - 1
+    cdf = 0.0
+    for j in range(V):
+        cdf = cdf + probs[j]
+        tmp[j] = cdf
+    target = u * tmp[V - 1]
+    for j in range(V):
+        if tmp[j] > target:
+            return j
+    return V - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_t n_feed,
+                    const float[::1] params, const int64_t[:, ::1] offsets, Py_ssize_t n_head,
+                    float[:, :, ::1] kcache, float[:, :, ::1] vcache, float[::1] scratch,
+                    double[::1] work, int[::1] order, double temperature, Py_ssize_t top_k,
+                    double top_p, const double[::1] uniforms, bint advance_last,
+                    float[:, ::1] logits_out) -> int:
+    """Sample out.shape[0] tokens, advancing the KV cache after each (after the last only if advance_last).
+
+    First feeds tokens[n_cache:n_cache+n_feed] (a prompt; n_feed = 0 on later calls). The logits of
+    the next draw live in scratch[:V] between calls. Returns the new cache length.
+    out (N,) int32; tokens (S,) int32, the cached tokens at positions 0..n_cache-1;
+    params (P,) float32; offsets (n, 2) int64 (start, stop) per param_specs entry;
+    kcache, vcache (L, C, S) float32, time last, S the window; scratch (decode_scratch_size,) float32;
+    work (3V,) float64; order (V,) int32; uniforms (N,) float64 (unused when temperature is 0);
+    logits_out (N, V) float32 receives each draw's logits, or (0, V) to skip.
+    """
+    cdef Py_ssize_t L = kcache.shape[0], C = kcache.shape[1], S = kcache.shape[2]
+    cdef Py_ssize_t V = (offsets[WTE, 1] - offsets[WTE, 0]) // C
+    cdef Py_ssize_t H = (offsets[2 + FC, 1] - offsets[2 + FC, 0]) // C
+    cdef Py_ssize_t N = out.shape[0]
+    cdef Py_ssize_t n_rows = logits_out.shape[0]
+    cdef Py_ssize_t i, j, n_keep, tok
+    cdef double u
+    if offsets.shape[0] != 4 + PER_LAYER * L or offsets.shape[1] != 2:
+        raise ValueError(f"offsets must have shape ({4 + PER_LAYER * L}, 2) for {L} layers")
+    if scratch.shape[0] < V + S * (7 * C + H + 1) or work.shape[0] < 3 * V or order.shape[0] < V:
+        raise ValueError("scratch, work or order is too small (see fastchar.sampler.decode_scratch_size)")
+    if tokens.shape[0] < S or n_cache + n_feed > S or (n_cache + n_feed == 0 and N > 0):
+        raise ValueError(f"need 0 < n_cache + n_feed <= S={S}, got {n_cache} + {n_feed}")
+    if (temperature > 0 and uniforms.shape[0] < N) or (n_rows > 0 and (n_rows < N or logits_out.shape[1] != V)):
+        raise ValueError("uniforms or logits_out is too small")
+    cdef float* logits = &scratch[0]
+    cdef float* body = logits + V
+    cdef const float* pp = &params[0]
+    cdef const int64_t* po = &offsets[0, 0]
+    cdef float* pk = &kcache[0, 0, 0]
+    cdef float* pv = &vcache[0, 0, 0]
+    cdef int* pt = &tokens[0]
+    cdef float* pl = &logits_out[0, 0] if n_rows > 0 else NULL
+    with nogil:
+        if n_feed > 0:
+            _forward_rows(logits, pt, n_cache, n_feed, pp, po, n_head, pk, pv, body, L, S, C, H, V)
+            n_cache = n_cache + n_feed
+        for i in range(N):
+            if n_rows > 0:
+                for j in range(V):
+                    pl[i * V + j] = logits[j]
+            u = uniforms[i] if temperature > 0 else 0.0
+            tok = _sample(logits, V, temperature, top_k, top_p, u, &work[0], &order[0])
+            out[i] = <int>tok
+            if i + 1 == N and not advance_last:
+                break
+            if n_cache >= S:
+                # KVCache.advance: keep the newest S//2 - 1 tokens plus this one, re-encoded from 0
+                n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
+                for j in range(n_keep):
+                    pt[j] = pt[n_cache - n_keep + j]
+                pt[n_keep] = <int>tok
+                _forward_rows(logits, pt, 0, n_keep + 1, pp, po, n_head, pk, pv, body, L, S, C, H, V)
+                n_cache = n_keep + 1
+            else:
+                pt[n_cache] = <int>tok
+                _forward_rows(logits, pt, n_cache, 1, pp, po, n_head, pk, pv, body, L, S, C, H, V)
+                n_cache = n_cache + 1
+    return n_cache
