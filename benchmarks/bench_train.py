@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.common import append_record, machine, median_time, peak_rss_mib, rss_mib, table
+from benchmarks.common import append_record, isolated, machine, median_time, peak_rss_mib, rss_mib, table
 from fastchar import CharTokenizer, Model, ModelConfig, TrainConfig, generate
 from fastchar.backends import KERNELS, available_backends, default_backend
 from fastchar.data import TextDataset, find_corpus
@@ -248,14 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
             steps = max(2, args.steps // 6) if backend == "numpy" else args.steps
             results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data)
         if torch_ok:
-            results["torch eager"] = time_torch(cfg, B, args.steps, args.warmup, data, args.threads)
-            results["torch eager, fused AdamW"] = time_torch(
-                cfg, B, args.steps, args.warmup, data, args.threads, fused=True
-            )
+            common = (cfg, B, args.steps, args.warmup, data, args.threads)
+            results["torch eager"] = isolated(time_torch, *common)
+            results["torch eager, fused AdamW"] = isolated(time_torch, *common, "eager", True)
             if args.compile:
-                results["torch.compile"] = time_torch(
-                    cfg, B, args.steps, args.warmup, data, args.threads, mode="compile"
-                )
+                results["torch.compile"] = isolated(time_torch, *common, "compile")
         eager = results.get("torch eager", {}).get("tok_s")
         compiled = results.get("torch.compile", {}).get("tok_s")
         for name, r in results.items():
@@ -290,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     if torch_ok:
         for cache in (False, True):
             name = f"torch eager, {'KV cache' if cache else 'no cache'}"
-            cps = time_torch_sampling(cfg, tokenizer, args.sample_chars, repeats, args.threads, cache)
+            cps = isolated(time_torch_sampling, cfg, tokenizer, args.sample_chars, repeats, args.threads, cache)
             record["sampling"][name] = cps
             rows.append([name, cps])
     print(f"\n## Sampling (batch 1, {args.sample_chars} characters from {PROMPT!r}; chars/s)\n")

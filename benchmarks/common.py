@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -13,6 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def isolated(fn: Callable, *args: object) -> object:
+    """fn(*args) in a fresh interpreter (multiprocessing "spawn"), for PyTorch: its OpenMP runtime
+    slows down badly next to Numba's started "omp" pool (see fastchar/threads.py)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import append_record, machine, table
+from benchmarks.common import append_record, isolated, machine, table
 from fastchar import Model, ModelConfig, TextDataset, TrainConfig, Trainer
 from fastchar.data import find_corpus
 from fastchar.optim import lr_at
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         have_torch = False
     if have_torch and not args.no_torch:
-        if args.dropout:
-            print("note: the PyTorch model of benchmarks/torch_model.py has no dropout; it runs without")
-        curves["torch eager"] = run_torch(data, ModelConfig(vocab_size=data.vocab_size), tcfg, args.threads)
+        curves["torch eager"] = isolated(run_torch, data, mcfg, tcfg, args.threads)
     rows = []
     summary = {}
     for name, curve in curves.items():

@@ -59,15 +59,18 @@ class TorchGPT(nn.Module):
         C, NH = self.cfg.d_model, self.cfg.n_head
         HS = C // NH
         x = self.p("wte")[idx] + self.p("wpe")[:T]
+        drop = self.cfg.dropout if self.training else 0.0  # same sites as fastchar, other masks
         for i in range(self.cfg.n_layer):
             s = f"blocks.{i}."
             h = rmsnorm(x, self.p(s + "ln1.weight"))
             q, k, v = (h @ self.p(s + "attn.qkv")).split(C, dim=-1)
             q, k, v = (t.view(B, T, NH, HS).transpose(1, 2) for t in (q, k, v))
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + y.transpose(1, 2).reshape(B, T, C) @ self.p(s + "attn.proj")
+            y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            branch = y.transpose(1, 2).reshape(B, T, C) @ self.p(s + "attn.proj")
+            x = x + nn.functional.dropout(branch, drop, self.training)
             h = rmsnorm(x, self.p(s + "ln2.weight"))
-            x = x + torch.relu(h @ self.p(s + "mlp.fc")).square() @ self.p(s + "mlp.proj")
+            branch = torch.relu(h @ self.p(s + "mlp.fc")).square() @ self.p(s + "mlp.proj")
+            x = x + nn.functional.dropout(branch, drop, self.training)
         logits = rmsnorm(x, self.p("ln_f.weight")) @ self.p("lm_head")
         if targets is None:
             return logits, None

@@ -17,8 +17,10 @@ V vocabulary, L layers, N new tokens per call, P the flat parameter count.
 Not here: batch > 1, float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
+from cython.parallel cimport parallel
 from libc.math cimport exp, sqrtf
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 
 cdef extern from *:
     """
@@ -29,18 +31,39 @@ cdef extern from *:
     #endif
     #include <math.h>
 
-    /* y[:M] = x[:M] @ w; y (M, N), x (M, K), w (K, N) row-major. Four input channels per pass over
-       an output row; output rows in blocks of four, so each weight element loaded feeds four rows. */
+    /* The team of one generate_tokens call (OpenMP; without it, one thread and no-op barriers).
+       fc_barrier is an orphaned barrier: it binds to the parallel region that calls it. */
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fc_max_threads(void) { return omp_get_max_threads(); }
+    static int fc_thread_num(void) { return omp_get_thread_num(); }
+    static int fc_num_threads(void) { return omp_get_num_threads(); }
+    static void fc_barrier(void) {
+        _Pragma("omp barrier")
+    }
+    #else
+    static int fc_max_threads(void) { return 1; }
+    static int fc_thread_num(void) { return 0; }
+    static int fc_num_threads(void) { return 1; }
+    static void fc_barrier(void) {}
+    #endif
+
+    /* y[:M] = x[:M] @ w; y (M, N) with row stride ldy, x (M, K), w (K, N) with row stride ldw, all
+       row-major (a column slice y[:, j0:j1] = x @ w[:, j0:j1] is y + j0, w + j0, N = j1 - j0). Four
+       input channels per pass over an output row; output rows in blocks of four, so each weight
+       element loaded feeds four rows. Every output element is computed the same way whatever the
+       slice, so splitting the columns across threads changes no value. */
     FC_CLONES
     static void fc_matmul(float *restrict y, const float *restrict x, const float *restrict w,
-                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t N) {
+                          Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+                          Py_ssize_t ldy, Py_ssize_t ldw) {
         Py_ssize_t K4 = K - K % 4, m = 0, i, j;
         for (; m + 4 <= M; m += 4) {
-            float *y0 = y + m * N, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
+            float *y0 = y + m * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
             const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
             for (j = 0; j < N; j++) { y0[j] = 0.0f; y1[j] = 0.0f; y2[j] = 0.0f; y3[j] = 0.0f; }
             for (i = 0; i < K4; i += 4) {
-                const float *w0 = w + i * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+                const float *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
                 float a0 = x0[i], a1 = x0[i + 1], a2 = x0[i + 2], a3 = x0[i + 3];
                 float b0 = x1[i], b1 = x1[i + 1], b2 = x1[i + 2], b3 = x1[i + 3];
                 float c0 = x2[i], c1 = x2[i + 1], c2 = x2[i + 2], c3 = x2[i + 3];
@@ -54,7 +77,7 @@ cdef extern from *:
                 }
             }
             for (; i < K; i++) {
-                const float *wi = w + i * N;
+                const float *wi = w + i * ldw;
                 float a0 = x0[i], b0 = x1[i], c0 = x2[i], d0 = x3[i];
                 for (j = 0; j < N; j++) {
                     y0[j] += a0 * wi[j]; y1[j] += b0 * wi[j]; y2[j] += c0 * wi[j]; y3[j] += d0 * wi[j];
@@ -62,16 +85,16 @@ cdef extern from *:
             }
         }
         for (; m < M; m++) {
-            float *yr = y + m * N;
+            float *yr = y + m * ldy;
             const float *xr = x + m * K;
             for (j = 0; j < N; j++) yr[j] = 0.0f;
             for (i = 0; i < K4; i += 4) {
-                const float *w0 = w + i * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+                const float *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
                 float a0 = xr[i], a1 = xr[i + 1], a2 = xr[i + 2], a3 = xr[i + 3];
                 for (j = 0; j < N; j++) yr[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
             }
             for (; i < K; i++) {
-                const float *wi = w + i * N;
+                const float *wi = w + i * ldw;
                 float a0 = xr[i];
                 for (j = 0; j < N; j++) yr[j] += a0 * wi[j];
             }
@@ -98,19 +121,20 @@ cdef extern from *:
         return p * b.f;
     }
 
-    /* out[m] = softmax(q[m] K[:p0+m+1]^T / sqrt(HS)) V[:p0+m+1] per head (keys already cached).
-       out (M, C); qkv (M, 3C), q first; kt, vt (C, S) with time last, so every inner loop runs
-       over contiguous positions; scores (S,) scratch. */
+    /* out[m] = softmax(q[m] K[:p0+m+1]^T / sqrt(HS)) V[:p0+m+1] for heads h0..h1-1 (keys already
+       cached; out's other columns are left alone). out (M, C); qkv (M, 3C), q first; kt, vt (C, S)
+       with time last, so every inner loop runs over contiguous positions; scores (S,) scratch. */
     FC_CLONES
     static void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt,
                              const float *restrict vt, Py_ssize_t p0, Py_ssize_t M, Py_ssize_t C,
-                             Py_ssize_t S, Py_ssize_t n_head, float *restrict scores) {
+                             Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0, Py_ssize_t h1,
+                             float *restrict scores) {
         Py_ssize_t HS = C / n_head, m, h, c, t, n;
         float scale = 1.0f / sqrtf((float)HS);
         for (m = 0; m < M; m++) {
             const float *q = qkv + m * 3 * C;
             n = p0 + m + 1;
-            for (h = 0; h < n_head; h++) {
+            for (h = h0; h < h1; h++) {
                 float mx, tot = 0.0f, inv;
                 for (t = 0; t < n; t++) scores[t] = 0.0f;
                 for (c = h * HS; c < h * HS + HS; c++) {
@@ -137,9 +161,14 @@ cdef extern from *:
     }
     """
     void fc_matmul(float* y, const float* x, const float* w, Py_ssize_t M, Py_ssize_t K,
-                   Py_ssize_t N) noexcept nogil
+                   Py_ssize_t N, Py_ssize_t ldy, Py_ssize_t ldw) noexcept nogil
     void fc_attention(float* out, const float* qkv, const float* kt, const float* vt, Py_ssize_t p0,
-                      Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, float* scores) noexcept nogil
+                      Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0,
+                      Py_ssize_t h1, float* scores) noexcept nogil
+    int fc_max_threads() noexcept nogil
+    int fc_thread_num() noexcept nogil
+    int fc_num_threads() noexcept nogil
+    void fc_barrier() noexcept nogil
 
 
 cdef float RMSNORM_EPS = 1e-5  # = fastchar.model.RMSNORM_EPS
@@ -175,57 +204,109 @@ cdef void _rmsnorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_
             out[m * C + c] = x[m * C + c] * s * g[c]
 
 
-cdef void _forward_rows(float* logits, const int* tokens, Py_ssize_t p0, Py_ssize_t M,
-                        const float* params, const int64_t* offsets, Py_ssize_t n_head,
-                        float* kcache, float* vcache, float* scratch, Py_ssize_t L, Py_ssize_t S,
-                        Py_ssize_t C, Py_ssize_t H, Py_ssize_t V) noexcept nogil:
-    """Encode tokens[p0:p0+M] at positions p0..p0+M-1, appending their keys/values to the cache,
-    and put the last position's logits (V,) in logits.
+cdef struct Net:
+    # the model and the buffers the team shares; see _forward_rows
+    const float* params
+    const int64_t* offsets
+    float* kcache
+    float* vcache
+    float* x
+    float* proj
+    float* qkv
+    float* atty
+    float* fch
+    float* priv  # per thread: hb (S, C), scores (S,); thread t's at priv + t * priv_size
+    Py_ssize_t priv_size
+    Py_ssize_t L, S, C, H, V, n_head
 
-    tokens (S,); params (P,); offsets (n, 2) (start, stop); kcache, vcache (L, C, S), time last;
-    scratch: x, h, proj (S, C), qkv (S, 3C), atty (S, C), fch (S, H), scores (S,).
+
+cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
+    """First of thread t's columns of n (of nt threads): rounded to 16 floats, one cache line."""
+    cdef Py_ssize_t j
+    if t >= nt:
+        return n
+    j = (n * t // nt + 8) // 16 * 16
+    return j if j < n else n
+
+
+cdef void _forward_rows(Net* net, float* logits, const int* tokens, Py_ssize_t p0, Py_ssize_t M,
+                        Py_ssize_t tid, Py_ssize_t nt) noexcept nogil:
+    """Encode tokens[p0:p0+M] at positions p0..p0+M-1, appending their keys/values to the cache;
+    thread 0 then puts the last position's logits (V,) in logits.
+
+    Called by every thread of the team (tid of nt) with the same arguments. Each matrix product's
+    output columns are split across the threads (each streams only its share of the weights) and
+    the attention heads too; a barrier separates the stages. The norms are computed by every thread
+    into its own hb. Every value is computed exactly as with one thread.
+    tokens (S,); kcache, vcache (L, C, S), time last; x, proj, atty (S, C); qkv (S, 3C); fch (S, H).
     """
-    cdef float* x = scratch
-    cdef float* hb = x + S * C
-    cdef float* proj = hb + S * C
-    cdef float* qkv = proj + S * C
-    cdef float* atty = qkv + S * 3 * C
-    cdef float* fch = atty + S * C
-    cdef float* scores = fch + S * H
+    cdef Py_ssize_t L = net.L, S = net.S, C = net.C, H = net.H, V = net.V, n_head = net.n_head
+    cdef const float* params = net.params
+    cdef const int64_t* offsets = net.offsets
+    cdef float* x = net.x
+    cdef float* proj = net.proj
+    cdef float* qkv = net.qkv
+    cdef float* atty = net.atty
+    cdef float* fch = net.fch
+    cdef float* hb = net.priv + tid * net.priv_size
+    cdef float* scores = hb + S * C
     cdef const float* wte = params + offsets[2 * WTE]
     cdef const float* wpe = params + offsets[2 * WPE]
+    cdef Py_ssize_t a0 = _split(3 * C, tid, nt), a1 = _split(3 * C, tid + 1, nt)
+    cdef Py_ssize_t c0 = _split(C, tid, nt), c1 = _split(C, tid + 1, nt)
+    cdef Py_ssize_t f0 = _split(H, tid, nt), f1 = _split(H, tid + 1, nt)
+    cdef Py_ssize_t h0 = n_head * tid // nt, h1 = n_head * (tid + 1) // nt
+    cdef Py_ssize_t k0 = a0 if a0 > C else C
     cdef Py_ssize_t m, c, j, layer, b
     cdef float r
     cdef float* kc
     cdef float* vc
+    # the embedding, in full into hb (this thread's copy for the first norm), own columns into x
     for m in range(M):
         for c in range(C):
-            x[m * C + c] = wte[tokens[p0 + m] * C + c] + wpe[(p0 + m) * C + c]
+            hb[m * C + c] = wte[tokens[p0 + m] * C + c] + wpe[(p0 + m) * C + c]
+        for c in range(c0, c1):
+            x[m * C + c] = hb[m * C + c]
     for layer in range(L):
         b = 2 * (2 + layer * PER_LAYER)  # this layer's first row of offsets, as a flat index
-        kc = kcache + layer * S * C
-        vc = vcache + layer * S * C
-        _rmsnorm(hb, x, params + offsets[b + 2 * LN1], M, C)
-        fc_matmul(qkv, hb, params + offsets[b + 2 * QKV], M, C, 3 * C)
+        kc = net.kcache + layer * S * C
+        vc = net.vcache + layer * S * C
+        _rmsnorm(hb, hb if layer == 0 else x, params + offsets[b + 2 * LN1], M, C)
+        if a1 > a0:
+            fc_matmul(qkv + a0, hb, params + offsets[b + 2 * QKV] + a0, M, C, a1 - a0, 3 * C, 3 * C)
         for m in range(M):
-            for c in range(C):
-                kc[c * S + p0 + m] = qkv[m * 3 * C + C + c]
-                vc[c * S + p0 + m] = qkv[m * 3 * C + 2 * C + c]
-        fc_attention(atty, qkv, kc, vc, p0, M, C, S, n_head, scores)
-        fc_matmul(proj, atty, params + offsets[b + 2 * PROJ], M, C, C)
-        for j in range(M * C):
-            x[j] = x[j] + proj[j]
+            for j in range(k0, a1):
+                if j < 2 * C:
+                    kc[(j - C) * S + p0 + m] = qkv[m * 3 * C + j]
+                else:
+                    vc[(j - 2 * C) * S + p0 + m] = qkv[m * 3 * C + j]
+        fc_barrier()
+        fc_attention(atty, qkv, kc, vc, p0, M, C, S, n_head, h0, h1, scores)
+        fc_barrier()
+        if c1 > c0:
+            fc_matmul(proj + c0, atty, params + offsets[b + 2 * PROJ] + c0, M, C, c1 - c0, C, C)
+        for m in range(M):
+            for j in range(m * C + c0, m * C + c1):
+                x[j] = x[j] + proj[j]
+        fc_barrier()
         _rmsnorm(hb, x, params + offsets[b + 2 * LN2], M, C)
-        fc_matmul(fch, hb, params + offsets[b + 2 * FC], M, C, H)
-        for j in range(M * H):
-            r = fch[j] if fch[j] > 0 else 0.0
-            fch[j] = r * r
-        fc_matmul(proj, fch, params + offsets[b + 2 * MPROJ], M, H, C)
-        for j in range(M * C):
-            x[j] = x[j] + proj[j]
-    b = 2 * (2 + L * PER_LAYER)
-    _rmsnorm(hb, x + (M - 1) * C, params + offsets[b], 1, C)
-    fc_matmul(logits, hb, params + offsets[b + 2], 1, C, V)
+        if f1 > f0:
+            fc_matmul(fch + f0, hb, params + offsets[b + 2 * FC] + f0, M, C, f1 - f0, H, H)
+        for m in range(M):
+            for j in range(m * H + f0, m * H + f1):
+                r = fch[j] if fch[j] > 0 else 0.0
+                fch[j] = r * r
+        fc_barrier()
+        if c1 > c0:
+            fc_matmul(proj + c0, fch, params + offsets[b + 2 * MPROJ] + c0, M, H, c1 - c0, C, C)
+        for m in range(M):
+            for j in range(m * C + c0, m * C + c1):
+                x[j] = x[j] + proj[j]
+        fc_barrier()
+    if tid == 0:
+        b = 2 * (2 + L * PER_LAYER)
+        _rmsnorm(hb, x + (M - 1) * C, params + offsets[b], 1, C)
+        fc_matmul(logits, hb, params + offsets[b + 2], 1, C, V, V, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +422,71 @@ cdef Py_ssize_t _sample(const float* logits, Py_ssize_t V, double temperature, P
 # The loop
 # ---------------------------------------------------------------------------------------------
 
+cdef struct Loop:
+    # one generate_tokens call; see there. n_cache is updated (by thread 0) on return.
+    Net* net
+    int* out
+    int* tokens
+    float* logits
+    float* logits_out
+    const double* uniforms
+    double* work
+    int* order
+    double temperature
+    double top_p
+    Py_ssize_t top_k
+    Py_ssize_t N
+    Py_ssize_t n_cache
+    Py_ssize_t n_feed
+    Py_ssize_t n_rows
+    bint advance_last
+
+
+cdef void _run(Loop* job) noexcept nogil:
+    """The body of generate_tokens, run by every thread of the team: the forward passes are shared
+    (_forward_rows), thread 0 alone samples and updates the tokens, then a barrier."""
+    cdef Net* net = job.net
+    cdef Py_ssize_t tid = fc_thread_num(), nt = fc_num_threads()
+    cdef Py_ssize_t S = net.S, V = net.V, N = job.N, n_cache = job.n_cache
+    cdef Py_ssize_t n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
+    cdef Py_ssize_t i, j, tok
+    cdef bint last
+    cdef int* pt = job.tokens
+    cdef float* logits = job.logits
+    cdef double u
+    if job.n_feed > 0:
+        _forward_rows(net, logits, pt, n_cache, job.n_feed, tid, nt)
+        n_cache = n_cache + job.n_feed
+    for i in range(N):
+        last = i + 1 == N and not job.advance_last
+        if tid == 0:
+            if job.n_rows > 0:
+                for j in range(V):
+                    job.logits_out[i * V + j] = logits[j]
+            u = job.uniforms[i] if job.temperature > 0 else 0.0
+            tok = _sample(logits, V, job.temperature, job.top_k, job.top_p, u, job.work, job.order)
+            job.out[i] = <int>tok
+            if not last:
+                if n_cache >= S:
+                    # KVCache.advance: keep the newest S//2 - 1 tokens plus this one, re-encoded from 0
+                    for j in range(n_keep):
+                        pt[j] = pt[n_cache - n_keep + j]
+                    pt[n_keep] = <int>tok
+                else:
+                    pt[n_cache] = <int>tok
+        if last:
+            break
+        fc_barrier()  # the new token is in pt, the logits have been read
+        if n_cache >= S:
+            _forward_rows(net, logits, pt, 0, n_keep + 1, tid, nt)
+            n_cache = n_keep + 1
+        else:
+            _forward_rows(net, logits, pt, n_cache, 1, tid, nt)
+            n_cache = n_cache + 1
+    if tid == 0:
+        job.n_cache = n_cache
+
+
 def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_t n_feed,
                     const float[::1] params, const int64_t[:, ::1] offsets, Py_ssize_t n_head,
                     float[:, :, ::1] kcache, float[:, :, ::1] vcache, float[::1] scratch,
@@ -356,14 +502,14 @@ def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_
     kcache, vcache (L, C, S) float32, time last, S the window; scratch (decode_scratch_size,) float32;
     work (3V,) float64; order (V,) int32; uniforms (N,) float64 (unused when temperature is 0);
     logits_out (N, V) float32 receives each draw's logits, or (0, V) to skip.
+    Runs on OpenMP's thread count (fastchar.set_threads), at most max(2, C // 32) threads.
     """
     cdef Py_ssize_t L = kcache.shape[0], C = kcache.shape[1], S = kcache.shape[2]
     cdef Py_ssize_t V = (offsets[WTE, 1] - offsets[WTE, 0]) // C
     cdef Py_ssize_t H = (offsets[2 + FC, 1] - offsets[2 + FC, 0]) // C
     cdef Py_ssize_t N = out.shape[0]
     cdef Py_ssize_t n_rows = logits_out.shape[0]
-    cdef Py_ssize_t i, j, n_keep, tok
-    cdef double u
+    cdef int nt
     if offsets.shape[0] != 4 + PER_LAYER * L or offsets.shape[1] != 2:
         raise ValueError(f"offsets must have shape ({4 + PER_LAYER * L}, 2) for {L} layers")
     if scratch.shape[0] < V + S * (7 * C + H + 1) or work.shape[0] < 3 * V or order.shape[0] < V:
@@ -372,37 +518,45 @@ def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_
         raise ValueError(f"need 0 < n_cache + n_feed <= S={S}, got {n_cache} + {n_feed}")
     if (temperature > 0 and uniforms.shape[0] < N) or (n_rows > 0 and (n_rows < N or logits_out.shape[1] != V)):
         raise ValueError("uniforms or logits_out is too small")
-    cdef float* logits = &scratch[0]
-    cdef float* body = logits + V
-    cdef const float* pp = &params[0]
-    cdef const int64_t* po = &offsets[0, 0]
-    cdef float* pk = &kcache[0, 0, 0]
-    cdef float* pv = &vcache[0, 0, 0]
-    cdef int* pt = &tokens[0]
-    cdef float* pl = &logits_out[0, 0] if n_rows > 0 else NULL
-    with nogil:
-        if n_feed > 0:
-            _forward_rows(logits, pt, n_cache, n_feed, pp, po, n_head, pk, pv, body, L, S, C, H, V)
-            n_cache = n_cache + n_feed
-        for i in range(N):
-            if n_rows > 0:
-                for j in range(V):
-                    pl[i * V + j] = logits[j]
-            u = uniforms[i] if temperature > 0 else 0.0
-            tok = _sample(logits, V, temperature, top_k, top_p, u, &work[0], &order[0])
-            out[i] = <int>tok
-            if i + 1 == N and not advance_last:
-                break
-            if n_cache >= S:
-                # KVCache.advance: keep the newest S//2 - 1 tokens plus this one, re-encoded from 0
-                n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
-                for j in range(n_keep):
-                    pt[j] = pt[n_cache - n_keep + j]
-                pt[n_keep] = <int>tok
-                _forward_rows(logits, pt, 0, n_keep + 1, pp, po, n_head, pk, pv, body, L, S, C, H, V)
-                n_cache = n_keep + 1
-            else:
-                pt[n_cache] = <int>tok
-                _forward_rows(logits, pt, n_cache, 1, pp, po, n_head, pk, pv, body, L, S, C, H, V)
-                n_cache = n_cache + 1
-    return n_cache
+    if N == 0 and n_feed == 0:
+        return n_cache
+    nt = fc_max_threads()
+    if nt > max(2, C // 32):
+        nt = max(2, C // 32)
+    if nt < 1:
+        nt = 1
+    cdef Net net
+    cdef Loop job
+    cdef Loop* jp = &job
+    net.params = &params[0]
+    net.offsets = &offsets[0, 0]
+    net.kcache = &kcache[0, 0, 0]
+    net.vcache = &vcache[0, 0, 0]
+    net.x = &scratch[V]  # scratch: logits (V), then x, hb, proj (S, C), qkv (S, 3C), atty (S, C), fch (S, H)
+    net.proj = net.x + 2 * S * C
+    net.qkv = net.proj + S * C
+    net.atty = net.qkv + 3 * S * C
+    net.fch = net.atty + S * C
+    net.priv_size = (S * C + S + 15) // 16 * 16
+    net.priv = <float*>malloc(nt * net.priv_size * sizeof(float))
+    if net.priv == NULL:
+        raise MemoryError()
+    net.L, net.S, net.C, net.H, net.V, net.n_head = L, S, C, H, V, n_head
+    job.net = &net
+    job.out = &out[0] if N > 0 else NULL
+    job.tokens = &tokens[0]
+    job.logits = &scratch[0]
+    job.logits_out = &logits_out[0, 0] if n_rows > 0 else NULL
+    job.uniforms = &uniforms[0] if temperature > 0 and N > 0 else NULL
+    job.work = &work[0]
+    job.order = &order[0]
+    job.temperature, job.top_p, job.top_k = temperature, top_p, top_k
+    job.N, job.n_cache, job.n_feed, job.n_rows, job.advance_last = N, n_cache, n_feed, n_rows, advance_last
+    if nt > 1:
+        with nogil, parallel(num_threads=nt):
+            _run(jp)
+    else:
+        with nogil:
+            _run(jp)
+    free(net.priv)
+    return job.n_cache

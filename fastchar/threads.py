@@ -5,6 +5,10 @@ threads, and both split every matrix product into single-threaded sgemm calls. B
 pinned to 1 thread (threadpoolctl): on 2 cores a second pool of spinning OpenBLAS threads made a
 training step 10-40x slower. The NumPy reference backend follows the same rule (it is the ground
 truth, not the fast path). `thread_report` says what is active.
+
+Known interaction: once Numba's "omp" pool has started, PyTorch in the same process runs ~50x
+slower (measured: a 35 ms step took 2 s). The benchmarks therefore run PyTorch in a child process;
+NUMBA_THREADING_LAYER=workqueue avoids it at a cost to the Numba backend (29k -> 18k tok/s, B=12).
 """
 
 from __future__ import annotations
