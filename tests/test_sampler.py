@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import compiled_backends
 
 from fastchar import CharTokenizer, ConfigError, InputError, KVCache, Model, ModelConfig, generate, stream
 from fastchar.sampler import (
@@ -24,12 +25,16 @@ CFG = ModelConfig(vocab_size=11, d_model=24, n_layer=2, n_head=3, ctx=12, mlp_hi
 TOK = CharTokenizer("abcdefghij\n")
 
 
-@pytest.fixture
-def model(backend):
+def make_model(backend: str) -> Model:
     m = Model(CFG, backend=backend, seed=4)
     r = np.random.default_rng(0)
     m.params.flat[:] += r.normal(0, 0.2, m.params.flat.size).astype(np.float32)  # sharper logits
     return m
+
+
+@pytest.fixture
+def model(backend):
+    return make_model(backend)
 
 
 def full_logits(model, tokens):
@@ -129,11 +134,12 @@ def test_bad_sampling_options(model, kwargs, message):
 # The compiled generation loop against the Python loop
 
 
-@pytest.fixture
-def compiled_model(model):
-    if compiled_loop(model) is None:
-        pytest.skip(f"backend {model.backend!r} has no compiled generation loop (it runs the Python one)")
-    return model
+@pytest.fixture(params=compiled_backends())
+def compiled_model(request):
+    """The model fixture's weights on each backend that has a compiled generation loop."""
+    m = make_model(request.param)
+    assert compiled_loop(m) is not None, f"backend {request.param} has no compiled generation loop"
+    return m
 
 
 def python_ids(model, ids, n, window=CFG.ctx, temperature=0.0, top_k=None, top_p=None, seed=0):
