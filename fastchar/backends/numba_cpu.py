@@ -40,30 +40,6 @@ from numba.extending import intrinsic
 
 from fastchar.backends.reference import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32, _dropout_threshold
 
-__all__ = [
-    "embedding_forward",
-    "embedding_backward",
-    "rmsnorm_forward",
-    "rmsnorm_backward",
-    "matmul_forward",
-    "matmul_backward",
-    "attention_forward",
-    "attention_backward",
-    "attention_decode",
-    "attention_dropout_forward",
-    "attention_dropout_backward",
-    "dropout_forward",
-    "dropout_backward",
-    "relu2_forward",
-    "relu2_backward",
-    "residual_forward",
-    "residual_backward",
-    "crossentropy_forward",
-    "crossentropy_backward",
-    "grad_norm",
-    "adamw_update",
-]
-
 FALLBACK: frozenset[str] = frozenset()
 
 # Width of the column blocks that weight-gradient reductions are split into across threads: 16
