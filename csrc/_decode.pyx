@@ -10,7 +10,17 @@ window/2 for a refill, the prompt's length for the prompt): each weight row is r
 and reused for all M rows, so a refill costs one pass over the weights. The matrix product is plain
 C (below) compiled three times (x86-64-v4 / v3 / baseline, GCC's target_clones; the loader picks one
 for the CPU), because the extension itself is built for the baseline ISA: SSE2 without FMA would
-run the product several times slower. Single-threaded: at batch 1 a step is ~0.8 M multiply-adds.
+run the product several times slower.
+
+Threads (OpenMP's count, i.e. fastchar.set_threads; at most max(2, C // 32)): at batch 1 a step is
+~0.8 M multiply-adds, mostly streaming ~3 MB of weights, so each matrix product's output columns
+(and the attention heads) are split across the threads, each streaming its share of the weights.
+The main thread runs the loop (norms, embedding, logits, sampling) and publishes each stage as
+tasks that any thread may claim (fc_team below); it never waits at a barrier for a helper that
+has not started, so a helper descheduled by other work on the machine costs little, and one that
+holds it up mid-task sends the next calls single-threaded for a while (SLOW_WAIT, SOLO_CALLS).
+A task computes each value exactly as the single-threaded product would: the thread count never
+changes the result.
 
 Letters in shapes: S the window (cache rows), C channels, NH heads, HS head size, H the MLP width,
 V vocabulary, L layers, N new tokens per call, P the flat parameter count.
@@ -20,7 +30,10 @@ Not here: batch > 1, float64 (the Python loop in fastchar/sampler.py covers both
 from cython.parallel cimport parallel
 from libc.math cimport exp, sqrtf
 from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
+
+cdef extern from "<stdlib.h>" nogil:
+    void* aligned_alloc(size_t alignment, size_t size)
 
 cdef extern from *:
     """
@@ -30,23 +43,75 @@ cdef extern from *:
     #define FC_CLONES
     #endif
     #include <math.h>
+    #include <sched.h>
+    #include <time.h>
 
-    /* The team of one generate_tokens call (OpenMP; without it, one thread and no-op barriers).
-       fc_barrier is an orphaned barrier: it binds to the parallel region that calls it. */
+    /* The team of one generate_tokens call (OpenMP; without it, one thread). */
     #ifdef _OPENMP
     #include <omp.h>
     static int fc_max_threads(void) { return omp_get_max_threads(); }
     static int fc_thread_num(void) { return omp_get_thread_num(); }
-    static int fc_num_threads(void) { return omp_get_num_threads(); }
-    static void fc_barrier(void) {
-        _Pragma("omp barrier")
-    }
     #else
     static int fc_max_threads(void) { return 1; }
     static int fc_thread_num(void) { return 0; }
-    static int fc_num_threads(void) { return 1; }
-    static void fc_barrier(void) {}
     #endif
+
+    /* Work sharing without barriers. The main thread publishes a stage of n tasks (tickets
+       limit..limit+n-1); every thread claims tickets until none is left; the main thread then
+       waits until all are finished. A helper that is descheduled (another process on the core)
+       just claims nothing, and the main thread runs its tasks itself: it only ever waits for a
+       task already under way. Counters on their own cache lines. */
+    typedef struct {
+        long next __attribute__((aligned(64)));
+        long limit __attribute__((aligned(64)));
+        long done __attribute__((aligned(64)));
+        int quit __attribute__((aligned(64)));
+    } fc_team;
+
+    static void fc_pause(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+    /* A published, unclaimed ticket, or -1. */
+    static long fc_claim(fc_team *t) {
+        long n = __atomic_load_n(&t->next, __ATOMIC_ACQUIRE);
+        while (n < __atomic_load_n(&t->limit, __ATOMIC_ACQUIRE))
+            if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                return n;
+        return -1;
+    }
+    static void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
+    /* Main thread only: the stage's description is written before this. */
+    static void fc_publish(fc_team *t, long n) {
+        __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE);
+    }
+    static double fc_now(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    /* Main thread: wait until every published task is finished. Spins, then yields (the helper it
+       waits for may share its core); returns 1 if the wait took over `slow` seconds. */
+    static int fc_wait_done(fc_team *t, double slow) {
+        long spins = 0;
+        double t0 = 0.0;
+        int late = 0;
+        while (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) < t->limit) {
+            if (++spins < 4096) { fc_pause(); continue; }
+            if (t0 == 0.0) t0 = fc_now();
+            else if (fc_now() - t0 > slow) late = 1;
+            sched_yield();
+        }
+        return late;
+    }
+    /* Helper with nothing to do: spin a while, then yield (the main thread may share its core). */
+    static void fc_idle(long *spins) {
+        if (++*spins < 16384) fc_pause();
+        else sched_yield();
+    }
+    static void fc_set_quit(fc_team *t) { __atomic_store_n(&t->quit, 1, __ATOMIC_RELEASE); }
+    static int fc_quitting(fc_team *t) { return __atomic_load_n(&t->quit, __ATOMIC_ACQUIRE); }
 
     /* y[:M] = x[:M] @ w; y (M, N) with row stride ldy, x (M, K), w (K, N) with row stride ldw, all
        row-major (a column slice y[:, j0:j1] = x @ w[:, j0:j1] is y + j0, w + j0, N = j1 - j0). Four
@@ -167,11 +232,33 @@ cdef extern from *:
                       Py_ssize_t h1, float* scores) noexcept nogil
     int fc_max_threads() noexcept nogil
     int fc_thread_num() noexcept nogil
-    int fc_num_threads() noexcept nogil
-    void fc_barrier() noexcept nogil
+    ctypedef struct fc_team:
+        long next
+        long limit
+        long done
+        int quit
+    void fc_pause() noexcept nogil
+    long fc_claim(fc_team* t) noexcept nogil
+    void fc_finish(fc_team* t) noexcept nogil
+    void fc_publish(fc_team* t, long n) noexcept nogil
+    int fc_wait_done(fc_team* t, double slow) noexcept nogil
+    void fc_idle(long* spins) noexcept nogil
+    double fc_now() noexcept nogil
+    void fc_set_quit(fc_team* t) noexcept nogil
+    int fc_quitting(fc_team* t) noexcept nogil
 
 
 cdef float RMSNORM_EPS = 1e-5  # = fastchar.model.RMSNORM_EPS
+
+# A helper that holds the main thread up for longer than SLOW_WAIT seconds (it was descheduled: other
+# processes want the cores) sends the call solo, and the next calls run single-threaded: SOLO_CALLS
+# of them, twice as many each time this repeats (up to MAX_SOLO_CALLS), back to SOLO_CALLS after a
+# threaded call that went well.
+cdef double SLOW_WAIT = 200e-6
+cdef int SOLO_CALLS = 16
+cdef int MAX_SOLO_CALLS = 1024
+cdef int _solo_left = 0
+cdef int _solo_next = SOLO_CALLS
 
 # Index of each tensor in the offsets table (param_specs order): wte, wpe, then 6 per layer
 # (ln1, qkv, proj, ln2, fc, mlp proj), then ln_f, lm_head.
@@ -204,24 +291,49 @@ cdef void _rmsnorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_
             out[m * C + c] = x[m * C + c] * s * g[c]
 
 
+# What a stage does (Net.kind), and what its tasks do after their slice of a matrix product (Net.post)
+cdef enum:
+    MATMUL = 0
+    ATTENTION = 1  # q, k, v of a range of heads (a slice of the qkv product each), then attention
+    POST_NONE = 0
+    POST_RESIDUAL = 2  # x += y over the slice
+    POST_RELU2 = 3  # y = relu(y)**2 over the slice
+
+
 cdef struct Net:
-    # the model and the buffers the team shares; see _forward_rows
+    # the model, the buffers, the team, and the stage now published (see _stage)
     const float* params
     const int64_t* offsets
     float* kcache
     float* vcache
     float* x
+    float* hb
     float* proj
     float* qkv
     float* atty
     float* fch
-    float* priv  # per thread: hb (S, C), scores (S,); thread t's at priv + t * priv_size
-    Py_ssize_t priv_size
+    float* scores  # (ntask, S): one row per attention task
     Py_ssize_t L, S, C, H, V, n_head
+    fc_team* team
+    Py_ssize_t ntask
+    bint solo  # the main thread runs every task itself, publishing none (see _stage)
+    int kind
+    int post
+    float* y
+    const float* xin
+    const float* w
+    Py_ssize_t M, K, N, p0
+    float* kc
+    float* vc
+
+
+cdef inline Py_ssize_t _pad16(Py_ssize_t n) noexcept nogil:
+    """n rounded up to a whole number of cache lines of floats (keeps 64-byte alignment)."""
+    return (n + 15) // 16 * 16
 
 
 cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
-    """First of thread t's columns of n (of nt threads): rounded to 16 floats, one cache line."""
+    """First of task t's columns of n (of nt tasks): rounded to 16 floats, one cache line."""
     cdef Py_ssize_t j
     if t >= nt:
         return n
@@ -229,84 +341,124 @@ cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcep
     return j if j < n else n
 
 
-cdef void _forward_rows(Net* net, float* logits, const int* tokens, Py_ssize_t p0, Py_ssize_t M,
-                        Py_ssize_t tid, Py_ssize_t nt) noexcept nogil:
-    """Encode tokens[p0:p0+M] at positions p0..p0+M-1, appending their keys/values to the cache;
-    thread 0 then puts the last position's logits (V,) in logits.
+cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
+    """Task i of the published stage: a column slice of its matrix product (and the post-op on that
+    slice), or a range of attention heads: their columns of q, k and v (so no other task's output is
+    needed), the keys and values into the cache, and attention. Each value is computed as it would
+    be in one piece."""
+    cdef Py_ssize_t C = net.C, S = net.S, M = net.M, N = net.N
+    cdef Py_ssize_t j0, j1, m, j, part
+    cdef Py_ssize_t h0 = net.n_head * i // net.ntask, h1 = net.n_head * (i + 1) // net.ntask
+    cdef float r
+    cdef float* y = net.y
+    if net.kind == ATTENTION:
+        if h1 <= h0:
+            return
+        j0 = h0 * (C // net.n_head)
+        j1 = h1 * (C // net.n_head)
+        for part in range(3):
+            fc_matmul(net.qkv + part * C + j0, net.xin, net.w + part * C + j0, M, C, j1 - j0, 3 * C, 3 * C)
+        for m in range(M):
+            for j in range(j0, j1):
+                net.kc[j * S + net.p0 + m] = net.qkv[m * 3 * C + C + j]
+                net.vc[j * S + net.p0 + m] = net.qkv[m * 3 * C + 2 * C + j]
+        fc_attention(net.atty, net.qkv, net.kc, net.vc, net.p0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
+        return
+    j0 = _split(N, i, net.ntask)
+    j1 = _split(N, i + 1, net.ntask)
+    if j1 <= j0:
+        return
+    fc_matmul(y + j0, net.xin, net.w + j0, M, net.K, j1 - j0, N, N)
+    if net.post == POST_RESIDUAL:
+        for m in range(M):
+            for j in range(m * N + j0, m * N + j1):
+                net.x[j] = net.x[j] + y[j]
+    elif net.post == POST_RELU2:
+        for m in range(M):
+            for j in range(m * N + j0, m * N + j1):
+                r = y[j] if y[j] > 0 else 0.0
+                y[j] = r * r
 
-    Called by every thread of the team (tid of nt) with the same arguments. Each matrix product's
-    output columns are split across the threads (each streams only its share of the weights) and
-    the attention heads too; a barrier separates the stages. The norms are computed by every thread
-    into its own hb. Every value is computed exactly as with one thread.
-    tokens (S,); kcache, vcache (L, C, S), time last; x, proj, atty (S, C); qkv (S, 3C); fch (S, H).
+
+cdef void _stage(Net* net) noexcept nogil:
+    """Main thread: publish the stage described in net, run tasks until none is left, wait for all.
+
+    If a helper held it up for over SLOW_WAIT (descheduled mid-task: the cores are busy with other
+    work), the rest of the call runs solo: every task on the main thread, in the same split.
     """
-    cdef Py_ssize_t L = net.L, S = net.S, C = net.C, H = net.H, V = net.V, n_head = net.n_head
+    cdef long t
+    cdef Py_ssize_t i
+    if net.solo:
+        for i in range(net.ntask):
+            _task(net, i)
+        return
+    fc_publish(net.team, net.ntask)
+    while True:
+        t = fc_claim(net.team)
+        if t < 0:
+            break
+        _task(net, t % net.ntask)
+        fc_finish(net.team)
+    if fc_wait_done(net.team, SLOW_WAIT):
+        net.solo = True
+
+
+cdef void _helper(Net* net) noexcept nogil:
+    """Every other thread: run published tasks until the main thread is done."""
+    cdef long t, spins = 0
+    while True:
+        t = fc_claim(net.team)
+        if t >= 0:
+            _task(net, t % net.ntask)
+            fc_finish(net.team)
+            spins = 0
+        elif fc_quitting(net.team):
+            break
+        else:
+            fc_idle(&spins)
+
+
+cdef void _matmul_stage(Net* net, float* y, const float* xin, const float* w, Py_ssize_t M, Py_ssize_t K,
+                        Py_ssize_t N, int post) noexcept nogil:
+    net.kind = MATMUL
+    net.y, net.xin, net.w, net.M, net.K, net.N, net.post = y, xin, w, M, K, N, post
+    _stage(net)
+
+
+cdef void _forward_rows(Net* net, float* logits, const int* tokens, Py_ssize_t p0, Py_ssize_t M) noexcept nogil:
+    """Encode tokens[p0:p0+M] at positions p0..p0+M-1, appending their keys/values to the cache,
+    and put the last position's logits (V,) in logits. Main thread; the helpers share the matrix
+    products (by output columns, so each streams a share of the weights) and the attention heads.
+
+    tokens (S,); kcache, vcache (L, C, S), time last; x, hb, proj, atty (S, C); qkv (S, 3C); fch (S, H).
+    """
+    cdef Py_ssize_t L = net.L, S = net.S, C = net.C, H = net.H, V = net.V
     cdef const float* params = net.params
     cdef const int64_t* offsets = net.offsets
     cdef float* x = net.x
-    cdef float* proj = net.proj
-    cdef float* qkv = net.qkv
-    cdef float* atty = net.atty
-    cdef float* fch = net.fch
-    cdef float* hb = net.priv + tid * net.priv_size
-    cdef float* scores = hb + S * C
+    cdef float* hb = net.hb
     cdef const float* wte = params + offsets[2 * WTE]
     cdef const float* wpe = params + offsets[2 * WPE]
-    cdef Py_ssize_t a0 = _split(3 * C, tid, nt), a1 = _split(3 * C, tid + 1, nt)
-    cdef Py_ssize_t c0 = _split(C, tid, nt), c1 = _split(C, tid + 1, nt)
-    cdef Py_ssize_t f0 = _split(H, tid, nt), f1 = _split(H, tid + 1, nt)
-    cdef Py_ssize_t h0 = n_head * tid // nt, h1 = n_head * (tid + 1) // nt
-    cdef Py_ssize_t k0 = a0 if a0 > C else C
-    cdef Py_ssize_t m, c, j, layer, b
-    cdef float r
-    cdef float* kc
-    cdef float* vc
-    # the embedding, in full into hb (this thread's copy for the first norm), own columns into x
+    cdef Py_ssize_t m, c, layer, b
     for m in range(M):
         for c in range(C):
-            hb[m * C + c] = wte[tokens[p0 + m] * C + c] + wpe[(p0 + m) * C + c]
-        for c in range(c0, c1):
-            x[m * C + c] = hb[m * C + c]
+            x[m * C + c] = wte[tokens[p0 + m] * C + c] + wpe[(p0 + m) * C + c]
+    net.p0 = p0
     for layer in range(L):
         b = 2 * (2 + layer * PER_LAYER)  # this layer's first row of offsets, as a flat index
-        kc = net.kcache + layer * S * C
-        vc = net.vcache + layer * S * C
-        _rmsnorm(hb, hb if layer == 0 else x, params + offsets[b + 2 * LN1], M, C)
-        if a1 > a0:
-            fc_matmul(qkv + a0, hb, params + offsets[b + 2 * QKV] + a0, M, C, a1 - a0, 3 * C, 3 * C)
-        for m in range(M):
-            for j in range(k0, a1):
-                if j < 2 * C:
-                    kc[(j - C) * S + p0 + m] = qkv[m * 3 * C + j]
-                else:
-                    vc[(j - 2 * C) * S + p0 + m] = qkv[m * 3 * C + j]
-        fc_barrier()
-        fc_attention(atty, qkv, kc, vc, p0, M, C, S, n_head, h0, h1, scores)
-        fc_barrier()
-        if c1 > c0:
-            fc_matmul(proj + c0, atty, params + offsets[b + 2 * PROJ] + c0, M, C, c1 - c0, C, C)
-        for m in range(M):
-            for j in range(m * C + c0, m * C + c1):
-                x[j] = x[j] + proj[j]
-        fc_barrier()
+        net.kc = net.kcache + layer * S * C
+        net.vc = net.vcache + layer * S * C
+        _rmsnorm(hb, x, params + offsets[b + 2 * LN1], M, C)
+        net.kind = ATTENTION
+        net.xin, net.w, net.M = hb, params + offsets[b + 2 * QKV], M
+        _stage(net)
+        _matmul_stage(net, net.proj, net.atty, params + offsets[b + 2 * PROJ], M, C, C, POST_RESIDUAL)
         _rmsnorm(hb, x, params + offsets[b + 2 * LN2], M, C)
-        if f1 > f0:
-            fc_matmul(fch + f0, hb, params + offsets[b + 2 * FC] + f0, M, C, f1 - f0, H, H)
-        for m in range(M):
-            for j in range(m * H + f0, m * H + f1):
-                r = fch[j] if fch[j] > 0 else 0.0
-                fch[j] = r * r
-        fc_barrier()
-        if c1 > c0:
-            fc_matmul(proj + c0, fch, params + offsets[b + 2 * MPROJ] + c0, M, H, c1 - c0, C, C)
-        for m in range(M):
-            for j in range(m * C + c0, m * C + c1):
-                x[j] = x[j] + proj[j]
-        fc_barrier()
-    if tid == 0:
-        b = 2 * (2 + L * PER_LAYER)
-        _rmsnorm(hb, x + (M - 1) * C, params + offsets[b], 1, C)
-        fc_matmul(logits, hb, params + offsets[b + 2], 1, C, V, V, V)
+        _matmul_stage(net, net.fch, hb, params + offsets[b + 2 * FC], M, C, H, POST_RELU2)
+        _matmul_stage(net, net.proj, net.fch, params + offsets[b + 2 * MPROJ], M, H, C, POST_RESIDUAL)
+    b = 2 * (2 + L * PER_LAYER)
+    _rmsnorm(hb, x + (M - 1) * C, params + offsets[b], 1, C)
+    fc_matmul(logits, hb, params + offsets[b + 2], 1, C, V, V, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +575,7 @@ cdef Py_ssize_t _sample(const float* logits, Py_ssize_t V, double temperature, P
 # ---------------------------------------------------------------------------------------------
 
 cdef struct Loop:
-    # one generate_tokens call; see there. n_cache is updated (by thread 0) on return.
+    # one generate_tokens call; see there. n_cache is updated on return.
     Net* net
     int* out
     int* tokens
@@ -440,51 +592,44 @@ cdef struct Loop:
     Py_ssize_t n_feed
     Py_ssize_t n_rows
     bint advance_last
+    double t_end  # when _run finished (the helpers may still have to notice)
 
 
 cdef void _run(Loop* job) noexcept nogil:
-    """The body of generate_tokens, run by every thread of the team: the forward passes are shared
-    (_forward_rows), thread 0 alone samples and updates the tokens, then a barrier."""
+    """The body of generate_tokens (main thread); tells the helpers to stop when done."""
     cdef Net* net = job.net
-    cdef Py_ssize_t tid = fc_thread_num(), nt = fc_num_threads()
     cdef Py_ssize_t S = net.S, V = net.V, N = job.N, n_cache = job.n_cache
-    cdef Py_ssize_t n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
-    cdef Py_ssize_t i, j, tok
-    cdef bint last
+    cdef Py_ssize_t i, j, n_keep, tok
     cdef int* pt = job.tokens
     cdef float* logits = job.logits
     cdef double u
     if job.n_feed > 0:
-        _forward_rows(net, logits, pt, n_cache, job.n_feed, tid, nt)
+        _forward_rows(net, logits, pt, n_cache, job.n_feed)
         n_cache = n_cache + job.n_feed
     for i in range(N):
-        last = i + 1 == N and not job.advance_last
-        if tid == 0:
-            if job.n_rows > 0:
-                for j in range(V):
-                    job.logits_out[i * V + j] = logits[j]
-            u = job.uniforms[i] if job.temperature > 0 else 0.0
-            tok = _sample(logits, V, job.temperature, job.top_k, job.top_p, u, job.work, job.order)
-            job.out[i] = <int>tok
-            if not last:
-                if n_cache >= S:
-                    # KVCache.advance: keep the newest S//2 - 1 tokens plus this one, re-encoded from 0
-                    for j in range(n_keep):
-                        pt[j] = pt[n_cache - n_keep + j]
-                    pt[n_keep] = <int>tok
-                else:
-                    pt[n_cache] = <int>tok
-        if last:
+        if job.n_rows > 0:
+            for j in range(V):
+                job.logits_out[i * V + j] = logits[j]
+        u = job.uniforms[i] if job.temperature > 0 else 0.0
+        tok = _sample(logits, V, job.temperature, job.top_k, job.top_p, u, job.work, job.order)
+        job.out[i] = <int>tok
+        if i + 1 == N and not job.advance_last:
             break
-        fc_barrier()  # the new token is in pt, the logits have been read
         if n_cache >= S:
-            _forward_rows(net, logits, pt, 0, n_keep + 1, tid, nt)
+            # KVCache.advance: keep the newest S//2 - 1 tokens plus this one, re-encoded from 0
+            n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
+            for j in range(n_keep):
+                pt[j] = pt[n_cache - n_keep + j]
+            pt[n_keep] = <int>tok
+            _forward_rows(net, logits, pt, 0, n_keep + 1)
             n_cache = n_keep + 1
         else:
-            _forward_rows(net, logits, pt, n_cache, 1, tid, nt)
+            pt[n_cache] = <int>tok
+            _forward_rows(net, logits, pt, n_cache, 1)
             n_cache = n_cache + 1
-    if tid == 0:
-        job.n_cache = n_cache
+    job.n_cache = n_cache
+    job.t_end = fc_now()
+    fc_set_quit(net.team)
 
 
 def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_t n_feed,
@@ -502,7 +647,8 @@ def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_
     kcache, vcache (L, C, S) float32, time last, S the window; scratch (decode_scratch_size,) float32;
     work (3V,) float64; order (V,) int32; uniforms (N,) float64 (unused when temperature is 0);
     logits_out (N, V) float32 receives each draw's logits, or (0, V) to skip.
-    Runs on OpenMP's thread count (fastchar.set_threads), at most max(2, C // 32) threads.
+    Runs on OpenMP's thread count (fastchar.set_threads), at most max(2, C // 32); the result does
+    not depend on it.
     """
     cdef Py_ssize_t L = kcache.shape[0], C = kcache.shape[1], S = kcache.shape[2]
     cdef Py_ssize_t V = (offsets[WTE, 1] - offsets[WTE, 0]) // C
@@ -525,23 +671,40 @@ def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_
         nt = max(2, C // 32)
     if nt < 1:
         nt = 1
+    global _solo_left, _solo_next
+    if _solo_left > 0:
+        _solo_left -= 1
+        nt = 1
+    cdef fc_team team
     cdef Net net
     cdef Loop job
     cdef Loop* jp = &job
+    team.next = 0
+    team.limit = 0
+    team.done = 0
+    team.quit = 0
     net.params = &params[0]
     net.offsets = &offsets[0, 0]
     net.kcache = &kcache[0, 0, 0]
     net.vcache = &vcache[0, 0, 0]
-    net.x = &scratch[V]  # scratch: logits (V), then x, hb, proj (S, C), qkv (S, 3C), atty (S, C), fch (S, H)
-    net.proj = net.x + 2 * S * C
-    net.qkv = net.proj + S * C
-    net.atty = net.qkv + 3 * S * C
-    net.fch = net.atty + S * C
-    net.priv_size = (S * C + S + 15) // 16 * 16
-    net.priv = <float*>malloc(nt * net.priv_size * sizeof(float))
-    if net.priv == NULL:
+    # The activations (x, hb, proj, atty (S, C), qkv (S, 3C), fch (S, H), scores (nt, S)) in a block
+    # of our own, each on a cache-line boundary: with C and H multiples of 16, the threads' column
+    # slices then never share a cache line (in scratch, after the V logits, they would).
+    cdef Py_ssize_t SC = _pad16(S * C)
+    cdef float* block = <float*>aligned_alloc(64, (5 * SC + _pad16(3 * S * C) + _pad16(S * H) + _pad16(nt * S)) * 4)
+    if block == NULL:
         raise MemoryError()
+    net.x = block
+    net.hb = net.x + SC
+    net.proj = net.hb + SC
+    net.atty = net.proj + SC
+    net.qkv = net.atty + SC
+    net.fch = net.qkv + _pad16(3 * S * C)
+    net.scores = net.fch + _pad16(S * H)
     net.L, net.S, net.C, net.H, net.V, net.n_head = L, S, C, H, V, n_head
+    net.team = &team
+    net.ntask = nt
+    net.solo = False
     job.net = &net
     job.out = &out[0] if N > 0 else NULL
     job.tokens = &tokens[0]
@@ -554,9 +717,19 @@ def generate_tokens(int[::1] out, int[::1] tokens, Py_ssize_t n_cache, Py_ssize_
     job.N, job.n_cache, job.n_feed, job.n_rows, job.advance_last = N, n_cache, n_feed, n_rows, advance_last
     if nt > 1:
         with nogil, parallel(num_threads=nt):
-            _run(jp)
+            if fc_thread_num() == 0:
+                _run(jp)
+            else:
+                _helper(jp.net)
     else:
         with nogil:
             _run(jp)
-    free(net.priv)
+    free(block)
+    if nt > 1 and fc_now() - job.t_end > SLOW_WAIT:
+        net.solo = True  # the end of the parallel region waited for a descheduled helper
+    if net.solo:
+        _solo_left = _solo_next
+        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
+    elif nt > 1:
+        _solo_next = SOLO_CALLS
     return job.n_cache
