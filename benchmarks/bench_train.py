@@ -134,7 +134,7 @@ def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data) -> dict[
 
 def time_sampling(backend: str, cfg: ModelConfig, tokenizer: CharTokenizer, n: int, repeats: int) -> float:
     model = Model(cfg, backend=backend, seed=0)
-    generate(model, tokenizer, PROMPT, 20, seed=0)  # warm-up: compile, caches
+    generate(model, tokenizer, PROMPT, n, seed=0)  # warm-up at full length: compile, caches, thread pool
     seconds = median_time(lambda: generate(model, tokenizer, PROMPT, n, seed=0), repeats, warmup=0)
     return n / seconds
 
