@@ -7,6 +7,9 @@ of every other file, so truncation and corruption are caught and named).
 Writes are atomic: the whole folder is written beside the target under a temporary name, then
 swapped in by two renames. A crash or a full disk while writing leaves the last good folder as it
 was; a crash between the two renames leaves it as DIR.old, which `load` finds.
+
+A run folder (what `fastchar train --out DIR` writes: best/, latest/, metrics.jsonl) is accepted
+wherever a checkpoint folder is: `resolve` picks best/ for sampling and loading, latest/ for resuming.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastchar.tokenizer import CharTokenizer
 FORMAT = "fastchar-checkpoint"
 VERSION = 1
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+RUN_CHECKPOINTS = ("best", "latest")  # the checkpoint folders a training run keeps
 
 
 def _sha256(path: Path) -> str:
@@ -144,6 +148,30 @@ def read_meta(path: str | Path) -> tuple[Path, dict]:
     return path, meta
 
 
+def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
+    """The checkpoint folder that path names, and a note when path was a run folder.
+
+    A folder with meta.json (or a missing one, left to read_meta's .old recovery) is itself the
+    checkpoint: (path, None). A run folder holding best/ and latest/ gives its `want` checkpoint, or
+    the other one if that is missing, with a note saying which was taken.
+    """
+    if want not in RUN_CHECKPOINTS:
+        raise ValueError(f"want must be one of {RUN_CHECKPOINTS}, got {want!r}")
+    path = Path(path)
+    if not path.is_dir() or (path / "meta.json").is_file():
+        return path, None
+    other = next(name for name in RUN_CHECKPOINTS if name != want)
+    for name in (want, other):
+        if (path / name).is_dir() or (path / (name + ".old")).is_dir():
+            missing = "" if name == want else f"; it has no {want}/"
+            return path / name, f"{path} is a run folder; using its {name} checkpoint {path / name}{missing}"
+    raise CheckpointError(
+        f"{path} is neither a checkpoint nor a run folder: meta.json is missing and it holds no best/ or latest/",
+        hint="pass a checkpoint folder (one with meta.json, e.g. runs/base/best) "
+        "or the run folder a training run wrote (one holding best/ and latest/, e.g. runs/base)",
+    )
+
+
 def _load_tensors(file: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(file)
@@ -151,8 +179,13 @@ def _load_tensors(file: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{file} cannot be read: {exc}", hint="use another checkpoint") from None
 
 
-def load(path: str | Path, backend: str = "auto") -> Model:
-    """A Model from a checkpoint folder, with `.tokenizer`, `.train_cfg` and `.train_state` set."""
+def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
+    """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
+
+    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read) and
+    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder).
+    """
+    path, note = resolve(path, which)
     path, meta = read_meta(path)
     try:
         cfg = ModelConfig.from_dict(meta["model"])
@@ -189,4 +222,5 @@ def load(path: str | Path, backend: str = "auto") -> Model:
     model.train_cfg = meta.get("train")
     model.train_state = meta.get("state") or {}
     model.checkpoint_path = path
+    model.checkpoint_note = note
     return model
