@@ -4,6 +4,10 @@ Each step draws a seeded batch, runs forward, backward, clipping and AdamW, and 
 eval_every steps it measures train and val loss on a fixed set of batches, writes the `latest`
 checkpoint and, on a new best validation loss, the `best` one. Ctrl-C saves `latest` and stops; a
 NaN or infinite loss stops without overwriting the last good checkpoint.
+
+Every log and evaluation line is also a record in the run folder's metrics.jsonl (and, with
+tensorboard=True, a TensorBoard scalar); a finished run draws them into curves.png when matplotlib
+is installed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from fastchar.data import TextDataset
 from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
 from fastchar.model import Model
 from fastchar.optim import AdamW, lr_at
+from fastchar.plot import write_run_curves
+from fastchar.tensorboard_log import TensorBoardLog, require_tensorboardx
 
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
 
@@ -48,7 +54,11 @@ def check_writable(folder: Path) -> None:
 
 
 class Trainer:
-    """Trains `model` on `dataset` with the recipe `cfg`; resumes from `model.train_state` if set."""
+    """Trains `model` on `dataset` with the recipe `cfg`; resumes from `model.train_state` if set.
+
+    tensorboard=True also writes the metrics as TensorBoard event files into the run folder (needs
+    tensorboardX); curves=False skips drawing curves.png at the end.
+    """
 
     def __init__(
         self,
@@ -57,7 +67,11 @@ class Trainer:
         cfg: TrainConfig,
         log: Callable[[str], None] | None = None,
         progress: bool | None = None,
+        tensorboard: bool = False,
+        curves: bool = True,
     ) -> None:
+        if tensorboard:
+            require_tensorboardx()  # a missing extra is an error before any work
         if dataset.vocab_size != model.cfg.vocab_size:
             raise ConfigError(
                 f"the text has {dataset.vocab_size} distinct characters but the model's vocab_size "
@@ -80,6 +94,8 @@ class Trainer:
         self.optimizer = AdamW(model, cfg, step=self.step)
         self.losses: list[float] = []
         self._stop_requested = False
+        self.tensorboard, self.curves = tensorboard, curves
+        self._tensorboard: TensorBoardLog | None = None
 
     # -- pieces of a step ---------------------------------------------------------------------
 
@@ -132,6 +148,8 @@ class Trainer:
     def _record(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.record(record)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -148,6 +166,8 @@ class Trainer:
         )
         if self.step:
             self.log(f"resuming at step {self.step}")
+        if self.tensorboard:
+            self._tensorboard = TensorBoardLog(self.out)
         bar = self._progress_bar(last)
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._request_stop)
@@ -207,6 +227,11 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             if bar is not None:
                 bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+        if self.curves and (path := write_run_curves(self.out)) is not None:
+            self.log(f"curves: {path}")
         summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
         summary["elapsed"] = elapsed()
         summary["step"] = self.step
