@@ -1,4 +1,4 @@
-"""The `fastchar` command: train, sample, info and bench (also `python -m fastchar`).
+"""The `fastchar` command: train, sample, info, plot and bench (also `python -m fastchar`).
 
 Every option is checked before any work starts. Errors a user can cause print one line on stderr
 (`error: ...`, then a `hint: ...`) and exit with status 1; Ctrl-C during training saves a checkpoint
@@ -89,10 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
     train.add_argument(
-        "--resume", metavar="DIR", help="continue exactly from a checkpoint folder (e.g. runs/base/latest)"
+        "--resume",
+        metavar="DIR",
+        help="continue exactly from a checkpoint folder (e.g. runs/base/latest) or a run folder (its latest)",
     )
     train.add_argument(
         "--until", type=_number(int), metavar="STEP", help="stop after this step and save (resume later)"
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files into the run folder (needs tensorboardX; "
+        "view with `tensorboard --logdir runs`)",
     )
     train.add_argument(
         "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
@@ -120,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a checkpoint",
         description="Continue a prompt with characters sampled from a trained model, streamed to stdout.",
     )
-    sample.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder (e.g. runs/base/best)")
+    sample.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        required=True,
+        help="checkpoint folder (e.g. runs/base/best), or a run folder (e.g. runs/base: its best checkpoint)",
+    )
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     sample.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file instead")
     sample.add_argument("--max-new-tokens", type=_number(int), default=500, help="characters to generate (default 500)")
@@ -147,10 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a checkpoint's config, parameters per tensor, vocabulary, and the backends, "
         "threading layers and BLAS active on this machine.",
     )
-    info.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint folder (optional)")
+    info.add_argument(
+        "checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint or run folder (its best checkpoint); optional"
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_runtime_flags(info)
     info.set_defaults(func=cmd_info)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw train and val loss of one or more runs into a PNG",
+        description="Draw the train and validation loss of each run (its metrics.jsonl) against step and "
+        'against wall-clock seconds, runs overlaid by name. Needs matplotlib: pip install "fastchar[plot]".',
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folder a training run wrote (e.g. runs/base)")
+    plot.add_argument(
+        "-o", "--output", metavar="FILE.png", default="curves.png", help="image to write (default curves.png)"
+    )
+    plot.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser(
         "bench",
@@ -189,8 +217,9 @@ def _setup_runtime(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import load
-    from fastchar.data import TextDataset, find_corpus
+    from fastchar.data import TextDataset, locate_corpus
     from fastchar.model import Model
+    from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
 
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
@@ -199,28 +228,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.sample_chars < 0:
         raise ConfigError(f"--sample-chars must be >= 0, got {args.sample_chars}")
     _setup_runtime(args)
+    if args.tensorboard:
+        require_tensorboardx()
+    corpus, origin = locate_corpus(args.data)
+    print(f"data: {corpus} ({origin})", flush=True)
     if args.resume:
-        model = load(args.resume, backend=args.backend)
+        model = load(args.resume, backend=args.backend, which="latest")
+        _say_checkpoint(model)
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
             details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
             raise ConfigError(f"--resume {args.resume}: incompatible model options: {details}",
                               hint="drop the model options when resuming")  # fmt: skip
         train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args})
-        dataset = TextDataset(find_corpus(args.data), tokenizer=model.tokenizer)
+        dataset = TextDataset(corpus, tokenizer=model.tokenizer)
     else:
         train_cfg = TrainConfig(**train_args)
         check_writable(Path(train_cfg.out))
-        dataset = TextDataset(find_corpus(args.data))
+        dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
         model = Model(model_cfg, backend=args.backend, seed=train_cfg.seed)
-    print(f"data: {dataset.path} ({len(dataset):,} characters, vocabulary {dataset.vocab_size})")
+    print(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     print(f"model: {json.dumps(model.cfg.to_dict())}")
     print(f"train: {json.dumps(train_cfg.to_dict())}")
-    trainer = Trainer(model, dataset, train_cfg)
+    trainer = Trainer(model, dataset, train_cfg, tensorboard=args.tensorboard)
     summary = trainer.train(until=args.until)
     print(
         f"done: step {summary['step']} | train {summary['train_loss']:.4f} | val {summary['val_loss']:.4f} | "
@@ -252,6 +286,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
     model = load(args.checkpoint, backend=args.backend)
+    _say_checkpoint(model)
     if model.tokenizer is None:
         raise CheckpointError(
             f"{args.checkpoint} has no tokenizer.json", hint="sample from a checkpoint a training run wrote"
@@ -272,6 +307,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_checkpoint(model: object) -> None:
+    """On stderr, which checkpoint of a run folder was taken (nothing for a checkpoint folder)."""
+    note = getattr(model, "checkpoint_note", None)
+    if note:
+        print(f"checkpoint: {note}", file=sys.stderr, flush=True)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from fastchar.arena import param_specs
     from fastchar.backends import available_backends, default_backend
@@ -283,9 +325,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         from fastchar.checkpoint import load
 
         model = load(args.checkpoint, backend="numpy")
+        _say_checkpoint(model)
         tensors = [(name, list(shape), int(model.params[name].size)) for name, shape in param_specs(model.cfg)]
         report["checkpoint"] = {
             "path": str(model.checkpoint_path),
+            "picked": model.checkpoint_note,
             "model": model.cfg.to_dict(),
             "train": model.train_cfg,
             "step": model.train_state.get("step"),
@@ -336,6 +380,15 @@ def _format_info(report: dict) -> str:
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")
     return "\n".join(lines)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fastchar.plot import plot_runs, require_matplotlib
+
+    require_matplotlib()
+    path = plot_runs(args.runs, args.output)
+    print(f"wrote {path} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
