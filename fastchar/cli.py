@@ -32,7 +32,9 @@ MODEL_HELP = {
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
 }
 TRAIN_HELP = {
-    "batch": f"sequences per step B (default {DEFAULT_TRAIN.batch})",
+    "batch": f"sequences per micro-batch B (default {DEFAULT_TRAIN.batch})",
+    "grad_accum": "micro-batches K per optimizer step: the step's loss and gradient are the mean over K*B "
+    f"sequences (times the ranks under mpiexec) (default {DEFAULT_TRAIN.grad_accum})",
     "steps": f"optimizer steps; the cosine schedule ends at the last (default {DEFAULT_TRAIN.steps})",
     "lr": f"peak learning rate after warm-up (default {DEFAULT_TRAIN.lr:g})",
     "min_lr": f"learning rate at the last step (default {DEFAULT_TRAIN.min_lr:g})",
