@@ -296,7 +296,7 @@ class MPIWorld(World):
 
     def describe(self) -> dict:
         return {
-            "mpi": self.MPI.Get_library_version().strip().splitlines()[0],
+            "mpi": " ".join(self.MPI.Get_library_version().split()[:3]),
             "ranks": self.size,
             "hosts": self.hosts,
             "timeout_s": self.timeout,
@@ -358,7 +358,7 @@ def _connect() -> World:
         raise mark_collective(
             ConfigError(
                 f"the launcher started {size} processes ({variable}={size}) but mpi4py's MPI "
-                f"({MPI.Get_library_version().strip().splitlines()[0]}) sees a world of {comm.Get_size()}: "
+                f"({' '.join(MPI.Get_library_version().split()[:3])}) sees a world of {comm.Get_size()}: "
                 "mpiexec and the MPI library mpi4py uses do not belong together",
                 hint=f"launch with the mpiexec of this Python environment: {mpiexec} -n {size} fastchar train ...",
             )

@@ -88,7 +88,8 @@ class Trainer:
         model.dropout_counter = int(state.get("dropout_counter", 0))
         self.optimizer = AdamW(model, cfg, step=self.step)
         self.losses: list[float] = []
-        self._stop_requested = False
+        self._stop_requested = False  # Ctrl-C seen by this process
+        self._stop_agreed = False  # Ctrl-C seen by any rank, as of the last step's sum over the ranks
 
     # -- pieces of a step ---------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class Trainer:
             model.backward(accumulate=k > 0)
         model.dropout_counter = counter + dist.size * K
         loss_sum, stops = dist.sum_scalars([loss, float(self._stop_requested)])
-        loss, self._stop_requested = loss_sum / (dist.size * K), stops > 0  # Ctrl-C on any rank stops all
+        loss, self._stop_agreed = loss_sum / (dist.size * K), stops > 0  # Ctrl-C on any rank stops all
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}")
         dist.sum_(model.grads.flat)  # one in-place Allreduce of the flat gradient buffer
@@ -227,7 +228,7 @@ class Trainer:
                     window_time, window_steps, window_comm = 0.0, 0, dist.comm_seconds
                 if self.step % cfg.eval_every == 0:
                     summary = self._evaluate_and_save(bar, elapsed())
-                if self._stop_requested:
+                if self._stop_requested if dist.size == 1 else self._stop_agreed:  # ranks stop at one step
                     path = self.save("latest", elapsed())
                     launcher = f"mpiexec -n {dist.size} " if dist.size > 1 else ""
                     raise mark_collective(
