@@ -278,6 +278,7 @@ def test_ranks_flag_and_sample_misuse(corpus, tmp_path):
 def test_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
     """Each rank has its own clock; they follow rank 0's, or one would stop while the other waits."""
     run = mpirun(2, "-m", "fastchar", "train", "--data", str(corpus), *TINY, "--batch", "4", "--steps", "1000000",
-                 "--time-budget", "2", "--eval-every", "1000000", "--sample-chars", "0", "--out", str(tmp_path / "o"))  # fmt: skip
+                 "--time-budget", "2", "--eval-every", "1000000", "--sample-chars", "0",
+                 "--out", str(tmp_path / "o"))  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert load(tmp_path / "o" / "latest").train_state["step"] > 10
