@@ -207,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.sample_chars < 0:
         raise ConfigError(f"--sample-chars must be >= 0, got {args.sample_chars}")
     _setup_runtime(args)
-    dist = _check_ranks(args.ranks)
+    dist = _check_ranks(args.ranks, args.threads)
     say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.resume:
         model = load(args.resume, backend=args.backend)
@@ -250,11 +250,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_ranks(expected: int | None):
+def _check_ranks(expected: int | None, threads: int | None = None):
     """The world of ranks (distributed.world); with --ranks N, check that mpiexec started N."""
     from fastchar.distributed import mark_collective, world
+    from fastchar.threads import cores
 
     dist = world()
+    if threads is not None and dist.local_size * threads > cores() and dist.local_rank == 0:
+        print(f"warning: {dist.local_size} ranks x --threads {threads} exceed the {cores()} cores of {dist.host}; "
+              "without --threads the cores are shared out", file=sys.stderr)  # fmt: skip
     if expected is not None and expected != dist.size:
         launched = f"this is one of {dist.size} ranks" if dist.size > 1 else "this is one process, not under mpiexec"
         raise mark_collective(
@@ -330,7 +334,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     backends = available_backends()
     report["backends"] = {"available": backends, "default": default_backend()}
     report["threads"] = thread_report()
-    dist = _check_ranks(None)
+    dist = _check_ranks(None, args.threads)
     t = report["threads"]
     mine = {"host": dist.host, "local_rank": dist.local_rank, "cores": t["cores"],
             "threads": t["openmp"]["threads"] if t["openmp"] else t.get("numba", {}).get("threads")}  # fmt: skip

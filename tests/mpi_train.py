@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--drift-at", type=int, default=0, help="rank 1 nudges one weight after this step")
+    p.add_argument("--fail-at", type=int, default=0, help="rank 1 raises an exception after this step")
     args = p.parse_args()
 
     ds = TextDataset(args.corpus)
@@ -44,6 +45,10 @@ def main() -> None:
         trainer.train(until=args.drift_at)
         if dist.rank == 1:
             model.params["lm_head"][0, 0] += 1e-3
+    if args.fail_at:
+        trainer.train(until=args.fail_at)
+        if dist.rank == 1:
+            raise RuntimeError("a failure on rank 1 only")
     trainer.train()
     dump = Path(args.dump)
     dump.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,16 @@ def test_drift_between_ranks_is_caught(corpus, tmp_path):
     assert load(tmp_path / "o" / "latest").train_state["step"] == 10, "the drifted state was not saved"
 
 
+def test_an_uncaught_error_on_one_rank_ends_the_job_at_once(corpus, tmp_path):
+    t0 = time.monotonic()
+    run = mpirun(2, str(SCRIPT), "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--dump", str(tmp_path / "d"),
+                 "--fail-at", "10", extra_env={"FASTCHAR_MPI_TIMEOUT": "100"})  # fmt: skip
+    assert run.returncode != 0
+    assert "RuntimeError: a failure on rank 1 only" in run.stderr and "MPI_Abort" in run.stderr
+    assert time.monotonic() - t0 < 60, "rank 0 waited for its deadline instead of being ended by rank 1's abort"
+    assert load(tmp_path / "o" / "latest").train_state["step"] == 10
+
+
 # -- the command line under mpiexec -------------------------------------------------------------
 
 
@@ -247,6 +257,8 @@ def test_info_reports_ranks_hosts_and_threads():
     assert sum(threads) <= max(cores, 2) and all(t >= 1 for t in threads), (threads, cores)
     text = mpirun(2, "-m", "fastchar", "info", "--threads", "1")
     assert "ranks: 2 on 1 host(s)" in text.stdout and "rank 0: 1, rank 1: 1" in text.stdout
+    many = mpirun(2, "-m", "fastchar", "info", "--threads", str(cores))
+    assert many.returncode == 0 and f"warning: 2 ranks x --threads {cores} exceed" in many.stderr
 
 
 # -- misuse gives a clear error -------------------------------------------------------------------
