@@ -108,6 +108,17 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(corpus, tmp_path
     assert logged[50] == pytest.approx(float(r0["losses"][-1]), rel=1e-12), "the log shows the global batch's loss"
 
 
+def test_dropout_masks_differ_per_rank_and_the_ranks_stay_identical(corpus, tmp_path):
+    common = ["--corpus", str(corpus), "--dropout", "0.2", "--steps", "30", "--batch", "4"]
+    two = mpirun(2, str(SCRIPT), *common, "--out", str(tmp_path / "o2"), "--dump", str(tmp_path / "d2"))
+    assert two.returncode == 0, two.stderr
+    r0, r1 = np.load(tmp_path / "d2" / "rank0.npz"), np.load(tmp_path / "d2" / "rank1.npz")
+    assert np.array_equal(r0["params"], r1["params"]) and np.array_equal(r0["adam_v"], r1["adam_v"])
+    # Every micro-batch of the global batch has its own dropout counter: 30 steps x 2 ranks.
+    assert load(tmp_path / "o2" / "latest").train_state["dropout_counter"] == 60
+    assert r0["losses"][-5:].mean() < r0["losses"][:5].mean()
+
+
 def test_drift_between_ranks_is_caught(corpus, tmp_path):
     run = mpirun(2, str(SCRIPT), "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--dump", str(tmp_path / "d"),
                  "--drift-at", "10")  # fmt: skip
