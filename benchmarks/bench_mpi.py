@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"time (efficiency) with N ranks each holding that share:")  # fmt: skip
         print(table(["ranks", "MiB sent per rank", *NETWORKS], ring_model(r["gradient_bytes"], compute,
                                                                           r["allreduce_bare_ms"] / 1e3)))  # fmt: skip
-    record = {"machine": machine(2), "steps": args.steps, "results": results}
+    load = os.getloadavg()
+    print(f"\nload average during the run (1, 5, 15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    record = {"machine": machine(2), "loadavg": load, "steps": args.steps, "results": results}
     if not args.quick:
         print(f"\nrecorded in {append_record('bench_mpi', record)}")
     return record

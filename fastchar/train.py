@@ -76,7 +76,8 @@ class Trainer:
         self.dist = dist or world()  # the ranks under mpiexec; one process otherwise
         if not self.dist.is_root:  # rank 0 alone logs and writes metrics and checkpoints
             self.log, self.progress = (lambda line: None), False
-        self.dist.check_same("the run", facts_of_run(model, dataset, cfg))
+        if self.dist.size > 1:
+            self.dist.check_same("the run", facts_of_run(model, dataset, cfg))
         state = self.dist.bcast(model.train_state or {})  # rank 0's state and weights on every rank
         self.dist.bcast_(model.params.flat, model.adam_m.flat, model.adam_v.flat)
         self.step = int(state.get("step", 0))
