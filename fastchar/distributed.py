@@ -229,8 +229,8 @@ class MPIWorld(World):
     def allgather(self, obj: Any, comm: Any = None) -> list:
         comm = comm or self.comm
         data = np.frombuffer(pickle.dumps(obj), np.uint8)
-        counts = np.zeros(comm.Get_size(), np.int64)
-        self._wait(comm.Iallgather(np.array([data.size], np.int64), counts), "gathering from every rank")
+        size, counts = np.array([data.size], np.int64), np.zeros(comm.Get_size(), np.int64)
+        self._wait(comm.Iallgather(size, counts), "gathering from every rank")
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         out = np.empty(int(counts.sum()), np.uint8)
         request = comm.Iallgatherv(data, [out, counts.tolist(), offsets.tolist(), self.MPI.BYTE])
@@ -258,7 +258,10 @@ class MPIWorld(World):
     # -- consistency checks -------------------------------------------------------------------
 
     def check_same(self, what: str, facts: dict) -> None:
-        everyone = self.allgather(json.loads(json.dumps(facts, default=str)))
+        flat = {}
+        for key, value in json.loads(json.dumps(facts, default=str)).items():  # name nested fields: train.lr
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+        everyone = self.allgather(flat)
         for rank, theirs in enumerate(everyone):
             differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
             if differ:

@@ -275,6 +275,16 @@ def test_info_reports_ranks_hosts_and_threads():
 # -- misuse gives a clear error -------------------------------------------------------------------
 
 
+def test_ranks_with_different_options_stop_with_an_error_naming_them(corpus, tmp_path):
+    """MPMD launch (`a : b`): rank 1 gets another learning rate than rank 0."""
+    train = [sys.executable, "-m", "fastchar", "train", "--data", str(corpus), *TINY, "--out", str(tmp_path / "o")]
+    cmd = [_mpiexec(), "-n", "1", *train, "--lr", "1e-3", ":", "-n", "1", *train, "--lr", "2e-3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=180)
+    assert run.returncode == 1
+    assert run.stderr.count("error: ") == 1, run.stderr
+    assert "rank 1 (" in run.stderr and "differ in the run: train.lr: 0.002 against 0.001" in run.stderr
+
+
 def test_launch_without_mpi4py_says_how_to_install(corpus, tmp_path):
     fake = tmp_path / "fake" / "mpi4py"
     fake.mkdir(parents=True)
