@@ -151,13 +151,19 @@ class MPIWorld(World):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
-        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this host's memory
-        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
         self.host = MPI.Get_processor_name()
         self.timeout = timeout
         self.comm_seconds = 0.0
         self.context = "starting"
         self.hosts = self.allgather(self.host)
+        # The ranks on this host share its cores. MPI_Comm_split_type(SHARED) finds the ranks that
+        # share memory, but not when shared memory is switched off (MPIR_CVAR_NOLOCAL=1, ranks
+        # talking TCP on one host): then each rank would take every core. So group by host name,
+        # and keep the larger of the two groups.
+        shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        by_name = comm.Split(sorted(set(self.hosts)).index(self.host), self.rank)
+        self.local = by_name if by_name.Get_size() >= shared.Get_size() else shared
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
         sys.excepthook = self._excepthook
 
     # -- waiting with a deadline --------------------------------------------------------------

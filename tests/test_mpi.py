@@ -255,6 +255,12 @@ def test_two_ranks_over_tcp_on_loopback(corpus, tmp_path):
     assert shm.returncode == 0, shm.stderr
     a, b = np.load(tmp_path / "tcp" / "rank1.npz"), np.load(tmp_path / "shm" / "rank1.npz")
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-12)
+    # Without shared memory MPI no longer says the ranks share a host; the host name still does.
+    info = mpirun(2, "-m", "fastchar", "info", "--json", launcher=("-hosts", "127.0.0.1,127.0.0.1", "-iface", "lo"),
+                  extra_env=LOOPBACK)  # fmt: skip
+    report = json.loads(info.stdout)
+    threads = [r["threads"] for r in report["ranks"]["per_rank"]]
+    assert sum(threads) <= max(report["threads"]["cores"], 2), threads
 
 
 def test_info_reports_ranks_hosts_and_threads():
