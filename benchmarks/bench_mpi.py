@@ -1,6 +1,7 @@
 """Data parallel on one machine: 1 rank x 2 threads against 2 ranks x 1 thread, and the Allreduce.
 
     python -m benchmarks.bench_mpi                  # base model, global batch 24 and 64
+    python -m benchmarks.bench_mpi --tcp            # ... and 2 ranks over TCP on 127.0.0.1 (MPICH)
     python -m benchmarks.bench_mpi --quick          # a few steps: proves it runs
 
 Each configuration trains the base model of SPEC.md on Tiny Shakespeare through the Trainer's own
@@ -28,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NETWORKS = {"10 GbE": 1.25e9, "25 GbE": 3.125e9, "100 Gb/s": 12.5e9}  # bytes/s, ideal
 NETWORK_LATENCY = 20e-6  # seconds per message on a TCP network (order of magnitude)
+# MPICH: libfabric's TCP provider on the loopback interface, shared memory off (the multi-host path).
+LOOPBACK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "lo", "MPIR_CVAR_NOLOCAL": "1"}
+LOOPBACK_ARGS = ["-hosts", "127.0.0.1,127.0.0.1", "-iface", "lo"]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -78,18 +82,20 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(ranks: int, threads: int, batch: int, args: argparse.Namespace) -> dict:
+def launch(ranks: int, threads: int, batch: int, args: argparse.Namespace, tcp: bool = False) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_mpi", "--worker", "--threads", str(threads), "--batch", str(batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]  # fmt: skip
     if ranks > 1:
         mpiexec = Path(sys.executable).parent / "mpiexec"
-        cmd = [str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), *cmd]
+        mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec") or "mpiexec"
+        cmd = [mpiexec, "-n", str(ranks), *(LOOPBACK_ARGS if tcp else []), *cmd]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
+    env = {**os.environ, "PYTHONPATH": path, **(LOOPBACK_ENV if tcp else {})}
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-2000:]}")
-    return json.loads(lines[0][len("RESULT ") :])
+    return {**json.loads(lines[0][len("RESULT ") :]), "link": "tcp loopback" if tcp else "shared memory"}
 
 
 def ring_model(bytes_: int, step_s: float, measured_2: float) -> list[list[object]]:
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=40, help="timed steps per configuration (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--tcp", action="store_true", help="also 2 ranks over TCP on 127.0.0.1 (MPICH's mpiexec)")
     p.add_argument("--quick", action="store_true", help="a few steps; records nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -133,17 +140,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     for batch in args.batches:
-        for ranks, threads in ((1, 2), (2, 1), (1, 1)):
-            results.append(launch(ranks, threads, batch, args))
+        for ranks, threads, tcp in ((1, 2, False), (2, 1, False), (1, 1, False), (2, 1, True)):
+            if tcp and not args.tcp:
+                continue
+            results.append(launch(ranks, threads, batch, args, tcp))
             r = results[-1]
-            print(f"B={batch} {ranks} rank(s) x {threads} thread(s): {r['tok_per_s']:,.0f} tok/s", flush=True)
-    header = ["global batch", "ranks x threads", "step (ms)", "tok/s", "Allreduce in step (ms)", "bare Allreduce (ms)"]
-    rows = [[r["global_batch"], f"{r['ranks']} x {r['threads']}", f"{r['step_ms']:.1f}", r["tok_per_s"],
+            print(f"B={batch} {ranks} rank(s) x {threads} thread(s), {r['link']}: {r['tok_per_s']:,.0f} tok/s",
+                  flush=True)  # fmt: skip
+    header = [
+        "global batch",
+        "ranks x threads",
+        "link",
+        "step (ms)",
+        "tok/s",
+        "Allreduce in step (ms)",
+        "bare Allreduce (ms)",
+    ]
+    rows = [[r["global_batch"], f"{r['ranks']} x {r['threads']}", r["link"] if r["ranks"] > 1 else "-",
+             f"{r['step_ms']:.1f}", r["tok_per_s"],
              f"{r['allreduce_in_step_ms']:.2f}" if r["ranks"] > 1 else "-",
              f"{r['allreduce_bare_ms']:.2f}" if r["allreduce_bare_ms"] else "-"] for r in results]  # fmt: skip
     print()
     print(table(header, rows))
-    two = [r for r in results if r["ranks"] == 2]
+    two = [r for r in results if r["ranks"] == 2 and r["link"] == "shared memory"]
     if two:
         r = max(two, key=lambda r: r["global_batch"])
         one_thread = next(x for x in results if x["ranks"] == 1 and x["threads"] == 1 and x["global_batch"] ==
