@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from fastchar.config import ModelConfig, TrainConfig
+from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
 
 DEFAULT_MODEL = ModelConfig()
@@ -250,13 +251,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_ranks(expected: int | None, threads: int | None = None):
+def _check_ranks(expected: int | None, threads: int | None = None) -> World:
     """The world of ranks (distributed.world); with --ranks N, check that mpiexec started N."""
     from fastchar.distributed import mark_collective, world
     from fastchar.threads import cores
 
     dist = world()
-    if threads is not None and dist.local_size * threads > cores() and dist.local_rank == 0:
+    if dist.size > 1 and threads is not None and dist.local_size * threads > cores() and dist.local_rank == 0:
         print(f"warning: {dist.local_size} ranks x --threads {threads} exceed the {cores()} cores of {dist.host}; "
               "without --threads the cores are shared out", file=sys.stderr)  # fmt: skip
     if expected is not None and expected != dist.size:
