@@ -45,7 +45,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch: int = 12  # B, sequences per step
+    batch: int = 12  # B, sequences per micro-batch (per step when grad_accum is 1, per rank under MPI)
+    grad_accum: int = 1  # K micro-batches of `batch` sequences whose gradients are summed per step
     steps: int = 2000  # optimizer steps (the cosine schedule ends at the last one)
     lr: float = 1e-3  # peak learning rate, reached after warm-up
     min_lr: float = 1e-4  # learning rate at the last step
@@ -63,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        positive_ints = ("batch", "steps", "eval_every", "eval_batches", "log_every")
+        positive_ints = ("batch", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
