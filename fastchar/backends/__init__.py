@@ -66,7 +66,13 @@ def _load(name: str) -> SimpleNamespace:
     try:
         module = importlib.import_module(f"fastchar.backends.{MODULES[name]}")
     except ImportError as exc:
-        raise BackendError(f"backend {name!r} is not available: {exc}") from exc
+        if name == "cython":
+            from fastchar.build_info import cython_unavailable
+
+            message, hint = cython_unavailable(exc)
+        else:
+            message, hint = str(exc), f"use another backend ({', '.join(PREFERENCE)}), or reinstall fastchar"
+        raise BackendError(f"backend {name!r} is not available: {message}", hint=hint) from exc
     reference = importlib.import_module("fastchar.backends.reference")
     fallback = set(getattr(module, "FALLBACK", ()))
     kernels = {}
