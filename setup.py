@@ -171,8 +171,6 @@ def _silenced() -> Iterator[None]:
 
 def compiler_probe(compiler, workdir: str) -> Probe:
     """probe() for a setuptools compiler object: compile and link a program in workdir."""
-    from setuptools.errors import CCompilerError, ExecError
-
     counter = itertools.count()
 
     def probe(source: str, compile_args: list, link_args: list) -> bool:
@@ -184,7 +182,7 @@ def compiler_probe(compiler, workdir: str) -> Probe:
             with _silenced():
                 objects = compiler.compile([path], output_dir=workdir, extra_postargs=compile_args)
                 compiler.link_executable(objects, name, output_dir=workdir, extra_postargs=link_args)
-        except (CCompilerError, ExecError, OSError):
+        except Exception:  # a CompileError, a LinkError or a missing tool: these flags are not usable here
             return False
         return True
 
