@@ -352,8 +352,10 @@ def _format_info(report: dict) -> str:
         )
     build = report.get("build") or {}
     if build.get("recorded"):
-        flags = " ".join((build["compile_args"] or []) + (build["link_args"] or []))
-        lines.append(f"c build: {build['family']} ({build['version']}), {flags}")
+        compile_args, link_args = " ".join(build["compile_args"] or []), " ".join(build["link_args"] or [])
+        lines.append(
+            f"c build: {build['family']} ({build['version']}), compile {compile_args}, link {link_args or '-'}"
+        )
     for note in build.get("notes", []):
         lines.append(f"warning: {note}")
     for blas in t["blas"]:
