@@ -21,6 +21,7 @@ Importing this file defines the detection functions without building (tests/test
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -251,6 +252,8 @@ class BuildExt(build_ext):
                 f.write('#error "the C build was made to fail (FASTCHAR_FORCE_BUILD_FAILURE=1)"\n')
             ext.sources = [failing, *ext.sources]
         try:
+            if importlib.util.find_spec("Cython") is None:
+                raise RuntimeError("Cython is not installed here, so the .pyx sources cannot become C")
             super().build_extension(ext)
         except Exception as exc:  # any failure of an optional extension must leave the install working
             reason = f"{type(exc).__name__}: {exc}".strip()

@@ -352,3 +352,18 @@ def test_openmp_threads_follow_the_build():
         assert thread_report()["openmp"] == {"threads": expected, "enabled": kernels.openmp_enabled()}
     finally:
         set_threads()  # the default policy again
+
+
+def test_auto_prefers_numba_over_a_single_threaded_cython_build(monkeypatch):
+    import fastchar.build_info as build_info
+    from fastchar.backends import available_backends, default_backend
+    from fastchar.threads import set_threads
+
+    monkeypatch.setattr(build_info, "cython_openmp", lambda: False)  # as a build without OpenMP reports
+    try:
+        set_threads(2)
+        assert default_backend() == "numba"
+        set_threads(1)  # one thread either way: the measured order stands
+        assert default_backend() == ("cython" if "cython" in available_backends() else "numba")
+    finally:
+        set_threads()
