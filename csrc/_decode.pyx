@@ -8,7 +8,7 @@ fastchar/backends/numba_decode.py: same name, signature, loop structure and scra
 Every position goes through `_forward_rows`, which runs M positions at once (1 for a decode step,
 window/2 for a refill, the prompt's length for the prompt): each weight row is read once per call
 and reused for all M rows, so a refill costs one pass over the weights. The matrix product is plain
-C (below) compiled three times (x86-64-v4 / v3 / baseline, GCC's target_clones; the loader picks one
+C (below) compiled three times (x86-64-v4 / v3 / baseline, target_clones of GCC or clang; the loader picks one
 for the CPU), because the extension itself is built for the baseline ISA: SSE2 without FMA would
 run the product several times slower.
 
@@ -37,7 +37,8 @@ cdef extern from "<stdlib.h>" nogil:
 
 cdef extern from *:
     """
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    /* ifunc-based clones: GCC, and clang from 14 on, on x86-64 Linux (macOS has no ifunc; ARM needs none) */
+    #if (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__)) && defined(__x86_64__) && defined(__linux__)
     #define FC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
     #else
     #define FC_CLONES

@@ -17,12 +17,17 @@ lowbias32(i * 0x9E3779B9 + key) >= thr in wrapping uint32 arithmetic, thr from t
 _dropout_threshold(p) (fastchar/backends/reference.py), so every backend draws the same mask.
 """
 
-cimport openmp
 from cython.parallel cimport parallel, prange
 from libc.math cimport expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
 
 from fastchar.backends.reference import _dropout_threshold
+
+cdef extern from "fc_openmp.h" nogil:
+    # OpenMP's thread count, or 1 in a build without OpenMP (see csrc/fc_openmp.h)
+    enum: FC_HAVE_OPENMP
+    int fc_omp_max_threads()
+    void fc_omp_set_num_threads(int n)
 
 # Elements per parallel chunk for elementwise kernels: big enough to amortise scheduling, small
 # enough that 2 threads split the smallest training tensors (B*T*C = 768*128) evenly.
@@ -43,7 +48,7 @@ cdef int _gemm_mode = 0
 
 
 cdef inline int _gemm_threads() noexcept nogil:
-    return 1 if _gemm_mode == 1 else openmp.omp_get_max_threads()
+    return 1 if _gemm_mode == 1 else fc_omp_max_threads()
 
 
 def set_gemm_mode(int mode) -> None:
@@ -52,14 +57,19 @@ def set_gemm_mode(int mode) -> None:
     _gemm_mode = mode
 
 
+def openmp_enabled() -> bool:
+    """Whether this module was compiled with OpenMP (without it every loop runs on one thread)."""
+    return FC_HAVE_OPENMP != 0
+
+
 def openmp_max_threads() -> int:
-    """OpenMP's current thread limit for this module's parallel loops."""
-    return openmp.omp_get_max_threads()
+    """OpenMP's current thread limit for this module's parallel loops (1 in a build without OpenMP)."""
+    return fc_omp_max_threads()
 
 
 def set_openmp_threads(int n) -> None:
-    """Set OpenMP's thread count for this module's parallel loops."""
-    openmp.omp_set_num_threads(n)
+    """Set OpenMP's thread count for this module's parallel loops (no effect without OpenMP)."""
+    fc_omp_set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------

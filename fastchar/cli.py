@@ -262,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
         model = Model(model_cfg, backend=args.backend, seed=train_cfg.seed)
+    _warn_build(args.backend, model.backend)
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
@@ -379,6 +380,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     backends = available_backends()
     report["backends"] = {"available": backends, "default": default_backend()}
     report["threads"] = thread_report()
+    report["build"] = _build_report()
     dist = _check_ranks(None, args.threads)
     t = report["threads"]
     mine = {"host": dist.host, "local_rank": dist.local_rank, "cores": t["cores"],
@@ -391,6 +393,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(_format_info(report))
     return 0
+
+
+def _warn_build(requested: str, chosen: str) -> None:
+    """One stderr line per build note that concerns this run (a missing or single-threaded Cython build)."""
+    from fastchar.build_info import build_notes
+
+    if chosen == "cython" or requested == "auto":
+        for note in build_notes():
+            print(f"warning: {note}", file=sys.stderr)
+
+
+def _build_report() -> dict:
+    """The recorded C build (compiler, flags, OpenMP, extensions not built) and what to know about it."""
+    from fastchar.build_info import build_notes, read_build_info
+
+    info = read_build_info() or {}
+    keys = ("family", "version", "compile_args", "link_args", "openmp", "openmp_note", "extensions")
+    return {**{k: info.get(k) for k in keys}, "recorded": bool(info), "notes": build_notes()}
 
 
 def _format_info(report: dict) -> str:
@@ -412,7 +432,22 @@ def _format_info(report: dict) -> str:
     lines.append(f"cores: {t['cores']}")
     if "numba" in t:
         lines.append(f"numba: {t['numba']['threads']} threads, threading layer {t['numba']['threading_layer']}")
-    lines.append(f"openmp (cython kernels): {t['openmp']['threads'] if t['openmp'] else 'not built'} threads")
+    omp = t["openmp"]
+    if omp is None:
+        lines.append("openmp (cython kernels): not built")
+    else:
+        lines.append(
+            f"openmp (cython kernels): {omp['threads']} thread{'s' if omp['threads'] != 1 else ''}"
+            + ("" if omp["enabled"] else " (built without OpenMP)")
+        )
+    build = report.get("build") or {}
+    if build.get("recorded"):
+        compile_args, link_args = " ".join(build["compile_args"] or []), " ".join(build["link_args"] or [])
+        lines.append(
+            f"c build: {build['family']} ({build['version']}), compile {compile_args}, link {link_args or '-'}"
+        )
+    for note in build.get("notes", []):
+        lines.append(f"warning: {note}")
     for blas in t["blas"]:
         lines.append(
             f"blas: {blas['internal_api']} {blas['version']} ({blas['architecture']} kernels), "

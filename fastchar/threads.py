@@ -89,10 +89,11 @@ def thread_report() -> dict:
             layer = f"not started yet (config: {numba.config.THREADING_LAYER})"
         report["numba"] = {"threads": numba.get_num_threads(), "threading_layer": layer}
     try:
-        from fastchar import _cykernels
+        from fastchar._cykernels import openmp_enabled, openmp_max_threads
 
-        report["openmp"] = {"threads": _cykernels.openmp_max_threads()}
-    except ImportError:
+        # without OpenMP (a compiler that has none, see setup.py) the kernels run on 1 thread
+        report["openmp"] = {"threads": openmp_max_threads(), "enabled": bool(openmp_enabled())}
+    except ImportError:  # not built, or a stale build
         report["openmp"] = None
     from threadpoolctl import threadpool_info
 
