@@ -25,18 +25,19 @@ if OPENMP:
 extension = Extension(
     "fastchar._cykernels",
     ["csrc/_kernels.pyx"],
-    include_dirs=[np.get_include()],
+    include_dirs=[np.get_include(), "csrc"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )
 
-# The compiled generation loop (fastchar.sampler.stream); same flags. Its matrix product picks an
-# ISA at load time (target_clones), so it needs no -march flag.
+# The compiled generation loop (fastchar.sampler.stream) with the hand-written C it uses (csrc/fc_*.c,
+# declared in csrc/fc.pxd); same flags. Its matrix product picks an ISA at load time
+# (target_clones), so it needs no -march flag. fc_sample is also called by symbol from the Numba loop.
 decode_extension = Extension(
     "fastchar._cydecode",
-    ["csrc/_decode.pyx"],
-    include_dirs=[np.get_include()],
+    ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c"],
+    include_dirs=[np.get_include(), "csrc"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
@@ -50,4 +51,4 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-setup(ext_modules=cythonize([extension, decode_extension], compiler_directives=directives))
+setup(ext_modules=cythonize([extension, decode_extension], compiler_directives=directives, include_path=["csrc"]))

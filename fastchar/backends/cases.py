@@ -53,6 +53,15 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
             "inp": f32(r, N, C),
             "weight": f32(r, C, H),
         }
+    if kernel in ("rope_forward", "rope_backward"):
+        HS = C // NH
+        if HS % 2:  # rotary pairs need an even head size: use half as many, twice as wide heads
+            HS = 2 * HS if C % (2 * HS) == 0 else C
+        angles = np.arange(T + 2)[:, None] * 10000.0 ** (-2.0 * np.arange(HS // 2) / HS)
+        tables = {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+        if kernel == "rope_forward":
+            return {"out": f32(r, B, T, 3 * C), "inp": f32(r, B, T, 3 * C), **tables}
+        return {"dinp": f32(r, B, T, 3 * C), "dout": f32(r, B, T, 3 * C), **tables}
     if kernel == "attention_forward":
         return {"out": f32(r, B, T, C), "att": f32(r, B, NH, T, T), "qkv": f32(r, B, T, 3 * C)}
     if kernel == "attention_backward":

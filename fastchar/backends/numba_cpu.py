@@ -21,7 +21,7 @@ thin Python wrappers that turn (key, p) into the uint32 threshold and scale, the
 
 Left out: float64 (use the reference for gradchecks) and non-contiguous arrays on the fast paths
 (matmuls copy such operands; the other kernels index them generically and are only slower).
-Numba's thread count is set by the caller (numba.set_num_threads); nothing here pins it.
+Numba's thread count is set through the hook `set_threads` (fastchar.threads calls it).
 If no writable on-disk cache location exists, the cache goes to a fresh temporary directory with
 a warning instead of failing at import.
 """
@@ -41,6 +41,28 @@ from numba.extending import intrinsic
 from fastchar.backends.reference import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32, _dropout_threshold
 
 FALLBACK: frozenset[str] = frozenset()
+
+
+def set_threads(n: int) -> None:
+    """Thread hook (fastchar.threads): n threads for the prange loops (at most Numba's pool)."""
+    from fastchar.errors import ConfigError
+
+    if n > numba.config.NUMBA_NUM_THREADS:
+        raise ConfigError(
+            f"--threads {n} exceeds Numba's pool of {numba.config.NUMBA_NUM_THREADS} threads",
+            hint=f"use at most {numba.config.NUMBA_NUM_THREADS}, or set NUMBA_NUM_THREADS before starting",
+        )
+    numba.set_num_threads(n)
+
+
+def thread_info() -> dict:
+    """Thread hook (fastchar.threads): Numba's threads and threading layer."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = f"not started yet (config: {numba.config.THREADING_LAYER})"
+    return {"numba": {"threads": numba.get_num_threads(), "threading_layer": layer}}
+
 
 # Width of the column blocks that weight-gradient reductions are split into across threads: 16
 # float32 = one 64-byte cache line, so two threads never write the same line.
@@ -646,6 +668,49 @@ def attention_decode(
 
 # --------------------------------------------------------------------------------------------
 # Pointwise
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rope_forward(out: np.ndarray, inp: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotary positions: q and k of every head turned, v copied; out may be inp (in place).
+
+    With a = x[:HS/2], b = x[HS/2:] of a head vector at position t: [a cos - b sin, a sin + b cos].
+    out, inp (B, T, 3C); cos, sin (>=T, HS/2), position t reads row t.
+    """
+    B, T, C3 = inp.shape
+    half = cos.shape[1]
+    C = C3 // 3
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for h0 in range(0, 2 * C, 2 * half):  # the heads of q, then of k
+            for i in range(half):
+                x0, x1 = inp[b, t, h0 + i], inp[b, t, h0 + half + i]
+                c, s = cos[t, i], sin[t, i]
+                out[b, t, h0 + i] = x0 * c - x1 * s
+                out[b, t, h0 + half + i] = x0 * s + x1 * c
+        for j in range(2 * C, C3):
+            out[b, t, j] = inp[b, t, j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rope_backward(dinp: np.ndarray, dout: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Backward of rope_forward (the rotation transposed): [da cos + db sin, -da sin + db cos]. Accumulates.
+
+    dinp, dout (B, T, 3C); cos, sin (>=T, HS/2).
+    """
+    B, T, C3 = dout.shape
+    half = cos.shape[1]
+    C = C3 // 3
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for h0 in range(0, 2 * C, 2 * half):
+            for i in range(half):
+                d0, d1 = dout[b, t, h0 + i], dout[b, t, h0 + half + i]
+                c, s = cos[t, i], sin[t, i]
+                dinp[b, t, h0 + i] += d0 * c + d1 * s
+                dinp[b, t, h0 + half + i] += d1 * c - d0 * s
+        for j in range(2 * C, C3):
+            dinp[b, t, j] += dout[b, t, j]
 
 
 @njit(cache=True, parallel=True, fastmath=True)

@@ -93,6 +93,45 @@ def _split_heads(qkv: np.ndarray, NH: int) -> tuple[np.ndarray, np.ndarray, np.n
     return heads[0], heads[1], heads[2]
 
 
+def _rope_pairs(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views a, b (B, T, 2*NH, half) of the q and k columns of x (B, T, 3C): each head's halves."""
+    B, T, C3 = x.shape
+    NH = C3 // 3 // (2 * half)
+    heads = x.reshape(B, T, 3 * NH, 2, half)[:, :, : 2 * NH]  # a view: x is contiguous
+    return heads[..., 0, :], heads[..., 1, :]
+
+
+def rope_forward(out: np.ndarray, inp: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotary positions: q and k of every head turned, v copied; out may be inp (in place).
+
+    With a = x[:HS/2], b = x[HS/2:] of a head vector at position t: [a cos - b sin, a sin + b cos].
+    out, inp (B, T, 3C); cos, sin (>=T, HS/2), position t reads row t.
+    """
+    T, half = inp.shape[1], cos.shape[1]
+    C = inp.shape[2] // 3
+    a, b = _rope_pairs(inp, half)
+    c, s = cos[:T, None, :], sin[:T, None, :]
+    ra, rb = a * c - b * s, a * s + b * c
+    oa, ob = _rope_pairs(out, half)
+    oa[...], ob[...] = ra, rb
+    out[..., 2 * C :] = inp[..., 2 * C :]
+
+
+def rope_backward(dinp: np.ndarray, dout: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Backward of rope_forward (the rotation transposed): [da cos + db sin, -da sin + db cos]. Accumulates.
+
+    dinp, dout (B, T, 3C); cos, sin (>=T, HS/2).
+    """
+    T, half = dout.shape[1], cos.shape[1]
+    C = dout.shape[2] // 3
+    da, db = _rope_pairs(dout, half)
+    c, s = cos[:T, None, :], sin[:T, None, :]
+    ia, ib = _rope_pairs(dinp, half)
+    ia += da * c + db * s
+    ib += db * c - da * s
+    dinp[..., 2 * C :] += dout[..., 2 * C :]
+
+
 def attention_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray) -> None:
     """Causal softmax attention: att = softmax(q k^T / sqrt(HS) + mask); out = att v, heads merged.
 
