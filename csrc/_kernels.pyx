@@ -22,7 +22,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
 
-from fc cimport fc_expf  # exp of the softmaxes (csrc/fc_math.h)
+from fc cimport fc_dropout_hash, fc_expf  # csrc/fc_math.h
 
 from fastchar.backends.reference import _dropout_threshold
 
@@ -198,16 +198,8 @@ cdef inline void _causal_at_b(float* out, const float* x, Py_ssize_t ldx, const 
 
 cdef inline float _dropout_scale(Py_ssize_t i, unsigned int key, unsigned int thr,
                                  float dscale) noexcept nogil:
-    """dscale if flat index i is kept, else 0: lowbias32((i mod 2**32) * 0x9E3779B9 + key) >= thr.
-
-    unsigned int arithmetic wraps mod 2**32, which is the hash's definition.
-    """
-    cdef unsigned int h = <unsigned int>i * <unsigned int>0x9E3779B9 + key
-    h = h ^ (h >> 16)
-    h = h * <unsigned int>0x7FEB352D
-    h = h ^ (h >> 15)
-    h = h * <unsigned int>0x846CA68B
-    h = h ^ (h >> 16)
+    """dscale if flat index i is kept, else 0: fc_dropout_hash(i, key) >= thr (csrc/fc_math.h)."""
+    cdef unsigned int h = fc_dropout_hash(i, key)
     return dscale if h >= thr else <float>0.0
 
 

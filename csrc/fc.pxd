@@ -4,6 +4,7 @@ from libc.stdint cimport int32_t, int64_t
 
 cdef extern from "fc_math.h" nogil:
     float fc_expf(float x) noexcept
+    unsigned int fc_dropout_hash(long long i, unsigned int key) noexcept
 
 
 cdef extern from "fc_sample.h" nogil:

@@ -24,4 +24,15 @@ static inline float fc_expf(float x) {
     return p * b.f;
 }
 
+/* lowbias32((i mod 2**32) * 0x9E3779B9 + key), wrapping uint32 arithmetic: the dropout mask hash
+   (the constants are fastchar/graph.py's DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2). */
+static inline unsigned int fc_dropout_hash(long long i, unsigned int key) {
+    unsigned int h = (unsigned int)i * 0x9E3779B9u + key;
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    return h ^ (h >> 16);
+}
+
 #endif

@@ -31,6 +31,21 @@ INIT_STD = 0.02  # SPEC's init: normal(0, 0.02), output projections 0.02 / sqrt(
 DROPOUT_SITES = 3  # dropout sites per block: attention probabilities, the two residual branches
 KEY = "dropout-key"  # placeholder scalar of a dropout op, patched with the step's key before each call
 TOKENS, TARGETS = "tokens", "targets"  # the int32 (B, T) inputs
+# Dropout masks and keys hash with Chris Wellons' lowbias32 (every backend, fastchar/backends/reference.py)
+DROPOUT_GOLDEN = 0x9E3779B9  # spreads consecutive indices over the 32-bit range before hashing
+LOWBIAS32_MUL1 = 0x7FEB352D  # the two multipliers of lowbias32
+LOWBIAS32_MUL2 = 0x846CA68B
+U32 = 0xFFFFFFFF
+
+
+def lowbias32(x: int) -> int:
+    """The lowbias32 integer hash of x mod 2**32 (dropout keys per step and site)."""
+    x &= U32
+    x ^= x >> 16
+    x = (x * LOWBIAS32_MUL1) & U32
+    x ^= x >> 15
+    x = (x * LOWBIAS32_MUL2) & U32
+    return x ^ (x >> 16)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ step in optim.py and checkpoints in checkpoint.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,12 +20,34 @@ from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
-from fastchar.graph import TARGETS, TOKENS, Views, fill_constants, init_std, training_plan
+from fastchar.graph import TARGETS, TOKENS, Views, fill_constants, init_std, lowbias32, training_plan
 
 MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: int) -> int:
+@dataclass
+class RunInfo:
+    """What a model carries besides the network: the tokenizer, training config (as a dict) and
+    training state of the run or checkpoint its weights come from, and that checkpoint's folder."""
+
+    tokenizer: Any = None
+    train_cfg: dict | None = None
+    state: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass
+class RunInfo:
+    """What a model carries besides the network: the tokenizer, training config (as a dict) and
+    training state of the run or checkpoint its weights come from, and that checkpoint's folder."""
+
+    tokenizer: Any = None
+    train_cfg: dict | None = None
+    state: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def lowbias32(x: int) -> int:
     """The lowbias32 integer hash (the one the dropout kernels use per element)."""
     x &= MASK32
     x ^= x >> 16
@@ -65,10 +89,15 @@ class Model:
         self.training = True
         self.dropout_seed = seed & MASK32  # masks are a hash of (seed, counter, site, element)
         self.dropout_counter = 0  # training forwards so far; saved in checkpoints for exact resume
-        self.tokenizer = None  # set by fastchar.load and the Trainer
-        self.train_cfg: dict | None = None
-        self.train_state: dict = {}
+        self.run = RunInfo()  # where the weights come from (a checkpoint, a Trainer); not the model
         self.init_weights(seed)
+
+    # The run's data, kept in `run` (README: `fastchar.load(path).tokenizer`); settable for the
+    # Trainer and checkpoint.load.
+    tokenizer = property(lambda self: self.run.tokenizer, lambda self, v: setattr(self.run, "tokenizer", v))
+    train_cfg = property(lambda self: self.run.train_cfg, lambda self, v: setattr(self.run, "train_cfg", v))
+    train_state = property(lambda self: self.run.state, lambda self, v: setattr(self.run, "state", v))
+    checkpoint_path = property(lambda self: self.run.path, lambda self, v: setattr(self.run, "path", v))
 
     @property
     def backend(self) -> str:
@@ -140,8 +169,8 @@ class Model:
 
     def dropout_keys(self, counter: int) -> list[int]:
         """32-bit keys of the dropout masks of training step `counter`: three sites per layer."""
-        base = _mix32(_mix32(self.dropout_seed) ^ (counter & MASK32))
-        return [_mix32(base ^ site) for site in range(3 * self.cfg.n_layer)]
+        base = lowbias32(lowbias32(self.dropout_seed) ^ (counter & MASK32))
+        return [lowbias32(base ^ site) for site in range(3 * self.cfg.n_layer)]
 
     def forward(self, x: npt.ArrayLike, y: npt.ArrayLike | None = None) -> float | None:
         """Run the model on x (B, T) token ids; with targets y (B, T) return the mean loss.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastchar.backends import reference as ref
+from fastchar.graph import RMSNORM_EPS
 
 DROPOUT_KEY = 12345  # the dropout kernels' (key, p): any fixed pair makes them deterministic
 DROPOUT_P = 0.3
@@ -31,10 +32,16 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
         idx[0, : min(T, 3)] = 1  # repeated tokens accumulate into one row
         return {"dwte": f32(r, V, C), "dwpe": f32(r, T + 3, C), "dout": f32(r, B, T, C), "idx": idx}
     if kernel == "rmsnorm_forward":
-        return {"out": f32(r, B, T, C), "rstd": f32(r, B, T), "inp": f32(r, B, T, C), "weight": f32(r, C), "eps": 1e-5}
+        return {
+            "out": f32(r, B, T, C),
+            "rstd": f32(r, B, T),
+            "inp": f32(r, B, T, C),
+            "weight": f32(r, C),
+            "eps": RMSNORM_EPS,
+        }
     if kernel == "rmsnorm_backward":
         inp, weight = f32(r, B, T, C), f32(r, C)
-        rstd = (1 / np.sqrt(np.mean(inp * inp, -1) + 1e-5)).astype(np.float32)
+        rstd = (1 / np.sqrt(np.mean(inp * inp, -1) + RMSNORM_EPS)).astype(np.float32)
         return {
             "dinp": f32(r, B, T, C),
             "dweight": f32(r, C),

@@ -176,6 +176,20 @@ def _expf(x):
     return y * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _softmax_unnormalised(row, n):
+    """row[:n] = exp(row[:n] - max(row[:n])) in place; returns 1 / their sum (the caller scales)."""
+    mx = row[0]
+    for t in range(1, n):
+        mx = max(mx, row[t])
+    tot = np.float32(0.0)
+    for t in range(n):
+        e = _expf(row[t] - mx)
+        row[t] = e
+        tot += e
+    return np.float32(1.0) / tot
+
+
 # --------------------------------------------------------------------------------------------
 # Embedding
 
@@ -443,15 +457,7 @@ def _attention_forward_head(out, att, qkv, kt, vt, prow, b, h, T, C, HS, scale, 
             for t2 in range(npad):
                 row[t2] += qi * kt[i, t2]
         # softmax over t2 < n: max, exp and sum, normalise; the mask writes zeros
-        mx = row[0]
-        for t2 in range(1, n):
-            mx = max(mx, row[t2])
-        tot = np.float32(0.0)
-        for t2 in range(n):
-            e = _expf(row[t2] - mx)
-            row[t2] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        inv = _softmax_unnormalised(row, n)
         for t2 in range(n):
             row[t2] *= inv
         for t2 in range(n, T):
@@ -644,20 +650,12 @@ def attention_decode(
     for b in range(B):
         for h in range(n_head):
             o = h * HS
-            mx = np.float32(-np.inf)
             for t in range(n_ctx):
                 s = np.float32(0.0)
                 for i in range(HS):
                     s += q[b, o + i] * kcache[b, t, o + i]
-                s *= scale
-                scores[t] = s
-                mx = max(mx, s)
-            tot = np.float32(0.0)
-            for t in range(n_ctx):
-                e = np.exp(scores[t] - mx)
-                scores[t] = e
-                tot += e
-            inv = np.float32(1.0) / tot
+                scores[t] = s * scale
+            inv = _softmax_unnormalised(scores, n_ctx)
             for i in range(HS):
                 out[b, o + i] = 0.0
             for t in range(n_ctx):

@@ -14,7 +14,7 @@ How it is fast:
   decoded alone or in a refill.
 - Single-threaded: a decode step is ~0.8 M multiply-adds, fewer than a parallel launch per matmul
   would pay for.
-- exp in the attention softmax is numba_cpu's vectorisable expf.
+- the attention softmax is numba_cpu's (its vectorisable expf).
 
 Sampling is the C routine fc_sample of csrc/fc_sample.c, which the Cython loop uses too: it is
 called by symbol name from the built extension fastchar._cydecode (so this loop needs that build;
@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, types
 
 from fastchar import graph
-from fastchar.backends.numba_cpu import _expf
+from fastchar.backends.numba_cpu import _softmax_unnormalised
 
 try:
     from fastchar import _cydecode
@@ -155,16 +155,7 @@ def _attention(out, qkv, kt, vt, n0, M, n_head, scores):
                 krow = kt[c]
                 for t in range(n):
                     scores[t] += qc * krow[t]
-            # softmax over t: max, exp and sum, normalise
-            mx = scores[0]
-            for t in range(1, n):
-                mx = max(mx, scores[t])
-            tot = np.float32(0.0)
-            for t in range(n):
-                e = _expf(scores[t] - mx)
-                scores[t] = e
-                tot += e
-            inv = np.float32(1.0) / tot
+            inv = _softmax_unnormalised(scores, n)
             # out[c] = p . v[c] for the head's channels
             for c in range(h * HS, h * HS + HS):
                 vrow = vt[c]
@@ -285,15 +276,8 @@ def generate_tokens(
 ) -> None:
     """Sample out.shape[0] tokens, advancing the KV cache after each (after the last only if advance_last).
 
-    First feeds tokens[n_cache:n_cache+n_feed] (a prompt; n_feed = 0 on later calls). The logits of
-    the next draw live in scratch[logits_at:logits_at+V] between calls.
-    out (N,) int32; tokens (S,) int32, the cached tokens; state (2,) int64: rows in the cache and
-    the absolute position of the next token, updated; params (P,) float32; table (R, NCOL) int64 and
-    eps (R,) float64: fastchar.graph.decode_table; inv_freq (HS/2,) float64 (empty: no rope);
-    slides: a full cache slides (rope) instead of being refilled; kcache, vcache (L, C, S) float32,
-    time last, S the window; scratch (decode_table's scratch_size,) float32; work (3V,) float64;
-    order (V,) int32; uniforms (N,) float64 (unused when temperature is 0); logits_out (N, V)
-    float32 receives each draw's logits, or (0, V) to skip.
+    The same arguments, shapes and results as the Cython loop's generate_tokens (csrc/_decode.pyx,
+    whose docstring lists them), single-threaded.
     """
     S = kcache.shape[2]
     V = logits_out.shape[1]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastchar.graph import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32
+
 
 def embedding_forward(out: np.ndarray, idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> None:
     """out[b, t] = wte[idx[b, t]] + wpe[t].
@@ -219,12 +221,6 @@ def attention_decode(
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     out[...] = (p @ v).reshape(B, C)
-
-
-DROPOUT_GOLDEN = 0x9E3779B9  # spreads consecutive indices over the 32-bit range before hashing
-LOWBIAS32_MUL1 = 0x7FEB352D  # the two multipliers of Chris Wellons' lowbias32 integer hash
-LOWBIAS32_MUL2 = 0x846CA68B
-U32 = 0xFFFFFFFF
 
 
 def _dropout_threshold(p: float) -> int:
