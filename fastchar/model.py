@@ -20,20 +20,9 @@ from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
-from fastchar.graph import TARGETS, TOKENS, Views, fill_constants, init_std, lowbias32, training_plan
+from fastchar.graph import TARGETS, TOKENS, U32, Views, fill_constants, init_std, lowbias32, training_plan
 
-MASK32 = 0xFFFFFFFF
-
-
-@dataclass
-class RunInfo:
-    """What a model carries besides the network: the tokenizer, training config (as a dict) and
-    training state of the run or checkpoint its weights come from, and that checkpoint's folder."""
-
-    tokenizer: Any = None
-    train_cfg: dict | None = None
-    state: dict = field(default_factory=dict)
-    path: Path | None = None
+MASK32 = U32
 
 
 @dataclass
@@ -45,16 +34,6 @@ class RunInfo:
     train_cfg: dict | None = None
     state: dict = field(default_factory=dict)
     path: Path | None = None
-
-
-def lowbias32(x: int) -> int:
-    """The lowbias32 integer hash (the one the dropout kernels use per element)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
 
 
 class Model:
