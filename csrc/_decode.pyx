@@ -27,7 +27,10 @@ Not here: batch > 1, float64 (the Python loop in fastchar/sampler.py covers both
 
 from cython.parallel cimport parallel
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
+
+cdef extern from "<stdlib.h>" nogil:
+    void* aligned_alloc(size_t alignment, size_t size)
 
 from fc cimport (fc_attention, fc_claim, fc_finish, fc_idle, fc_matmul, fc_max_threads, fc_now,
                  fc_publish, fc_quitting, fc_rmsnorm, fc_rope_heads, fc_rope_tables, fc_sample,
@@ -372,7 +375,8 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
     net.kcache = &kcache[0, 0, 0]
     net.vcache = &vcache[0, 0, 0]
     # per-call scratch: attention scores (nt, S) and the rows of cos and sin (S, HS/2)
-    cdef float* block = <float*>malloc((nt * S + 2 * S * net.half + 1) * sizeof(float))
+    cdef size_t nblock = (nt * S + 2 * S * net.half + 16) // 16 * 16  # whole 64-byte lines
+    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
     if block == NULL:
         raise MemoryError()
     net.scores = block

@@ -42,6 +42,13 @@ from fastchar.tokenizer import CharTokenizer
 DECODE_CHUNK = 32
 
 
+def aligned_zeros(n: int, align: int = 64) -> np.ndarray:
+    """(n,) float32 zeros whose first element sits on an `align`-byte boundary."""
+    raw = np.zeros(n + align // 4, np.float32)
+    start = (-raw.ctypes.data % align) // 4
+    return raw[start : start + n]
+
+
 def check_window(model: Model, window: int | None) -> int:
     """The context window (default: the model's ctx), checked to be in [1, ctx]."""
     window = model.cfg.ctx if window is None else window
@@ -245,7 +252,7 @@ def compiled_tokens(
     plan = decode_table(cfg, model.params.offsets, window)
     kcache = np.zeros((cfg.n_layer, cfg.d_model, window), np.float32)  # time last (see the kernels)
     vcache = np.zeros_like(kcache)
-    scratch = np.zeros(plan.scratch_size, np.float32)
+    scratch = aligned_zeros(plan.scratch_size)  # each slot starts a cache line (threads split at lines)
     work = np.zeros(3 * V, np.float64)
     order = np.zeros(V, np.int32)
     tokens = np.zeros(window, np.int32)
