@@ -161,8 +161,9 @@ def _i32_as_f32(typingctx, i):  # noqa: ARG001 (Numba's intrinsic signature)
 
 @njit(cache=True, inline="always")
 def _expf(x):
-    """exp(x) for float32 x; x below -87.3 gives about 1e-38 instead of a denormal or 0."""
-    x = min(max(x, np.float32(-87.33)), np.float32(88.37))
+    """exp(x) for float32 x <= 0 (the softmaxes' shifted scores); below -87 it gives about 1e-38
+    instead of a denormal or 0, the clamp of the C twin fc_expf (csrc/fc_math.h)."""
+    x = max(x, np.float32(-87.0))
     n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
     r = x - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
