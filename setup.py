@@ -39,7 +39,7 @@ from setuptools.command.build_ext import build_ext
 # The extensions, one line each: (module, sources). Headers and .pxd files live in csrc/.
 EXTENSIONS = [
     ("fastchar._cykernels", ["csrc/_kernels.pyx"]),
-    ("fastchar._cydecode", ["csrc/_decode.pyx"]),
+    ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c"]),
 ]
 INCLUDE_DIRS = ["csrc"]
 BUILD_INFO = "_build_info.json"  # written into the fastchar package, next to the extensions

@@ -1,7 +1,11 @@
-"""The base model of SPEC.md in PyTorch: the side-by-side comparison and the optional test oracle.
+"""fastchar's model in PyTorch, built from the same description: the side-by-side comparison and the
+optional test oracle.
 
+Not a copy of the network: the parameters come from fastchar.graph.param_specs and `forward` walks
+fastchar.graph.forward_ops, running each op with the PyTorch function of its kind (TORCH_OPS), so an
+architecture change in graph.py reaches this model too (or fails here, naming the new op kind).
 Same layout as fastchar (matrices stored [in, out], applied as x @ W), so weights copy over by name.
-PyTorch is never a dependency of fastchar: only benchmarks and one optional test import this file.
+PyTorch is never a dependency of fastchar: only benchmarks and optional tests import this file.
 """
 
 from __future__ import annotations
@@ -12,38 +16,58 @@ import numpy as np
 import torch
 from torch import nn
 
-RMSNORM_EPS = 1e-5
+from fastchar import graph
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMSNORM_EPS) * weight
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half on q and k of every head (SPEC); qkv (B, T, 3C), cos/sin (T, HS/2)."""
+    B, T, C3 = qkv.shape
+    half = cos.shape[-1]
+    qk, v = qkv[..., : 2 * C3 // 3], qkv[..., 2 * C3 // 3 :]
+    heads = qk.reshape(B, T, -1, 2, half)
+    a, b = heads[..., 0, :], heads[..., 1, :]
+    c, s = cos[:, None, :], sin[:, None, :]
+    turned = torch.stack([a * c - b * s, a * s + b * c], dim=-2).reshape(B, T, -1)
+    return torch.cat([turned, v], dim=-1)
+
+
+def attention(qkv: torch.Tensor, n_head: int, drop: float, cache: dict | None) -> torch.Tensor:
+    """Causal attention over (B, T, 3C); with a cache {"k", "v", "length"}, the new rows are
+    appended to it (learned positions) and attend to everything cached."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    if cache is None:
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+    else:
+        n = cache["length"]
+        cache["k"][cache["layer"], :, :, n : n + T] = k
+        cache["v"][cache["layer"], :, :, n : n + T] = v
+        keys, values = cache["k"][cache["layer"], :, :, : n + T], cache["v"][cache["layer"], :, :, : n + T]
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(C // n_head)
+        scores = scores.masked_fill(torch.ones(T, n + T, dtype=torch.bool).triu(n + 1), float("-inf"))
+        y = torch.softmax(scores, -1) @ values
+        cache["layer"] += 1
+    return y.transpose(1, 2).reshape(B, T, C)
 
 
 class TorchGPT(nn.Module):
-    """Parameters are named exactly as fastchar's param_specs."""
+    """Parameters are named exactly as fastchar's param_specs (dots become "__" in PyTorch)."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
         self.cfg = cfg
-        V, C, T, H, L = cfg.vocab_size, cfg.d_model, cfg.ctx, cfg.mlp_hidden, cfg.n_layer
-        self.names: list[str] = []
-
-        def param(name: str, *shape: int) -> None:
+        self.names = [name for name, _ in graph.param_specs(cfg)]
+        for name, shape in graph.param_specs(cfg):
             self.register_parameter(name.replace(".", "__"), nn.Parameter(torch.zeros(shape)))
-            self.names.append(name)
-
-        param("wte", V, C)
-        param("wpe", T, C)
-        for i in range(L):
-            p = f"blocks.{i}."
-            param(p + "ln1.weight", C)
-            param(p + "attn.qkv", C, 3 * C)
-            param(p + "attn.proj", C, C)
-            param(p + "ln2.weight", C)
-            param(p + "mlp.fc", C, H)
-            param(p + "mlp.proj", H, C)
-        param("ln_f.weight", C)
-        param("lm_head", C, V)
+        if cfg.position == "rope":
+            cos, sin = graph.rope_tables(cfg, np.arange(cfg.ctx))
+            self.register_buffer("rope_cos", torch.from_numpy(cos).float(), persistent=False)
+            self.register_buffer("rope_sin", torch.from_numpy(sin).float(), persistent=False)
 
     def p(self, name: str) -> torch.Tensor:
         return getattr(self, name.replace(".", "__"))
@@ -54,24 +78,22 @@ class TorchGPT(nn.Module):
             for name in self.names:
                 self.p(name).copy_(torch.from_numpy(np.asarray(params[name], dtype=np.float32)))
 
+    def run(self, idx: torch.Tensor, pos0: int = 0, cache: dict | None = None) -> torch.Tensor:
+        """graph.forward_ops on token ids (B, T) at positions pos0..pos0+T-1: the logits (B, T, V)."""
+        T = idx.shape[1]
+        drop = self.cfg.dropout if self.training else 0.0
+        ops = graph.forward_ops(self.cfg, dropout=drop > 0)
+        x: dict[str, torch.Tensor] = {graph.TOKENS: idx}
+        for op in ops:
+            args = [x[name] for name in op.inputs]
+            fn = TORCH_OPS.get(op.kind)
+            if fn is None:
+                raise NotImplementedError(f"benchmarks/torch_model.py has no PyTorch op for kind {op.kind!r}")
+            x[op.out] = fn(self, op, args, T, pos0, drop, cache)
+        return x[ops[-1].out]
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        B, T = idx.shape
-        C, NH = self.cfg.d_model, self.cfg.n_head
-        HS = C // NH
-        x = self.p("wte")[idx] + self.p("wpe")[:T]
-        drop = self.cfg.dropout if self.training else 0.0  # same sites as fastchar, other masks
-        for i in range(self.cfg.n_layer):
-            s = f"blocks.{i}."
-            h = rmsnorm(x, self.p(s + "ln1.weight"))
-            q, k, v = (h @ self.p(s + "attn.qkv")).split(C, dim=-1)
-            q, k, v = (t.view(B, T, NH, HS).transpose(1, 2) for t in (q, k, v))
-            y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-            branch = y.transpose(1, 2).reshape(B, T, C) @ self.p(s + "attn.proj")
-            x = x + nn.functional.dropout(branch, drop, self.training)
-            h = rmsnorm(x, self.p(s + "ln2.weight"))
-            branch = torch.relu(h @ self.p(s + "mlp.fc")).square() @ self.p(s + "mlp.proj")
-            x = x + nn.functional.dropout(branch, drop, self.training)
-        logits = rmsnorm(x, self.p("ln_f.weight")) @ self.p("lm_head")
+        logits = self.run(idx)
         if targets is None:
             return logits, None
         return logits, nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -94,43 +116,54 @@ class TorchGPT(nn.Module):
     def generate_cache(self, idx: torch.Tensor, n: int, temperature: float = 0.8) -> torch.Tensor:
         """A simple KV cache, refilled with the newest ctx/2 tokens when the window is full."""
         C, NH, L, S = self.cfg.d_model, self.cfg.n_head, self.cfg.n_layer, self.cfg.ctx
-        HS = C // NH
-        tokens = idx[0].tolist()
-        kc = torch.zeros(L, NH, S, HS)
-        vc = torch.zeros(L, NH, S, HS)
-        length = 0
+        cache = {"k": torch.zeros(L, 1, NH, S, C // NH), "v": torch.zeros(L, 1, NH, S, C // NH), "length": 0}
 
-        def step(token: int) -> torch.Tensor:
-            nonlocal length
-            pos = length
-            x = self.p("wte")[token] + self.p("wpe")[pos]
-            for i in range(L):
-                s = f"blocks.{i}."
-                h = rmsnorm(x, self.p(s + "ln1.weight"))
-                q, k, v = (h @ self.p(s + "attn.qkv")).split(C)
-                kc[i, :, pos] = k.view(NH, HS)
-                vc[i, :, pos] = v.view(NH, HS)
-                att = torch.softmax((kc[i, :, : pos + 1] @ q.view(NH, HS, 1)).squeeze(-1) / math.sqrt(HS), -1)
-                y = (att.unsqueeze(1) @ vc[i, :, : pos + 1]).reshape(C)
-                x = x + y @ self.p(s + "attn.proj")
-                h = rmsnorm(x, self.p(s + "ln2.weight"))
-                x = x + torch.relu(h @ self.p(s + "mlp.fc")).square() @ self.p(s + "mlp.proj")
-            length += 1
-            return rmsnorm(x, self.p("ln_f.weight")) @ self.p("lm_head")
+        def step(tokens: list[int]) -> torch.Tensor:
+            cache["layer"] = 0
+            logits = self.run(torch.tensor([tokens]), cache["length"], cache)
+            cache["length"] += len(tokens)
+            return logits[0, -1]
 
-        held: list[int] = []
-        for t in tokens[-S:]:
-            logits = step(t)
-            held.append(t)
-        out = list(tokens)
+        held = idx[0].tolist()[-S:]
+        logits = step(held)
+        out = idx[0].tolist()
         for _ in range(n):
             token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
             out.append(token)
-            if length >= S:
+            if cache["length"] >= S:
                 held = held[len(held) - (S // 2 - 1) :]
-                length = 0
-                for t in held:
-                    step(t)
-            logits = step(token)
+                cache["length"] = 0
+                step(held)
+            logits = step([token])
             held.append(token)
         return torch.tensor([out])
+
+
+def _matmul(m: TorchGPT, op, args, T, pos0, drop, cache):
+    return args[0] @ m.p(op.weights[0])
+
+
+def _embedding(m: TorchGPT, op, args, T, pos0, drop, cache):
+    x = m.p(op.weights[0])[args[0]]
+    return x + m.p("wpe")[pos0 : pos0 + T] if op.weights[1] == "wpe" else x
+
+
+def _rope(m: TorchGPT, op, args, T, pos0, drop, cache):
+    if pos0 + T > m.rope_cos.shape[0]:
+        cos, sin = (torch.from_numpy(t).float() for t in graph.rope_tables(m.cfg, np.arange(pos0, pos0 + T)))
+    else:
+        cos, sin = m.rope_cos[pos0 : pos0 + T], m.rope_sin[pos0 : pos0 + T]
+    return rope(args[0], cos, sin)
+
+
+TORCH_OPS = {
+    "embedding": _embedding,
+    "rmsnorm": lambda m, op, args, *_: rmsnorm(args[0], m.p(op.weights[0]), op.scalars[0]),
+    "matmul": _matmul,
+    "rope": _rope,
+    "attention": lambda m, op, args, T, pos0, drop, cache: attention(args[0], m.cfg.n_head, 0.0, cache),
+    "attention_dropout": lambda m, op, args, T, pos0, drop, cache: attention(args[0], m.cfg.n_head, drop, cache),
+    "dropout": lambda m, op, args, T, pos0, drop, cache: nn.functional.dropout(args[0], drop, m.training),
+    "relu2": lambda m, op, args, *_: torch.relu(args[0]).square(),
+    "residual": lambda m, op, args, *_: args[0] + args[1],
+}

@@ -21,6 +21,8 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
 
+from fc cimport fc_dropout_hash, fc_expf  # csrc/fc_math.h
+
 from fastchar.backends.reference import _dropout_threshold
 
 cdef extern from "fc_openmp.h" nogil:
@@ -41,20 +43,10 @@ cdef enum:
     ATT_SCRATCH = 4096
 
 
-# How matrix products use the cores. 0: our OpenMP threads split each product into single-threaded
-# sgemm calls (BLAS must then run 1 thread; fastchar.backends.cython_cpu sets that up), so one
-# thread pool serves every kernel. 1: one sgemm call per product, threaded by BLAS itself.
-cdef int _gemm_mode = 0
-
-
+# Matrix products: our OpenMP threads split each product into single-threaded sgemm calls (BLAS
+# runs 1 thread; fastchar.threads pins it), so one thread pool serves every kernel.
 cdef inline int _gemm_threads() noexcept nogil:
-    return 1 if _gemm_mode == 1 else fc_omp_max_threads()
-
-
-def set_gemm_mode(int mode) -> None:
-    """0: OpenMP splits each matmul into single-threaded sgemm calls; 1: BLAS threads each call."""
-    global _gemm_mode
-    _gemm_mode = mode
+    return fc_omp_max_threads()
 
 
 def openmp_enabled() -> bool:
@@ -93,37 +85,6 @@ cdef inline float _dot(const float* a, const float* b, Py_ssize_t n) noexcept no
     for i in range(n8, n):
         s = s + a[i] * b[i]
     return s
-
-
-cdef union _f32bits:
-    float f
-    int i
-
-
-cdef inline float _expf(float x) noexcept nogil:
-    """exp(x) for x <= 0 within ~2 ulp (Cephes expf), branch-free so loops over it vectorise.
-
-    Round x/ln2 to n with the 1.5*2^23 trick, r = x - n ln2 (two-part ln2), degree-6 polynomial
-    for e^r, then scale by 2^n built in the exponent bits. Inputs below -87 flush to ~1e-38.
-    """
-    cdef _f32bits b
-    cdef float n, r, p
-    # float-typed constants: a double literal would promote the arithmetic (and break the
-    # round-to-integer trick, which relies on float's 24-bit mantissa)
-    x = x if x > <float>-87.0 else <float>-87.0
-    n = x * <float>1.44269504088896341 + <float>12582912.0
-    n = n - <float>12582912.0
-    r = x - n * <float>0.693359375
-    r = r + n * <float>2.12194440e-4
-    p = <float>1.9875691500e-4
-    p = p * r + <float>1.3981999507e-3
-    p = p * r + <float>8.3334519073e-3
-    p = p * r + <float>4.1665795894e-2
-    p = p * r + <float>1.6666665459e-1
-    p = p * r + <float>5.0000001201e-1
-    p = p * r * r + r + <float>1.0
-    b.i = (<int>n + 127) << 23
-    return p * b.f
 
 
 cdef inline float _vmax(const float* a, Py_ssize_t n) noexcept nogil:
@@ -247,16 +208,8 @@ cdef inline void _causal_at_b(float* out, const float* x, Py_ssize_t ldx, const 
 
 cdef inline float _dropout_scale(Py_ssize_t i, unsigned int key, unsigned int thr,
                                  float dscale) noexcept nogil:
-    """dscale if flat index i is kept, else 0: lowbias32((i mod 2**32) * 0x9E3779B9 + key) >= thr.
-
-    unsigned int arithmetic wraps mod 2**32, which is the hash's definition.
-    """
-    cdef unsigned int h = <unsigned int>i * <unsigned int>0x9E3779B9 + key
-    h = h ^ (h >> 16)
-    h = h * <unsigned int>0x7FEB352D
-    h = h ^ (h >> 15)
-    h = h * <unsigned int>0x846CA68B
-    h = h ^ (h >> 16)
+    """dscale if flat index i is kept, else 0: fc_dropout_hash(i, key) >= thr (csrc/fc_math.h)."""
+    cdef unsigned int h = fc_dropout_hash(i, key)
     return dscale if h >= thr else <float>0.0
 
 
@@ -459,7 +412,7 @@ def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::
     """out = inp @ weight (weights are stored [in, out]).
 
     out (N, OC); inp (N, IC); weight (IC, OC).
-    Row blocks of N run in parallel, each one single-threaded sgemm (see _blas_threads).
+    Row blocks of N run in parallel, each one single-threaded sgemm (see _gemm_threads).
     """
     cdef int N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
     cdef int nthreads = _gemm_threads()
@@ -555,7 +508,7 @@ cdef void _attention_forward_bh(float* out, float* att, const float* qkv, Py_ssi
         _row_times_t(a, qkv + t * C3, kt, Tp, n, HS, scale)
         mx = _vmax(a, n)
         for t2 in range(n):
-            a[t2] = _expf(a[t2] - mx)
+            a[t2] = fc_expf(a[t2] - mx)
         inv = 1.0 / _vsum(a, n)
         for t2 in range(n):
             a[t2] = a[t2] * inv
@@ -592,7 +545,7 @@ cdef void _attention_forward_bh_small(float* out, float* att, const float* qkv, 
             a[t2] = _dot(q, k + t2 * C3, HS) * scale
         mx = _vmax(a, t + 1)
         for t2 in range(t + 1):
-            a[t2] = _expf(a[t2] - mx)
+            a[t2] = fc_expf(a[t2] - mx)
         inv = 1.0 / _vsum(a, t + 1)
         for t2 in range(t + 1):
             a[t2] = a[t2] * inv
@@ -825,7 +778,7 @@ cdef void _attention_decode_bh(float* out, const float* q, const float* kc, cons
     for d in range(HS):
         out[d] = 0.0
     for t2 in range(n_ctx):
-        p = _expf(_dot(q, kc + t2 * C, HS) * scale - mx)
+        p = fc_expf(_dot(q, kc + t2 * C, HS) * scale - mx)
         l = l + p
         _axpy(out, p, vc + t2 * C, HS)
     p = 1.0 / l
@@ -975,6 +928,65 @@ def relu2_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout,
         for i in prange(nchunks, schedule="static"):
             _relu2_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK,
                                   min(CHUNK, n - i * CHUNK))
+
+
+cdef inline void _rope_row(float* out, const float* x, const float* cos, const float* sin,
+                          Py_ssize_t C, Py_ssize_t half, float sign, bint accumulate) noexcept nogil:
+    """One row of 3C: every head of q and k turned by (cos, sign * sin), v copied (or added)."""
+    cdef Py_ssize_t h, h0, i, j
+    cdef float x0, x1, c, s
+    for h in range(C // half):  # the heads of q, then of k
+        h0 = h * 2 * half
+        for i in range(half):
+            x0 = x[h0 + i]
+            x1 = x[h0 + half + i]
+            c = cos[i]
+            s = sign * sin[i]
+            if accumulate:
+                out[h0 + i] = out[h0 + i] + (x0 * c - x1 * s)
+                out[h0 + half + i] = out[h0 + half + i] + (x0 * s + x1 * c)
+            else:
+                out[h0 + i] = x0 * c - x1 * s
+                out[h0 + half + i] = x0 * s + x1 * c
+    for j in range(2 * C, 3 * C):
+        out[j] = out[j] + x[j] if accumulate else x[j]
+
+
+def rope_forward(float[:, :, ::1] out, const float[:, :, ::1] inp, const float[:, ::1] cos,
+                 const float[:, ::1] sin) -> None:
+    """Rotary positions: q and k of every head turned, v copied; out may be inp (in place).
+
+    With a = x[:HS/2], b = x[HS/2:] of a head vector at position t: [a cos - b sin, a sin + b cos].
+    out, inp (B, T, 3C); cos, sin (>=T, HS/2), position t reads row t.
+    """
+    cdef Py_ssize_t B = inp.shape[0], T = inp.shape[1], C = inp.shape[2] // 3, half = cos.shape[1]
+    cdef Py_ssize_t n
+    cdef float* po = &out[0, 0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    cdef const float* pc = &cos[0, 0]
+    cdef const float* ps = &sin[0, 0]
+    with nogil:
+        for n in prange(B * T, schedule="static"):
+            _rope_row(po + n * 3 * C, px + n * 3 * C, pc + (n % T) * half, ps + (n % T) * half, C, half,
+                      1.0, False)
+
+
+def rope_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const float[:, ::1] cos,
+                  const float[:, ::1] sin) -> None:
+    """Backward of rope_forward (the rotation transposed): [da cos + db sin, -da sin + db cos]. Accumulates.
+
+    dinp, dout (B, T, 3C); cos, sin (>=T, HS/2).
+    """
+    cdef Py_ssize_t B = dout.shape[0], T = dout.shape[1], C = dout.shape[2] // 3, half = cos.shape[1]
+    cdef Py_ssize_t n
+    cdef float* pd = &dinp[0, 0, 0]
+    cdef const float* py = &dout[0, 0, 0]
+    cdef const float* pc = &cos[0, 0]
+    cdef const float* ps = &sin[0, 0]
+    with nogil:
+        for n in prange(B * T, schedule="static"):
+            _rope_row(pd + n * 3 * C, py + n * 3 * C, pc + (n % T) * half, ps + (n % T) * half, C, half,
+                      -1.0, True)
 
 
 cdef inline void _add_chunk(float* out, const float* a, const float* b, Py_ssize_t n) noexcept nogil:

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from fastchar.config import ModelConfig, TrainConfig
+from fastchar.config import POSITIONS, ModelConfig, TrainConfig
 from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
 
@@ -31,6 +31,8 @@ MODEL_HELP = {
     "ctx": f"context length T in characters (default {DEFAULT_MODEL.ctx})",
     "mlp_hidden": "MLP width (default 4 * d_model)",
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
+    "position": "positions: learned (an absolute table, SPEC's base model; the default) or rope (rotary)",
+    "rope_base": f"rotary base: pair i turns by p * base**(-2i/HS) (default {DEFAULT_MODEL.rope_base:g})",
 }
 TRAIN_HELP = {
     "batch": f"sequences per micro-batch B (default {DEFAULT_TRAIN.batch})",
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = train.add_argument_group("model (ModelConfig)")
     for f in dataclasses.fields(ModelConfig):
+        if f.name == "position":
+            group.add_argument("--position", choices=POSITIONS, default=None, help=MODEL_HELP[f.name])
+            continue
         kind = float if f.type == "float" else int
         group.add_argument(_flag(f.name), type=_number(kind), default=None, help=MODEL_HELP[f.name])
     group = train.add_argument_group("training (TrainConfig)")
@@ -482,19 +487,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
+    """Run the benchmark scripts of a source checkout as `python -m benchmarks....` in their own
+    process: the installed package never imports the benchmarks folder (a wheel does not ship it)."""
+    import subprocess
 
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "bench_train.py").is_file():
         raise FastcharError(
-            "the benchmarks are not installed with the package", hint="run `fastchar bench` from a source checkout"
+            "the benchmarks are not installed with the package",
+            hint="run `fastchar bench` from a source checkout (pip install -e .), which has benchmarks/",
         )
-    sys.path.insert(0, str(root))
     rest = [a for a in args.rest if a != "--"] + (["--quick"] if args.quick else [])
     if args.kernels:
-        importlib.import_module("benchmarks.bench_kernels").main(["--quick"] if args.quick else [])
-    importlib.import_module("benchmarks.bench_train").main(rest)
-    return 0
+        kernels = [sys.executable, "-m", "benchmarks.bench_kernels", *(["--quick"] if args.quick else [])]
+        code = subprocess.run(kernels, cwd=root).returncode
+        if code:
+            return code
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *rest], cwd=root).returncode
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from fastchar.errors import ConfigError
 
+POSITIONS = ("learned", "rope")  # ModelConfig.position: absolute learned table, or rotary (RoPE)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -20,6 +22,8 @@ class ModelConfig:
     ctx: int = 64  # T, the longest context the learned positions cover
     mlp_hidden: int = 512  # 4 * d_model, width of the squared-ReLU MLP
     dropout: float = 0.0  # on attention probabilities and residual branches, training only
+    position: str = "learned"  # "learned": a wpe table of ctx rows; "rope": rotary q and k, no wpe
+    rope_base: float = 10000.0  # rotary base: pair i of a head turns by p * rope_base**(-2i/HS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "ctx", "mlp_hidden"):
@@ -30,6 +34,18 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.position not in POSITIONS:
+            raise ConfigError(
+                f"ModelConfig.position must be one of {', '.join(POSITIONS)}, got {self.position!r}",
+                hint="learned: absolute positions (SPEC's base model); rope: rotary positions",
+            )
+        if not self.rope_base > 1.0:
+            raise ConfigError(f"ModelConfig.rope_base must be > 1, got {self.rope_base!r}")
+        if self.position == "rope" and self.head_size % 2:
+            raise ConfigError(
+                f"rotary positions need an even head size, got d_model/n_head = {self.head_size}",
+                hint="pick d_model and n_head so that d_model // n_head is even",
+            )
 
     @property
     def head_size(self) -> int:

@@ -1,15 +1,17 @@
 """Model: the character-level GPT of SPEC.md over flat arenas, orchestrating one backend's kernels.
 
 Holds four parameter-shaped arenas (params, grads, adam_m, adam_v) and two activation arenas (acts,
-dacts) sized by the batch. `forward` reads like the architecture, one kernel call per line, and
-`backward` is the same list reversed. Sampling (KV cache) lives in sampler.py, the optimizer step in
-optim.py and checkpoints in checkpoint.py.
+dacts) sized by the batch. The network itself is described once, in fastchar/graph.py (read
+`block_ops` for the architecture); `forward` runs that list of kernel calls bound to the arenas'
+views, and `backward` the same list reversed. Sampling (KV cache) lives in sampler.py, the optimizer
+step in optim.py and checkpoints in checkpoint.py.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,25 +20,20 @@ from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
+from fastchar.graph import TARGETS, TOKENS, U32, Views, fill_constants, init_std, lowbias32, training_plan
 
-RMSNORM_EPS = 1e-5
-INIT_STD = 0.02
-MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: int) -> int:
-    """The lowbias32 integer hash (the one the dropout kernels use per element)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
+MASK32 = U32
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """(B, T, X) -> (B*T, X) view for the matmul kernels."""
-    return a.reshape(-1, a.shape[-1])
+@dataclass
+class RunInfo:
+    """What a model carries besides the network: the tokenizer, training config (as a dict) and
+    training state of the run or checkpoint its weights come from, and that checkpoint's folder."""
+
+    tokenizer: Any = None
+    train_cfg: dict | None = None
+    state: dict = field(default_factory=dict)
+    path: Path | None = None
 
 
 class Model:
@@ -71,10 +68,15 @@ class Model:
         self.training = True
         self.dropout_seed = seed & MASK32  # masks are a hash of (seed, counter, site, element)
         self.dropout_counter = 0  # training forwards so far; saved in checkpoints for exact resume
-        self.tokenizer = None  # set by fastchar.load and the Trainer
-        self.train_cfg: dict | None = None
-        self.train_state: dict = {}
+        self.run = RunInfo()  # where the weights come from (a checkpoint, a Trainer); not the model
         self.init_weights(seed)
+
+    # The run's data, kept in `run` (README: `fastchar.load(path).tokenizer`); settable for the
+    # Trainer and checkpoint.load.
+    tokenizer = property(lambda self: self.run.tokenizer, lambda self, v: setattr(self.run, "tokenizer", v))
+    train_cfg = property(lambda self: self.run.train_cfg, lambda self, v: setattr(self.run, "train_cfg", v))
+    train_state = property(lambda self: self.run.state, lambda self, v: setattr(self.run, "state", v))
+    checkpoint_path = property(lambda self: self.run.path, lambda self, v: setattr(self.run, "path", v))
 
     @property
     def backend(self) -> str:
@@ -83,12 +85,11 @@ class Model:
     def init_weights(self, seed: int) -> None:
         """SPEC's init: normal(0, 0.02); output projections 0.02/sqrt(2L); norm gains ones."""
         rng = np.random.default_rng(seed)
-        proj_std = INIT_STD / math.sqrt(2 * self.cfg.n_layer)
         for name, view in self.params.items():
-            if name.endswith(".weight"):
+            std = init_std(name, self.cfg)
+            if std is None:
                 view[...] = 1.0
             else:
-                std = proj_std if name.endswith(("attn.proj", "mlp.proj")) else INIT_STD
                 view[...] = rng.normal(0.0, std, size=view.shape)
 
     def num_params(self) -> int:
@@ -133,101 +134,22 @@ class Model:
         return self
 
     def _ensure_acts(self, B: int, T: int) -> Arena:
-        """Size the activation arenas for (B, T) and build the kernel-call plans over their views."""
+        """Size the activation arenas for (B, T) and bind the network's ops (fastchar/graph.py) to
+        their views: a plan with and one without dropout, so a step only patches dropout keys."""
         if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
             self.acts = Arena(act_specs(self.cfg, B, T), self.dtype)
             self.dacts = Arena(self.acts.specs, self.dtype)
             self._idx = np.zeros((B, T), np.int32)
             self._tgt = np.zeros((B, T), np.int32)
-            self._plans = {drop: self._build_plans(drop) for drop in (False, True)}
+            fill_constants(self.acts, self.cfg, T)
+            views = Views(self.params, self.grads, self.acts, self.dacts, {TOKENS: self._idx, TARGETS: self._tgt})
+            self._plans = {drop: training_plan(self.cfg, self.kernels, views, drop) for drop in (False, True)}
         return self.acts
-
-    def _build_plans(self, dropout: bool) -> tuple[list, list, list]:
-        """Forward and backward as lists of (kernel, args) over fixed views, and the dropout key slots.
-
-        forward reads like the architecture, one kernel call per line; backward is the same list
-        reversed. Only the dropout keys change from step to step: `slots` holds (args, index, site)
-        to patch before each call.
-        """
-        k, p, g, a, d = self.kernels, self.params, self.grads, self.acts, self.dacts
-        cfg, eps, rate = self.cfg, RMSNORM_EPS, self.cfg.dropout
-        dropout = dropout and rate > 0
-        fwd: list = [(k.embedding_forward, [a["encoded"], self._idx, p["wte"], p["wpe"]])]
-        bwd: list = []
-        slots: list = []
-
-        def keyed(plan: list, fn, args: list, site: int) -> None:
-            plan.append((fn, args))
-            slots.append((args, len(args) - 2, site))
-
-        residual = "encoded"
-        for i in range(cfg.n_layer):
-            s = f"blocks.{i}."
-            attproj, fcproj = (s + "attproj_drop", s + "fcproj_drop") if dropout else (s + "attproj", s + "fcproj")
-            fwd.append((k.rmsnorm_forward, [a[s + "ln1"], a[s + "ln1_rstd"], a[residual], p[s + "ln1.weight"], eps]))
-            fwd.append((k.matmul_forward, [_rows(a[s + "qkv"]), _rows(a[s + "ln1"]), p[s + "attn.qkv"]]))
-            if dropout:
-                keyed(fwd, k.attention_dropout_forward, [a[s + "atty"], a[s + "att"], a[s + "qkv"], 0, rate], 3 * i)
-            else:
-                fwd.append((k.attention_forward, [a[s + "atty"], a[s + "att"], a[s + "qkv"]]))
-            fwd.append((k.matmul_forward, [_rows(a[s + "attproj"]), _rows(a[s + "atty"]), p[s + "attn.proj"]]))
-            if dropout:
-                keyed(fwd, k.dropout_forward, [a[attproj], a[s + "attproj"], 0, rate], 3 * i + 1)
-            fwd.append((k.residual_forward, [a[s + "res1"], a[residual], a[attproj]]))
-            fwd.append((k.rmsnorm_forward, [a[s + "ln2"], a[s + "ln2_rstd"], a[s + "res1"], p[s + "ln2.weight"], eps]))
-            fwd.append((k.matmul_forward, [_rows(a[s + "fch"]), _rows(a[s + "ln2"]), p[s + "mlp.fc"]]))
-            fwd.append((k.relu2_forward, [a[s + "fch_act"], a[s + "fch"]]))
-            fwd.append((k.matmul_forward, [_rows(a[s + "fcproj"]), _rows(a[s + "fch_act"]), p[s + "mlp.proj"]]))
-            if dropout:
-                keyed(fwd, k.dropout_forward, [a[fcproj], a[s + "fcproj"], 0, rate], 3 * i + 2)
-            fwd.append((k.residual_forward, [a[s + "res2"], a[s + "res1"], a[fcproj]]))
-
-            layer: list = []  # this layer's backward, in forward order; reversed below
-            if dropout:
-                args = [d[s + "qkv"], d[s + "att"], d[s + "atty"], a[s + "qkv"], a[s + "att"], 0, rate]
-                keyed(layer, k.attention_dropout_backward, args, 3 * i)
-            else:
-                layer.append(
-                    (k.attention_backward, [d[s + "qkv"], d[s + "att"], d[s + "atty"], a[s + "qkv"], a[s + "att"]])
-                )
-            layer.insert(0, (k.matmul_backward, [_rows(d[s + "ln1"]), g[s + "attn.qkv"], _rows(d[s + "qkv"]),
-                                                 _rows(a[s + "ln1"]), p[s + "attn.qkv"]]))  # fmt: skip
-            layer.insert(0, (k.rmsnorm_backward, [d[residual], g[s + "ln1.weight"], d[s + "ln1"], a[residual],
-                                                  p[s + "ln1.weight"], a[s + "ln1_rstd"]]))  # fmt: skip
-            layer.append((k.matmul_backward, [_rows(d[s + "atty"]), g[s + "attn.proj"], _rows(d[s + "attproj"]),
-                                              _rows(a[s + "atty"]), p[s + "attn.proj"]]))  # fmt: skip
-            if dropout:
-                keyed(layer, k.dropout_backward, [d[s + "attproj"], d[attproj], 0, rate], 3 * i + 1)
-            layer.append((k.residual_backward, [d[residual], d[attproj], d[s + "res1"]]))
-            layer.append((k.rmsnorm_backward, [d[s + "res1"], g[s + "ln2.weight"], d[s + "ln2"], a[s + "res1"],
-                                               p[s + "ln2.weight"], a[s + "ln2_rstd"]]))  # fmt: skip
-            layer.append((k.matmul_backward, [_rows(d[s + "ln2"]), g[s + "mlp.fc"], _rows(d[s + "fch"]),
-                                              _rows(a[s + "ln2"]), p[s + "mlp.fc"]]))  # fmt: skip
-            layer.append((k.relu2_backward, [d[s + "fch"], d[s + "fch_act"], a[s + "fch"]]))
-            layer.append((k.matmul_backward, [_rows(d[s + "fch_act"]), g[s + "mlp.proj"], _rows(d[s + "fcproj"]),
-                                              _rows(a[s + "fch_act"]), p[s + "mlp.proj"]]))  # fmt: skip
-            if dropout:
-                keyed(layer, k.dropout_backward, [d[s + "fcproj"], d[fcproj], 0, rate], 3 * i + 2)
-            layer.append((k.residual_backward, [d[s + "res1"], d[fcproj], d[s + "res2"]]))
-            bwd = list(reversed(layer)) + bwd  # later layers run their backward first
-            residual = s + "res2"
-        fwd.append((k.rmsnorm_forward, [a["lnf"], a["lnf_rstd"], a[residual], p["ln_f.weight"], eps]))
-        fwd.append((k.matmul_forward, [_rows(a["logits"]), _rows(a["lnf"]), p["lm_head"]]))
-        head = [
-            (k.crossentropy_backward, [d["logits"], d["losses"], a["probs"], self._tgt]),
-            (k.matmul_backward, [_rows(d["lnf"]), g["lm_head"], _rows(d["logits"]), _rows(a["lnf"]), p["lm_head"]]),
-            (
-                k.rmsnorm_backward,
-                [d[residual], g["ln_f.weight"], d["lnf"], a[residual], p["ln_f.weight"], a["lnf_rstd"]],
-            ),
-        ]
-        bwd = head + bwd + [(k.embedding_backward, [g["wte"], g["wpe"], d["encoded"], self._idx])]
-        return fwd, bwd, slots
 
     def dropout_keys(self, counter: int) -> list[int]:
         """32-bit keys of the dropout masks of training step `counter`: three sites per layer."""
-        base = _mix32(_mix32(self.dropout_seed) ^ (counter & MASK32))
-        return [_mix32(base ^ site) for site in range(3 * self.cfg.n_layer)]
+        base = lowbias32(lowbias32(self.dropout_seed) ^ (counter & MASK32))
+        return [lowbias32(base ^ site) for site in range(3 * self.cfg.n_layer)]
 
     def forward(self, x: npt.ArrayLike, y: npt.ArrayLike | None = None) -> float | None:
         """Run the model on x (B, T) token ids; with targets y (B, T) return the mean loss.
@@ -243,19 +165,20 @@ class Model:
         a = self._ensure_acts(*x.shape)
         self._idx[...] = x
         self._dropout = self.training and self.cfg.dropout > 0
-        fwd, _, slots = self._plans[self._dropout]
+        plan = self._plans[self._dropout]
         if self._dropout:
             keys = self.dropout_keys(self.dropout_counter)
             self.dropout_counter += 1
-            for args, index, site in slots:
+            for args, index, site in plan.keys:
                 args[index] = keys[site]
-        for kernel, args in fwd:
+        for kernel, args in plan.forward:  # embedding, L blocks, head: graph.forward_ops
             kernel(*args)
         self._has_targets = y is not None
         if y is None:
             return None
         self._tgt[...] = y
-        self.kernels.crossentropy_forward(a["losses"], a["probs"], a["logits"], self._tgt)
+        for kernel, args in plan.loss:
+            kernel(*args)
         return float(np.mean(a["losses"], dtype=np.float64))
 
     def zero_grad(self) -> None:
@@ -277,7 +200,7 @@ class Model:
             self.zero_grad()
         B, T = self._idx.shape
         self.dacts["losses"].fill(1.0 / (B * T))
-        for kernel, args in self._plans[self._dropout][1]:
+        for kernel, args in self._plans[self._dropout].backward:  # the forward's ops, reversed
             kernel(*args)
 
     def save(self, path: str | Path, **extra: object) -> Path:

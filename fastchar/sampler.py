@@ -1,16 +1,28 @@
 """Sampling: a KV cache, one-position decode steps, temperature / top-k / top-p, a seeded RNG.
 
-Each new character costs one position's work: its key and value are appended to the cache and its
-query attends to everything cached. Positions are learned and absolute (wpe has ctx rows), so the
-cache cannot slide: when it is full, the newest ctx/2 characters are kept and re-encoded from
-position 0 (one prefill per ctx/2 new characters). The model therefore always conditions on the
-last ctx/2 to ctx characters, never on fewer (once that many exist).
+Each new character costs one position's work: the network's ops (fastchar/graph.py) run on one row,
+its key and value are appended to the cache and its query attends to everything cached. How the
+cache is kept once the window (ctx) is full depends on the positions:
+- learned (absolute: wpe has ctx rows): the cache cannot slide, so the newest window/2 characters
+  are kept and re-encoded from position 0 (one prefill per window/2 new characters); the model
+  always conditions on the last window/2 to window characters.
+- rope (relative): the cache slides by one position per character. It is a ring of `window` rows;
+  the new key overwrites the oldest, rotated by its absolute position p (angles in float64 from the
+  integer position, so they stay exact in long generations). Scores depend on p - j only, so this is
+  sliding-window attention: every layer attends to the last `window` positions, and the logits equal
+  a full forward over the whole text with attention limited to that band (tests/test_rope.py). They
+  are not those of a fresh forward over the window's characters alone once the window has slid:
+  a cached key of layer 2 and up was computed while older characters were still visible (with one
+  layer the two agree). No character is ever re-encoded.
 
 `stream` runs the whole per-character loop in compiled code when the model's backend provides
 `generate_tokens` (numba: fastchar/backends/numba_decode.py, cython: csrc/_decode.pyx) and the model
-is float32: one call per chunk of DECODE_CHUNK characters, same cache rule, same sampling, the same
-uniforms drawn from the same Generator in the same order. Otherwise (the numpy reference, float64)
-it runs the Python loop below (KVCache + sample_token), which is the reference for the compiled one.
+is float32: they walk graph.decode_table (opcodes, scratch offsets, weights by name), one call per
+chunk of DECODE_CHUNK characters, with the same cache rule and the same uniforms drawn from the same
+Generator in the same order. Both compiled loops sample with one C routine (csrc/fc_sample.c);
+otherwise (the numpy reference, float64) the Python loop below (KVCache + sample_token) runs.
+The two samplers agree on the probabilities to ~1e-12 relative (float64, other summation order), so a
+seeded text is the same unless a uniform lands within that of a cdf boundary.
 """
 
 from __future__ import annotations
@@ -20,33 +32,21 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from fastchar.arena import Arena
-from fastchar.config import ModelConfig
 from fastchar.errors import ConfigError, InputError
-from fastchar.model import RMSNORM_EPS, Model
+from fastchar.graph import TOKENS, Views, act_specs, decode_table, forward_args, forward_ops, rope_tables
+from fastchar.model import Model
 from fastchar.tokenizer import CharTokenizer
-
-
-def cache_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Keys and values of every layer (one sequence) plus the scratch of one decode step."""
-    L, S, C, H, V = cfg.n_layer, cfg.ctx, cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
-    return [
-        ("k", (L, 1, S, C)),
-        ("v", (L, 1, S, C)),
-        ("x", (1, 1, C)),
-        ("h", (1, 1, C)),
-        ("rstd", (1, 1)),
-        ("qkv", (1, 3 * C)),
-        ("atty", (1, C)),
-        ("proj", (1, 1, C)),
-        ("fch", (1, 1, H)),
-        ("fch_act", (1, 1, H)),
-        ("logits", (1, V)),
-    ]
-
 
 # Characters per call of a compiled generation loop: big enough that the Python call (~10 us) is
 # noise, small enough that `stream` still hands out text as it is made.
 DECODE_CHUNK = 32
+
+
+def aligned_zeros(n: int, align: int = 64) -> np.ndarray:
+    """(n,) float32 zeros whose first element sits on an `align`-byte boundary."""
+    raw = np.zeros(n + align // 4, np.float32)
+    start = (-raw.ctypes.data % align) // 4
+    return raw[start : start + n]
 
 
 def check_window(model: Model, window: int | None) -> int:
@@ -57,21 +57,27 @@ def check_window(model: Model, window: int | None) -> int:
     return window
 
 
-def decode_scratch_size(cfg: ModelConfig, window: int) -> int:
-    """float32 scratch of a compiled generation loop: logits (V) + S rows of x, h, proj, qkv, atty
-    (7C), fch (H) and attention scores (1), S = window."""
-    return cfg.vocab_size + window * (7 * cfg.d_model + cfg.mlp_hidden + 1)
-
-
 class KVCache:
-    """Cached keys and values of the tokens in `tokens`, which sit at positions 0..len-1."""
+    """Cached keys and values of the tokens in `tokens` (the window, oldest first).
+
+    The decode step runs graph.forward_ops on one row (an activation arena of B = T = 1); the
+    attention op becomes "append k, v to the cache, then attend to all of it" (attention_decode).
+    `slides` (rope): a full cache takes a new token by dropping the oldest (a ring of rows).
+    """
 
     def __init__(self, model: Model, window: int | None = None) -> None:
         window = check_window(model, window)
+        cfg = model.cfg
         self.model = model
         self.window = window
-        self.arena = Arena(cache_specs(model.cfg), model.dtype)
+        self.slides = cfg.position == "rope"
+        cache = [("k", (cfg.n_layer, 1, window, cfg.d_model)), ("v", (cfg.n_layer, 1, window, cfg.d_model))]
+        self.arena = Arena(act_specs(cfg, 1, 1, dropout=False) + cache, model.dtype)
+        self._idx = np.zeros((1, 1), np.int32)
+        views = Views(model.params, None, self.arena, None, {TOKENS: self._idx})
+        self.ops = [(op, forward_args(op, views)) for op in forward_ops(cfg)]
         self.tokens: list[int] = []
+        self.pos = 0  # absolute position of the next token (rope keeps counting as the window slides)
 
     @property
     def length(self) -> int:
@@ -79,35 +85,36 @@ class KVCache:
 
     def reset(self) -> None:
         self.tokens = []
+        self.pos = 0
 
     def step(self, token: int) -> np.ndarray:
         """Append token at the next position and return its logits (V,), a view valid until the next step."""
         model, a = self.model, self.arena
-        cfg, k, p = model.cfg, model.kernels, model.params
-        pos = self.length
-        if pos >= self.window:
+        k, cfg = model.kernels, model.cfg
+        if self.length >= self.window and not self.slides:
             raise InputError(f"the KV cache is full ({self.window} positions); reset or refill it")
-        C = cfg.d_model
-        x, h, qkv, proj = a["x"], a["h"], a["qkv"], a["proj"]
-        k.embedding_forward(x, np.array([[token]], np.int32), p["wte"], p["wpe"][pos : pos + 1])
-        for i in range(cfg.n_layer):
-            s = f"blocks.{i}."
-            k.rmsnorm_forward(h, a["rstd"], x, p[s + "ln1.weight"], RMSNORM_EPS)
-            k.matmul_forward(qkv, h[0], p[s + "attn.qkv"])
-            a["k"][i, 0, pos] = qkv[0, C : 2 * C]
-            a["v"][i, 0, pos] = qkv[0, 2 * C :]
-            k.attention_decode(a["atty"], qkv[:, :C], a["k"][i], a["v"][i], pos + 1, cfg.n_head)
-            k.matmul_forward(proj[0], a["atty"], p[s + "attn.proj"])
-            k.residual_forward(x, x, proj)
-            k.rmsnorm_forward(h, a["rstd"], x, p[s + "ln2.weight"], RMSNORM_EPS)
-            k.matmul_forward(a["fch"][0], h[0], p[s + "mlp.fc"])
-            k.relu2_forward(a["fch_act"], a["fch"])
-            k.matmul_forward(proj[0], a["fch_act"][0], p[s + "mlp.proj"])
-            k.residual_forward(x, x, proj)
-        k.rmsnorm_forward(h, a["rstd"], x, p["ln_f.weight"], RMSNORM_EPS)
-        k.matmul_forward(a["logits"], h[0], p["lm_head"])
-        self.tokens.append(int(token))
-        return a["logits"][0]
+        pos, slot = self.pos, self.pos % self.window
+        n_ctx = min(self.length + 1, self.window)
+        self._idx[0, 0] = token
+        if self.slides:
+            cos, sin = rope_tables(cfg, np.array([pos]))
+            a["rope.cos"][...], a["rope.sin"][...] = cos, sin
+        layer = 0
+        for op, args in self.ops:
+            if op.kind == "embedding" and op.weights[1] == "wpe":
+                k.embedding_forward(args[0], args[1], args[2], model.params["wpe"][pos : pos + 1])
+            elif op.kind == "attention":
+                qkv = a[op.inputs[0]][0]  # (1, 3C): q | k | v of the new position
+                C = cfg.d_model
+                a["k"][layer, 0, slot] = qkv[0, C : 2 * C]
+                a["v"][layer, 0, slot] = qkv[0, 2 * C :]
+                k.attention_decode(a[op.out][0], qkv[:, :C], a["k"][layer], a["v"][layer], n_ctx, cfg.n_head)
+                layer += 1
+            else:
+                getattr(k, op.kind + "_forward")(*args)
+        self.tokens = [*self.tokens[len(self.tokens) + 1 - n_ctx :], int(token)]
+        self.pos += 1
+        return a["logits"][0, 0]
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Step through tokens (a prefill); returns the logits after the last one."""
@@ -118,8 +125,9 @@ class KVCache:
         return logits
 
     def advance(self, token: int) -> np.ndarray:
-        """Append token, re-encoding the newest window/2 tokens from position 0 when the cache is full."""
-        if self.length >= self.window:
+        """Append token; a full cache slides (rope) or re-encodes its newest window/2 tokens from
+        position 0 (learned positions)."""
+        if self.length >= self.window and not self.slides:
             n_keep = max(self.window // 2 - 1, 0)  # plus the new token: window/2 in all
             keep = self.tokens[len(self.tokens) - n_keep :]
             self.reset()
@@ -160,16 +168,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
-def sample_token(
-    logits: np.ndarray,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    rng: np.random.Generator,
-) -> int:
-    """Draw a token id from logits (V,): temperature 0 is greedy, then top-k, then top-p."""
-    if temperature == 0:
-        return int(np.argmax(logits))
+def token_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """The distribution a draw samples from (V,) float64: softmax(logits / temperature), then top-k,
+    then top-p. temperature > 0 (0 is greedy: see sample_token)."""
     z = logits.astype(np.float64) / temperature
     if top_k is not None:
         z = top_k_filter(z, top_k)
@@ -177,6 +178,23 @@ def sample_token(
     probs /= probs.sum()
     if top_p is not None and top_p < 1:
         probs = top_p_filter(probs, top_p)
+    return probs
+
+
+def sample_token(
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+) -> int:
+    """Draw a token id from logits (V,): temperature 0 is greedy, then top-k, then top-p.
+
+    The draw is the first id whose cumulative probability exceeds u * total, u = rng.random().
+    """
+    if temperature == 0:
+        return int(np.argmax(logits))
+    probs = token_probs(logits, temperature, top_k, top_p)
     cdf = np.cumsum(probs)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
 
@@ -231,17 +249,17 @@ def compiled_tokens(
         raise ConfigError(f"chunk must be >= 1, got {chunk}")
     cfg = model.cfg
     V = cfg.vocab_size
-    params = model.params
-    offsets = np.array([params.offsets[name] for name, _ in params.specs], np.int64)
+    plan = decode_table(cfg, model.params.offsets, window)
     kcache = np.zeros((cfg.n_layer, cfg.d_model, window), np.float32)  # time last (see the kernels)
     vcache = np.zeros_like(kcache)
-    scratch = np.zeros(decode_scratch_size(cfg, window), np.float32)
+    scratch = aligned_zeros(plan.scratch_size)  # each slot starts a cache line (threads split at lines)
     work = np.zeros(3 * V, np.float64)
     order = np.zeros(V, np.int32)
     tokens = np.zeros(window, np.int32)
     prompt = ids[-window:]
     tokens[: len(prompt)] = prompt
-    n_cache, n_feed = 0, len(prompt)
+    state = np.zeros(2, np.int64)  # tokens in the cache, absolute position of the next one
+    n_feed = len(prompt)
     out = np.zeros(chunk, np.int32)
     no_uniforms = np.zeros(chunk, np.float64)
     no_logits = np.zeros((0, V), np.float32)
@@ -252,9 +270,10 @@ def compiled_tokens(
         n = min(chunk, max_new_tokens - done)
         uniforms = rng.random(n) if temperature > 0 else no_uniforms[:n]  # one draw per token, as sample_token
         rows = no_logits if logits is None else logits[done : done + n]
-        n_cache = fn(
-            out[:n], tokens, n_cache, n_feed, params.flat, offsets, cfg.n_head, kcache, vcache,
-            scratch, work, order, float(temperature), k, p, uniforms, done + n < max_new_tokens, rows,
+        fn(
+            out[:n], tokens, state, n_feed, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
+            cfg.n_head, kcache, vcache, scratch, plan.logits, work, order, float(temperature), k, p, uniforms,
+            done + n < max_new_tokens, rows,
         )  # fmt: skip
         n_feed = 0
         done += n

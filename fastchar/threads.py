@@ -13,7 +13,6 @@ NUMBA_THREADING_LAYER=workqueue avoids it at a cost to the Numba backend (29k ->
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from fastchar.errors import ConfigError
@@ -44,22 +43,10 @@ def set_threads(n: int | None = None) -> int:
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"--threads must be a positive integer, got {n!r}")
     os.environ["OMP_NUM_THREADS"] = str(n)
-    if importlib.util.find_spec("numba") is not None:
-        import numba
+    from fastchar.backends import thread_hooks
 
-        if n > numba.config.NUMBA_NUM_THREADS:
-            raise ConfigError(
-                f"--threads {n} exceeds Numba's pool of {numba.config.NUMBA_NUM_THREADS} threads",
-                hint=f"use at most {numba.config.NUMBA_NUM_THREADS} (this machine has {cores()} cores), "
-                "or set NUMBA_NUM_THREADS before starting",
-            )
-        numba.set_num_threads(n)
-    try:
-        from fastchar import _cykernels
-
-        _cykernels.set_openmp_threads(n)
-    except ImportError:
-        pass
+    for backend in thread_hooks():  # numba's prange pool, the Cython kernels' OpenMP loops
+        backend.set_threads(n)
     import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, the one the kernels call, so it is limited too)
     from threadpoolctl import threadpool_limits
 
@@ -80,21 +67,11 @@ def thread_report() -> dict:
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "replaced_OPENBLAS_CORETYPE": os.environ.get("FASTCHAR_REPLACED_OPENBLAS_CORETYPE"),
     }
-    if importlib.util.find_spec("numba") is not None:
-        import numba
+    from fastchar.backends import thread_hooks
 
-        try:
-            layer = numba.threading_layer()
-        except ValueError:
-            layer = f"not started yet (config: {numba.config.THREADING_LAYER})"
-        report["numba"] = {"threads": numba.get_num_threads(), "threading_layer": layer}
-    try:
-        from fastchar._cykernels import openmp_enabled, openmp_max_threads
-
-        # without OpenMP (a compiler that has none, see setup.py) the kernels run on 1 thread
-        report["openmp"] = {"threads": openmp_max_threads(), "enabled": bool(openmp_enabled())}
-    except ImportError:  # not built, or a stale build
-        report["openmp"] = None
+    report["openmp"] = None
+    for backend in thread_hooks():
+        report.update(backend.thread_info())
     from threadpoolctl import threadpool_info
 
     report["blas"] = [

@@ -136,6 +136,61 @@ def test_attention(r):
     assert_grad("dqkv", dqkv - 1, numeric_grad(loss, qkv))
 
 
+def rope_tables(n: int, HS: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    angles = np.array([[p * base ** (-2 * i / HS) for i in range(HS // 2)] for p in range(n)])
+    return np.cos(angles), np.sin(angles)
+
+
+def test_rope(r):
+    """SPEC's rotate-half rule element by element, then the backward against finite differences."""
+    HS = C // NH
+    inp = r.standard_normal((B, T, 3 * C))
+    cos, sin = rope_tables(T + 2, HS)
+    g = r.standard_normal((B, T, 3 * C))
+    out = np.zeros_like(inp)
+
+    def loss() -> float:
+        ref.rope_forward(out, inp, cos, sin)
+        return float(np.sum(out * g))
+
+    loss()
+    expected = inp.copy()
+    for b in range(B):
+        for t in range(T):
+            for head in range(2 * NH):  # q's heads, then k's; v (the last C columns) unchanged
+                o = head * HS
+                for i in range(HS // 2):
+                    a, bb = inp[b, t, o + i], inp[b, t, o + HS // 2 + i]
+                    angle = t * 10000.0 ** (-2 * i / HS)
+                    expected[b, t, o + i] = a * np.cos(angle) - bb * np.sin(angle)
+                    expected[b, t, o + HS // 2 + i] = a * np.sin(angle) + bb * np.cos(angle)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    dinp = np.ones_like(inp)  # nonzero: backward accumulates
+    ref.rope_backward(dinp, g, cos, sin)
+    assert_grad("dinp", dinp - 1, numeric_grad(loss, inp))
+    in_place = inp.copy()
+    ref.rope_forward(in_place, in_place, cos, sin)
+    loss()
+    np.testing.assert_array_equal(in_place, out)
+
+
+def test_rope_scores_are_relative(r):
+    """q.k after rotation depends on the positions' difference only: shifting both changes nothing."""
+    HS = C // NH
+    cos, sin = rope_tables(40, HS)
+    x = r.standard_normal((1, 2, 3 * C))
+    for shift in (0, 7, 31):
+        pair = np.zeros_like(x)
+        for t, p in enumerate((shift + 3, shift)):  # q at p+3, k at p
+            out = np.zeros((1, 1, 3 * C))
+            ref.rope_forward(out, x[:, t : t + 1], cos[p : p + 1], sin[p : p + 1])
+            pair[:, t] = out[:, 0]
+        score = pair[0, 0, :HS] @ pair[0, 1, C : C + HS]
+        if shift == 0:
+            first = score
+        assert score == pytest.approx(first, rel=1e-12)
+
+
 def test_attention_decode_matches_last_row(r):
     qkv = r.standard_normal((B, T, 3 * C))
     out, att = np.zeros((B, T, C)), np.zeros((B, NH, T, T))

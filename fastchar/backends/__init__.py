@@ -1,16 +1,18 @@
 """Backends: a backend is a module that defines every kernel in KERNELS with the reference signature.
 
 `get_backend(name)` returns a namespace of kernels. A backend may leave a kernel out only by naming
-it in its `FALLBACK` set; the reference fills the gap and `fallbacks(name)` reports it. Entries of
-`OPTIONAL` (e.g. the compiled generation loop) live in separate modules and are None when missing. Nothing else
-in fastchar imports a backend module directly: `Model(cfg, backend=...)` chooses.
+it in its `FALLBACK` set; the reference fills the gap and the namespace's `fallback` names it.
+Entries of `OPTIONAL` (e.g. the compiled generation loop) live in separate modules and are None when
+missing. A backend that runs threads defines the hooks `set_threads(n)` and `thread_info()`;
+fastchar.threads reaches them through `thread_hooks()`. Nothing else in fastchar imports a backend
+module directly: `Model(cfg, backend=...)` chooses.
 """
 
 from __future__ import annotations
 
 import importlib
 from functools import cache
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 from fastchar.errors import FastcharError
 
@@ -21,6 +23,8 @@ KERNELS = (
     "rmsnorm_backward",
     "matmul_forward",
     "matmul_backward",
+    "rope_forward",
+    "rope_backward",
     "attention_forward",
     "attention_backward",
     "attention_decode",
@@ -61,10 +65,9 @@ def canonical(name: str) -> str:
     return name
 
 
-@cache
-def _load(name: str) -> SimpleNamespace:
+def _module(name: str) -> ModuleType:
     try:
-        module = importlib.import_module(f"fastchar.backends.{MODULES[name]}")
+        return importlib.import_module(f"fastchar.backends.{MODULES[name]}")
     except ImportError as exc:
         if name == "cython":
             from fastchar.build_info import cython_unavailable
@@ -73,6 +76,24 @@ def _load(name: str) -> SimpleNamespace:
         else:
             message, hint = str(exc), f"use another backend ({', '.join(PREFERENCE)}), or reinstall fastchar"
         raise BackendError(f"backend {name!r} is not available: {message}", hint=hint) from exc
+
+
+def thread_hooks() -> list[ModuleType]:
+    """The backend modules that load here and size threads (define set_threads and thread_info)."""
+    hooks = []
+    for name in MODULES:
+        try:
+            module = _module(name)
+        except BackendError:
+            continue
+        if hasattr(module, "set_threads"):
+            hooks.append(module)
+    return hooks
+
+
+@cache
+def _load(name: str) -> SimpleNamespace:
+    module = _module(name)
     reference = importlib.import_module("fastchar.backends.reference")
     fallback = set(getattr(module, "FALLBACK", ()))
     kernels = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastchar.backends import reference as ref
+from fastchar.graph import RMSNORM_EPS
 
 DROPOUT_KEY = 12345  # the dropout kernels' (key, p): any fixed pair makes them deterministic
 DROPOUT_P = 0.3
@@ -31,10 +32,16 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
         idx[0, : min(T, 3)] = 1  # repeated tokens accumulate into one row
         return {"dwte": f32(r, V, C), "dwpe": f32(r, T + 3, C), "dout": f32(r, B, T, C), "idx": idx}
     if kernel == "rmsnorm_forward":
-        return {"out": f32(r, B, T, C), "rstd": f32(r, B, T), "inp": f32(r, B, T, C), "weight": f32(r, C), "eps": 1e-5}
+        return {
+            "out": f32(r, B, T, C),
+            "rstd": f32(r, B, T),
+            "inp": f32(r, B, T, C),
+            "weight": f32(r, C),
+            "eps": RMSNORM_EPS,
+        }
     if kernel == "rmsnorm_backward":
         inp, weight = f32(r, B, T, C), f32(r, C)
-        rstd = (1 / np.sqrt(np.mean(inp * inp, -1) + 1e-5)).astype(np.float32)
+        rstd = (1 / np.sqrt(np.mean(inp * inp, -1) + RMSNORM_EPS)).astype(np.float32)
         return {
             "dinp": f32(r, B, T, C),
             "dweight": f32(r, C),
@@ -53,6 +60,15 @@ def make_args(kernel: str, shape: tuple, r: np.random.Generator) -> dict:
             "inp": f32(r, N, C),
             "weight": f32(r, C, H),
         }
+    if kernel in ("rope_forward", "rope_backward"):
+        HS = C // NH
+        if HS % 2:  # rotary pairs need an even head size: use half as many, twice as wide heads
+            HS = 2 * HS if C % (2 * HS) == 0 else C
+        angles = np.arange(T + 2)[:, None] * 10000.0 ** (-2.0 * np.arange(HS // 2) / HS)
+        tables = {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+        if kernel == "rope_forward":
+            return {"out": f32(r, B, T, 3 * C), "inp": f32(r, B, T, 3 * C), **tables}
+        return {"dinp": f32(r, B, T, 3 * C), "dout": f32(r, B, T, 3 * C), **tables}
     if kernel == "attention_forward":
         return {"out": f32(r, B, T, C), "att": f32(r, B, NH, T, T), "qkv": f32(r, B, T, 3 * C)}
     if kernel == "attention_backward":

@@ -6,39 +6,15 @@ here: if the extension was not built, importing this module raises ImportError, 
 loader reports as "backend 'cython' is not available".
 
 Threads: the kernels' OpenMP threads also split every matrix product into single-threaded sgemm
-calls; fastchar.threads pins BLAS to one thread (get_backend applies it before any kernel runs).
+calls; fastchar.threads sizes them through the hooks below and pins BLAS to one thread
+(get_backend applies it before any kernel runs).
 """
 
 from __future__ import annotations
 
 try:
-    from fastchar._cykernels import (
-        adamw_update,
-        attention_backward,
-        attention_decode,
-        attention_dropout_backward,
-        attention_dropout_forward,
-        attention_forward,
-        crossentropy_backward,
-        crossentropy_forward,
-        dropout_backward,
-        dropout_forward,
-        embedding_backward,
-        embedding_forward,
-        grad_norm,
-        matmul_backward,
-        matmul_forward,
-        openmp_enabled,
-        openmp_max_threads,
-        relu2_backward,
-        relu2_forward,
-        residual_backward,
-        residual_forward,
-        rmsnorm_backward,
-        rmsnorm_forward,
-        set_gemm_mode,
-        set_openmp_threads,
-    )
+    from fastchar._cykernels import *  # noqa: F403  (every name of fastchar.backends.KERNELS)
+    from fastchar._cykernels import openmp_enabled, openmp_max_threads, set_openmp_threads
 except ImportError as exc:
     raise ImportError(
         "the Cython extension fastchar._cykernels is missing or stale; build it with "
@@ -46,32 +22,12 @@ except ImportError as exc:
     ) from exc
 
 
-set_gemm_mode(0)
+def set_threads(n: int) -> None:
+    """Thread hook (fastchar.threads): n OpenMP threads for the kernels' parallel loops."""
+    set_openmp_threads(n)
 
-__all__ = [
-    "adamw_update",
-    "attention_backward",
-    "attention_decode",
-    "attention_dropout_backward",
-    "attention_dropout_forward",
-    "attention_forward",
-    "crossentropy_backward",
-    "crossentropy_forward",
-    "dropout_backward",
-    "dropout_forward",
-    "embedding_backward",
-    "embedding_forward",
-    "grad_norm",
-    "matmul_backward",
-    "matmul_forward",
-    "openmp_enabled",
-    "openmp_max_threads",
-    "relu2_backward",
-    "relu2_forward",
-    "residual_backward",
-    "residual_forward",
-    "rmsnorm_backward",
-    "rmsnorm_forward",
-    "set_gemm_mode",
-    "set_openmp_threads",
-]
+
+def thread_info() -> dict:
+    """Thread hook (fastchar.threads): what the kernels run on."""
+    # without OpenMP (a compiler that has none, see setup.py) the kernels run on 1 thread
+    return {"openmp": {"threads": openmp_max_threads(), "enabled": bool(openmp_enabled())}}

@@ -21,7 +21,7 @@ thin Python wrappers that turn (key, p) into the uint32 threshold and scale, the
 
 Left out: float64 (use the reference for gradchecks) and non-contiguous arrays on the fast paths
 (matmuls copy such operands; the other kernels index them generically and are only slower).
-Numba's thread count is set by the caller (numba.set_num_threads); nothing here pins it.
+Numba's thread count is set through the hook `set_threads` (fastchar.threads calls it).
 If no writable on-disk cache location exists, the cache goes to a fresh temporary directory with
 a warning instead of failing at import.
 """
@@ -41,6 +41,28 @@ from numba.extending import intrinsic
 from fastchar.backends.reference import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32, _dropout_threshold
 
 FALLBACK: frozenset[str] = frozenset()
+
+
+def set_threads(n: int) -> None:
+    """Thread hook (fastchar.threads): n threads for the prange loops (at most Numba's pool)."""
+    from fastchar.errors import ConfigError
+
+    if n > numba.config.NUMBA_NUM_THREADS:
+        raise ConfigError(
+            f"--threads {n} exceeds Numba's pool of {numba.config.NUMBA_NUM_THREADS} threads",
+            hint=f"use at most {numba.config.NUMBA_NUM_THREADS}, or set NUMBA_NUM_THREADS before starting",
+        )
+    numba.set_num_threads(n)
+
+
+def thread_info() -> dict:
+    """Thread hook (fastchar.threads): Numba's threads and threading layer."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = f"not started yet (config: {numba.config.THREADING_LAYER})"
+    return {"numba": {"threads": numba.get_num_threads(), "threading_layer": layer}}
+
 
 # Width of the column blocks that weight-gradient reductions are split into across threads: 16
 # float32 = one 64-byte cache line, so two threads never write the same line.
@@ -139,8 +161,9 @@ def _i32_as_f32(typingctx, i):  # noqa: ARG001 (Numba's intrinsic signature)
 
 @njit(cache=True, inline="always")
 def _expf(x):
-    """exp(x) for float32 x; x below -87.3 gives about 1e-38 instead of a denormal or 0."""
-    x = min(max(x, np.float32(-87.33)), np.float32(88.37))
+    """exp(x) for float32 x <= 0 (the softmaxes' shifted scores); below -87 it gives about 1e-38
+    instead of a denormal or 0, the clamp of the C twin fc_expf (csrc/fc_math.h)."""
+    x = max(x, np.float32(-87.0))
     n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
     r = x - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
@@ -152,6 +175,20 @@ def _expf(x):
     p = p * r + np.float32(5.0000001201e-1)
     y = p * r * r + r + np.float32(1.0)
     return y * _i32_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _softmax_unnormalised(row, n):
+    """row[:n] = exp(row[:n] - max(row[:n])) in place; returns 1 / their sum (the caller scales)."""
+    mx = row[0]
+    for t in range(1, n):
+        mx = max(mx, row[t])
+    tot = np.float32(0.0)
+    for t in range(n):
+        e = _expf(row[t] - mx)
+        row[t] = e
+        tot += e
+    return np.float32(1.0) / tot
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,15 +458,7 @@ def _attention_forward_head(out, att, qkv, kt, vt, prow, b, h, T, C, HS, scale, 
             for t2 in range(npad):
                 row[t2] += qi * kt[i, t2]
         # softmax over t2 < n: max, exp and sum, normalise; the mask writes zeros
-        mx = row[0]
-        for t2 in range(1, n):
-            mx = max(mx, row[t2])
-        tot = np.float32(0.0)
-        for t2 in range(n):
-            e = _expf(row[t2] - mx)
-            row[t2] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        inv = _softmax_unnormalised(row, n)
         for t2 in range(n):
             row[t2] *= inv
         for t2 in range(n, T):
@@ -622,20 +651,12 @@ def attention_decode(
     for b in range(B):
         for h in range(n_head):
             o = h * HS
-            mx = np.float32(-np.inf)
             for t in range(n_ctx):
                 s = np.float32(0.0)
                 for i in range(HS):
                     s += q[b, o + i] * kcache[b, t, o + i]
-                s *= scale
-                scores[t] = s
-                mx = max(mx, s)
-            tot = np.float32(0.0)
-            for t in range(n_ctx):
-                e = np.exp(scores[t] - mx)
-                scores[t] = e
-                tot += e
-            inv = np.float32(1.0) / tot
+                scores[t] = s * scale
+            inv = _softmax_unnormalised(scores, n_ctx)
             for i in range(HS):
                 out[b, o + i] = 0.0
             for t in range(n_ctx):
@@ -646,6 +667,49 @@ def attention_decode(
 
 # --------------------------------------------------------------------------------------------
 # Pointwise
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rope_forward(out: np.ndarray, inp: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotary positions: q and k of every head turned, v copied; out may be inp (in place).
+
+    With a = x[:HS/2], b = x[HS/2:] of a head vector at position t: [a cos - b sin, a sin + b cos].
+    out, inp (B, T, 3C); cos, sin (>=T, HS/2), position t reads row t.
+    """
+    B, T, C3 = inp.shape
+    half = cos.shape[1]
+    C = C3 // 3
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for h0 in range(0, 2 * C, 2 * half):  # the heads of q, then of k
+            for i in range(half):
+                x0, x1 = inp[b, t, h0 + i], inp[b, t, h0 + half + i]
+                c, s = cos[t, i], sin[t, i]
+                out[b, t, h0 + i] = x0 * c - x1 * s
+                out[b, t, h0 + half + i] = x0 * s + x1 * c
+        for j in range(2 * C, C3):
+            out[b, t, j] = inp[b, t, j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rope_backward(dinp: np.ndarray, dout: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Backward of rope_forward (the rotation transposed): [da cos + db sin, -da sin + db cos]. Accumulates.
+
+    dinp, dout (B, T, 3C); cos, sin (>=T, HS/2).
+    """
+    B, T, C3 = dout.shape
+    half = cos.shape[1]
+    C = C3 // 3
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for h0 in range(0, 2 * C, 2 * half):
+            for i in range(half):
+                d0, d1 = dout[b, t, h0 + i], dout[b, t, h0 + half + i]
+                c, s = cos[t, i], sin[t, i]
+                dinp[b, t, h0 + i] += d0 * c + d1 * s
+                dinp[b, t, h0 + half + i] += d1 * c - d0 * s
+        for j in range(2 * C, C3):
+            dinp[b, t, j] += dout[b, t, j]
 
 
 @njit(cache=True, parallel=True, fastmath=True)

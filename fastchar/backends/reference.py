@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastchar.graph import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32
+
 
 def embedding_forward(out: np.ndarray, idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray) -> None:
     """out[b, t] = wte[idx[b, t]] + wpe[t].
@@ -91,6 +93,45 @@ def _split_heads(qkv: np.ndarray, NH: int) -> tuple[np.ndarray, np.ndarray, np.n
     HS = C3 // 3 // NH
     heads = qkv.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)
     return heads[0], heads[1], heads[2]
+
+
+def _rope_pairs(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views a, b (B, T, 2*NH, half) of the q and k columns of x (B, T, 3C): each head's halves."""
+    B, T, C3 = x.shape
+    NH = C3 // 3 // (2 * half)
+    heads = x.reshape(B, T, 3 * NH, 2, half)[:, :, : 2 * NH]  # a view: x is contiguous
+    return heads[..., 0, :], heads[..., 1, :]
+
+
+def rope_forward(out: np.ndarray, inp: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotary positions: q and k of every head turned, v copied; out may be inp (in place).
+
+    With a = x[:HS/2], b = x[HS/2:] of a head vector at position t: [a cos - b sin, a sin + b cos].
+    out, inp (B, T, 3C); cos, sin (>=T, HS/2), position t reads row t.
+    """
+    T, half = inp.shape[1], cos.shape[1]
+    C = inp.shape[2] // 3
+    a, b = _rope_pairs(inp, half)
+    c, s = cos[:T, None, :], sin[:T, None, :]
+    ra, rb = a * c - b * s, a * s + b * c
+    oa, ob = _rope_pairs(out, half)
+    oa[...], ob[...] = ra, rb
+    out[..., 2 * C :] = inp[..., 2 * C :]
+
+
+def rope_backward(dinp: np.ndarray, dout: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Backward of rope_forward (the rotation transposed): [da cos + db sin, -da sin + db cos]. Accumulates.
+
+    dinp, dout (B, T, 3C); cos, sin (>=T, HS/2).
+    """
+    T, half = dout.shape[1], cos.shape[1]
+    C = dout.shape[2] // 3
+    da, db = _rope_pairs(dout, half)
+    c, s = cos[:T, None, :], sin[:T, None, :]
+    ia, ib = _rope_pairs(dinp, half)
+    ia += da * c + db * s
+    ib += db * c - da * s
+    dinp[..., 2 * C :] += dout[..., 2 * C :]
 
 
 def attention_forward(out: np.ndarray, att: np.ndarray, qkv: np.ndarray) -> None:
@@ -180,12 +221,6 @@ def attention_decode(
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     out[...] = (p @ v).reshape(B, C)
-
-
-DROPOUT_GOLDEN = 0x9E3779B9  # spreads consecutive indices over the 32-bit range before hashing
-LOWBIAS32_MUL1 = 0x7FEB352D  # the two multipliers of Chris Wellons' lowbias32 integer hash
-LOWBIAS32_MUL2 = 0x846CA68B
-U32 = 0xFFFFFFFF
 
 
 def _dropout_threshold(p: float) -> int:

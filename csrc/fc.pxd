@@ -1,0 +1,42 @@
+# The hand-written C of csrc/ (fc_*.h, fc_*.c), declared once for the Cython modules that use it.
+from libc.stdint cimport int32_t, int64_t
+
+
+cdef extern from "fc_math.h" nogil:
+    float fc_expf(float x) noexcept
+    unsigned int fc_dropout_hash(long long i, unsigned int key) noexcept
+
+
+cdef extern from "fc_sample.h" nogil:
+    void fc_token_probs(const float* logits, int64_t V, double temperature, int64_t top_k, double top_p,
+                        double* probs, double* tmp, int32_t* order) noexcept
+    int64_t fc_sample(const float* logits, int64_t V, double temperature, int64_t top_k, double top_p,
+                      double u, double* work, int32_t* order) noexcept
+
+
+cdef extern from "fc_decode.h" nogil:
+    ctypedef struct fc_team:
+        long next
+        long limit
+        long done
+        int quit
+    int fc_max_threads() noexcept
+    int fc_thread_num() noexcept
+    long fc_claim(fc_team* t) noexcept
+    void fc_finish(fc_team* t) noexcept
+    void fc_publish(fc_team* t, long n) noexcept
+    int fc_wait_done(fc_team* t, double slow) noexcept
+    void fc_idle(long* spins) noexcept
+    double fc_now() noexcept
+    void fc_set_quit(fc_team* t) noexcept
+    int fc_quitting(fc_team* t) noexcept
+    void fc_matmul(float* y, const float* x, const float* w, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+                   Py_ssize_t ldy, Py_ssize_t ldw) noexcept
+    void fc_attention(float* out, const float* qkv, const float* kt, const float* vt, Py_ssize_t n0,
+                      Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0,
+                      Py_ssize_t h1, float* scores) noexcept
+    void fc_rope_tables(float* cos_rows, float* sin_rows, const double* inv_freq, Py_ssize_t half,
+                        int64_t pos0, Py_ssize_t M) noexcept
+    void fc_rope_heads(float* qkv, const float* cos_rows, const float* sin_rows, Py_ssize_t M, Py_ssize_t C,
+                       Py_ssize_t half, Py_ssize_t h0, Py_ssize_t h1) noexcept
+    void fc_rmsnorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_ssize_t C, float eps) noexcept

@@ -1,0 +1,89 @@
+/* The native pieces of the Cython generation loop (csrc/_decode.pyx, declared in fc.pxd):
+   matrix-vector(s) products, attention against the KV cache, rotary positions, and the lock-free
+   work sharing of one generate_tokens call. Shapes: S cache rows (the window), C channels, HS head
+   size, M new rows. */
+#ifndef FC_DECODE_H
+#define FC_DECODE_H
+
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+static inline int fc_max_threads(void) { return omp_get_max_threads(); }
+static inline int fc_thread_num(void) { return omp_get_thread_num(); }
+#else
+static inline int fc_max_threads(void) { return 1; }
+static inline int fc_thread_num(void) { return 0; }
+#endif
+
+/* Work sharing without barriers. The main thread publishes a stage of n tasks (tickets
+   limit..limit+n-1); every thread claims tickets until none is left; the main thread then waits
+   until all are finished. A helper that is descheduled (another process on the core) just claims
+   nothing, and the main thread runs its tasks itself: it only ever waits for a task already under
+   way. Counters on their own cache lines. */
+typedef struct {
+    long next __attribute__((aligned(64)));
+    long limit __attribute__((aligned(64)));
+    long done __attribute__((aligned(64)));
+    int quit __attribute__((aligned(64)));
+} fc_team;
+
+static inline void fc_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+/* A published, unclaimed ticket, or -1. */
+static inline long fc_claim(fc_team *t) {
+    long n = __atomic_load_n(&t->next, __ATOMIC_ACQUIRE);
+    while (n < __atomic_load_n(&t->limit, __ATOMIC_ACQUIRE))
+        if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
+    return -1;
+}
+static inline void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
+/* Main thread only: the stage's description is written before this. */
+static inline void fc_publish(fc_team *t, long n) { __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE); }
+static inline double fc_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+/* Main thread: wait until every published task is finished. Spins, then yields (the helper it
+   waits for may share its core); returns 1 if the wait took over `slow` seconds. */
+static inline int fc_wait_done(fc_team *t, double slow) {
+    long spins = 0;
+    double t0 = 0.0;
+    int late = 0;
+    while (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) < t->limit) {
+        if (++spins < 4096) {
+            fc_pause();
+            continue;
+        }
+        if (t0 == 0.0) t0 = fc_now();
+        else if (fc_now() - t0 > slow) late = 1;
+        sched_yield();
+    }
+    return late;
+}
+/* Helper with nothing to do: spin a while, then yield (the main thread may share its core). */
+static inline void fc_idle(long *spins) {
+    if (++*spins < 16384) fc_pause();
+    else sched_yield();
+}
+static inline void fc_set_quit(fc_team *t) { __atomic_store_n(&t->quit, 1, __ATOMIC_RELEASE); }
+static inline int fc_quitting(fc_team *t) { return __atomic_load_n(&t->quit, __ATOMIC_ACQUIRE); }
+
+void fc_matmul(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
+               ptrdiff_t ldw);
+void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,
+                  ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
+void fc_rope_tables(float *cos_rows, float *sin_rows, const double *inv_freq, ptrdiff_t half, int64_t pos0,
+                    ptrdiff_t M);
+void fc_rope_heads(float *qkv, const float *cos_rows, const float *sin_rows, ptrdiff_t M, ptrdiff_t C,
+                   ptrdiff_t half, ptrdiff_t h0, ptrdiff_t h1);
+void fc_rmsnorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps);
+
+#endif
