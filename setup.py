@@ -1,4 +1,5 @@
-"""Build the Cython kernels (fastchar._cykernels) and generation loop (fastchar._cydecode) from csrc/.
+"""Build the Cython kernels (fastchar._cykernels), generation loop (fastchar._cydecode) and packed
+matrix products (fastchar._gemm) from csrc/.
 
 Everything else lives in pyproject.toml.
 """
@@ -42,6 +43,16 @@ decode_extension = Extension(
     extra_link_args=link_args,
 )
 
+# Packed bf16 / fp32 matrix products (csrc/gemm_bf16.c). The C file picks AVX512_BF16 / AVX-512F
+# per function with target attributes after a cpuid check, so it too needs no -march flag.
+gemm_extension = Extension(
+    "fastchar._gemm",
+    ["csrc/_gemm.pyx", "csrc/gemm_bf16.c"],
+    include_dirs=["csrc"],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
 directives = {
     "language_level": 3,
     "boundscheck": DEBUG,
@@ -50,4 +61,4 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-setup(ext_modules=cythonize([extension, decode_extension], compiler_directives=directives))
+setup(ext_modules=cythonize([extension, decode_extension, gemm_extension], compiler_directives=directives))

@@ -296,11 +296,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     backends = available_backends()
     report["backends"] = {"available": backends, "default": default_backend()}
     report["threads"] = thread_report()
+    report["cpu"] = _cpu_features()
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(_format_info(report))
     return 0
+
+
+def _cpu_features() -> dict:
+    """The matrix-product ISAs the CPU offers and whether fastchar's packed products may use them."""
+    try:
+        from fastchar import _gemm
+    except ImportError:
+        return {"avx512_bf16": None, "bf16_usable": False, "note": "fastchar._gemm is not built"}
+    feats = _gemm.cpu_features()
+    return {**feats, "bf16_usable": _gemm.has_avx512bf16(), "avx512f_usable": _gemm.has_avx512f()}
 
 
 def _format_info(report: dict) -> str:
@@ -335,6 +346,16 @@ def _format_info(report: dict) -> str:
         )
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")
+    cpu = report.get("cpu")
+    if cpu is not None:
+        if cpu["avx512_bf16"] is None:
+            lines.append(f"cpu AVX512_BF16: unknown ({cpu['note']}); bf16 matrix products unavailable")
+        else:
+            has = "yes" if cpu["avx512_bf16"] else "no"
+            use = "available" if cpu["bf16_usable"] else "unavailable"
+            if cpu["avx512_bf16"] and not cpu["bf16_usable"]:
+                use += " (disabled by FASTCHAR_DISABLE_BF16 / FASTCHAR_DISABLE_AVX512)"
+            lines.append(f"cpu AVX512_BF16 (vdpbf16ps): {has}; bf16 matrix products {use}")
     return "\n".join(lines)
 
 
