@@ -4,8 +4,8 @@
  *   for each column block jc of C (NC wide)            -- B block stays in L2
  *     for each depth block pc (KC deep)
  *       pack B[pc.., jc..] into NR-wide panels          -- threads share this, one barrier
- *       for each MC-row chunk of this thread's rows     -- A chunk stays in L2
- *         pack A into MR-wide panels
+ *       for each row chunk (<= MC rows), dynamically    -- A chunk stays in L2
+ *         pack A into MR-wide panels                      scheduled between the threads
  *         for each B panel (L1), for each A panel: one MR x NR register tile
  *
  * A panel holds W "lanes" (rows of op(A), or columns of op(B)) and stores, for each depth step p,
@@ -104,6 +104,7 @@ enum {
     KC_BF16 = 512, /* 256 pair-words per packed block (measured best of 128..768 words) */
     KC_F32 = 256,  /* the same 256 words in fp32 */
     MC = 192,  /* rows of A per packed chunk (MC x KC words = 192 KiB at most) */
+    MCHUNK_MIN = 64, /* fewest rows per chunk handed to a thread */
     NC = 768,  /* columns of B per packed block */
 };
 
@@ -413,17 +414,21 @@ static int gemm_x86(const engine *e, int trans_a, int trans_b, long M, long N, l
     word *ws = workspace(b_words + (size_t)nthreads * a_words);
     if (ws == NULL) return FC_GEMM_NOMEM;
     pack_fn pack_b = trans_b ? e->lanemajor : e->kmajor;
+    /* About 4 row chunks per thread, but at least MCHUNK_MIN rows: a chunk streams every B panel
+     * from L2 once, so fewer rows than that make the product L2-bound (dW with M = 128). */
+    long mchunk = lmin(MC, cdiv(cdiv(M, 4L * nthreads), MR) * MR);
+    if (mchunk < MCHUNK_MIN) mchunk = MCHUNK_MIN;
+    long nchunks = cdiv(M, mchunk);
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
 #ifdef _OPENMP
-        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        int tid = omp_get_thread_num();
 #else
-        int tid = 0, nt = 1;
+        int tid = 0;
 #endif
-        long m0 = lmin(M, panels * tid / nt * MR), m1 = lmin(M, panels * (tid + 1) / nt * MR);
         word *ap = ws + b_words + (size_t)tid * a_words;
         for (long jc = 0; jc < N; jc += NC) {
             long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
@@ -438,11 +443,16 @@ static int gemm_x86(const engine *e, int trans_a, int trans_b, long M, long N, l
                     const float *src = trans_b ? B + j * ldb + pc : B + pc * ldb + j;
                     pack_b(src, ldb, kc, lmin(nr, N - j), nr, ws + q * kp * nr, kp * nr);
                 }
-                compute_rows(e, trans_a, A, lda, m0, m1, pc, kc, kp, ws, jc, nc, nr, pc == 0 ? beta : 1.0f, C, ldc,
-                             ap);
+                /* Row chunks of C, handed out dynamically: a thread that loses its core to another
+                 * process does less of the work. Which thread computes a row does not change how it
+                 * is summed, so the result does not depend on the schedule. The loop's barrier keeps
+                 * the B panels alive until everyone is done with them. */
 #ifdef _OPENMP
-#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
 #endif
+                for (long ch = 0; ch < nchunks; ++ch)
+                    compute_rows(e, trans_a, A, lda, ch * mchunk, lmin(M, (ch + 1) * mchunk), pc, kc, kp, ws, jc, nc,
+                                 nr, pc == 0 ? beta : 1.0f, C, ldc, ap);
             }
         }
     }
