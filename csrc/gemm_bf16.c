@@ -24,7 +24,8 @@
  * Rounding is the CPU's (round to nearest even); odd depth and ragged edges are zero-padded.
  *
  * Every AVX-512 function carries a target attribute and is only called after cpuid said yes, so
- * the file builds without -march flags on gcc and clang, and to stubs on non-x86 compilers.
+ * the file builds without -march flags on gcc and clang, and to stubs on non-x86 compilers (or with
+ * -DFC_GEMM_NO_X86, which is how that path is compiled and checked on x86).
  */
 #include "gemm_bf16.h"
 
@@ -42,7 +43,7 @@ static int env_is_set(const char *name) {
     return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FC_GEMM_NO_X86)
 #define FC_HAVE_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
