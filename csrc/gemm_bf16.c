@@ -191,6 +191,9 @@ FC_T_BF16 static void pack_bf16_lanemajor(const float *src, long ld, long kc, lo
             __m512i R[8];
             for (int r = 0; r < 8; ++r) {
                 const float *row = base + r * ld + 2 * p0;
+                /* 4 lines ahead on each of the 8 rows: the strided streams defeat the prefetcher */
+                _mm_prefetch((const char *)(row + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row + 80), _MM_HINT_T0);
                 __m512 x0 = l + r < w ? _mm512_maskz_loadu_ps(m0, row) : _mm512_setzero_ps();
                 __m512 x1 = l + r < w ? _mm512_maskz_loadu_ps(m1, row + 16) : _mm512_setzero_ps();
                 R[r] = (__m512i)_mm512_cvtne2ps_pbh(x1, x0); /* word p = (x[2p], x[2p+1]) */
@@ -249,9 +252,11 @@ FC_T_F32 static void pack_f32_lanemajor(const float *src, long ld, long kc, long
         for (long k0 = 0; k0 < kc; k0 += 16) {
             __mmask16 m = lanes16(kc - k0);
             __m512i R[8];
-            for (int r = 0; r < 8; ++r)
+            for (int r = 0; r < 8; ++r) {
+                _mm_prefetch((const char *)(base + r * ld + k0 + 64), _MM_HINT_T0); /* 4 lines ahead */
                 R[r] = l + r < w ? _mm512_castps_si512(_mm512_maskz_loadu_ps(m, base + r * ld + k0))
                                  : _mm512_setzero_si512();
+            }
             transpose8x16_store_f32(R, d + k0 * W, W, (int)lmin(16, kc - k0));
         }
     }
