@@ -440,9 +440,10 @@ static int gemm_x86(const engine *e, int trans_a, int trans_b, long M, long N, l
             long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
             for (long pc = 0; pc < K; pc += e->kc) {
                 long kc = lmin(e->kc, K - pc), kp = cdiv(kc, e->kstep);
-                /* B panels: split between threads, then everyone waits (the loop's barrier). */
+                /* B panels: handed out one at a time (a thread without its core packs none), then
+                 * everyone waits for them (the loop's barrier). */
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
                 for (long q = 0; q < nbp; ++q) {
                     long j = jc + q * nr;
