@@ -43,11 +43,12 @@ decode_extension = Extension(
     extra_link_args=link_args,
 )
 
-# Packed bf16 / fp32 matrix products (csrc/gemm_bf16.c). The C file picks AVX512_BF16 / AVX-512F
-# per function with target attributes after a cpuid check, so it too needs no -march flag.
+# Packed bf16 / fp32 matrix products (csrc/gemm_bf16.c) and AVX-512 attention (csrc/attention.c).
+# The C files pick AVX512_BF16 / AVX-512F per function with target attributes after a cpuid check,
+# so they too need no -march flag.
 gemm_extension = Extension(
     "fastchar._gemm",
-    ["csrc/_gemm.pyx", "csrc/gemm_bf16.c"],
+    ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c"],
     include_dirs=["csrc"],
     extra_compile_args=compile_args,
     extra_link_args=link_args,

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""fastchar._gemm: packed matrix products in bf16 (AVX512_BF16) and fp32 (AVX-512F), from csrc/gemm_bf16.c.
+"""fastchar._gemm: packed matrix products in bf16 (AVX512_BF16) and fp32 (AVX-512F), from csrc/gemm_bf16.c,
+and causal attention vectorised for AVX-512F, from csrc/attention.c.
 
 The C engine picks its ISA at run time (cpuid), so this module imports on every CPU; the products
 raise ConfigError where the CPU (or FASTCHAR_DISABLE_BF16=1 / FASTCHAR_DISABLE_AVX512=1) rules
@@ -14,6 +15,8 @@ Not here: the model's wiring (fastchar.model decides which products use which pr
 """
 
 from fastchar.errors import ConfigError
+
+from attention cimport fc_attention_backward, fc_attention_forward
 
 from gemm_bf16 cimport (
     FC_BF16,
@@ -114,3 +117,54 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::
     """
     gemm(dinp, dout, weight, False, True, 1.0, precision, threads)
     gemm(dweight, inp, dout, True, False, 1.0, precision, threads)
+
+
+def attention_supported(int C, int NH) -> bool:
+    """True when attention_forward/backward run here: AVX-512F, and HS = C / NH a multiple of 16, <= 64."""
+    return bool(fc_gemm_has_avx512f()) and C % NH == 0 and (C // NH) % 16 == 0 and C // NH <= 64
+
+
+cdef int _check_attention(int rc, long C, long NH) except -1:
+    if rc == FC_GEMM_UNSUPPORTED:
+        raise ConfigError(f"the AVX-512 attention kernel does not handle C={C}, NH={NH} on this CPU",
+                          hint="it needs AVX-512F and a head size C/NH that is a multiple of 16 and at most 64; "
+                          "use the backend's attention kernel (see attention_supported)")
+    return _check(rc)
+
+
+def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float[:, :, ::1] qkv,
+                      int threads=0) -> None:
+    """Causal softmax attention: att = softmax(q k^T / sqrt(HS) + mask); out = att v, heads merged.
+
+    out (B, T, C); att (B, NH, T, T) saved probabilities, zero above the diagonal; qkv (B, T, 3C).
+    """
+    cdef long B = att.shape[0], NH = att.shape[1], T = att.shape[2], C = out.shape[2]
+    if (out.shape[0], out.shape[1], att.shape[3], qkv.shape[0], qkv.shape[1], qkv.shape[2]) != (B, T, T, B, T, 3 * C):
+        raise ConfigError("attention_forward: shapes of out, att and qkv do not agree")
+    cdef int rc
+    if B * T == 0:
+        return
+    with nogil:
+        rc = fc_attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], B, T, C, NH, threads)
+    _check_attention(rc, C, NH)
+
+
+def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
+                       const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, int threads=0) -> None:
+    """Backward of attention_forward. Accumulates into dqkv; datt is scratch (left holding dscores).
+
+    dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
+    """
+    cdef long B = att.shape[0], NH = att.shape[1], T = att.shape[2], C = dout.shape[2]
+    if ((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]) != (B, T, 3 * C)
+            or (datt.shape[0], datt.shape[1], datt.shape[2], datt.shape[3]) != (B, NH, T, T)
+            or (dout.shape[0], dout.shape[1], att.shape[3]) != (B, T, T)
+            or (qkv.shape[0], qkv.shape[1], qkv.shape[2]) != (B, T, 3 * C)):
+        raise ConfigError("attention_backward: shapes of dqkv, datt, dout, qkv and att do not agree")
+    cdef int rc
+    if B * T == 0:
+        return
+    with nogil:
+        rc = fc_attention_backward(&dqkv[0, 0, 0], &datt[0, 0, 0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
+                                   &att[0, 0, 0, 0], B, T, C, NH, threads)
+    _check_attention(rc, C, NH)
