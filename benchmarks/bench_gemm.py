@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--quick", action="store_true", help="1 repeat of ~2 ms: proves it runs")
     p.add_argument("--no-openblas", action="store_true")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/bench_gemm.jsonl")
     p.add_argument("--openblas-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -241,7 +242,19 @@ def main(argv: list[str] | None = None) -> dict:
         "all products (total flops / total time): "
         + ", ".join(f"{c} {tot[0] / tot[1] / 1e9:.0f} GFLOP/s" for c, tot in totals.items() if tot[1] > 0)
     )
-    return {"times": times, "architecture": arch}
+    gflops = {}
+    for m, layer, prod, N, IC, OC in cases(args.models):
+        M, Nc, K, _, _ = product_args(prod, N, IC, OC)
+        for c in cols:
+            t = times.get(f"{m}/{layer}/{prod}/{c}")
+            if t is not None:
+                gflops[f"{m}/{layer}/{prod}/{c}"] = round(2.0 * M * Nc * K / t / 1e9, 1)
+    result = {"threads": args.threads, "clock": args.clock, "openblas_architecture": arch, "gflops": gflops}
+    if not (args.quick or args.no_record):
+        from benchmarks.common import append_record, machine
+
+        print(f"recorded in {append_record('bench_gemm', {'machine': machine(args.threads), **result})}")
+    return result
 
 
 if __name__ == "__main__":

@@ -20,3 +20,14 @@ def test_bench_train_quick(capsys):
     assert record["memory"]["peak_rss_mib"] > 0
     out = capsys.readouterr().out
     assert "## Training throughput" in out and "## Sampling" in out and "## Scaling" in out
+
+
+def test_bench_gemm_quick(capsys):
+    from benchmarks import bench_gemm
+    from fastchar import _gemm
+
+    result = bench_gemm.main(["--quick", "--models", "base", "--threads", "1", "--no-openblas"])
+    want = [p for p, ok in (("bf16", _gemm.has_avx512bf16()), ("fp32", _gemm.has_avx512f())) if ok]
+    for precision in want:
+        assert result["gflops"][f"base/qkv/fwd/{precision}"] > 0
+    assert "base     qkv      fwd" in capsys.readouterr().out
