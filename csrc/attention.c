@@ -153,15 +153,19 @@ typedef void (*weighted_col_fn)(float *, const float *, long, const float *, lon
 static const weighted_fn WEIGHTED[5] = {NULL, weighted_rows_1, weighted_rows_2, weighted_rows_3, weighted_rows_4};
 static const weighted_col_fn WEIGHTED_COL[5] = {NULL, weighted_col_1, weighted_col_2, weighted_col_3, weighted_col_4};
 
+/* Three passes over the rows of one head (scores, softmax, weighted values) instead of one pass
+ * doing all three per row: the rows of a pass are independent, so the CPU overlaps one row's
+ * reductions (max, sum: latency chains) with the next row's work. s holds T x Tp scores. */
 FC_T_AVX512 static void forward_head(float *out, float *att, const float *qkv, long T, long C, long HS, float *ws) {
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
-    float *kt = ws, *s = ws + HS * Tp;
+    float *kt = ws, *S = ws + HS * Tp;
     weighted_fn wrows = WEIGHTED[HS / 16];
     transpose_head(kt, qkv + C, C3, T, Tp, HS);
     const float scale = 1.0f / sqrtf((float)HS);
+    for (long t = 0; t < T; ++t) row_times_t(S + t * Tp, qkv + t * C3, kt, Tp, t + 1, HS, scale, -INFINITY);
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + 15) / 16;
-        row_times_t(s, qkv + t * C3, kt, Tp, n, HS, scale, -INFINITY);
+        float *s = S + t * Tp;
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (long j = 0; j < nv; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + 16 * j));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -179,22 +183,25 @@ FC_T_AVX512 static void forward_head(float *out, float *att, const float *qkv, l
             _mm512_mask_storeu_ps(a + 16 * j, att_lanes(T - 16 * j), p);
         }
         if (16 * nv < T) memset(a + 16 * nv, 0, (size_t)(T - 16 * nv) * sizeof(float));
-        wrows(out + t * C, 0, s, qkv + 2 * C, C3, n);
     }
+    for (long t = 0; t < T; ++t) wrows(out + t * C, 0, S + t * Tp, qkv + 2 * C, C3, t + 1);
 }
 
+/* Passes over the rows as in forward_head: dP = dy v^T for every row, then each row's softmax
+ * backward (into datt and S), then dq, then the key rows' dk and dv. S holds T x Tp values. */
 FC_T_AVX512 static void backward_head(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
                                       long T, long C, long HS, float *ws) {
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
-    float *vt = ws, *s = ws + HS * Tp;
+    float *vt = ws, *S = ws + HS * Tp;
     weighted_fn wrows = WEIGHTED[HS / 16];
     weighted_col_fn wcol = WEIGHTED_COL[HS / 16];
     transpose_head(vt, qkv + 2 * C, C3, T, Tp, HS);
     const float scale = 1.0f / sqrtf((float)HS);
+    for (long t = 0; t < T; ++t) row_times_t(S + t * Tp, dout + t * C, vt, Tp, t + 1, HS, 1.0f, 0.0f);
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + 15) / 16;
         const float *a = att + t * T;
-        row_times_t(s, dout + t * C, vt, Tp, n, HS, 1.0f, 0.0f); /* dP = dy v^T, zero beyond t */
+        float *s = S + t * Tp;
         __m512 dot = _mm512_setzero_ps();
         for (long j = 0; j < nv; ++j)
             dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(att_lanes(n - 16 * j), a + 16 * j), _mm512_loadu_ps(s + 16 * j), dot);
@@ -208,11 +215,11 @@ FC_T_AVX512 static void backward_head(float *dqkv, float *datt, const float *dou
             _mm512_mask_storeu_ps(ds + 16 * j, att_lanes(T - 16 * j), g);
         }
         if (16 * nv < T) memset(ds + 16 * nv, 0, (size_t)(T - 16 * nv) * sizeof(float));
-        wrows(dqkv + t * C3, 1, s, qkv + C, C3, n); /* dq[t] += dS[t, :] k */
     }
+    for (long t = 0; t < T; ++t) wrows(dqkv + t * C3, 1, S + t * Tp, qkv + C, C3, t + 1); /* dq[t] += dS[t] k */
     for (long t2 = 0; t2 < T; ++t2) {
-        wcol(dqkv + t2 * C3 + C, datt + t2, T, qkv, C3, t2, T);      /* dk[t2] += sum_t dS[t, t2] q[t] */
-        wcol(dqkv + t2 * C3 + 2 * C, att + t2, T, dout, C, t2, T);   /* dv[t2] += sum_t att[t, t2] dy[t] */
+        wcol(dqkv + t2 * C3 + C, datt + t2, T, qkv, C3, t2, T);    /* dk[t2] += sum_t dS[t, t2] q[t] */
+        wcol(dqkv + t2 * C3 + 2 * C, att + t2, T, dout, C, t2, T); /* dv[t2] += sum_t att[t, t2] dy[t] */
     }
 }
 #endif /* FC_ATT_X86 */
@@ -246,7 +253,7 @@ int fc_attention_forward(float *out, float *att, const float *qkv, long B, long 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
 #endif
     {
-        float *ws = att_scratch((size_t)(HS + 1) * Tp);
+        float *ws = att_scratch((size_t)(HS + T) * Tp);
         if (ws == NULL) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -276,7 +283,7 @@ int fc_attention_backward(float *dqkv, float *datt, const float *dout, const flo
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
 #endif
     {
-        float *ws = att_scratch((size_t)(HS + 1) * Tp);
+        float *ws = att_scratch((size_t)(HS + T) * Tp);
         if (ws == NULL) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
