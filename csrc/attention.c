@@ -231,6 +231,7 @@ static int att_check(long B, long T, long C, long NH) {
     return FC_GEMM_OK;
 }
 
+#ifdef FC_ATT_X86
 static int att_threads(int nthreads) {
 #ifdef _OPENMP
     if (nthreads <= 0) nthreads = omp_get_max_threads();
@@ -241,6 +242,7 @@ static int att_threads(int nthreads) {
     return 1;
 #endif
 }
+#endif
 
 int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH, int nthreads) {
     int rc = att_check(B, T, C, NH);
