@@ -1,4 +1,5 @@
-"""Build the Cython extensions (fastchar._cykernels, fastchar._cydecode) from csrc/, on whatever compiler is here.
+"""Build the Cython extensions (fastchar._cykernels, fastchar._cydecode, fastchar._gemm) from csrc/, on whatever
+compiler is here.
 
 The build detects rather than assumes, and never strands an install:
 - the compiler family (gcc, clang, Apple clang, MSVC) is read from the compiler setuptools will use
@@ -40,6 +41,7 @@ from setuptools.command.build_ext import build_ext
 EXTENSIONS = [
     ("fastchar._cykernels", ["csrc/_kernels.pyx"]),
     ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c"]),
+    ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c"]),  # packed bf16/fp32 products
 ]
 INCLUDE_DIRS = ["csrc"]
 BUILD_INFO = "_build_info.json"  # written into the fastchar package, next to the extensions

@@ -386,6 +386,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     report["backends"] = {"available": backends, "default": default_backend()}
     report["threads"] = thread_report()
     report["build"] = _build_report()
+    report["cpu"] = _cpu_features()
     dist = _check_ranks(None, args.threads)
     t = report["threads"]
     mine = {"host": dist.host, "local_rank": dist.local_rank, "cores": t["cores"],
@@ -416,6 +417,16 @@ def _build_report() -> dict:
     info = read_build_info() or {}
     keys = ("family", "version", "compile_args", "link_args", "openmp", "openmp_note", "extensions")
     return {**{k: info.get(k) for k in keys}, "recorded": bool(info), "notes": build_notes()}
+
+
+def _cpu_features() -> dict:
+    """The matrix-product ISAs the CPU offers and whether fastchar's packed products may use them."""
+    try:
+        from fastchar import _gemm
+    except ImportError:
+        return {"avx512_bf16": None, "bf16_usable": False, "note": "fastchar._gemm is not built"}
+    feats = _gemm.cpu_features()
+    return {**feats, "bf16_usable": _gemm.has_avx512bf16(), "avx512f_usable": _gemm.has_avx512f()}
 
 
 def _format_info(report: dict) -> str:
@@ -474,6 +485,16 @@ def _format_info(report: dict) -> str:
             mine = [(i, p) for i, p in enumerate(r["per_rank"]) if p["host"] == host]
             threads = ", ".join(f"rank {i}: {p['threads']}" for i, p in mine)
             lines.append(f"  {host}: {len(mine)} ranks, {mine[0][1]['cores']} cores, threads {threads}")
+    cpu = report.get("cpu")
+    if cpu is not None:
+        if cpu["avx512_bf16"] is None:
+            lines.append(f"cpu AVX512_BF16: unknown ({cpu['note']}); bf16 matrix products unavailable")
+        else:
+            has = "yes" if cpu["avx512_bf16"] else "no"
+            use = "available" if cpu["bf16_usable"] else "unavailable"
+            if cpu["avx512_bf16"] and not cpu["bf16_usable"]:
+                use += " (disabled by FASTCHAR_DISABLE_BF16 / FASTCHAR_DISABLE_AVX512)"
+            lines.append(f"cpu AVX512_BF16 (vdpbf16ps): {has}; bf16 matrix products {use}")
     return "\n".join(lines)
 
 

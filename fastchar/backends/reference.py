@@ -87,6 +87,23 @@ def matmul_backward(
     dweight += inp.T @ dout
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 and returned as float32: what the bf16 matrix products multiply.
+
+    Round to nearest, ties to even, on the top 16 bits of the float32 pattern; NaN stays NaN (quiet),
+    too-large values become inf, and float32 subnormals become signed zero, as the AVX512_BF16
+    instructions treat them (vcvtne2ps2bf16 / vdpbf16ps take subnormal inputs as zero).
+    x: any shape, float32 (other float dtypes are converted to float32 first).
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    exponent = bits & 0x7F800000
+    rounded = np.where(exponent == 0, bits & 0x80000000, rounded)  # subnormal -> signed zero
+    nan = (exponent == 0x7F800000) & ((bits & 0x007FFFFF) != 0)
+    rounded = np.where(nan, (bits & 0xFFFF0000) | 0x00400000, rounded)  # keep NaN, make it quiet
+    return rounded.astype(np.uint32).view(np.float32).reshape(np.shape(x))
+
+
 def _split_heads(qkv: np.ndarray, NH: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """qkv (B, T, 3C) -> q, k, v each (B, NH, T, HS); columns are q | k | v, head h owns h*HS.."""
     B, T, C3 = qkv.shape

@@ -1,0 +1,8 @@
+# Declarations of csrc/attention.h (AVX-512 causal attention) for Cython modules.
+# A module that cimports this must compile csrc/attention.c and csrc/gemm_bf16.c too.
+
+cdef extern from "attention.h" nogil:
+    int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
+                             int nthreads)
+    int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
+                              long B, long T, long C, long NH, int nthreads)

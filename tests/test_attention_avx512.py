@@ -1,0 +1,100 @@
+"""fastchar._gemm.attention_forward / attention_backward (csrc/attention.c) against the reference.
+
+Tolerances are the table's (tests/conftest.py TOL) for the backends' attention kernels: the scores
+are the same fp32 dot products summed in a different order, exp is a polynomial within 2 ulp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastchar import _gemm
+from fastchar.backends import reference as ref
+from fastchar.errors import ConfigError
+from tests.conftest import tol
+
+needs_avx512 = pytest.mark.skipif(not _gemm.cpu_features()["avx512f"], reason="this CPU has no AVX-512F")
+
+# (B, T, C, NH): head sizes 16, 32, 48, 64; T = 1, below, across and above the 16-key blocks.
+SHAPES = [(1, 1, 16, 1), (2, 5, 32, 2), (3, 17, 64, 4), (2, 33, 96, 2), (2, 64, 128, 8), (1, 100, 256, 4),
+          (1, 70, 384, 6)]  # fmt: skip
+
+
+def _close(got: np.ndarray, want: np.ndarray, kernel: str, name: str) -> None:
+    rtol, atol = tol(kernel)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"{kernel} {name}")
+
+
+@needs_avx512
+@pytest.mark.parametrize("B,T,C,NH", SHAPES)
+def test_attention_matches_reference(rng, B, T, C, NH):
+    assert _gemm.attention_supported(C, NH)
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    out = np.full((B, T, C), np.nan, np.float32)
+    att = np.full((B, NH, T, T), np.nan, np.float32)  # overwritten entirely, zeros above the diagonal
+    _gemm.attention_forward(out, att, qkv)
+    want_out, want_att = np.zeros_like(out), np.zeros_like(att)
+    ref.attention_forward(want_out, want_att, qkv)
+    _close(out, want_out, "attention_forward", "out")
+    _close(att, want_att, "attention_forward", "att")
+    assert not np.triu(att, k=1).any()
+
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    dqkv0 = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dqkv, want = dqkv0.copy(), dqkv0.copy()
+    datt, want_datt = np.full_like(att, np.nan), np.zeros_like(att)
+    for _ in range(2):  # accumulates into dqkv
+        _gemm.attention_backward(dqkv, datt, dout, qkv, want_att)
+        ref.attention_backward(want, want_datt, dout, qkv, want_att)
+    _close(dqkv, want, "attention_backward", "dqkv")
+
+
+@needs_avx512
+def test_threads_split_heads_without_changing_results(rng):
+    B, T, C, NH = 3, 40, 64, 4
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    outs = []
+    for threads in (1, 2):
+        out, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
+        _gemm.attention_forward(out, att, qkv, threads)
+        dqkv, datt = np.zeros_like(qkv), np.empty_like(att)
+        _gemm.attention_backward(dqkv, datt, out, qkv, att, threads)
+        outs.append((out, att, dqkv))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unsupported_head_size_is_a_clear_error():
+    assert not _gemm.attention_supported(24, 3)  # HS = 8
+    assert not _gemm.attention_supported(160, 2)  # HS = 80 > 64
+    out, att, qkv = (
+        np.zeros((1, 4, 24), np.float32),
+        np.zeros((1, 3, 4, 4), np.float32),
+        np.zeros((1, 4, 72), np.float32),
+    )
+    with pytest.raises(ConfigError, match="does not handle C=24, NH=3") as e:
+        _gemm.attention_forward(out, att, qkv)
+    assert "attention_supported" in e.value.hint
+
+
+def test_disabled_avx512_attention(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_DISABLE_AVX512", "1")
+    assert not _gemm.attention_supported(32, 2)
+    out, att, qkv = (
+        np.zeros((1, 4, 32), np.float32),
+        np.zeros((1, 2, 4, 4), np.float32),
+        np.zeros((1, 4, 96), np.float32),
+    )
+    with pytest.raises(ConfigError):
+        _gemm.attention_forward(out, att, qkv)
+
+
+def test_mismatched_shapes():
+    out, att, qkv = (
+        np.zeros((1, 4, 32), np.float32),
+        np.zeros((1, 2, 5, 5), np.float32),
+        np.zeros((1, 4, 96), np.float32),
+    )
+    with pytest.raises(ConfigError, match="do not agree"):
+        _gemm.attention_forward(out, att, qkv)

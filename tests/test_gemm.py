@@ -1,0 +1,226 @@
+"""fastchar._gemm (csrc/gemm_bf16.c): the packed bf16 and fp32 matrix products against NumPy.
+
+Tolerance. Each product is compared with a float64 NumPy product of the same inputs (for bf16: of
+`round_bf16` of the inputs, which is exactly what the kernel multiplies; the test of round_bf16
+below checks that bit for bit). A product of two bf16 values is exact in fp32 (8 + 8 significant
+bits < 24), so the only difference left is the order and precision of the fp32 summation:
+recursive fp32 sums of K terms err by about sqrt(K) ulps of sum_k |a_ik b_kj| in practice and at
+most K ulps. We allow RTOL = 1e-5 of sum_k |a_ik||b_kj| (~170 ulps): loose enough for K in the
+thousands, yet a single missing, doubled or wrongly rounded term among K <= 1100 moves an output by
+more than 1/K ~ 1e-3 of that sum, 100x the tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastchar import _gemm
+from fastchar.backends import reference as ref
+from fastchar.backends.reference import round_bf16
+from fastchar.errors import ConfigError
+
+RTOL = 1e-5  # of sum_k |a_ik| |b_kj|, see the module docstring
+
+needs_bf16 = pytest.mark.skipif(
+    not _gemm.cpu_features()["avx512_bf16"], reason="this CPU has no AVX512_BF16 (vdpbf16ps)"
+)
+needs_avx512 = pytest.mark.skipif(not _gemm.cpu_features()["avx512f"], reason="this CPU has no AVX-512F")
+
+# (M, N, K): ones, odd sizes below and across the 8 x 48 / 8 x 32 register tiles, the model's
+# shapes (N = 768 rows, C = 128, V = 65), K above one packed depth block (512 bf16 / 256 fp32)
+# and N above one packed column block (768).
+SHAPES = [
+    (1, 1, 1),
+    (1, 17, 2),
+    (5, 7, 3),
+    (9, 33, 31),
+    (13, 65, 129),
+    (100, 50, 33),
+    (130, 97, 600),
+    (9, 50, 1100),
+    (20, 800, 40),
+    (768, 384, 128),
+]
+PRECISIONS = [pytest.param("bf16", marks=needs_bf16), pytest.param("fp32", marks=needs_avx512)]
+
+
+def _want(a: np.ndarray, b: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """(exact product in float64, sum |a||b|) of the values the kernel multiplies."""
+    if precision == "bf16":
+        a, b = round_bf16(a), round_bf16(b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return a64 @ b64, np.abs(a64) @ np.abs(b64)
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, scale: np.ndarray, what: str) -> None:
+    err = np.abs(got.astype(np.float64) - want)
+    bound = RTOL * scale + 1e-30
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), (
+        f"{what}: max |diff| {err.max():.3g}, worst at {worst}: diff {err[worst]:.3g} > {bound[worst]:.3g}"
+    )
+
+
+def _operands(rng: np.random.Generator, M: int, N: int, K: int, ta: bool, tb: bool):
+    a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+    return a, b, (a.T if ta else a), (b.T if tb else b)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_gemm_matches_numpy(rng, precision, ta, tb, M, N, K):
+    a, b, A, B = _operands(rng, M, N, K, ta, tb)
+    c = np.full((M, N), np.nan, np.float32)  # beta = 0 must overwrite, never read, the output
+    _gemm.gemm(c, a, b, ta, tb, 0.0, precision)
+    want, scale = _want(A, B, precision)
+    _assert_close(c, want, scale, f"{precision} gemm M,N,K={M},{N},{K} trans={ta},{tb}")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("beta", [1.0, 0.5, -2.0])
+@pytest.mark.parametrize("M,N,K", [(13, 65, 129), (9, 50, 1100)])
+def test_gemm_beta_accumulates(rng, precision, beta, M, N, K):
+    a, b, A, B = _operands(rng, M, N, K, False, False)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    c = c0.copy()
+    _gemm.gemm(c, a, b, False, False, beta, precision)
+    want, scale = _want(A, B, precision)
+    _assert_close(c, beta * c0.astype(np.float64) + want, scale + abs(beta) * np.abs(c0), f"beta={beta}")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("N,IC,OC", [(1, 1, 1), (7, 5, 3), (768, 128, 65), (50, 128, 384), (33, 512, 128)])
+def test_linear_layer_products(rng, precision, N, IC, OC):
+    """matmul_forward / matmul_backward: the reference's kernels on the rounded inputs, backward twice
+    into nonzero gradients (they accumulate)."""
+    inp = rng.standard_normal((N, IC)).astype(np.float32)
+    w = (rng.standard_normal((IC, OC)) * IC**-0.5).astype(np.float32)
+    dout = rng.standard_normal((N, OC)).astype(np.float32)
+    r = round_bf16 if precision == "bf16" else (lambda x: x)
+
+    out = np.full((N, OC), np.nan, np.float32)
+    _gemm.matmul_forward(out, inp, w, precision=precision)
+    want, scale = _want(inp, w, precision)
+    _assert_close(out, want, scale, f"{precision} matmul_forward out")
+
+    dinp0 = rng.standard_normal((N, IC)).astype(np.float32)
+    dw0 = rng.standard_normal((IC, OC)).astype(np.float32)
+    dinp, dw = dinp0.copy(), dw0.copy()
+    _gemm.matmul_backward(dinp, dw, dout, inp, w, precision=precision)
+    _gemm.matmul_backward(dinp, dw, dout, inp, w, precision=precision)
+    want_dinp, want_dw = dinp0.astype(np.float64), dw0.astype(np.float64)
+    for _ in range(2):
+        ref.matmul_backward(
+            want_dinp, want_dw, r(dout).astype(np.float64), r(inp).astype(np.float64), r(w).astype(np.float64)
+        )
+    s_dinp = np.abs(dinp0) + 2 * (np.abs(r(dout)).astype(np.float64) @ np.abs(r(w)).T)
+    s_dw = np.abs(dw0) + 2 * (np.abs(r(inp)).astype(np.float64).T @ np.abs(r(dout)))
+    _assert_close(dinp, want_dinp, s_dinp, f"{precision} matmul_backward dinp")
+    _assert_close(dw, want_dw, s_dw, f"{precision} matmul_backward dweight")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_threads_do_not_change_the_result(rng, precision):
+    """Threads split the rows of C; every element is summed in the same order, so results are equal."""
+    a, b, _, _ = _operands(rng, 203, 130, 700, True, False)
+    c1, c2 = np.empty((203, 130), np.float32), np.empty((203, 130), np.float32)
+    _gemm.gemm(c1, a, b, True, False, 0.0, precision, 1)
+    _gemm.gemm(c2, a, b, True, False, 0.0, precision, 2)
+    np.testing.assert_array_equal(c1, c2)
+
+
+@needs_bf16
+def test_bf16_keeps_nan_and_inf(rng):
+    a = rng.standard_normal((9, 20)).astype(np.float32)
+    b = rng.standard_normal((20, 40)).astype(np.float32)
+    a[3, 5], a[6, 7] = np.nan, np.inf
+    c = np.zeros((9, 40), np.float32)
+    _gemm.gemm(c, a, b, precision="bf16")
+    assert np.isnan(c[3]).all() and not np.isfinite(c[6]).any()
+    assert np.isfinite(np.delete(c, [3, 6], axis=0)).all()
+
+
+def test_round_bf16():
+    x = np.array(
+        [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 1.0 + 2.0**-8 + 2.0**-20, 3.4e38, 1e-39, -1e-39, 0.0],
+        np.float32,
+    )
+    want = np.array([1.0, 1.0 + 2.0**-6, -1.0, 1.0 + 2.0**-7, np.inf, 0.0, -0.0, 0.0], np.float32)
+    np.testing.assert_array_equal(round_bf16(x), want)
+    assert np.signbit(round_bf16(np.float32(-1e-39)))
+    assert np.isnan(round_bf16(np.array([np.nan], np.float32))).all()
+    y = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    r = round_bf16(y)
+    assert r.shape == y.shape and not (r.view(np.uint32) & 0xFFFF).any()
+    assert np.all(np.abs(r - y) <= 2.0**-8 * np.abs(y))  # half an ulp of an 8-bit significand
+
+
+@needs_bf16
+def test_round_bf16_is_what_the_kernel_multiplies(rng):
+    """Every input value times 1.0, over 120 binades: the kernel's rounding, bit for bit."""
+    x = (rng.standard_normal(4000) * np.exp(rng.uniform(-80, 80, 4000))).astype(np.float32)
+    c = np.zeros((x.size, 1), np.float32)
+    _gemm.gemm(c, x[:, None].copy(), np.ones((1, 1), np.float32), precision="bf16")
+    np.testing.assert_array_equal(c[:, 0], round_bf16(x))
+
+
+def test_disabled_bf16_is_a_clear_error(monkeypatch):
+    """FASTCHAR_DISABLE_BF16=1 (read by the C dispatch on every call) stands in for a CPU without it."""
+    monkeypatch.setenv("FASTCHAR_DISABLE_BF16", "1")
+    assert _gemm.has_avx512bf16() is False
+    c, a, b = np.zeros((2, 3), np.float32), np.ones((2, 4), np.float32), np.ones((4, 3), np.float32)
+    with pytest.raises(ConfigError, match="bf16 matrix products are unavailable") as e:
+        _gemm.gemm(c, a, b, precision="bf16")
+    assert "fp32" in e.value.hint
+    with pytest.raises(ConfigError, match="unavailable"):
+        _gemm.matmul_forward(c, a, b)
+    if _gemm.cpu_features()["avx512f"]:  # fp32 is unaffected
+        _gemm.gemm(c, a, b, precision="fp32")
+        np.testing.assert_array_equal(c, np.full((2, 3), 4.0, np.float32))
+
+
+def test_disabled_avx512_turns_both_off(monkeypatch):
+    monkeypatch.setenv("FASTCHAR_DISABLE_AVX512", "1")
+    assert not _gemm.has_avx512bf16() and not _gemm.has_avx512f()
+    c = np.zeros((2, 2), np.float32)
+    for precision in ("bf16", "fp32"):
+        with pytest.raises(ConfigError):
+            _gemm.gemm(c, c, c, precision=precision)
+
+
+def test_cpu_report_matches_the_switches(monkeypatch):
+    monkeypatch.delenv("FASTCHAR_DISABLE_BF16", raising=False)
+    monkeypatch.delenv("FASTCHAR_DISABLE_AVX512", raising=False)
+    assert _gemm.has_avx512bf16() == _gemm.cpu_features()["avx512_bf16"]
+    assert _gemm.has_avx512f() == _gemm.cpu_features()["avx512f"]
+
+
+@needs_avx512
+def test_bad_arguments():
+    c = np.zeros((3, 4), np.float32)
+    with pytest.raises(ConfigError, match="shapes do not match"):
+        _gemm.gemm(c, np.zeros((3, 5), np.float32), np.zeros((6, 4), np.float32), precision="fp32")
+    with pytest.raises(ConfigError, match="precision"):
+        _gemm.gemm(c, np.zeros((3, 5), np.float32), np.zeros((5, 4), np.float32), precision="fp16")
+    # K = 0: the product is empty, C = beta * C
+    c[:] = 2.0
+    _gemm.gemm(c, np.zeros((3, 0), np.float32), np.zeros((0, 4), np.float32), beta=0.5, precision="fp32")
+    np.testing.assert_array_equal(c, np.ones((3, 4), np.float32))
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_info_says_whether_bf16_is_there(capsys, monkeypatch, disable):
+    from fastchar.cli import main
+
+    if disable:
+        monkeypatch.setenv("FASTCHAR_DISABLE_BF16", "1")
+    else:
+        monkeypatch.delenv("FASTCHAR_DISABLE_BF16", raising=False)
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu AVX512_BF16"))
+    assert line.split(": ")[1].startswith("yes;" if _gemm.cpu_features()["avx512_bf16"] else "no;")
+    assert line.endswith("products available") == _gemm.has_avx512bf16()
+    assert ("unavailable" in line) == (disable or not _gemm.cpu_features()["avx512_bf16"])
