@@ -2,8 +2,13 @@
 
 Each step draws a seeded batch, runs forward, backward, clipping and AdamW, and times itself. Every
 eval_every steps it measures train and val loss on a fixed set of batches, writes the `latest`
-checkpoint and, on a new best validation loss, the `best` one. Ctrl-C saves `latest` and stops; a
-NaN or infinite loss stops without overwriting the last good checkpoint.
+checkpoint and, on a new best validation loss, the `best` one. Ctrl-C, SIGTERM and SIGHUP save
+`latest` and stop (the CLI exits with 128 + the signal's number); a NaN or infinite loss, or weights
+that stopped being finite, stop without overwriting the last good checkpoint.
+
+The run folder is locked while a run trains in it, its stale temporaries are cleared at the start,
+and a fresh run refuses to replace another run's checkpoints unless told to (`overwrite=True`); see
+fastchar/runfolder.py.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from fastchar.checkpoint import save
+from fastchar import runfolder
+from fastchar.checkpoint import non_finite, save
 from fastchar.config import TrainConfig
 from fastchar.data import TextDataset
 from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
@@ -29,22 +36,24 @@ from fastchar.optim import AdamW, lr_at
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+check_writable = runfolder.check_writable  # the probe lives with the other run-folder helpers
+
+
 class Interrupted(FastcharError):
-    """Training stopped by Ctrl-C after saving a checkpoint."""
+    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint."""
+
+    def __init__(self, message: str, hint: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message, hint)
+        self.signum = int(signum)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, before any work, if folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"the output folder {folder} is not writable ({exc.strerror or exc})",
-            hint="pass a folder you can write to with --out DIR",
-        ) from None
+class Killed(KeyboardInterrupt):
+    """A second stop signal: stop at once, without saving."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 class Trainer:
@@ -57,14 +66,30 @@ class Trainer:
         cfg: TrainConfig,
         log: Callable[[str], None] | None = None,
         progress: bool | None = None,
+        overwrite: bool = False,
     ) -> None:
+        """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out."""
+        if not isinstance(cfg, TrainConfig):
+            raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}", hint="pass TrainConfig(...)")
         if dataset.vocab_size != model.cfg.vocab_size:
             raise ConfigError(
                 f"the text has {dataset.vocab_size} distinct characters but the model's vocab_size "
-                f"is {model.cfg.vocab_size}"
+                f"is {model.cfg.vocab_size}",
+                hint="build the model with ModelConfig(vocab_size=dataset.vocab_size)",
+            )
+        if model.tokenizer is not None and list(model.tokenizer.chars) != list(dataset.tokenizer.chars):
+            diff = sorted(set(dataset.tokenizer.chars) ^ set(model.tokenizer.chars))
+            raise ConfigError(
+                f"the text's characters differ from the model's vocabulary ({len(diff)} differ: "
+                f"{', '.join(repr(c) for c in diff[:10])}{' ...' if len(diff) > 10 else ''})",
+                hint="train on text with the model's vocabulary: TextDataset(path, tokenizer=model.tokenizer)",
             )
         dataset.check_context(model.cfg.ctx)
         self.model, self.dataset, self.cfg = model, dataset, cfg
+        self.overwrite = overwrite
+        self.data = runfolder.data_record(dataset.path, dataset.text)
+        self._owns_out = False
+        self._signum = 0
         self.model.tokenizer = dataset.tokenizer
         self.out = Path(cfg.out)
         self.log = log or print
@@ -126,19 +151,52 @@ class Trainer:
 
     def save(self, name: str, elapsed: float) -> Path:
         state = self.state(elapsed)
+        bad = non_finite(self.model)
+        if bad:  # never write (or call "good") a checkpoint that cannot be trained or sampled
+            raise TrainingDiverged(f"{' and '.join(bad)} stopped being finite by step {self.step}")
         self.model.train_state = state
-        return save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state)
+        return save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state, data=self.data)
 
     def _record(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(self.out / "metrics.jsonl", flags, 0o644), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _claim_out(self) -> None:
+        """Check the run folder may hold this run; clear its leftovers (under the run's lock)."""
+        runfolder.clean_stale(self.out)
+        if self._owns_out:
+            return
+        source = getattr(self.model, "checkpoint_path", None)
+        resuming_here = source is not None and Path(source).resolve().parent == self.out.resolve()
+        if not resuming_here:
+            if self.overwrite:
+                runfolder.clear_run(self.out)
+            else:
+                runfolder.check_fresh(self.out, overwrite=False)
+        self._owns_out = True
+
+    def _last_good(self) -> Path | None:
+        """A finite checkpoint to name in hints: this run's latest, else the one it resumed from."""
+        for candidate in (self.out / "latest", getattr(self.model, "checkpoint_path", None)):
+            if candidate is not None and (Path(candidate) / "meta.json").is_file():
+                return Path(candidate)
+        return None
 
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, until: int | None = None) -> dict:
         """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
-        cfg, model = self.cfg, self.model
         check_writable(self.out)
+        lock = runfolder.RunLock(self.out).acquire()
+        try:
+            self._claim_out()
+            return self._train(until)
+        finally:
+            lock.release()
+
+    def _train(self, until: int | None) -> dict:
+        cfg, model = self.cfg, self.model
         last = cfg.steps if until is None else min(until, cfg.steps)
         tokens_per_step = cfg.batch * model.cfg.ctx
         self.log(
@@ -149,8 +207,10 @@ class Trainer:
         if self.step:
             self.log(f"resuming at step {self.step}")
         bar = self._progress_bar(last)
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._request_stop)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, self._request_stop)
         start = time.perf_counter()
         step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
 
@@ -189,22 +249,22 @@ class Trainer:
                 if self.step % cfg.eval_every == 0:
                     summary = self._evaluate_and_save(bar, elapsed())
                 if self._stop_requested:
-                    path = self.save("latest", elapsed())
-                    raise Interrupted(
-                        f"interrupted at step {self.step}; saved a checkpoint to {path}",
-                        hint=f"resume with: fastchar train --resume {path}",
-                    )
+                    self._interrupted(self.save("latest", elapsed()))
             if self.step % cfg.eval_every != 0 or not summary:
                 summary = self._evaluate_and_save(bar, elapsed())
+            if self._stop_requested:  # a signal during the final evaluation: latest was just saved
+                self._interrupted(self.out / "latest")
         except TrainingDiverged as exc:
+            good = self._last_good()
             exc.hint = (
-                f"the last good checkpoint is {self.out / 'latest'}; lower --lr or raise --warmup"
-                if (self.out / "latest").exists()
+                f"the last good checkpoint is {good}; lower --lr or raise --warmup"
+                if good is not None
                 else "lower --lr or raise --warmup"
             )
             raise
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
         summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
@@ -239,7 +299,16 @@ class Trainer:
         total = None if self.cfg.time_budget > 0 else last
         return tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, leave=False)
 
+    def _interrupted(self, path: Path) -> None:
+        signum = self._signum or signal.SIGINT
+        raise Interrupted(
+            f"interrupted at step {self.step} by {signal.Signals(signum).name}; saved a checkpoint to {path}",
+            hint=f"resume with: fastchar train --resume {path}",
+            signum=signum,
+        )
+
     def _request_stop(self, signum: int, frame: object) -> None:
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self._stop_requested:  # a second signal stops at once
+            raise Killed(signum)
+        self._signum = signum
         self._stop_requested = True
