@@ -35,7 +35,7 @@ def set_threads(n: int | None = None) -> int:
     global _blas_limit, _configured
     n = cores() if n is None else n
     if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"--threads must be a positive integer, got {n!r}")
+        raise ConfigError(f"--threads must be a positive integer, got {n!r}", hint=f"this machine has {cores()} cores")
     os.environ["OMP_NUM_THREADS"] = str(n)
     if importlib.util.find_spec("numba") is not None:
         import numba

@@ -57,7 +57,10 @@ def canonical(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in MODULES and name != "auto":
         choices = ", ".join([*MODULES, "auto"])
-        raise BackendError(f"unknown backend {name!r}; choose one of: {choices}")
+        raise BackendError(
+            f"unknown backend {name!r}; choose one of: {choices}",
+            hint="`fastchar info` lists the backends available on this machine",
+        )
     return name
 
 
@@ -66,7 +69,11 @@ def _load(name: str) -> SimpleNamespace:
     try:
         module = importlib.import_module(f"fastchar.backends.{MODULES[name]}")
     except ImportError as exc:
-        raise BackendError(f"backend {name!r} is not available: {exc}") from exc
+        raise BackendError(
+            f"backend {name!r} is not available: {exc}",
+            hint="pick another with --backend (`fastchar info` lists them); the cython one needs "
+            "`pip install -e .` or `python setup.py build_ext --inplace`",
+        ) from exc
     reference = importlib.import_module("fastchar.backends.reference")
     fallback = set(getattr(module, "FALLBACK", ()))
     kernels = {}
