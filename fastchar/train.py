@@ -210,7 +210,8 @@ class Trainer:
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
-                previous[signum] = signal.signal(signum, self._request_stop)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # keep nohup's (or a parent's) ignore
+                    previous[signum] = signal.signal(signum, self._request_stop)
         start = time.perf_counter()
         step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
 

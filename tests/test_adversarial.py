@@ -240,6 +240,20 @@ def test_06_ctrl_c_during_the_final_evaluation_exits_130(corpus, tmp_path):
     assert load(tmp_path / "run" / "latest").train_state["step"] == 6
 
 
+def test_06_an_ignored_sighup_stays_ignored(corpus, tmp_path):
+    """Under nohup SIGHUP is ignored: the trainer must not turn it back into a stop."""
+    ds = TextDataset(corpus)
+    cfg = TrainConfig(batch=4, steps=6, eval_every=100, eval_batches=1, log_every=2, out=str(tmp_path / "run"))
+    trainer = Trainer(Model(ModelConfig(vocab_size=ds.vocab_size, **SMALL), backend="numpy"), ds, cfg,
+                      log=lambda line: line.startswith("step") and os.kill(os.getpid(), signal.SIGHUP),
+                      progress=False)  # fmt: skip
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert trainer.train()["step"] == 6
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_07_readers_never_see_a_checkpoint_mid_swap(tmp_path):
     cfg = ModelConfig(vocab_size=11, d_model=128, n_layer=2, n_head=4, ctx=64, mlp_hidden=512)
     path = tmp_path / "latest"
@@ -458,7 +472,8 @@ def test_11_the_write_probe_never_follows_a_planted_link(corpus, tmp_path):
 def test_12_non_finite_options_are_refused_at_parse_time(capsys, corpus, tmp_path, flag, value):
     extra = [flag, value, "0.9"] if flag == "--betas" else [f"{flag}={value}"]
     with pytest.raises(SystemExit) as info:
-        main(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), *extra])
+        main(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "2", "--backend", "numpy",
+              *TINY, *extra])  # fmt: skip
     err = capsys.readouterr().err
     assert info.value.code == 2 and "expected a finite number" in err and "hint: " in err, err
     assert not (tmp_path / "r").exists()
