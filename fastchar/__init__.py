@@ -1,7 +1,7 @@
 """fastchar: train and sample a small character-level transformer on CPU cores, fast.
 
 import fastchar
-data = fastchar.TextDataset("tinyshakespeare.txt")
+data = fastchar.TextDataset(fastchar.find_corpus())  # Tiny Shakespeare
 model = fastchar.Model(fastchar.ModelConfig(vocab_size=data.vocab_size), backend="auto", seed=0)
 fastchar.Trainer(model, data, fastchar.TrainConfig(steps=300)).train()
 print(fastchar.generate(model, data.tokenizer, "ROMEO:", 200, top_p=0.9, seed=0))
@@ -10,7 +10,7 @@ print(fastchar.generate(model, data.tokenizer, "ROMEO:", 200, top_p=0.9, seed=0)
 from fastchar import _blas_env  # noqa: F401, I001  (must run before NumPy loads OpenBLAS)
 from fastchar.checkpoint import load
 from fastchar.config import ModelConfig, TrainConfig
-from fastchar.data import TextDataset
+from fastchar.data import TextDataset, find_corpus
 from fastchar.errors import (
     CheckpointError,
     ConfigError,
@@ -39,6 +39,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "find_corpus",
     "generate",
     "load",
     "set_threads",

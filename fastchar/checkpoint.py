@@ -14,6 +14,9 @@ Reads trust nothing: meta.json and tokenizer.json are checked against the schema
 fastchar/schema.py and the sizes in the safetensors headers before anything is allocated, every
 file is opened through one handle on the folder without following links, and its bytes are hashed
 and parsed from the same read. A save that swaps the folder during a read makes the read start over.
+
+A run folder (what `fastchar train --out DIR` writes: best/, latest/, metrics.jsonl) is accepted
+wherever a checkpoint folder is: `resolve` picks best/ for sampling and loading, latest/ for resuming.
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ from fastchar.schema import (
 )
 from fastchar.tokenizer import CharTokenizer
 
-__all__ = ["FORMAT", "VERSION", "CheckpointWriteError", "load", "read_checkpoint", "read_meta", "save"]
+__all__ = ["FORMAT", "VERSION", "CheckpointWriteError", "load", "read_checkpoint", "read_meta", "resolve", "save"]
 
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 READ_ATTEMPTS = 6  # reads restarted because a save swapped the folder meanwhile
 SWAP_WAIT = 0.05  # seconds; a save's two renames take microseconds
+RUN_CHECKPOINTS = ("best", "latest")  # the checkpoint folders a training run keeps
 
 
 class CheckpointWriteError(CheckpointError, OSError):
@@ -297,6 +301,30 @@ def read_meta(path: str | Path) -> tuple[Path, dict]:
     return folder, meta
 
 
+def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
+    """The checkpoint folder that path names, and a note when path was a run folder.
+
+    A folder with meta.json (or a missing one, left to read_meta's .old recovery) is itself the
+    checkpoint: (path, None). A run folder holding best/ and latest/ gives its `want` checkpoint, or
+    the other one if that is missing, with a note saying which was taken.
+    """
+    if want not in RUN_CHECKPOINTS:
+        raise ValueError(f"want must be one of {RUN_CHECKPOINTS}, got {want!r}")
+    path = Path(path)
+    if not path.is_dir() or (path / "meta.json").is_file():
+        return path, None
+    other = next(name for name in RUN_CHECKPOINTS if name != want)
+    for name in (want, other):
+        if (path / name).is_dir() or (path / (name + ".old")).is_dir():
+            missing = "" if name == want else f"; it has no {want}/"
+            return path / name, f"{path} is a run folder; using its {name} checkpoint {path / name}{missing}"
+    raise CheckpointError(
+        f"{path} is neither a checkpoint nor a run folder: meta.json is missing and it holds no best/ or latest/",
+        hint="pass a checkpoint folder (one with meta.json, e.g. runs/base/best) "
+        "or the run folder a training run wrote (one holding best/ and latest/, e.g. runs/base)",
+    )
+
+
 def _tensors(data: bytes, where: Path) -> dict[str, np.ndarray]:
     try:
         return load_bytes(data)
@@ -304,11 +332,14 @@ def _tensors(data: bytes, where: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{where} cannot be read: {exc}", hint="use another checkpoint") from None
 
 
-def load(path: str | Path, backend: str = "auto") -> Model:
-    """A Model from a checkpoint folder, with `.tokenizer`, `.train_cfg` and `.train_state` set.
+def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
+    """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
 
-    `.checkpoint_meta` holds the whole checked meta.json (backend, precision, data of the run).
+    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read),
+    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder) and
+    `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
     """
+    path, note = resolve(path, which)
     path, meta, blobs = read_checkpoint(path)
     cfg = ModelConfig.from_dict(meta["model"])
     weights_file, moments_file = path / "model.safetensors", path / "optimizer.safetensors"
@@ -337,4 +368,5 @@ def load(path: str | Path, backend: str = "auto") -> Model:
     model.train_state = meta.get("state") or {}
     model.checkpoint_path = path
     model.checkpoint_meta = meta
+    model.checkpoint_note = note
     return model

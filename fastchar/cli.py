@@ -1,4 +1,4 @@
-"""The `fastchar` command: train, sample, info and bench (also `python -m fastchar`).
+"""The `fastchar` command: train, sample, info, plot and bench (also `python -m fastchar`).
 
 Every option is checked before any work starts. Errors a user can cause print one line on stderr
 (`error: ...`, then a `hint: ...`) and exit with status 1; a malformed command line (an unknown
@@ -120,10 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
     train.add_argument(
-        "--resume", metavar="DIR", help="continue exactly from a checkpoint folder (e.g. runs/base/latest)"
+        "--resume",
+        metavar="DIR",
+        help="continue exactly from a checkpoint folder (e.g. runs/base/latest) or a run folder (its latest)",
     )
     train.add_argument(
         "--until", type=_number(int), metavar="STEP", help="stop after this step and save (resume later)"
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files into the run folder (needs tensorboardX; "
+        "view with `tensorboard --logdir runs`)",
     )
     train.add_argument(
         "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
@@ -156,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a checkpoint",
         description="Continue a prompt with characters sampled from a trained model, streamed to stdout.",
     )
-    sample.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint folder (e.g. runs/base/best)")
+    sample.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        required=True,
+        help="checkpoint folder (e.g. runs/base/best), or a run folder (e.g. runs/base: its best checkpoint)",
+    )
     prompt = sample.add_mutually_exclusive_group()
     prompt.add_argument(
         "--prompt", default=None, help="text to continue (default: a newline, or the vocabulary's first character)"
@@ -186,10 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a checkpoint's config, parameters per tensor, vocabulary, and the backends, "
         "threading layers and BLAS active on this machine.",
     )
-    info.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint folder (optional)")
+    info.add_argument(
+        "checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint or run folder (its best checkpoint); optional"
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_runtime_flags(info)
     info.set_defaults(func=cmd_info)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw train and val loss of one or more runs into a PNG",
+        description="Draw the train and validation loss of each run (its metrics.jsonl) against step and "
+        'against wall-clock seconds, runs overlaid by name. Needs matplotlib: pip install "fastchar[plot]".',
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folder a training run wrote (e.g. runs/base)")
+    plot.add_argument(
+        "-o", "--output", metavar="FILE.png", default="curves.png", help="image to write (default curves.png)"
+    )
+    plot.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser(
         "bench",
@@ -258,20 +286,21 @@ def _resume_backend(args: argparse.Namespace, meta: dict) -> str:
 def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
     """The training text of a resumed run: --data, else the file the run recorded (checked by size
     and sha256), else Tiny Shakespeare. Its characters must be the checkpoint's vocabulary."""
-    from fastchar.data import TextDataset, find_corpus, read_text
+    from fastchar.data import TextDataset, locate_corpus, read_text
     from fastchar.errors import DataError
     from fastchar.runfolder import data_record
 
     recorded = meta.get("data")
     if args.data is None and recorded:
-        path = Path(recorded["path"])
+        path, origin = Path(recorded["path"]), "the text the run trained on, recorded in its checkpoint"
         if not path.is_file():
             raise DataError(
                 f"the run trained on {path}, which no longer exists",
                 hint="pass its text with --data FILE (the same characters as the checkpoint's vocabulary)",
             )
     else:
-        path = find_corpus(args.data)
+        path, origin = locate_corpus(args.data)
+    print(f"data: {path} ({origin})", flush=True)
     text = read_text(path)
     if sorted(set(text)) != list(tokenizer.chars):
         extra = sorted(set(text) - set(tokenizer.chars))
@@ -294,11 +323,12 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastchar.checkpoint import load, read_meta
-    from fastchar.data import TextDataset, find_corpus
+    from fastchar.checkpoint import load, read_meta, resolve
+    from fastchar.data import TextDataset, locate_corpus
     from fastchar.errors import CheckpointError
     from fastchar.model import Model
     from fastchar.runfolder import check_fresh, check_memory
+    from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
 
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
@@ -309,9 +339,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--sample-chars must be >= 0, got {args.sample_chars}", hint="pass --sample-chars 0 for no sample"
         )
     _setup_runtime(args)
+    if args.tensorboard:
+        require_tensorboardx()
     if args.resume:
-        folder, meta = read_meta(args.resume)
+        folder, note = resolve(args.resume, "latest")
+        folder, meta = read_meta(folder)
         model = load(folder, backend=_resume_backend(args, meta))
+        model.checkpoint_note = note
+        _say_checkpoint(model)
         recorded_precision = meta.get("precision") or "fp32"
         if recorded_precision != getattr(model, "precision", "fp32"):
             raise CheckpointError(
@@ -336,17 +371,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_writable(Path(train_cfg.out))
         if not args.overwrite:
             check_fresh(Path(train_cfg.out), overwrite=False)
-        dataset = TextDataset(find_corpus(args.data))
+        corpus, origin = locate_corpus(args.data)
+        print(f"data: {corpus} ({origin})", flush=True)
+        dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
         check_memory(model_cfg, train_cfg.batch)
         model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed)
-    print(f"data: {dataset.path} ({len(dataset):,} characters, vocabulary {dataset.vocab_size})")
+    print(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     print(f"model: {json.dumps(model.cfg.to_dict())}")
     print(f"train: {json.dumps(train_cfg.to_dict())}")
-    trainer = Trainer(model, dataset, train_cfg, overwrite=args.overwrite)
+    trainer = Trainer(model, dataset, train_cfg, tensorboard=args.tensorboard, overwrite=args.overwrite)
     summary = trainer.train(until=args.until)
     print(
         f"done: step {summary['step']} | train {summary['train_loss']:.4f} | val {summary['val_loss']:.4f} | "
@@ -380,6 +417,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
     model = load(args.checkpoint, backend=args.backend or "auto")
+    _say_checkpoint(model)
     if model.tokenizer is None:
         raise CheckpointError(
             f"{args.checkpoint} has no tokenizer.json", hint="sample from a checkpoint a training run wrote"
@@ -405,6 +443,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_checkpoint(model: object) -> None:
+    """On stderr, which checkpoint of a run folder was taken (nothing for a checkpoint folder)."""
+    note = getattr(model, "checkpoint_note", None)
+    if note:
+        print(f"checkpoint: {note}", file=sys.stderr, flush=True)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from fastchar.arena import param_specs
     from fastchar.backends import available_backends, default_backend
@@ -416,9 +461,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         from fastchar.checkpoint import load
 
         model = load(args.checkpoint, backend="numpy")
+        _say_checkpoint(model)
         tensors = [(name, list(shape), int(model.params[name].size)) for name, shape in param_specs(model.cfg)]
         report["checkpoint"] = {
             "path": str(model.checkpoint_path),
+            "picked": model.checkpoint_note,
             "model": model.cfg.to_dict(),
             "train": model.train_cfg,
             "step": model.train_state.get("step"),
@@ -469,6 +516,15 @@ def _format_info(report: dict) -> str:
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")
     return "\n".join(lines)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fastchar.plot import plot_runs, require_matplotlib
+
+    require_matplotlib()
+    path = plot_runs(args.runs, args.output)
+    print(f"wrote {path} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

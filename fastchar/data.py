@@ -1,14 +1,17 @@
 """Training text: finding the corpus, encoding it compactly, the 90/10 split and seeded batches.
 
-Tiny Shakespeare is looked up locally (--data, $FASTCHAR_DATA_DIR, data/) and otherwise downloaded
+Tiny Shakespeare is looked up locally (--data, $FASTCHAR_DATA_DIR, data/), then in the xz copy shipped
+inside the package (fastchar/corpora/, md5 checked after decompression), and only then downloaded
 once from its public home, checked by size and md5, and written atomically into data/. It is never
-committed.
+committed uncompressed. Files ending in .xz are decompressed in memory wherever a text is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -22,15 +25,31 @@ SHAKESPEARE_NAME = "tinyshakespeare.txt"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SIZE = 1_115_394
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+# The copy shipped as package data (xz -9e of the file above, 364,404 bytes; see data/README.md).
+SHIPPED_CORPUS = Path(__file__).resolve().parent / "corpora" / (SHAKESPEARE_NAME + ".xz")
 VAL_FRACTION = 0.1
 
 
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of path; errors name the file and, for bad bytes, the line and byte."""
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of path, decompressed in memory if its name ends in .xz."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"training text {path} does not exist", hint="pass an existing file with --data FILE")
     raw = path.read_bytes()
+    if path.suffix == ".xz":
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError as exc:
+            raise DataError(
+                f"{path} is not a valid xz file ({exc})", hint="check the file with `xz -t FILE`, or pass the text"
+            ) from None
+    return raw
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of path (.xz decompressed); errors name the file and, for bad bytes, the line and byte."""
+    path = Path(path)
+    raw = read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -100,36 +119,57 @@ class TextDataset:
 
 
 def find_corpus(data: str | Path | None = None, download: bool = True) -> Path:
-    """The training text: --data, $FASTCHAR_DATA_DIR/tinyshakespeare.txt, data/..., else download."""
+    """The training text: --data, $FASTCHAR_DATA_DIR/tinyshakespeare.txt, data/..., the shipped copy,
+    else a download. `locate_corpus` also says which one it took."""
+    return locate_corpus(data, download)[0]
+
+
+def locate_corpus(data: str | Path | None = None, download: bool = True) -> tuple[Path, str]:
+    """(path, where it came from) of the training text, in the order of find_corpus."""
     if data is not None:
         path = Path(data)
         if not path.is_file():
             raise DataError(f"training text {path} does not exist", hint="check the path given to --data")
-        return path
+        return path, "--data"
     candidates = []
     if os.environ.get("FASTCHAR_DATA_DIR"):
-        candidates.append(Path(os.environ["FASTCHAR_DATA_DIR"]) / SHAKESPEARE_NAME)
+        candidates.append((Path(os.environ["FASTCHAR_DATA_DIR"]) / SHAKESPEARE_NAME, "$FASTCHAR_DATA_DIR"))
     local = Path("data") / SHAKESPEARE_NAME
-    candidates.append(local)
-    for path in candidates:
+    candidates.append((local, "data/ in the current folder"))
+    for path, origin in candidates:
         if path.is_file():
-            return path
+            return path, origin
+    if SHIPPED_CORPUS.is_file():
+        check_shakespeare(read_bytes(SHIPPED_CORPUS), f"the shipped copy {SHIPPED_CORPUS}")
+        return SHIPPED_CORPUS, "the copy shipped with fastchar, md5 checked"
+    looked = [path for path, _ in candidates] + [SHIPPED_CORPUS]
     if not download:
-        raise DataError("Tiny Shakespeare was not found", hint=_corpus_hint(candidates))
-    return download_shakespeare(local, candidates)
+        raise DataError("Tiny Shakespeare was not found", hint=_corpus_hint(looked))
+    return download_shakespeare(local, looked), f"downloaded from {SHAKESPEARE_URL}"
+
+
+def check_shakespeare(raw: bytes, what: str) -> None:
+    """Raise a DataError unless raw is Tiny Shakespeare, byte for byte (size and md5)."""
+    digest = hashlib.md5(raw).hexdigest()
+    if len(raw) != SHAKESPEARE_SIZE or digest != SHAKESPEARE_MD5:
+        raise DataError(
+            f"{what} has {len(raw)} bytes and md5 {digest}, expected "
+            f"{SHAKESPEARE_SIZE} bytes and md5 {SHAKESPEARE_MD5}",
+            hint="reinstall fastchar, or pass a local copy with --data FILE",
+        )
 
 
 def _corpus_hint(candidates: list[Path]) -> str:
     looked = ", ".join(str(p) for p in candidates)
     return (
         f"looked in {looked}; pass --data FILE, set FASTCHAR_DATA_DIR to a folder holding "
-        f"{SHAKESPEARE_NAME}, or download {SHAKESPEARE_URL} to {candidates[-1]}"
+        f"{SHAKESPEARE_NAME}, or download {SHAKESPEARE_URL} to data/{SHAKESPEARE_NAME}"
     )
 
 
 def download_shakespeare(dest: Path, candidates: list[Path] | None = None) -> Path:
     """Fetch Tiny Shakespeare once, check size and md5, and write it atomically to dest."""
-    print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} ...", flush=True)
+    print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} ...", file=sys.stderr, flush=True)
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
             raw = response.read()
@@ -138,13 +178,11 @@ def download_shakespeare(dest: Path, candidates: list[Path] | None = None) -> Pa
             f"Tiny Shakespeare is not on this machine and could not be downloaded ({exc})",
             hint=_corpus_hint(candidates or [dest]),
         ) from None
-    digest = hashlib.md5(raw).hexdigest()
-    if len(raw) != SHAKESPEARE_SIZE or digest != SHAKESPEARE_MD5:
-        raise DataError(
-            f"the downloaded file has {len(raw)} bytes and md5 {digest}, expected "
-            f"{SHAKESPEARE_SIZE} bytes and md5 {SHAKESPEARE_MD5}",
-            hint="try again later, or pass a local copy with --data FILE",
-        )
+    try:
+        check_shakespeare(raw, "the downloaded file")
+    except DataError as exc:
+        exc.hint = "try again later, or pass a local copy with --data FILE"
+        raise
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     tmp.write_bytes(raw)

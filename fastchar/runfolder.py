@@ -76,16 +76,18 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
 
 
 def clear_run(folder: Path) -> None:
-    """Remove a previous run's checkpoints and metrics (--overwrite), under the run's lock."""
+    """Remove a previous run's checkpoints, metrics, curves and TensorBoard events (--overwrite).
+
+    Called under the run's lock."""
     for name in CHECKPOINT_NAMES:
         for candidate in (folder / name, folder / f"{name}.old"):
             if candidate.is_symlink() or candidate.is_file():
                 candidate.unlink()
             elif candidate.is_dir():
                 shutil.rmtree(candidate)
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_symlink() or metrics.exists():
-        metrics.unlink()
+    for stale in [folder / "metrics.jsonl", folder / "curves.png", *folder.glob("events.out.tfevents.*")]:
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,6 +6,10 @@ checkpoint and, on a new best validation loss, the `best` one. Ctrl-C, SIGTERM a
 `latest` and stop (the CLI exits with 128 + the signal's number); a NaN or infinite loss, or weights
 that stopped being finite, stop without overwriting the last good checkpoint.
 
+Every log and evaluation line is also a record in the run folder's metrics.jsonl (and, with
+tensorboard=True, a TensorBoard scalar); a finished run draws them into curves.png when matplotlib
+is installed.
+
 The run folder is locked while a run trains in it, its stale temporaries are cleared at the start,
 and a fresh run refuses to replace another run's checkpoints unless told to (`overwrite=True`); see
 fastchar/runfolder.py.
@@ -32,6 +36,8 @@ from fastchar.data import TextDataset
 from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
 from fastchar.model import Model
 from fastchar.optim import AdamW, lr_at
+from fastchar.plot import write_run_curves
+from fastchar.tensorboard_log import TensorBoardLog, require_tensorboardx
 
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
 
@@ -57,7 +63,11 @@ class Killed(KeyboardInterrupt):
 
 
 class Trainer:
-    """Trains `model` on `dataset` with the recipe `cfg`; resumes from `model.train_state` if set."""
+    """Trains `model` on `dataset` with the recipe `cfg`; resumes from `model.train_state` if set.
+
+    tensorboard=True also writes the metrics as TensorBoard event files into the run folder (needs
+    tensorboardX); curves=False skips drawing curves.png at the end.
+    """
 
     def __init__(
         self,
@@ -66,11 +76,15 @@ class Trainer:
         cfg: TrainConfig,
         log: Callable[[str], None] | None = None,
         progress: bool | None = None,
+        tensorboard: bool = False,
+        curves: bool = True,
         overwrite: bool = False,
     ) -> None:
         """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out."""
         if not isinstance(cfg, TrainConfig):
             raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}", hint="pass TrainConfig(...)")
+        if tensorboard:
+            require_tensorboardx()  # a missing extra is an error before any work
         if dataset.vocab_size != model.cfg.vocab_size:
             raise ConfigError(
                 f"the text has {dataset.vocab_size} distinct characters but the model's vocab_size "
@@ -105,6 +119,8 @@ class Trainer:
         self.optimizer = AdamW(model, cfg, step=self.step)
         self.losses: list[float] = []
         self._stop_requested = False
+        self.tensorboard, self.curves = tensorboard, curves
+        self._tensorboard: TensorBoardLog | None = None
 
     # -- pieces of a step ---------------------------------------------------------------------
 
@@ -161,6 +177,8 @@ class Trainer:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with open(os.open(self.out / "metrics.jsonl", flags, 0o644), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.record(record)
 
     def _claim_out(self) -> None:
         """Check the run folder may hold this run; clear its leftovers (under the run's lock)."""
@@ -206,6 +224,8 @@ class Trainer:
         )
         if self.step:
             self.log(f"resuming at step {self.step}")
+        if self.tensorboard:
+            self._tensorboard = TensorBoardLog(self.out)
         bar = self._progress_bar(last)
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -268,6 +288,11 @@ class Trainer:
                 signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+        if self.curves and (path := write_run_curves(self.out)) is not None:
+            self.log(f"curves: {path}")
         summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
         summary["elapsed"] = elapsed()
         summary["step"] = self.step

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import lzma
+
 import numpy as np
 import pytest
 
@@ -96,9 +99,65 @@ def test_corpus_lookup_order(tmp_path, monkeypatch):
     assert data_module.find_corpus(explicit) == explicit
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: any download attempt fails at once, and is counted."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", refuse)
+    return attempts
+
+
+def test_shipped_copy_is_used_offline(tmp_path, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
+    path, origin = data_module.locate_corpus()
+    assert path == data_module.SHIPPED_CORPUS and path.name == "tinyshakespeare.txt.xz"
+    assert "shipped" in origin and not offline, "no download was attempted"
+    assert path.stat().st_size < 400_000, "shipped compressed"
+    ds = TextDataset(path)
+    assert len(ds) == 1_115_394 and ds.vocab_size == 65
+    assert hashlib.md5(ds.text.encode("utf-8")).hexdigest() == data_module.SHAKESPEARE_MD5
+    assert ds.text.startswith("First Citizen:\n")
+
+
+def test_local_copies_come_before_the_shipped_one(tmp_path, monkeypatch, offline):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tinyshakespeare.txt").write_text("local")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
+    assert data_module.locate_corpus() == (data_module.Path("data/tinyshakespeare.txt"), "data/ in the current folder")
+
+
+def test_shipped_copy_is_md5_checked(tmp_path, monkeypatch, offline):
+    fake = tmp_path / "tinyshakespeare.txt.xz"
+    fake.write_bytes(lzma.compress(b"Not Shakespeare at all.\n" * 100))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(data_module, "SHIPPED_CORPUS", fake)
+    with pytest.raises(DataError, match=r"the shipped copy .* has 2400 bytes and md5 .*expected 1115394 bytes"):
+        data_module.find_corpus()
+    assert not offline
+
+
+def test_xz_text_and_a_corrupt_xz(tmp_path):
+    good = tmp_path / "poem.txt.xz"
+    good.write_bytes(lzma.compress("héllo wörld\n".encode() * 50))
+    assert TextDataset(good).text == "héllo wörld\n" * 50
+    bad = tmp_path / "bad.txt.xz"
+    bad.write_bytes(b"\xfd7zXZ\x00 truncated")
+    with pytest.raises(DataError, match="bad.txt.xz is not a valid xz file"):
+        TextDataset(bad)
+
+
 def test_offline_and_missing_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(data_module, "SHIPPED_CORPUS", tmp_path / "not-installed.txt.xz")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -107,12 +166,14 @@ def test_offline_and_missing_gives_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not be downloaded") as info:
         data_module.find_corpus()
     assert "--data FILE" in info.value.hint and "FASTCHAR_DATA_DIR" in info.value.hint
+    assert "not-installed.txt.xz" in info.value.hint, "the hint lists every place looked in"
     assert not (tmp_path / "data" / "tinyshakespeare.txt").exists()
 
 
 def test_download_checks_md5_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(data_module, "SHIPPED_CORPUS", tmp_path / "not-installed.txt.xz")
 
     class Response:
         def __init__(self, body: bytes) -> None:
