@@ -311,13 +311,16 @@ def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
     if want not in RUN_CHECKPOINTS:
         raise ValueError(f"want must be one of {RUN_CHECKPOINTS}, got {want!r}")
     path = Path(path)
-    if not path.is_dir() or (path / "meta.json").is_file():
-        return path, None
+    if not path.is_dir() or (path / "meta.json").is_file() or path.with_name(path.name + ".old").is_dir():
+        return path, None  # a checkpoint, or one a concurrent save is swapping (read_checkpoint waits)
     other = next(name for name in RUN_CHECKPOINTS if name != want)
     for name in (want, other):
         if (path / name).is_dir() or (path / (name + ".old")).is_dir():
             missing = "" if name == want else f"; it has no {want}/"
             return path / name, f"{path} is a run folder; using its {name} checkpoint {path / name}{missing}"
+    time.sleep(SWAP_WAIT)  # a save may have swapped path between the checks above: look once more
+    if not path.is_dir() or (path / "meta.json").is_file():
+        return path, None
     raise CheckpointError(
         f"{path} is neither a checkpoint nor a run folder: meta.json is missing and it holds no best/ or latest/",
         hint="pass a checkpoint folder (one with meta.json, e.g. runs/base/best) "

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from fastchar.config import ModelConfig, TrainConfig
+from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
 
 DEFAULT_MODEL = ModelConfig()
@@ -46,7 +47,9 @@ MODEL_HELP = {
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
 }
 TRAIN_HELP = {
-    "batch": f"sequences per step B (default {DEFAULT_TRAIN.batch})",
+    "batch": f"sequences per micro-batch B (default {DEFAULT_TRAIN.batch})",
+    "grad_accum": "micro-batches K per optimizer step: the step's loss and gradient are the mean over K*B "
+    f"sequences (times the ranks under mpiexec) (default {DEFAULT_TRAIN.grad_accum})",
     "steps": f"optimizer steps; the cosine schedule ends at the last (default {DEFAULT_TRAIN.steps})",
     "lr": f"peak learning rate after warm-up (default {DEFAULT_TRAIN.lr:g})",
     "min_lr": f"learning rate at the last step (default {DEFAULT_TRAIN.min_lr:g})",
@@ -132,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write TensorBoard event files into the run folder (needs tensorboardX; "
         "view with `tensorboard --logdir runs`)",
+    )
+    train.add_argument(
+        "--ranks",
+        type=_number(int),
+        metavar="N",
+        help="expect N ranks: fastchar starts no processes, launch it as `mpiexec -n N fastchar train ...`",
     )
     train.add_argument(
         "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
@@ -339,6 +348,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--sample-chars must be >= 0, got {args.sample_chars}", hint="pass --sample-chars 0 for no sample"
         )
     _setup_runtime(args)
+    dist = _check_ranks(args.ranks, args.threads)
+    say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.tensorboard:
         require_tensorboardx()
     if args.resume:
@@ -364,15 +375,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = train_args.get("out") or str(folder.resolve().parent)
         train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args, "out": out})
         check_memory(model.cfg, train_cfg.batch)
-        check_writable(Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out))
         dataset = _resume_data(args, meta, model.tokenizer)
     else:
         train_cfg = TrainConfig(**train_args)
-        check_writable(Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out))
         if not args.overwrite:
-            check_fresh(Path(train_cfg.out), overwrite=False)
+            dist.root_only(check_fresh, Path(train_cfg.out))
         corpus, origin = locate_corpus(args.data)
-        print(f"data: {corpus} ({origin})", flush=True)
+        say(f"data: {corpus} ({origin})", flush=True)
         dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
@@ -380,11 +391,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg = ModelConfig(**model_args)
         check_memory(model_cfg, train_cfg.batch)
         model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed)
-    print(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
-    print(f"model: {json.dumps(model.cfg.to_dict())}")
-    print(f"train: {json.dumps(train_cfg.to_dict())}")
-    trainer = Trainer(model, dataset, train_cfg, tensorboard=args.tensorboard, overwrite=args.overwrite)
+    say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
+    say(f"model: {json.dumps(model.cfg.to_dict())}")
+    say(f"train: {json.dumps(train_cfg.to_dict())}")
+    trainer = Trainer(
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
+    )
     summary = trainer.train(until=args.until)
+    if not dist.is_root:
+        return 0
     print(
         f"done: step {summary['step']} | train {summary['train_loss']:.4f} | val {summary['val_loss']:.4f} | "
         f"best val {summary['best_val']:.4f} | {summary['tok_per_s']:,.0f} tok/s | {summary['elapsed']:.1f} s"
@@ -402,6 +417,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_ranks(expected: int | None, threads: int | None = None) -> World:
+    """The world of ranks (distributed.world); with --ranks N, check that mpiexec started N."""
+    from fastchar.distributed import mark_collective, world
+    from fastchar.threads import cores
+
+    dist = world()
+    if dist.size > 1 and threads is not None and dist.local_size * threads > cores() and dist.local_rank == 0:
+        print(f"warning: {dist.local_size} ranks x --threads {threads} exceed the {cores()} cores of {dist.host}; "
+              "without --threads the cores are shared out", file=sys.stderr)  # fmt: skip
+    if expected is not None and expected != dist.size:
+        launched = f"this is one of {dist.size} ranks" if dist.size > 1 else "this is one process, not under mpiexec"
+        raise mark_collective(
+            ConfigError(
+                f"--ranks {expected}: {launched}; fastchar does not start processes itself",
+                hint=f'launch N ranks with mpiexec (pip install -e ".[mpi]"): mpiexec -n {expected} fastchar train ...',
+            )
+        )
+    return dist
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import load
     from fastchar.data import read_text
@@ -416,6 +451,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ctx must be >= 1, got {args.ctx}", hint="leave --ctx out to use the model's context")
     prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
+    if _check_ranks(None).size > 1:
+        from fastchar.distributed import mark_collective
+
+        raise mark_collective(
+            ConfigError("fastchar sample runs in one process", hint="run it without mpiexec: fastchar sample ...")
+        )
     model = load(args.checkpoint, backend=args.backend or "auto")
     _say_checkpoint(model)
     if model.tokenizer is None:
@@ -476,6 +517,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     backends = available_backends()
     report["backends"] = {"available": backends, "default": default_backend()}
     report["threads"] = thread_report()
+    dist = _check_ranks(None, args.threads)
+    t = report["threads"]
+    mine = {"host": dist.host, "local_rank": dist.local_rank, "cores": t["cores"],
+            "threads": t["openmp"]["threads"] if t["openmp"] else t.get("numba", {}).get("threads")}  # fmt: skip
+    report["ranks"] = {**dist.describe(), "per_rank": dist.allgather(mine)}
+    if not dist.is_root:
+        return 0
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -515,6 +563,15 @@ def _format_info(report: dict) -> str:
         )
     for omp in t["openmp_runtimes"]:
         lines.append(f"openmp runtime: {omp['internal_api']}, {omp['num_threads']} threads ({omp['filepath']})")
+    r = report["ranks"]
+    if r["ranks"] == 1:
+        lines.append("ranks: 1 (one process; `mpiexec -n N fastchar train ...` trains with N ranks)")
+    else:
+        lines.append(f"ranks: {r['ranks']} on {len(set(r['hosts']))} host(s), {r['mpi']}, timeout {r['timeout_s']:g} s")
+        for host in dict.fromkeys(r["hosts"]):
+            mine = [(i, p) for i, p in enumerate(r["per_rank"]) if p["host"] == host]
+            threads = ", ".join(f"rank {i}: {p['threads']}" for i, p in mine)
+            lines.append(f"  {host}: {len(mine)} ranks, {mine[0][1]['cores']} cores, threads {threads}")
     return "\n".join(lines)
 
 
@@ -554,11 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as exc:
-        _report(exc, args)
+        _report(exc, args, 128 + exc.signum)
         return 128 + exc.signum
-    except KeyboardInterrupt as exc:  # a second Ctrl-C, or one outside the training loop
-        print(f"\ninterrupted by {signal.Signals(getattr(exc, 'signum', signal.SIGINT)).name}", file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)
+    except KeyboardInterrupt as exc:  # a second signal, or one outside the training loop
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"\ninterrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        _end_other_ranks(exc, 128 + signum)
+        return 128 + signum
     except FastcharError as exc:
         _report(exc, args)
         return EXIT_ERROR
@@ -566,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except MemoryError as exc:
         exc.hint = "lower --batch or choose a smaller model; `free -m` shows the memory available"
-        _report(exc, args, f"out of memory: {exc}" if str(exc) else "out of memory")
+        _report(exc, args, message=f"out of memory: {exc}" if str(exc) else "out of memory")
         return EXIT_ERROR
     except OSError as exc:  # a full disk, a permission denied: name the file, keep it short
         full = exc.errno == errno.ENOSPC
@@ -577,16 +636,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _report(exc: BaseException, args: argparse.Namespace, message: str | None = None) -> None:
+def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR, message: str | None = None) -> None:
     """`error: ...` and `hint: ...`, one line each, on stderr (and the traceback with --debug)."""
+    from fastchar.distributed import is_collective, launch_rank
+
+    rank = launch_rank()  # under mpiexec: rank 0 reports what every rank raised; others name themselves
+    if rank and is_collective(exc):
+        return
     if getattr(args, "debug", False):
         traceback.print_exception(exc)
     message = " ".join(str(exc if message is None else message).split("\n"))
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
     hint = getattr(exc, "hint", "") or next(
         (h for cls, h in GENERIC_HINTS.items() if cls in [c.__name__ for c in type(exc).__mro__]), ""
     )
     print(_hint(" ".join(hint.split("\n")) if hint else "run `fastchar --help`"), file=sys.stderr)
+    _end_other_ranks(exc, code)
+
+
+def _end_other_ranks(exc: BaseException, code: int) -> None:
+    """Under mpiexec, an error only this rank hit ends every rank (MPI_Abort) rather than hang them."""
+    from fastchar.distributed import current, is_collective
+
+    dist = current()
+    if dist is not None and dist.size > 1 and not is_collective(exc):
+        dist.abort(code)
 
 
 if __name__ == "__main__":

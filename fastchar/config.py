@@ -47,7 +47,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch: int = 12  # B, sequences per step
+    batch: int = 12  # B, sequences per micro-batch (per step when grad_accum is 1, per rank under MPI)
+    grad_accum: int = 1  # K micro-batches of `batch` sequences whose gradients are summed per step
     steps: int = 2000  # optimizer steps (the cosine schedule ends at the last one)
     lr: float = 1e-3  # peak learning rate, reached after warm-up
     min_lr: float = 1e-4  # learning rate at the last step
@@ -71,7 +72,7 @@ class TrainConfig:
             if not _is_real(b) or not 0 <= b < 1:
                 raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {betas!r}", hint=HINT)
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        for name in ("batch", "steps", "eval_every", "eval_batches", "log_every"):
+        for name in ("batch", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
             _positive_int(self, name)
         _number(self, "lr", 0.0, math.inf, lo_open=True)
         _number(self, "min_lr", 0.0, self.lr)

@@ -63,7 +63,7 @@ def existing_checkpoints(folder: Path) -> list[Path]:
     return found
 
 
-def check_fresh(folder: Path, overwrite: bool) -> None:
+def check_fresh(folder: Path, overwrite: bool = False) -> None:
     """A fresh run may not replace another run's checkpoints unless told to (--overwrite)."""
     found = existing_checkpoints(folder)
     if found and not overwrite:

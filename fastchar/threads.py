@@ -30,10 +30,17 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """The cores, shared out among the ranks on this host under mpiexec (see distributed.py)."""
+    from fastchar.distributed import world
+
+    return world().default_threads(cores())
+
+
 def set_threads(n: int | None = None) -> int:
-    """n OpenMP threads for Numba and the Cython kernels (default: the cores), BLAS 1; returns n."""
+    """n OpenMP threads for Numba and the Cython kernels (default_threads()), BLAS 1; returns n."""
     global _blas_limit, _configured
-    n = cores() if n is None else n
+    n = default_threads() if n is None else n
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"--threads must be a positive integer, got {n!r}", hint=f"this machine has {cores()} cores")
     os.environ["OMP_NUM_THREADS"] = str(n)

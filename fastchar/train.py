@@ -1,6 +1,8 @@
 """Trainer: the training loop of SPEC.md with timing, evaluation, logs and checkpoints.
 
-Each step draws a seeded batch, runs forward, backward, clipping and AdamW, and times itself. Every
+Each step draws a seeded batch, runs forward and backward over its micro-batches (grad_accum),
+sums the gradients over the ranks when launched under mpiexec (see distributed.py: rank 0 alone
+logs and writes), then clipping and AdamW, and times itself. Every
 eval_every steps it measures train and val loss on a fixed set of batches, writes the `latest`
 checkpoint and, on a new best validation loss, the `best` one. Ctrl-C, SIGTERM and SIGHUP save
 `latest` and stop (the CLI exits with 128 + the signal's number); a NaN or infinite loss, or weights
@@ -33,6 +35,7 @@ from fastchar import runfolder
 from fastchar.checkpoint import non_finite, save
 from fastchar.config import TrainConfig
 from fastchar.data import TextDataset
+from fastchar.distributed import World, facts_of_run, mark_collective, world
 from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
 from fastchar.model import Model
 from fastchar.optim import AdamW, lr_at
@@ -79,6 +82,7 @@ class Trainer:
         tensorboard: bool = False,
         curves: bool = True,
         overwrite: bool = False,
+        dist: World | None = None,
     ) -> None:
         """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out."""
         if not isinstance(cfg, TrainConfig):
@@ -108,7 +112,13 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log or print
         self.progress = sys.stderr.isatty() if progress is None else progress
-        state = model.train_state or {}
+        self.dist = dist or world()  # the ranks under mpiexec; one process otherwise
+        if not self.dist.is_root:  # rank 0 alone logs and writes metrics and checkpoints
+            self.log, self.progress = (lambda line: None), False
+        if self.dist.size > 1:
+            self.dist.check_same("the run", facts_of_run(model, dataset, cfg))
+        state = self.dist.bcast(model.train_state or {})  # rank 0's state and weights on every rank
+        self.dist.bcast_(model.params.flat, model.adam_m.flat, model.adam_v.flat)
         self.step = int(state.get("step", 0))
         self.best_val = float(state.get("best_val", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
@@ -118,7 +128,8 @@ class Trainer:
         model.dropout_counter = int(state.get("dropout_counter", 0))
         self.optimizer = AdamW(model, cfg, step=self.step)
         self.losses: list[float] = []
-        self._stop_requested = False
+        self._stop_requested = False  # Ctrl-C seen by this process
+        self._stop_agreed = False  # Ctrl-C seen by any rank, as of the last step's sum over the ranks
         self.tensorboard, self.curves = tensorboard, curves
         self._tensorboard: TensorBoardLog | None = None
 
@@ -131,13 +142,31 @@ class Trainer:
         return elapsed / self.cfg.time_budget
 
     def train_step(self, lr: float) -> tuple[float, float]:
-        """One batch, forward, backward, clip and AdamW; returns (loss, grad norm)."""
-        x, y = self.dataset.get_batch("train", self.cfg.batch, self.model.cfg.ctx, self.rng)
-        self.model.train()
-        loss = self.model.forward(x, y)
+        """One global batch, forward, backward, clip and AdamW; returns its (mean loss, grad norm).
+
+        The global batch is ranks x grad_accum x batch sequences from one draw of the seeded
+        generator, however it is split: rank r trains on rows [r*K*B, (r+1)*K*B) in K micro-batches
+        of B, so N ranks see exactly the sequences one process with the global batch would. Each
+        micro-batch's gradient is that of its mean loss; the sum over micro-batches and ranks is
+        divided by their count, giving the mean over all sequences.
+        """
+        model, dist, B, K = self.model, self.dist, self.cfg.batch, self.cfg.grad_accum
+        x, y = self.dataset.get_batch("train", dist.size * K * B, model.cfg.ctx, self.rng)
+        model.train()
+        counter, loss = model.dropout_counter, 0.0
+        for k in range(K):
+            first = (dist.rank * K + k) * B
+            model.dropout_counter = counter + dist.rank * K + k  # its own masks for each micro-batch
+            loss += model.forward(x[first : first + B], y[first : first + B])
+            model.backward(accumulate=k > 0)
+        model.dropout_counter = counter + dist.size * K
+        loss_sum, stops = dist.sum_scalars([loss, float(self._stop_requested)])
+        loss, self._stop_agreed = loss_sum / (dist.size * K), stops > 0  # Ctrl-C on any rank stops all
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}")
-        self.model.backward()
+        dist.sum_(model.grads.flat)  # one in-place Allreduce of the flat gradient buffer
+        if dist.size * K > 1:
+            model.grads.flat *= 1.0 / (dist.size * K)
         norm = self.optimizer.step(lr)
         self.step += 1
         return loss, norm
@@ -149,12 +178,14 @@ class Trainer:
         for split in ("train", "val"):
             rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
             total = 0.0
-            for _ in range(self.cfg.eval_batches):
+            for i in range(self.cfg.eval_batches):
                 x, y = self.dataset.get_batch(split, self.cfg.batch, self.model.cfg.ctx, rng)
-                total += self.model.forward(x, y)
-            result[split] = total / self.cfg.eval_batches
+                if i % self.dist.size == self.dist.rank:  # the ranks share the batches out
+                    total += self.model.forward(x, y)
+            result[split] = total
+        totals = self.dist.sum_scalars([result["train"], result["val"]])
         self.model.train()
-        return result
+        return {split: total / self.cfg.eval_batches for split, total in zip(result, totals, strict=True)}
 
     def state(self, elapsed: float) -> dict:
         return {
@@ -171,9 +202,14 @@ class Trainer:
         if bad:  # never write (or call "good") a checkpoint that cannot be trained or sampled
             raise TrainingDiverged(f"{' and '.join(bad)} stopped being finite by step {self.step}")
         self.model.train_state = state
-        return save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state, data=self.data)
+        data = self.data
+        return self.dist.root_only(
+            lambda: save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state, data=data)
+        )
 
     def _record(self, record: dict) -> None:
+        if not self.dist.is_root:
+            return
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with open(os.open(self.out / "metrics.jsonl", flags, 0o644), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -205,26 +241,42 @@ class Trainer:
 
     def train(self, until: int | None = None) -> dict:
         """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
-        check_writable(self.out)
-        lock = runfolder.RunLock(self.out).acquire()
+        self._lock: runfolder.RunLock | None = None
+        self.dist.root_only(self._open_out)  # rank 0 owns the folder: probe, lock, leftovers, overwrite
         try:
-            self._claim_out()
             return self._train(until)
         finally:
-            lock.release()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _open_out(self) -> None:
+        """Probe and lock the run folder, then claim it (rank 0 only; the lock is held until the end)."""
+        check_writable(self.out)
+        self._lock = runfolder.RunLock(self.out).acquire()
+        try:
+            self._claim_out()
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
 
     def _train(self, until: int | None) -> dict:
         cfg, model = self.cfg, self.model
+        dist = self.dist
+        dist.hint = f"the last good checkpoint is {self.out / 'latest'}; resume with --resume {self.out / 'latest'}"
         last = cfg.steps if until is None else min(until, cfg.steps)
-        tokens_per_step = cfg.batch * model.cfg.ctx
+        tokens_per_step = dist.size * cfg.grad_accum * cfg.batch * model.cfg.ctx
+        split = f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
+        split += f" x {dist.size} ranks ({dist.local_size} on this host)" if dist.size > 1 else ""
         self.log(
             f"training {model.num_params():,} parameters with backend {model.backend} | "
-            f"B={cfg.batch} T={model.cfg.ctx} steps={cfg.steps} lr={cfg.lr:g} "
+            f"B={cfg.batch}{split} T={model.cfg.ctx} steps={cfg.steps} lr={cfg.lr:g} "
             f"time_budget={cfg.time_budget:g}s | out {self.out}"
         )
         if self.step:
             self.log(f"resuming at step {self.step}")
-        if self.tensorboard:
+        if self.tensorboard and self.dist.is_root:
             self._tensorboard = TensorBoardLog(self.out)
         bar = self._progress_bar(last)
         previous = {}
@@ -234,6 +286,7 @@ class Trainer:
                     previous[signum] = signal.signal(signum, self._request_stop)
         start = time.perf_counter()
         step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
+        window_comm = dist.comm_seconds
 
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - start
@@ -244,9 +297,11 @@ class Trainer:
             self._record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()})
         try:
             while self.step < last:
-                if cfg.time_budget > 0 and elapsed() >= cfg.time_budget:
+                dist.context = f"at step {self.step + 1}"
+                now = dist.from_root(elapsed()) if cfg.time_budget > 0 else 0.0  # one clock for all ranks
+                if cfg.time_budget > 0 and now >= cfg.time_budget:
                     break
-                lr = lr_at(self.step, cfg, self.progress_fraction(elapsed()))
+                lr = lr_at(self.step, cfg, self.progress_fraction(now))
                 t0 = time.perf_counter()
                 loss, norm = self.train_step(lr)
                 dt = time.perf_counter() - t0
@@ -257,25 +312,27 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == last:
                     tok_s = tokens_per_step * window_steps / window_time
+                    comm_ms = 1e3 * (dist.comm_seconds - window_comm) / window_steps
                     self._emit(
                         bar,
                         f"step {self.step:>6} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-                        f"{tok_s:,.0f} tok/s | {elapsed():.1f} s",
+                        f"{tok_s:,.0f} tok/s | {elapsed():.1f} s"
+                        + (f" | allreduce {comm_ms:.2f} ms" if dist.size > 1 else ""),
                     )
-                    self._record(
-                        {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                         "tok_per_s": tok_s, "elapsed": elapsed()}
-                    )  # fmt: skip
-                    window_time, window_steps = 0.0, 0
+                    record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                              "tok_per_s": tok_s, "elapsed": elapsed()}  # fmt: skip
+                    self._record(record | ({"allreduce_ms": comm_ms} if dist.size > 1 else {}))
+                    window_time, window_steps, window_comm = 0.0, 0, dist.comm_seconds
                 if self.step % cfg.eval_every == 0:
                     summary = self._evaluate_and_save(bar, elapsed())
-                if self._stop_requested:
+                if self._stop_requested if dist.size == 1 else self._stop_agreed:  # ranks stop at one step
                     self._interrupted(self.save("latest", elapsed()))
             if self.step % cfg.eval_every != 0 or not summary:
                 summary = self._evaluate_and_save(bar, elapsed())
-            if self._stop_requested:  # a signal during the final evaluation: latest was just saved
-                self._interrupted(self.out / "latest")
-        except TrainingDiverged as exc:
+            if dist.size == 1 and self._stop_requested:  # a signal during the final evaluation
+                self._interrupted(self.out / "latest")  # latest was just saved
+        except TrainingDiverged as exc:  # every rank sees the same global loss and norm
+            mark_collective(exc)
             good = self._last_good()
             exc.hint = (
                 f"the last good checkpoint is {good}; lower --lr or raise --warmup"
@@ -291,7 +348,7 @@ class Trainer:
             if self._tensorboard is not None:
                 self._tensorboard.close()
                 self._tensorboard = None
-        if self.curves and (path := write_run_curves(self.out)) is not None:
+        if self.curves and self.dist.is_root and (path := write_run_curves(self.out)) is not None:
             self.log(f"curves: {path}")
         summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
         summary["elapsed"] = elapsed()
@@ -300,6 +357,7 @@ class Trainer:
 
     def _evaluate_and_save(self, bar: object, elapsed: float) -> dict:
         losses = self.evaluate()
+        self.dist.check_in_sync(self.step, self.model.params.flat, self.model.adam_m.flat, self.model.adam_v.flat)
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
@@ -327,10 +385,13 @@ class Trainer:
 
     def _interrupted(self, path: Path) -> None:
         signum = self._signum or signal.SIGINT
-        raise Interrupted(
-            f"interrupted at step {self.step} by {signal.Signals(signum).name}; saved a checkpoint to {path}",
-            hint=f"resume with: fastchar train --resume {path}",
-            signum=signum,
+        launcher = f"mpiexec -n {self.dist.size} " if self.dist.size > 1 else ""
+        raise mark_collective(
+            Interrupted(
+                f"interrupted at step {self.step} by {signal.Signals(signum).name}; saved a checkpoint to {path}",
+                hint=f"resume with: {launcher}fastchar train --resume {path}",
+                signum=signum,
+            )
         )
 
     def _request_stop(self, signum: int, frame: object) -> None:
