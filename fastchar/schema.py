@@ -285,15 +285,15 @@ def check_model_header(
                 f"{where}: tensor {name!r} has shape {found} but the config in meta.json needs {tuple(shape)}",
                 hint="the weights and the config come from different models",
             )
-        if dtype != "F32":
-            raise _fail(where, f"tensor {name!r} dtype", "F32", dtype)
+        if dtype not in ("F32", "F64"):  # float64 models (the numpy reference) save F64
+            raise _fail(where, f"tensor {name!r} dtype", "F32 or F64", dtype)
     return specs
 
 
 def check_optimizer_header(tensors: dict[str, tuple[str, tuple[int, ...]]], size: int, where: Path | str) -> None:
     """adam_m and adam_v: float32, one entry per parameter."""
     for role in ("adam_m", "adam_v"):
-        if tensors.get(role) != ("F32", (size,)):
+        if tensors.get(role) not in (("F32", (size,)), ("F64", (size,))):
             raise CheckpointError(
-                f"{where}: {role} is missing or has the wrong size (expected {size:,} float32)", hint=HINT
+                f"{where}: {role} is missing or has the wrong size (expected {size:,} floats)", hint=HINT
             )

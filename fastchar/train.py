@@ -385,10 +385,11 @@ class Trainer:
 
     def _interrupted(self, path: Path) -> None:
         signum = self._signum or signal.SIGINT
+        name = signal.Signals(signum).name
         launcher = f"mpiexec -n {self.dist.size} " if self.dist.size > 1 else ""
         raise mark_collective(
             Interrupted(
-                f"interrupted at step {self.step} by {signal.Signals(signum).name}; saved a checkpoint to {path}",
+                f"interrupted at step {self.step}; saved a checkpoint to {path} (stopped by {name})",
                 hint=f"resume with: {launcher}fastchar train --resume {path}",
                 signum=signum,
             )
