@@ -42,7 +42,7 @@ def seconds_to(curve: list[dict], target: float) -> float | None:
 
 def run_fastchar(data: TextDataset, mcfg: ModelConfig, tcfg: TrainConfig, backend: str) -> list[dict]:
     model = Model(mcfg, backend=backend, seed=tcfg.seed)
-    trainer = Trainer(model, data, tcfg, log=lambda line: None, progress=False)
+    trainer = Trainer(model, data, tcfg, log=lambda line: None, progress=False, overwrite=True)  # its own metrics only
     trainer.train()
     curve = []
     for line in (Path(tcfg.out) / "metrics.jsonl").read_text().splitlines():

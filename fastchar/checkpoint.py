@@ -1,12 +1,19 @@
 """Checkpoint folders: tensors in safetensors (NumPy API), everything else in JSON.
 
 A folder holds model.safetensors (the parameters by SPEC name), optimizer.safetensors (Adam's m and
-v as flat buffers), tokenizer.json and meta.json (configs, training state, and the size and sha256
-of every other file, so truncation and corruption are caught and named).
+v as flat buffers), tokenizer.json and meta.json (configs, training state, the backend, precision
+and training text of the run, and the size and sha256 of every other file, so truncation and
+corruption are caught and named).
 
 Writes are atomic: the whole folder is written beside the target under a temporary name, then
 swapped in by two renames. A crash or a full disk while writing leaves the last good folder as it
-was; a crash between the two renames leaves it as DIR.old, which `load` finds.
+was; a crash between the two renames leaves it as DIR.old, which `load` finds. Weights or Adam
+moments that are not finite are never written.
+
+Reads trust nothing: meta.json and tokenizer.json are checked against the schema of
+fastchar/schema.py and the sizes in the safetensors headers before anything is allocated, every
+file is opened through one handle on the folder without following links, and its bytes are hashed
+and parsed from the same read. A save that swaps the folder during a read makes the read start over.
 
 A run folder (what `fastchar train --out DIR` writes: best/, latest/, metrics.jsonl) is accepted
 wherever a checkpoint folder is: `resolve` picks best/ for sampling and loading, latest/ for resuming.
@@ -14,32 +21,52 @@ wherever a checkpoint folder is: `resolve` picks best/ for sampling and loading,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_bytes
+from safetensors.numpy import save_file
 
-from fastchar.arena import param_specs
 from fastchar.config import ModelConfig
-from fastchar.errors import CheckpointError, ConfigError
+from fastchar.errors import CheckpointError
 from fastchar.model import Model
+from fastchar.schema import (
+    FORMAT,
+    MAX_JSON_BYTES,
+    VERSION,
+    check_model_header,
+    check_optimizer_header,
+    parse_json,
+    safetensors_header,
+    validate_meta,
+    validate_tokenizer,
+)
 from fastchar.tokenizer import CharTokenizer
 
-FORMAT = "fastchar-checkpoint"
-VERSION = 1
+__all__ = ["FORMAT", "VERSION", "CheckpointWriteError", "load", "read_checkpoint", "read_meta", "resolve", "save"]
+
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+READ_ATTEMPTS = 6  # reads restarted because a save swapped the folder meanwhile
+SWAP_WAIT = 0.05  # seconds; a save's two renames take microseconds
 RUN_CHECKPOINTS = ("best", "latest")  # the checkpoint folders a training run keeps
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk, a permission); the previous one is intact."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,21 +77,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def non_finite(model: Model) -> list[str]:
+    """Names of the buffers (params, adam_m, adam_v) holding a NaN or an infinity."""
+    arenas = (("params", model.params), ("adam_m", model.adam_m), ("adam_v", model.adam_v))
+    return [name for name, arena in arenas if not np.isfinite(arena.flat).all()]
+
+
+def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
+    text = str(exc).replace("\n", " ")
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "code: 28" in text or "No space left" in text
+    reason = "No space left on device" if full else text
+    kept = f"; the previous {path.name} was left as it was" if path.exists() else ""
+    hint = "free some disk space or pass another --out DIR" if full else "check the folder's permissions and space"
+    return CheckpointWriteError(f"could not write the checkpoint {path}: {reason}", hint=hint + kept)
+
+
 def save(
     model: Model,
     path: str | Path,
     tokenizer: CharTokenizer | None = None,
     train_cfg: Any = None,
     state: dict | None = None,
+    data: dict | None = None,
 ) -> Path:
-    """Write model (weights, Adam moments, config, tokenizer, training state) to folder path."""
+    """Write model (weights, Adam moments, config, tokenizer, training state) to folder path.
+
+    data: what the run trained on (see runfolder.data_record), recorded so a resume can check it.
+    Refuses (CheckpointError) to write non-finite weights or moments.
+    """
     path = Path(path)
+    bad = non_finite(model)
+    if bad:
+        raise CheckpointError(
+            f"refusing to save {path}: {' and '.join(bad)} hold NaN or infinite values",
+            hint="training diverged; lower the learning rate and resume from an earlier checkpoint",
+        )
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         save_file({name: np.ascontiguousarray(v) for name, v in model.params.items()}, tmp / "model.safetensors")
         save_file({"adam_m": model.adam_m.flat, "adam_v": model.adam_v.flat}, tmp / "optimizer.safetensors")
         files = list(TENSOR_FILES)
@@ -78,74 +133,172 @@ def save(
             "train": train_cfg.to_dict() if train_cfg is not None else None,
             "state": state or {},
             "dtype": str(model.dtype),
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
+            "backend": model.backend,
+            "precision": getattr(model, "precision", "fp32"),
+            "data": data,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256((tmp / f).read_bytes())} for f in files},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         for f in tmp.iterdir():
             with open(f, "rb+") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
+    except (SafetensorError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(path, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(path, exc) from None
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _locate(path: Path, quiet: bool = False) -> Path:
+    """path, or its .old twin when a save was interrupted between its two renames."""
+    if path.exists():
+        return path
+    old = path.with_name(path.name + ".old")
+    if old.is_dir():
+        time.sleep(SWAP_WAIT)  # a save in progress puts path back within microseconds
+        if path.exists():
+            return path
+        if not quiet:
+            warnings.warn(f"{path} is missing; using {old}, left by an interrupted save", stacklevel=4)
+        return old
+    raise CheckpointError(
+        f"checkpoint folder {path} does not exist",
+        hint="pass the folder a training run wrote, e.g. runs/base/best or runs/base/latest",
+    )
+
+
+def _open_in(dfd: int, name: str, folder: Path) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder / name} is missing", hint="the checkpoint is incomplete; use another one"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(
+                f"{folder / name} is a symbolic link; a checkpoint holds only plain files",
+                hint="copy the checkpoint with its files (cp -rL), not links to them",
+            ) from None
+        raise CheckpointError(
+            f"{folder / name} cannot be read: {exc.strerror or exc}", hint="check its permissions"
+        ) from None
+
+
+def _read_in(dfd: int, name: str, folder: Path, expected: int | None = None) -> bytes:
+    """The bytes of folder/name, opened through the folder handle dfd, never through a link."""
+    fd = _open_in(dfd, name, folder)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{folder / name} is not a regular file", hint="use another checkpoint")
+        limit = MAX_JSON_BYTES if expected is None else expected
+        if expected is not None and info.st_size != expected:
+            raise CheckpointError(
+                f"{folder / name} is truncated or altered: {info.st_size} bytes, expected {expected}",
+                hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
+            )
+        if info.st_size > limit:
+            raise CheckpointError(f"{folder / name} is {info.st_size:,} bytes, more than any checkpoint writes")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 24, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if expected is not None and len(data) != expected:
+        raise CheckpointError(f"{folder / name} changed size while being read", hint="use another checkpoint")
+    return data
+
+
+def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise CheckpointError(f"{folder} is not a folder", hint="a checkpoint is a folder with meta.json") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint folder {folder} does not exist") from None
+    try:
+        identity = os.fstat(dfd)
+        try:
+            raw = _read_in(dfd, "meta.json", folder)
+        except CheckpointError as exc:
+            if str(exc).endswith("is missing"):
+                exc.args = (f"{folder} is not a fastchar checkpoint: meta.json is missing",)
+                exc.hint = "pass the folder a training run wrote, e.g. runs/base/best or runs/base/latest"
+            raise
+        meta = validate_meta(parse_json(raw, folder / "meta.json"), folder / "meta.json")
+        blobs = {}
+        for name, expected in meta["files"].items():
+            data = _read_in(dfd, name, folder, expected["bytes"])
+            if _sha256(data) != expected["sha256"]:
+                raise CheckpointError(
+                    f"{folder / name} is corrupt: its sha256 does not match meta.json",
+                    hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
+                )
+            blobs[name] = data
+        return meta, blobs, identity
+    finally:
+        os.close(dfd)
+
+
+def _swapped(requested: Path, folder: Path, identity: os.stat_result | None) -> bool:
+    """Whether a save replaced the folder since it was opened (then a read starts over)."""
+    try:
+        now = _locate(requested, quiet=True)
+        info = os.stat(now)
+    except (CheckpointError, OSError):
+        return identity is not None
+    return identity is None or now != folder or (info.st_ino, info.st_dev) != (identity.st_ino, identity.st_dev)
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict[str, bytes]]:
+    """The folder used (path or its .old twin), its checked meta.json and the verified bytes of
+    every file it lists. Restarts when a concurrent save swaps the folder in the middle."""
+    requested = Path(path)
+    for attempt in range(READ_ATTEMPTS):
+        folder = _locate(requested)
+        identity = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                identity = os.stat(folder)
+            meta, blobs, opened = _read_once(folder)
+            if (opened.st_ino, opened.st_dev) != (identity.st_ino, identity.st_dev):
+                raise CheckpointError(f"{folder} was replaced while being opened")
+            return folder, meta, blobs
+        except (CheckpointError, OSError):
+            if attempt + 1 == READ_ATTEMPTS or not _swapped(requested, folder, identity):
+                raise
+            time.sleep(SWAP_WAIT * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def read_meta(path: str | Path) -> tuple[Path, dict]:
     """Locate a checkpoint folder (or its .old twin) and return it with its verified meta.json."""
-    path = Path(path)
-    if not path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.is_dir():
-            warnings.warn(f"{path} is missing; using {old}, left by an interrupted save", stacklevel=2)
-            path = old
-        else:
-            raise CheckpointError(
-                f"checkpoint folder {path} does not exist",
-                hint="pass the folder a training run wrote, e.g. runs/base/best or runs/base/latest",
-            )
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder", hint="a checkpoint is a folder with meta.json")
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{path} is not a fastchar checkpoint: {meta_path.name} is missing",
-            hint="pass the folder a training run wrote, e.g. runs/base/best or runs/base/latest",
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is corrupt: {exc}", hint="use another checkpoint") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a fastchar checkpoint's meta.json")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{meta_path} has format version {meta.get('version')}, this fastchar reads {VERSION}",
-            hint="upgrade fastchar or retrain",
-        )
-    for name, expected in meta.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing", hint="the checkpoint is incomplete; use another one")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"{file} is truncated or altered: {size} bytes, expected {expected['bytes']}",
-                hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(
-                f"{file} is corrupt: its sha256 does not match meta.json",
-                hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
-            )
-    return path, meta
+    folder, meta, _ = read_checkpoint(path)
+    return folder, meta
 
 
 def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
@@ -158,13 +311,16 @@ def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
     if want not in RUN_CHECKPOINTS:
         raise ValueError(f"want must be one of {RUN_CHECKPOINTS}, got {want!r}")
     path = Path(path)
-    if not path.is_dir() or (path / "meta.json").is_file():
-        return path, None
+    if not path.is_dir() or (path / "meta.json").is_file() or path.with_name(path.name + ".old").is_dir():
+        return path, None  # a checkpoint, or one a concurrent save is swapping (read_checkpoint waits)
     other = next(name for name in RUN_CHECKPOINTS if name != want)
     for name in (want, other):
         if (path / name).is_dir() or (path / (name + ".old")).is_dir():
             missing = "" if name == want else f"; it has no {want}/"
             return path / name, f"{path} is a run folder; using its {name} checkpoint {path / name}{missing}"
+    time.sleep(SWAP_WAIT)  # a save may have swapped path between the checks above: look once more
+    if not path.is_dir() or (path / "meta.json").is_file():
+        return path, None
     raise CheckpointError(
         f"{path} is neither a checkpoint nor a run folder: meta.json is missing and it holds no best/ or latest/",
         hint="pass a checkpoint folder (one with meta.json, e.g. runs/base/best) "
@@ -172,55 +328,48 @@ def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
     )
 
 
-def _load_tensors(file: Path) -> dict[str, np.ndarray]:
+def _tensors(data: bytes, where: Path) -> dict[str, np.ndarray]:
     try:
-        return load_file(file)
+        return load_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} cannot be read: {exc}", hint="use another checkpoint") from None
+        raise CheckpointError(f"{where} cannot be read: {exc}", hint="use another checkpoint") from None
 
 
 def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
     """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
 
-    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read) and
-    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder).
+    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read),
+    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder) and
+    `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
     """
     path, note = resolve(path, which)
-    path, meta = read_meta(path)
-    try:
-        cfg = ModelConfig.from_dict(meta["model"])
-    except (ConfigError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path / 'meta.json'} holds an invalid model config: {exc}") from None
+    path, meta, blobs = read_checkpoint(path)
+    cfg = ModelConfig.from_dict(meta["model"])
+    weights_file, moments_file = path / "model.safetensors", path / "optimizer.safetensors"
+    specs = check_model_header(safetensors_header(blobs["model.safetensors"], weights_file), cfg, weights_file)
+    size = sum(int(np.prod(shape)) for _, shape in specs)
+    check_optimizer_header(safetensors_header(blobs["optimizer.safetensors"], moments_file), size, moments_file)
+    chars = None
+    if "tokenizer.json" in blobs:
+        where = path / "tokenizer.json"
+        chars = validate_tokenizer(parse_json(blobs["tokenizer.json"], where), where, cfg.vocab_size)
     model = Model(cfg, backend=backend, seed=0)
-    tensors = _load_tensors(path / "model.safetensors")
-    for name, shape in param_specs(cfg):
-        if name not in tensors:
-            raise CheckpointError(f"{path / 'model.safetensors'} lacks tensor {name!r}")
-        if tensors[name].shape != shape:
-            raise CheckpointError(
-                f"{path / 'model.safetensors'}: tensor {name!r} has shape {tensors[name].shape} "
-                f"but the config in meta.json needs {shape}",
-                hint="the weights and the config come from different models",
-            )
-        model.params[name][...] = tensors[name]
-    moments = _load_tensors(path / "optimizer.safetensors")
-    for role, arena in (("adam_m", model.adam_m), ("adam_v", model.adam_v)):
-        if moments.get(role) is None or moments[role].shape != arena.flat.shape:
-            raise CheckpointError(f"{path / 'optimizer.safetensors'}: {role} is missing or has the wrong size")
-        arena.flat[...] = moments[role]
-    model.tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        try:
-            model.tokenizer = CharTokenizer.load(path / "tokenizer.json")
-        except (json.JSONDecodeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path / 'tokenizer.json'} is corrupt: {exc}") from None
-        if model.tokenizer.vocab_size != cfg.vocab_size:
-            raise CheckpointError(
-                f"{path / 'tokenizer.json'} has {model.tokenizer.vocab_size} characters "
-                f"but the model's vocab_size is {cfg.vocab_size}"
-            )
+    tensors = _tensors(blobs.pop("model.safetensors"), weights_file)
+    for name, _ in specs:
+        model.params[name][...] = tensors.pop(name)
+    moments = _tensors(blobs.pop("optimizer.safetensors"), moments_file)
+    model.adam_m.flat[...] = moments["adam_m"]
+    model.adam_v.flat[...] = moments["adam_v"]
+    bad = non_finite(model)
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {' and '.join(bad)}",
+            hint="it was saved after training diverged; use another checkpoint",
+        )
+    model.tokenizer = CharTokenizer(chars) if chars is not None else None
     model.train_cfg = meta.get("train")
     model.train_state = meta.get("state") or {}
     model.checkpoint_path = path
+    model.checkpoint_meta = meta
     model.checkpoint_note = note
     return model

@@ -1,15 +1,20 @@
 """The `fastchar` command: train, sample, info, plot and bench (also `python -m fastchar`).
 
 Every option is checked before any work starts. Errors a user can cause print one line on stderr
-(`error: ...`, then a `hint: ...`) and exit with status 1; Ctrl-C during training saves a checkpoint
-and exits with 130. `--debug` shows the traceback.
+(`error: ...`, then a `hint: ...`) and exit with status 1; a malformed command line (an unknown
+option, a value that is not a finite number, two exclusive options) exits with status 2, the Unix
+convention for usage errors. Ctrl-C, SIGTERM or SIGHUP during training saves a checkpoint and exits
+with 128 + the signal's number (130, 143, 129). `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +26,16 @@ from fastchar.errors import ConfigError, FastcharError
 DEFAULT_MODEL = ModelConfig()
 DEFAULT_TRAIN = TrainConfig()
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 143, SIGHUP 129
+GENERIC_HINTS = {  # for errors raised without a hint of their own
+    "ConfigError": "run `fastchar COMMAND --help` for the options and their ranges",
+    "CheckpointError": "use another checkpoint (e.g. latest instead of best)",
+    "DataError": "pass a UTF-8 text file with --data FILE",
+    "InputError": "use only characters the model was trained on (see `fastchar info CHECKPOINT`)",
+    "BackendError": "`fastchar info` lists the backends available on this machine",
+    "TrainingDiverged": "lower --lr or raise --warmup",
+}
 
 MODEL_HELP = {
     "vocab_size": "vocabulary size (default: the distinct characters of the text)",
@@ -59,19 +73,36 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fastchar's error format: usage, `error: ...`, `hint: ...`, status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: run `{self.prog} --help` for the options", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def _number(kind: type):
     def parse(text: str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", help="numpy, numba, cython or auto: the fastest here (default)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="numpy, numba, cython or auto: the fastest here (default; a resume uses the run's backend)",
+    )
     p.add_argument(
         "--threads", type=_number(int), default=None, help="threads for Numba, OpenMP and BLAS (default: all cores)"
     )
@@ -79,7 +110,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastchar",
         description="Train and sample a small character-level transformer on CPU cores, fast.",
         epilog="Run `fastchar COMMAND --help` for a command's options.",
@@ -116,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --out folder that holds one, replacing its checkpoints and metrics",
+    )
     group = train.add_argument_group("model (ModelConfig)")
     for f in dataclasses.fields(ModelConfig):
         if f.name == "position":
@@ -148,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="checkpoint folder (e.g. runs/base/best), or a run folder (e.g. runs/base: its best checkpoint)",
     )
-    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file instead")
+    prompt = sample.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt", default=None, help="text to continue (default: a newline, or the vocabulary's first character)"
+    )
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file instead")
     sample.add_argument("--max-new-tokens", type=_number(int), default=500, help="characters to generate (default 500)")
     sample.add_argument(
         "--temperature", type=_number(float), default=0.8, help="softmax temperature; 0 is greedy (default 0.8)"
@@ -225,53 +264,145 @@ def _setup_runtime(args: argparse.Namespace) -> None:
     from fastchar.backends import canonical
     from fastchar.threads import set_threads
 
-    canonical(args.backend)
+    if args.backend is not None:
+        canonical(args.backend)
     set_threads(args.threads)
 
 
+def _hint(message: str) -> str:
+    return f"hint: {message}"
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _start_prompt(tokenizer: object) -> str:
+    """A newline if the vocabulary has one, else its first character (a run always has a prompt)."""
+    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+
+
+def _resume_backend(args: argparse.Namespace, meta: dict) -> str:
+    """--backend if given, else the backend the run trained with (so the resume stays bitwise)."""
+    from fastchar.backends import available_backends
+
+    recorded = meta.get("backend")
+    if args.backend is not None:
+        if recorded and args.backend not in ("auto", recorded):
+            _note(f"the run trained with backend {recorded}; continuing with {args.backend} (not bitwise)")
+        return args.backend
+    if recorded and recorded not in available_backends():
+        _note(f"the run trained with backend {recorded}, which is not available here; using auto (not bitwise)")
+        return "auto"
+    return recorded or "auto"
+
+
+def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
+    """The training text of a resumed run: --data, else the file the run recorded (checked by size
+    and sha256), else Tiny Shakespeare. Its characters must be the checkpoint's vocabulary."""
+    from fastchar.data import TextDataset, locate_corpus, read_text
+    from fastchar.errors import DataError
+    from fastchar.runfolder import data_record
+
+    recorded = meta.get("data")
+    if args.data is None and recorded:
+        path, origin = Path(recorded["path"]), "the text the run trained on, recorded in its checkpoint"
+        if not path.is_file():
+            raise DataError(
+                f"the run trained on {path}, which no longer exists",
+                hint="pass its text with --data FILE (the same characters as the checkpoint's vocabulary)",
+            )
+    else:
+        path, origin = locate_corpus(args.data)
+    print(f"data: {path} ({origin})", flush=True)
+    text = read_text(path)
+    if sorted(set(text)) != list(tokenizer.chars):
+        extra = sorted(set(text) - set(tokenizer.chars))
+        missing = sorted(set(tokenizer.chars) - set(text))
+        shown = ", ".join(repr(c) for c in (extra + missing)[:10])
+        raise DataError(
+            f"{path} has another vocabulary than the checkpoint ({len(extra)} new, {len(missing)} missing "
+            f"character(s): {shown})",
+            hint="resume on the text the run trained on (or one with exactly the same characters)",
+        )
+    if recorded and data_record(path, text)["sha256"] != recorded["sha256"]:
+        if args.data is None:
+            raise DataError(
+                f"{path} changed since the run trained on it (size {len(text.encode()):,} bytes, "
+                f"recorded {recorded['bytes']:,}; the sha256 differs)",
+                hint=f"to continue on its new content anyway, pass it explicitly: --data {path}",
+            )
+        _note(f"{path} is not the text the run trained on ({recorded['path']}); continuing on it as asked")
+    return TextDataset(path, tokenizer=tokenizer)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastchar.checkpoint import load
+    from fastchar.checkpoint import load, read_meta, resolve
     from fastchar.data import TextDataset, locate_corpus
+    from fastchar.errors import CheckpointError
     from fastchar.model import Model
+    from fastchar.runfolder import check_fresh, check_memory
     from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
 
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
     if args.until is not None and args.until < 1:
-        raise ConfigError(f"--until must be a positive step, got {args.until}")
+        raise ConfigError(f"--until must be a positive step, got {args.until}", hint="pass --until N with N >= 1")
     if args.sample_chars < 0:
-        raise ConfigError(f"--sample-chars must be >= 0, got {args.sample_chars}")
+        raise ConfigError(
+            f"--sample-chars must be >= 0, got {args.sample_chars}", hint="pass --sample-chars 0 for no sample"
+        )
     _setup_runtime(args)
     dist = _check_ranks(args.ranks, args.threads)
     say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.tensorboard:
         require_tensorboardx()
-    corpus, origin = locate_corpus(args.data)
-    say(f"data: {corpus} ({origin})", flush=True)
     if args.resume:
-        model = load(args.resume, backend=args.backend, which="latest")
+        folder, note = resolve(args.resume, "latest")
+        folder, meta = read_meta(folder)
+        model = load(folder, backend=_resume_backend(args, meta))
+        model.checkpoint_note = note
         _say_checkpoint(model)
+        recorded_precision = meta.get("precision") or "fp32"
+        if recorded_precision != getattr(model, "precision", "fp32"):
+            raise CheckpointError(
+                f"{folder} trained in precision {recorded_precision}, which this fastchar cannot resume",
+                hint="resume it with the fastchar version that wrote it",
+            )
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
             details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
             raise ConfigError(f"--resume {args.resume}: incompatible model options: {details}",
                               hint="drop the model options when resuming")  # fmt: skip
-        train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args})
-        dataset = TextDataset(corpus, tokenizer=model.tokenizer)
+        if model.tokenizer is None:
+            raise CheckpointError(f"{folder} has no tokenizer.json", hint="resume a checkpoint a training run wrote")
+        # A resume writes where the user says, or next to the checkpoint: never where meta.json says.
+        out = train_args.get("out") or str(folder.resolve().parent)
+        train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args, "out": out})
+        check_memory(model.cfg, train_cfg.batch)
+        dist.root_only(check_writable, Path(train_cfg.out))
+        dataset = _resume_data(args, meta, model.tokenizer)
     else:
         train_cfg = TrainConfig(**train_args)
         dist.root_only(check_writable, Path(train_cfg.out))
+        if not args.overwrite:
+            dist.root_only(check_fresh, Path(train_cfg.out))
+        corpus, origin = locate_corpus(args.data)
+        say(f"data: {corpus} ({origin})", flush=True)
         dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
-        model = Model(model_cfg, backend=args.backend, seed=train_cfg.seed)
-    _warn_build(args.backend, model.backend)
+        check_memory(model_cfg, train_cfg.batch)
+        model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed)
+    _warn_build(args.backend or "auto", model.backend)
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
-    trainer = Trainer(model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root)
+    trainer = Trainer(
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
+    )
     summary = trainer.train(until=args.until)
     if not dist.is_root:
         return 0
@@ -284,8 +415,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from fastchar.sampler import stream
 
         print("--- sample (temperature 0.8, seed 0) ---")
-        sys.stdout.write("\n")
-        for ch in stream(model, dataset.tokenizer, "\n", args.sample_chars, temperature=0.8, seed=0):
+        prompt = _start_prompt(dataset.tokenizer)
+        sys.stdout.write(prompt)
+        for ch in stream(model, dataset.tokenizer, prompt, args.sample_chars, temperature=0.8, seed=0):
             sys.stdout.write(ch)
         sys.stdout.write("\n")
     return 0
@@ -315,13 +447,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import load
     from fastchar.data import read_text
     from fastchar.errors import CheckpointError
-    from fastchar.sampler import check_sampling, stream
+    from fastchar.sampler import check_sampling, check_seed, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    check_seed(args.seed)
     if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}", hint="pass --num-samples 1 or more")
     if args.ctx is not None and args.ctx < 1:
-        raise ConfigError(f"--ctx must be >= 1, got {args.ctx}")
+        raise ConfigError(f"--ctx must be >= 1, got {args.ctx}", hint="leave --ctx out to use the model's context")
     prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
     if _check_ranks(None).size > 1:
@@ -330,14 +463,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise mark_collective(
             ConfigError("fastchar sample runs in one process", hint="run it without mpiexec: fastchar sample ...")
         )
-    model = load(args.checkpoint, backend=args.backend)
+    model = load(args.checkpoint, backend=args.backend or "auto")
     _say_checkpoint(model)
     if model.tokenizer is None:
         raise CheckpointError(
             f"{args.checkpoint} has no tokenizer.json", hint="sample from a checkpoint a training run wrote"
         )
     if args.ctx is not None and args.ctx > model.cfg.ctx:
-        raise ConfigError(f"--ctx {args.ctx} is larger than the model's context of {model.cfg.ctx}")
+        raise ConfigError(
+            f"--ctx {args.ctx} is larger than the model's context of {model.cfg.ctx}",
+            hint=f"pass --ctx {model.cfg.ctx} or less",
+        )
+    if prompt is None:
+        prompt = _start_prompt(model.tokenizer)
     model.tokenizer.encode(prompt)  # names unknown characters before anything is printed
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -538,23 +676,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as exc:
-        _report(exc, args, EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt as exc:
-        print("\ninterrupted", file=sys.stderr)
-        _end_other_ranks(exc, EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+        _report(exc, args, 128 + exc.signum)
+        return 128 + exc.signum
+    except KeyboardInterrupt as exc:  # a second signal, or one outside the training loop
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"\ninterrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        _end_other_ranks(exc, 128 + signum)
+        return 128 + signum
     except FastcharError as exc:
         _report(exc, args)
         return EXIT_ERROR
     except BrokenPipeError:
         return EXIT_ERROR
+    except MemoryError as exc:
+        exc.hint = "lower --batch or choose a smaller model; `free -m` shows the memory available"
+        _report(exc, args, message=f"out of memory: {exc}" if str(exc) else "out of memory")
+        return EXIT_ERROR
     except OSError as exc:  # a full disk, a permission denied: name the file, keep it short
+        full = exc.errno == errno.ENOSPC
+        exc.hint = getattr(exc, "hint", "") or (
+            "free some disk space or write elsewhere" if full else "check the path, its permissions and free space"
+        )
         _report(exc, args)
         return EXIT_ERROR
 
 
-def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR) -> None:
+def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR, message: str | None = None) -> None:
+    """`error: ...` and `hint: ...`, one line each, on stderr (and the traceback with --debug)."""
     from fastchar.distributed import is_collective, launch_rank
 
     rank = launch_rank()  # under mpiexec: rank 0 reports what every rank raised; others name themselves
@@ -562,10 +710,12 @@ def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR
         return
     if getattr(args, "debug", False):
         traceback.print_exception(exc)
-    print(f"error: {f'rank {rank}: ' if rank else ''}{exc}", file=sys.stderr)
-    hint = getattr(exc, "hint", "")
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+    message = " ".join(str(exc if message is None else message).split("\n"))
+    print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
+    hint = getattr(exc, "hint", "") or next(
+        (h for cls, h in GENERIC_HINTS.items() if cls in [c.__name__ for c in type(exc).__mro__]), ""
+    )
+    print(_hint(" ".join(hint.split("\n")) if hint else "run `fastchar --help`"), file=sys.stderr)
     _end_other_ranks(exc, code)
 
 

@@ -6,6 +6,8 @@ Validation lives here too, so that bad values are rejected before any work start
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
 from fastchar.errors import ConfigError
@@ -27,20 +29,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "ctx", "mlp_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            _positive_int(self, name)
         if self.d_model % self.n_head:
-            raise ConfigError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})",
+                hint="choose --n-head among the divisors of --d-model (e.g. 8 heads of 16 for 128)",
+            )
+        _number(self, "dropout", 0.0, 1.0, hi_open=True)
         if self.position not in POSITIONS:
             raise ConfigError(
                 f"ModelConfig.position must be one of {', '.join(POSITIONS)}, got {self.position!r}",
                 hint="learned: absolute positions (SPEC's base model); rope: rotary positions",
             )
-        if not self.rope_base > 1.0:
-            raise ConfigError(f"ModelConfig.rope_base must be > 1, got {self.rope_base!r}")
+        _number(self, "rope_base", 1.0, math.inf, lo_open=True, hi_open=True)
         if self.position == "rope" and self.head_size % 2:
             raise ConfigError(
                 f"rotary positions need an even head size, got d_model/n_head = {self.head_size}",
@@ -79,30 +80,26 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        positive_ints = ("batch", "grad_accum", "steps", "eval_every", "eval_batches", "log_every")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.warmup < 0:
-            raise ConfigError(f"TrainConfig.warmup must be >= 0, got {self.warmup!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps > 0:
-            raise ConfigError(f"TrainConfig.eps must be > 0, got {self.eps!r}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"TrainConfig.grad_clip must be >= 0, got {self.grad_clip!r}")
-        if self.time_budget < 0:
-            raise ConfigError(f"TrainConfig.time_budget must be >= 0, got {self.time_budget!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        betas = self.betas
+        if isinstance(betas, str | bytes) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {betas!r}", hint=HINT)
+        for b in betas:
+            if not _is_real(b) or not 0 <= b < 1:
+                raise ConfigError(f"TrainConfig.betas must be two numbers in [0, 1), got {betas!r}", hint=HINT)
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        for name in ("batch", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
+            _positive_int(self, name)
+        _number(self, "lr", 0.0, math.inf, lo_open=True)
+        _number(self, "min_lr", 0.0, self.lr)
+        _int(self, "warmup", 0)
+        _number(self, "weight_decay", 0.0, math.inf)
+        _number(self, "eps", 0.0, math.inf, lo_open=True)
+        _number(self, "grad_clip", 0.0, math.inf)
+        _number(self, "time_budget", 0.0, math.inf)
+        _int(self, "seed", 0)
+        if not isinstance(self.out, str | os.PathLike) or not str(self.out) or "\x00" in str(self.out):
+            raise ConfigError(f"TrainConfig.out must be a folder path, got {self.out!r}", hint=HINT)
+        object.__setattr__(self, "out", str(self.out))
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -114,9 +111,43 @@ class TrainConfig:
         return cls(**_known_fields(cls, data))
 
 
+HINT = "see `fastchar train --help` for every option's range"
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(obj: object, name: str) -> None:
+    _int(obj, name, 1)
+
+
+def _int(obj: object, name: str, lo: int) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        raise ConfigError(f"{type(obj).__name__}.{name} must be {what}, got {value!r}", hint=HINT)
+
+
+def _number(obj: object, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    """A finite number in the interval [lo, hi] (or open at either end); NaN and infinities never pass."""
+    value = getattr(obj, name)
+    inside = _is_real(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not inside:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        if hi == math.inf:
+            what = f"{'>' if lo_open else '>='} {lo:g} and finite"
+        else:
+            what = f"a number in {left}{lo:g}, {hi:g}{right}"
+        raise ConfigError(f"{type(obj).__name__}.{name} must be {what}, got {value!r}", hint=HINT)
+
+
 def _known_fields(cls: type, data: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} is built from a dict, got {type(data).__name__}", hint=HINT)
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}", hint=HINT)
     return dict(data)

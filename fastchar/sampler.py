@@ -168,6 +168,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
+def check_seed(seed: object) -> None:
+    """A sampling seed is None (fresh entropy) or an integer >= 0 (NumPy's generators refuse less)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0):
+        raise ConfigError(
+            f"the seed must be an integer >= 0 or None, got {seed!r}", hint="pass --seed 0 (or any n >= 0)"
+        )
+
+
 def token_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
     """The distribution a draw samples from (V,) float64: softmax(logits / temperature), then top-k,
     then top-p. temperature > 0 (0 is greedy: see sample_token)."""
@@ -297,6 +305,7 @@ def stream(
     (see the module docstring) characters are made DECODE_CHUNK at a time, then yielded one by one.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_seed(seed)
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise InputError(
             f"the tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is {model.cfg.vocab_size}"

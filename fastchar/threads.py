@@ -41,7 +41,7 @@ def set_threads(n: int | None = None) -> int:
     global _blas_limit, _configured
     n = default_threads() if n is None else n
     if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"--threads must be a positive integer, got {n!r}")
+        raise ConfigError(f"--threads must be a positive integer, got {n!r}", hint=f"this machine has {cores()} cores")
     os.environ["OMP_NUM_THREADS"] = str(n)
     from fastchar.backends import thread_hooks
 

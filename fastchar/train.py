@@ -4,12 +4,17 @@ Each step draws a seeded batch, runs forward and backward over its micro-batches
 sums the gradients over the ranks when launched under mpiexec (see distributed.py: rank 0 alone
 logs and writes), then clipping and AdamW, and times itself. Every
 eval_every steps it measures train and val loss on a fixed set of batches, writes the `latest`
-checkpoint and, on a new best validation loss, the `best` one. Ctrl-C saves `latest` and stops; a
-NaN or infinite loss stops without overwriting the last good checkpoint.
+checkpoint and, on a new best validation loss, the `best` one. Ctrl-C, SIGTERM and SIGHUP save
+`latest` and stop (the CLI exits with 128 + the signal's number); a NaN or infinite loss, or weights
+that stopped being finite, stop without overwriting the last good checkpoint.
 
 Every log and evaluation line is also a record in the run folder's metrics.jsonl (and, with
 tensorboard=True, a TensorBoard scalar); a finished run draws them into curves.png when matplotlib
 is installed.
+
+The run folder is locked while a run trains in it, its stale temporaries are cleared at the start,
+and a fresh run refuses to replace another run's checkpoints unless told to (`overwrite=True`); see
+fastchar/runfolder.py.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from fastchar.checkpoint import save
+from fastchar import runfolder
+from fastchar.checkpoint import non_finite, save
 from fastchar.config import TrainConfig
 from fastchar.data import TextDataset
 from fastchar.distributed import World, facts_of_run, mark_collective, world
@@ -38,22 +45,24 @@ from fastchar.tensorboard_log import TensorBoardLog, require_tensorboardx
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+check_writable = runfolder.check_writable  # the probe lives with the other run-folder helpers
+
+
 class Interrupted(FastcharError):
-    """Training stopped by Ctrl-C after saving a checkpoint."""
+    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint."""
+
+    def __init__(self, message: str, hint: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message, hint)
+        self.signum = int(signum)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, before any work, if folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"the output folder {folder} is not writable ({exc.strerror or exc})",
-            hint="pass a folder you can write to with --out DIR",
-        ) from None
+class Killed(KeyboardInterrupt):
+    """A second stop signal: stop at once, without saving."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 class Trainer:
@@ -72,17 +81,33 @@ class Trainer:
         progress: bool | None = None,
         tensorboard: bool = False,
         curves: bool = True,
+        overwrite: bool = False,
         dist: World | None = None,
     ) -> None:
+        """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out."""
+        if not isinstance(cfg, TrainConfig):
+            raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}", hint="pass TrainConfig(...)")
         if tensorboard:
             require_tensorboardx()  # a missing extra is an error before any work
         if dataset.vocab_size != model.cfg.vocab_size:
             raise ConfigError(
                 f"the text has {dataset.vocab_size} distinct characters but the model's vocab_size "
-                f"is {model.cfg.vocab_size}"
+                f"is {model.cfg.vocab_size}",
+                hint="build the model with ModelConfig(vocab_size=dataset.vocab_size)",
+            )
+        if model.tokenizer is not None and list(model.tokenizer.chars) != list(dataset.tokenizer.chars):
+            diff = sorted(set(dataset.tokenizer.chars) ^ set(model.tokenizer.chars))
+            raise ConfigError(
+                f"the text's characters differ from the model's vocabulary ({len(diff)} differ: "
+                f"{', '.join(repr(c) for c in diff[:10])}{' ...' if len(diff) > 10 else ''})",
+                hint="train on text with the model's vocabulary: TextDataset(path, tokenizer=model.tokenizer)",
             )
         dataset.check_context(model.cfg.ctx)
         self.model, self.dataset, self.cfg = model, dataset, cfg
+        self.overwrite = overwrite
+        self.data = runfolder.data_record(dataset.path, dataset.text)
+        self._owns_out = False
+        self._signum = 0
         self.model.tokenizer = dataset.tokenizer
         self.out = Path(cfg.out)
         self.log = log or print
@@ -173,24 +198,72 @@ class Trainer:
 
     def save(self, name: str, elapsed: float) -> Path:
         state = self.state(elapsed)
+        bad = non_finite(self.model)
+        if bad:  # never write (or call "good") a checkpoint that cannot be trained or sampled
+            raise TrainingDiverged(f"{' and '.join(bad)} stopped being finite by step {self.step}")
         self.model.train_state = state
-        return self.dist.root_only(save, self.model, self.out / name, self.dataset.tokenizer, self.cfg, state)
+        data = self.data
+        return self.dist.root_only(
+            lambda: save(self.model, self.out / name, self.dataset.tokenizer, self.cfg, state, data=data)
+        )
 
     def _record(self, record: dict) -> None:
         if not self.dist.is_root:
             return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(self.out / "metrics.jsonl", flags, 0o644), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             self._tensorboard.record(record)
+
+    def _claim_out(self) -> None:
+        """Check the run folder may hold this run; clear its leftovers (under the run's lock)."""
+        runfolder.clean_stale(self.out)
+        if self._owns_out:
+            return
+        source = getattr(self.model, "checkpoint_path", None)
+        resuming_here = source is not None and Path(source).resolve().parent == self.out.resolve()
+        if not resuming_here:
+            if self.overwrite:
+                runfolder.clear_run(self.out)
+            else:
+                runfolder.check_fresh(self.out, overwrite=False)
+        self._owns_out = True
+
+    def _last_good(self) -> Path | None:
+        """A finite checkpoint to name in hints: this run's latest, else the one it resumed from."""
+        for candidate in (self.out / "latest", getattr(self.model, "checkpoint_path", None)):
+            if candidate is not None and (Path(candidate) / "meta.json").is_file():
+                return Path(candidate)
+        return None
 
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, until: int | None = None) -> dict:
         """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
+        self._lock: runfolder.RunLock | None = None
+        self.dist.root_only(self._open_out)  # rank 0 owns the folder: probe, lock, leftovers, overwrite
+        try:
+            return self._train(until)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _open_out(self) -> None:
+        """Probe and lock the run folder, then claim it (rank 0 only; the lock is held until the end)."""
+        check_writable(self.out)
+        self._lock = runfolder.RunLock(self.out).acquire()
+        try:
+            self._claim_out()
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+
+    def _train(self, until: int | None) -> dict:
         cfg, model = self.cfg, self.model
         dist = self.dist
-        dist.root_only(check_writable, self.out)
         dist.hint = f"the last good checkpoint is {self.out / 'latest'}; resume with --resume {self.out / 'latest'}"
         last = cfg.steps if until is None else min(until, cfg.steps)
         tokens_per_step = dist.size * cfg.grad_accum * cfg.batch * model.cfg.ctx
@@ -206,8 +279,11 @@ class Trainer:
         if self.tensorboard and self.dist.is_root:
             self._tensorboard = TensorBoardLog(self.out)
         bar = self._progress_bar(last)
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._request_stop)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # keep nohup's (or a parent's) ignore
+                    previous[signum] = signal.signal(signum, self._request_stop)
         start = time.perf_counter()
         step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
         window_comm = dist.comm_seconds
@@ -250,26 +326,23 @@ class Trainer:
                 if self.step % cfg.eval_every == 0:
                     summary = self._evaluate_and_save(bar, elapsed())
                 if self._stop_requested if dist.size == 1 else self._stop_agreed:  # ranks stop at one step
-                    path = self.save("latest", elapsed())
-                    launcher = f"mpiexec -n {dist.size} " if dist.size > 1 else ""
-                    raise mark_collective(
-                        Interrupted(
-                            f"interrupted at step {self.step}; saved a checkpoint to {path}",
-                            hint=f"resume with: {launcher}fastchar train --resume {path}",
-                        )
-                    )
+                    self._interrupted(self.save("latest", elapsed()))
             if self.step % cfg.eval_every != 0 or not summary:
                 summary = self._evaluate_and_save(bar, elapsed())
+            if dist.size == 1 and self._stop_requested:  # a signal during the final evaluation
+                self._interrupted(self.out / "latest")  # latest was just saved
         except TrainingDiverged as exc:  # every rank sees the same global loss and norm
             mark_collective(exc)
+            good = self._last_good()
             exc.hint = (
-                f"the last good checkpoint is {self.out / 'latest'}; lower --lr or raise --warmup"
-                if (self.out / "latest").exists()
+                f"the last good checkpoint is {good}; lower --lr or raise --warmup"
+                if good is not None
                 else "lower --lr or raise --warmup"
             )
             raise
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
             if self._tensorboard is not None:
@@ -310,7 +383,20 @@ class Trainer:
         total = None if self.cfg.time_budget > 0 else last
         return tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, leave=False)
 
+    def _interrupted(self, path: Path) -> None:
+        signum = self._signum or signal.SIGINT
+        name = signal.Signals(signum).name
+        launcher = f"mpiexec -n {self.dist.size} " if self.dist.size > 1 else ""
+        raise mark_collective(
+            Interrupted(
+                f"interrupted at step {self.step}; saved a checkpoint to {path} (stopped by {name})",
+                hint=f"resume with: {launcher}fastchar train --resume {path}",
+                signum=signum,
+            )
+        )
+
     def _request_stop(self, signum: int, frame: object) -> None:
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self._stop_requested:  # a second signal stops at once
+            raise Killed(signum)
+        self._signum = signum
         self._stop_requested = True

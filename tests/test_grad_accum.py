@@ -22,7 +22,7 @@ def train(corpus, tmp_path, backend, dtype=np.float32, **train_cfg):
     cfg = TrainConfig(steps=50, warmup=5, eval_every=1000, eval_batches=2, log_every=1000,
                       out=str(tmp_path / "run"), **train_cfg)  # fmt: skip
     model = Model(ModelConfig(vocab_size=ds.vocab_size, **SMALL), backend=backend, seed=cfg.seed, dtype=dtype)
-    trainer = Trainer(model, ds, cfg, log=lambda line: None, progress=False)
+    trainer = Trainer(model, ds, cfg, log=lambda line: None, progress=False, overwrite=True)  # runs reuse one folder
     trainer.train()
     return np.array(trainer.losses), model
 

@@ -61,7 +61,10 @@ def canonical(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in MODULES and name != "auto":
         choices = ", ".join([*MODULES, "auto"])
-        raise BackendError(f"unknown backend {name!r}; choose one of: {choices}")
+        raise BackendError(
+            f"unknown backend {name!r}; choose one of: {choices}",
+            hint="`fastchar info` lists the backends available on this machine",
+        )
     return name
 
 

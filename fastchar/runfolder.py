@@ -1,0 +1,242 @@
+"""The run folder (`--out`): its lock, its leftovers, its write probe, and what a run will need.
+
+A training run owns its folder for as long as it runs: an advisory `fcntl.flock` on `.lock` (which
+holds the owner's pid, so a second trainer can name it). Once the lock is held, leftovers of
+interrupted saves are cleared: `.NAME.tmp-PID` folders whose process is gone, and `NAME.old` twins
+(restored as NAME when NAME itself is missing). Leaves out: checkpoint contents (checkpoint.py) and
+the training loop (train.py).
+
+Also here, because they decide whether a run may start at all: the write probe (exclusive,
+no-follow), the fingerprint of the training text recorded in checkpoints, and the memory estimate
+that refuses a run the machine cannot hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastchar.arena import act_specs, param_specs
+from fastchar.config import ModelConfig
+from fastchar.errors import ConfigError
+
+LOCK_NAME = ".lock"
+CHECKPOINT_NAMES = ("best", "latest")
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+MIB = 2**20
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, before any work, if folder cannot be created or written.
+
+    The probe is a `tempfile.mkstemp` file: a fresh random name created with O_EXCL, so a planted
+    file or symlink is never opened, truncated or followed.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"the output folder {folder} is not writable ({exc.strerror or exc})",
+            hint="pass a folder you can write to with --out DIR",
+        ) from None
+
+
+def existing_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints (best, latest, or their .old twins) a run folder already holds."""
+    found = []
+    for name in CHECKPOINT_NAMES:
+        for candidate in (folder / name, folder / f"{name}.old"):
+            if (candidate / "meta.json").is_file():
+                found.append(candidate)
+                break
+    return found
+
+
+def check_fresh(folder: Path, overwrite: bool = False) -> None:
+    """A fresh run may not replace another run's checkpoints unless told to (--overwrite)."""
+    found = existing_checkpoints(folder)
+    if found and not overwrite:
+        names = " and ".join(p.name for p in found)
+        raise ConfigError(
+            f"{folder} already holds a run ({names}); a fresh run would replace it",
+            hint=f"continue it with `fastchar train --resume {found[-1]}`, pass --overwrite to start over "
+            f"there, or choose another --out DIR",
+        )
+
+
+def clear_run(folder: Path) -> None:
+    """Remove a previous run's checkpoints, metrics, curves and TensorBoard events (--overwrite).
+
+    Called under the run's lock."""
+    for name in CHECKPOINT_NAMES:
+        for candidate in (folder / name, folder / f"{name}.old"):
+            if candidate.is_symlink() or candidate.is_file():
+                candidate.unlink()
+            elif candidate.is_dir():
+                shutil.rmtree(candidate)
+    for stale in [folder / "metrics.jsonl", folder / "curves.png", *folder.glob("events.out.tfevents.*")]:
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove what interrupted saves left in folder; returns the paths removed or restored.
+
+    `.NAME.tmp-PID` of a process that no longer runs is removed. `NAME.old` is restored as NAME when
+    NAME is missing (a kill between the two renames of a save) and removed otherwise.
+    """
+    touched = []
+    if not folder.is_dir():
+        return touched
+    for entry in sorted(folder.iterdir()):
+        match = TEMP_PATTERN.match(entry.name)
+        if match and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
+            _remove(entry)
+            touched.append(entry)
+    for name in CHECKPOINT_NAMES:
+        path, old = folder / name, folder / f"{name}.old"
+        if old.is_dir() and not old.is_symlink():
+            if path.exists() or path.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, path)
+            touched.append(old)
+    return touched
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+class RunLock:
+    """An advisory lock on a run folder, held while a run trains in it (`with RunLock(folder):`).
+
+    The lock file `.lock` holds the owner's pid. Advisory: it stops a second fastchar trainer, not
+    other programs. The kernel drops it when the process dies, so a killed run never leaves it held.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        path = self.folder / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot lock the run folder {self.folder}: {path} cannot be opened ({exc.strerror or exc})",
+                hint=f"remove {path} if it is not a regular file, or pass another --out DIR",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(
+                f"the run folder {self.folder} is in use by another fastchar run (process {holder})",
+                hint=f"wait for process {holder} to finish or stop it, or pass another --out DIR",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def data_record(path: Path, text: str) -> dict:
+    """What a checkpoint records of its training text: absolute path, size in bytes, sha256."""
+    raw = text.encode("utf-8")
+    return {"path": str(Path(path).resolve()), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+# Beyond the arenas: the interpreter, NumPy/Numba/BLAS and the corpus (about 50 MiB measured for
+# Tiny Shakespeare), plus room for the temporaries of the NumPy reference kernels (a fraction of
+# the activations).
+BASE_BYTES = 200 * MIB
+TEMPORARY_FRACTION = 0.25
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of cfg, from the parameter table (nothing is allocated)."""
+    return sum(math.prod(shape) for _, shape in param_specs(cfg))
+
+
+def training_bytes(cfg: ModelConfig, batch: int, itemsize: int = 4) -> tuple[int, int]:
+    """(fixed, per sequence) bytes a training run needs: 4 parameter-shaped arenas and the decay
+    mask, then activations and their gradients (2 arenas of act_specs) per sequence of the batch."""
+    fixed = 4 * param_count(cfg) * itemsize + param_count(cfg) + BASE_BYTES
+    per_seq = sum(math.prod(shape) for _, shape in act_specs(cfg, 1, cfg.ctx)) * itemsize
+    return fixed, int(per_seq * (2 + TEMPORARY_FRACTION))
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(cfg: ModelConfig, batch: int, available: int | None = None) -> int:
+    """Refuse a run whose arenas exceed the memory available now; returns the estimate in bytes."""
+    fixed, per_seq = training_bytes(cfg, batch)
+    need = fixed + batch * per_seq
+    available = available_bytes() if available is None else available
+    if available is None or need <= available:
+        return need
+    fits = (available - fixed) // per_seq
+    what_fits = (
+        f"at most --batch {fits} fits with this model"
+        if fits >= 1
+        else "even --batch 1 does not fit: choose a smaller model (--d-model, --n-layer, --ctx)"
+    )
+    raise ConfigError(
+        f"this run needs about {need / MIB:,.0f} MiB (parameters and Adam {fixed / MIB:,.0f} MiB, activations "
+        f"{batch * per_seq / MIB:,.0f} MiB for batch {batch}) but only {available / MIB:,.0f} MiB is available",
+        hint=what_fits,
+    )
