@@ -201,6 +201,8 @@ class MPIWorld(World):
         if not (self.rank and is_collective(exc)):
             sys.__excepthook__(kind, exc, tb)
         if not is_collective(exc):
+            # said here, not left to MPI's own abort message, which the launcher may cut off
+            print(f"error: rank {self.rank} of {self.size} failed; ending every rank (MPI_Abort)", file=sys.stderr)
             self.abort(EXIT_RANK_FAILURE)
 
     # -- collectives --------------------------------------------------------------------------
