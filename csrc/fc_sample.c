@@ -32,15 +32,19 @@ static double fc_kth_largest(double *a, int64_t n, int64_t k) {
     return a[k];
 }
 
+/* top-p takes the most likely remaining id this many times at most (O(V) each), then sorts the rest */
+#define FC_EXTRACT_MAX 12
+
 /* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
    kept; top_k <= 0 or >= V: off), then top-p (the smallest set of most likely ids, ties by lower id,
    whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch.
    Neither filter sorts: top-k selects the k-th value (fc_kth_largest), top-p takes the most likely
    remaining id (lowest id on ties) until the mass is reached, so it costs O(V) per kept id -- a
-   few passes over V for a trained model -- and takes ids in exactly the sorted reference's order. */
+   few passes over V for a trained model -- and takes ids in exactly the sorted reference's order;
+   past FC_EXTRACT_MAX ids (a flat distribution) it insertion-sorts the ids left. */
 void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
                     double *probs, double *tmp, int32_t *order) {
-    int64_t j, i, keep, best;
+    int64_t j, i, keep, best, n, c;
     double mx, total, mass, target, kth, b;
     for (j = 0; j < V; j++) probs[j] = (double)logits[j] / temperature;
     if (top_k > 0 && top_k < V) {
@@ -67,6 +71,24 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
     mass = 0.0;
     keep = V;
     for (i = 0; i < V; i++) {
+        if (i == FC_EXTRACT_MAX) {
+            /* a flat distribution: sort the ids not taken yet (stable, descending) and go on */
+            n = i;
+            for (j = 0; j < V; j++) {
+                if (tmp[j] < 0.0) continue;
+                for (c = n; c > i && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
+                order[c] = (int32_t)j;
+                n++;
+            }
+            for (; i < V; i++) {
+                mass += probs[order[i]];
+                if (mass >= target) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            break;
+        }
         best = -1;
         b = -1.0;
         for (j = 0; j < V; j++)
