@@ -46,7 +46,7 @@ from fastchar import graph as _graph
 # The decode table's vocabulary, defined once in fastchar/graph.py
 cdef int OP_EMBED = _graph.OP_EMBED, OP_RMSNORM = _graph.OP_RMSNORM, OP_MATMUL = _graph.OP_MATMUL
 cdef int OP_ATTENTION = _graph.OP_ATTENTION, OP_RESIDUAL = _graph.OP_RESIDUAL, OP_RELU2 = _graph.OP_RELU2
-cdef int POST_RELU2 = _graph.POST_RELU2, POST_RESIDUAL = _graph.POST_RESIDUAL, POST_ROPE = _graph.POST_ROPE
+cdef int POST_NONE = _graph.POST_NONE, POST_RELU2 = _graph.POST_RELU2, POST_RESIDUAL = _graph.POST_RESIDUAL, POST_ROPE = _graph.POST_ROPE
 cdef int ROWS_ALL = _graph.ROWS_ALL, ROWS_LAST = _graph.ROWS_LAST
 cdef int OPC = _graph.OPC, OUT = _graph.OUT, IN = _graph.IN, IN2 = _graph.IN2, W = _graph.W, W2 = _graph.W2
 cdef int K = _graph.K, N = _graph.N, POST = _graph.POST, LAYER = _graph.LAYER, ROWS = _graph.ROWS
@@ -249,6 +249,9 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                     out[m * Nd + c] = v
         elif row[OPC] == OP_RMSNORM:
             fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
+        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE:
+            # the head's one-row product (the logits): main thread, not worth a stage's handshake
+            fc_matmul(out, xin, net.params + row[W], 1, Kd, Nd, Nd, Nd)
         elif row[OPC] == OP_MATMUL:
             net.kind = STAGE_MATMUL
             net.y, net.xin, net.w, net.M, net.Kd, net.Nd, net.post = out, xin, net.params + row[W], Mr, Kd, Nd, row[POST]
