@@ -249,7 +249,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                     out[m * Nd + c] = v
         elif row[OPC] == OP_RMSNORM:
             fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
-        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE:
+        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and not net.batch:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             fc_matmul(out, xin, net.params + row[W], 1, Kd, Nd, Nd, Nd)
         elif row[OPC] == OP_MATMUL:
