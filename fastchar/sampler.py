@@ -21,6 +21,14 @@ is float32: they walk graph.decode_table (opcodes, scratch offsets, weights by n
 chunk of DECODE_CHUNK characters, with the same cache rule and the same uniforms drawn from the same
 Generator in the same order. Both compiled loops sample with one C routine (csrc/fc_sample.c);
 otherwise (the numpy reference, float64) the Python loop below (KVCache + sample_token) runs.
+Many streams (`stream_many`; `generate`/`stream` with a list of prompts or num_samples): the Cython
+backend's `generate_batch` (batch_tokens) advances every running stream in one walk of the same
+table on one row per stream, each row attending to its own stream's cache; each stream keeps its own
+cache rule and its own generator (stream_rngs), and its values are computed exactly as alone, so
+its text does not depend on the others. Other backends run the streams in turn. Stop strings cut a
+stream's text (StopScan) and stop advancing it.
+The compiled sampler selects rather than sorts (top-k: a selection of the k-th value; top-p: the
+most likely ids taken one at a time until the mass is reached).
 The two samplers agree on the probabilities to ~1e-12 relative (float64, other summation order), so a
 seeded text is the same unless a uniform lands within that of a cdf boundary.
 """
