@@ -113,30 +113,32 @@ class TorchGPT(nn.Module):
         return idx
 
     @torch.no_grad()
-    def generate_cache(self, idx: torch.Tensor, n: int, temperature: float = 0.8) -> torch.Tensor:
-        """A simple KV cache, refilled with the newest ctx/2 tokens when the window is full."""
+    def generate_cache(self, idx: torch.Tensor, n: int, temperature: float = 0.8, batch: int = 1) -> torch.Tensor:
+        """A simple KV cache, refilled with the newest ctx/2 tokens when the window is full; batch
+        streams continue the same prompt idx (1, T) together (one cache row each). (batch, T + n)."""
         C, NH, L, S = self.cfg.d_model, self.cfg.n_head, self.cfg.n_layer, self.cfg.ctx
-        cache = {"k": torch.zeros(L, 1, NH, S, C // NH), "v": torch.zeros(L, 1, NH, S, C // NH), "length": 0}
+        shape = (L, batch, NH, S, C // NH)
+        cache = {"k": torch.zeros(shape), "v": torch.zeros(shape), "length": 0}
 
-        def step(tokens: list[int]) -> torch.Tensor:
+        def step(tokens: torch.Tensor) -> torch.Tensor:
             cache["layer"] = 0
-            logits = self.run(torch.tensor([tokens]), cache["length"], cache)
-            cache["length"] += len(tokens)
-            return logits[0, -1]
+            logits = self.run(tokens, cache["length"], cache)
+            cache["length"] += tokens.shape[1]
+            return logits[:, -1]
 
-        held = idx[0].tolist()[-S:]
+        held = idx[:, -S:].expand(batch, -1)
         logits = step(held)
-        out = idx[0].tolist()
+        out = [idx.expand(batch, -1)]
         for _ in range(n):
-            token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)
             out.append(token)
             if cache["length"] >= S:
-                held = held[len(held) - (S // 2 - 1) :]
+                held = held[:, held.shape[1] - (S // 2 - 1) :]
                 cache["length"] = 0
                 step(held)
-            logits = step([token])
-            held.append(token)
-        return torch.tensor([out])
+            logits = step(token)
+            held = torch.cat([held, token], dim=1)
+        return torch.cat(out, dim=1)
 
 
 def _matmul(m: TorchGPT, op, args, T, pos0, drop, cache):

@@ -22,7 +22,12 @@ count never changes the result.
 
 Letters in shapes: S the window (cache rows), C channels, NH heads, HS head size, V vocabulary,
 L layers, N new tokens per call, P the flat parameter count, R table rows.
-Not here: batch > 1, float64 (the Python loop in fastchar/sampler.py covers both).
+`generate_batch` advances B streams together: each step runs the same table on M rows, one per
+stream still running (so each weight row is read once for all of them), and row m attends to its
+own stream's cache (Net.batch). A stream whose learned-position cache is full is refilled on its
+own, as the single-stream loop does. generate_tokens is the B = 1 case's own, leaner, driver.
+
+Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
 from cython.parallel cimport parallel
@@ -91,6 +96,17 @@ cdef struct Net:
     float* kc
     float* vc
     int64_t pos0
+    # batch mode (generate_batch): row m is stream rstream[m]'s new token at position rpos[m], its
+    # key and value go to slot rslot[m] of that stream's cache, which then holds rn[m] rows
+    bint batch
+    float* kall  # (B, L, C, S) every stream's cache
+    float* vall
+    Py_ssize_t L
+    Py_ssize_t layer
+    const int64_t* rstream
+    const int64_t* rslot
+    const int64_t* rn
+    const int64_t* rpos
 
 
 cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
@@ -112,6 +128,8 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     cdef Py_ssize_t h0 = net.n_head * i // net.ntask, h1 = net.n_head * (i + 1) // net.ntask
     cdef float r
     cdef float* y = net.y
+    cdef float* kc
+    cdef float* vc
     if net.kind == STAGE_ATTENTION:
         if h1 <= h0:
             return
@@ -121,6 +139,17 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
             fc_matmul(net.qkv + part * C + j0, net.xin, net.w + part * C + j0, M, C, j1 - j0, 3 * C, 3 * C)
         if net.post == POST_ROPE:
             fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
+        if net.batch:
+            for m in range(M):
+                kc = net.kall + (net.rstream[m] * net.L + net.layer) * C * S
+                vc = net.vall + (net.rstream[m] * net.L + net.layer) * C * S
+                slot = net.rslot[m]
+                for j in range(j0, j1):
+                    kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
+                    vc[j * S + slot] = net.qkv[m * 3 * C + 2 * C + j]
+                fc_attention(y + m * C, net.qkv + m * 3 * C, kc, vc, net.rn[m] - 1, 1, C, S, net.n_head, h0, h1,
+                             net.scores + i * S)
+            return
         for m in range(M):
             slot = (net.pos0 + m) % S
             for j in range(j0, j1):
@@ -196,27 +225,31 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
     cdef float* wte
     cdef float* wpe
     cdef float v
-    if net.half > 0:
+    if net.half > 0 and net.batch:
+        for m in range(M):
+            fc_rope_tables(net.rope_cos + m * net.half, net.rope_sin + m * net.half, net.inv_freq, net.half,
+                           net.rpos[m], 1)
+    elif net.half > 0:
         fc_rope_tables(net.rope_cos, net.rope_sin, net.inv_freq, net.half, pos0, M)
     net.n0 = n0
     net.pos0 = pos0
     for r in range(net.R):
         row = net.table + r * NCOL
-        Mr = M if row[ROWS] == ROWS_ALL else 1
+        Mr = M if row[ROWS] == ROWS_ALL or net.batch else 1  # a batch needs every stream's logits
         Kd = row[K]
         Nd = row[N]
         out = scratch + row[OUT]
-        xin = scratch + row[IN] + ((M - 1) * Kd if row[ROWS] == ROWS_LAST else 0)
+        xin = scratch + row[IN] + ((M - 1) * Kd if row[ROWS] == ROWS_LAST and not net.batch else 0)
         if row[OPC] == OP_EMBED:
             for m in range(M):
                 for c in range(Nd):
                     v = net.params[row[W] + tokens[m] * Nd + c]
                     if row[W2] >= 0:
-                        v = v + net.params[row[W2] + (pos0 + m) * Nd + c]
+                        v = v + net.params[row[W2] + ((net.rpos[m] if net.batch else pos0 + m)) * Nd + c]
                     out[m * Nd + c] = v
         elif row[OPC] == OP_RMSNORM:
             fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
-        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE:
+        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and not net.batch:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             fc_matmul(out, xin, net.params + row[W], 1, Kd, Nd, Nd, Nd)
         elif row[OPC] == OP_MATMUL:
@@ -228,6 +261,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             net.kind = STAGE_ATTENTION
             net.y, net.xin, net.w, net.M, net.post = out, xin, net.params + row[W], Mr, row[POST]
             net.qkv = scratch + row[IN2]
+            net.layer = row[LAYER]
             net.kc = net.kcache + row[LAYER] * S * C
             net.vc = net.vcache + row[LAYER] * S * C
             _stage(net)
@@ -388,6 +422,7 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
     net.team = &team
     net.ntask = nt
     net.solo = False
+    net.batch = False
     job.net = &net
     job.out = &out[0] if Nn > 0 else NULL
     job.tokens = &tokens[0]
@@ -436,3 +471,230 @@ def token_probs(const float[::1] logits, double temperature, Py_ssize_t top_k, d
     cdef int32_t[::1] o = order
     fc_token_probs(&logits[0], V, temperature, top_k, top_p, &p[0], &t[0], &o[0])
     return probs
+
+
+cdef struct Batch:
+    # one generate_batch call; see there. n_cache and pos are updated in place.
+    Net* net
+    int* out  # (B, N)
+    int* tokens  # (B, S)
+    int64_t* state  # (B, 2): rows in each cache, each stream's next position
+    const int64_t* n_feed  # (B,)
+    const int32_t* active  # (B,)
+    float* logits  # (B, V): each stream's logits of its next draw, kept between calls
+    float* logits_out  # (B, N, V) or NULL
+    const double* uniforms  # (B, N)
+    double* work
+    int32_t* order
+    int* rtok  # (B,) the batch rows' tokens
+    int64_t* rows  # (4, B): stream, slot, cache rows after the append, position
+    double temperature
+    double top_p
+    Py_ssize_t top_k, V, N, B, logits_at
+    bint advance_last
+    bint slides
+    double t_end
+
+
+cdef void _encode_one(Batch* job, Py_ssize_t b, const int* toks, Py_ssize_t n0, int64_t pos0, Py_ssize_t M) noexcept nogil:
+    """Stream b alone: encode toks[:M] at positions pos0.. into its cache (a prompt or a refill); its
+    next logits are the last row's."""
+    cdef Net* net = job.net
+    cdef Py_ssize_t j, V = job.V
+    net.batch = False
+    net.kcache = net.kall + b * net.L * net.C * net.S
+    net.vcache = net.vall + b * net.L * net.C * net.S
+    _forward_rows(net, toks, n0, pos0, M)
+    for j in range(V):
+        job.logits[b * V + j] = net.scratch[job.logits_at + j]
+
+
+cdef void _run_batch(Batch* job) noexcept nogil:
+    """The body of generate_batch (main thread); tells the helpers to stop when done."""
+    cdef Net* net = job.net
+    cdef Py_ssize_t S = net.S, V = job.V, N = job.N, B = job.B
+    cdef Py_ssize_t i, j, b, m, M, n_keep, nc
+    cdef int tok
+    cdef int* pt
+    cdef int64_t* rstream = job.rows
+    cdef int64_t* rslot = job.rows + B
+    cdef int64_t* rn = job.rows + 2 * B
+    cdef int64_t* rpos = job.rows + 3 * B
+    net.rstream, net.rslot, net.rn, net.rpos = rstream, rslot, rn, rpos
+    for b in range(B):
+        if job.n_feed[b] > 0 and job.active[b]:
+            _encode_one(job, b, job.tokens + b * S + job.state[2 * b], job.state[2 * b], job.state[2 * b + 1], job.n_feed[b])
+            job.state[2 * b] += job.n_feed[b]
+            job.state[2 * b + 1] += job.n_feed[b]
+    for i in range(N):
+        for b in range(B):
+            if not job.active[b]:
+                continue
+            if job.logits_out != NULL:
+                for j in range(V):
+                    job.logits_out[(b * N + i) * V + j] = job.logits[b * V + j]
+            job.out[b * N + i] = <int>fc_sample(job.logits + b * V, V, job.temperature, job.top_k, job.top_p,
+                                                job.uniforms[b * N + i] if job.temperature > 0 else 0.0,
+                                                job.work, job.order)
+        if i + 1 == N and not job.advance_last:
+            break
+        M = 0
+        for b in range(B):
+            if not job.active[b]:
+                continue
+            tok = job.out[b * N + i]
+            pt = job.tokens + b * S
+            nc = job.state[2 * b]
+            if nc >= S and not job.slides:
+                # learned positions, full: the newest S//2 - 1 tokens plus this one, from position 0
+                n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
+                for j in range(n_keep):
+                    pt[j] = pt[nc - n_keep + j]
+                pt[n_keep] = tok
+                _encode_one(job, b, pt, 0, 0, n_keep + 1)
+                job.state[2 * b] = n_keep + 1
+                job.state[2 * b + 1] = n_keep + 1
+                continue
+            if nc < S:
+                pt[nc] = tok
+            job.rtok[M] = tok
+            rstream[M] = b
+            rslot[M] = job.state[2 * b + 1] % S
+            rn[M] = nc + 1 if nc < S else S
+            rpos[M] = job.state[2 * b + 1]
+            job.state[2 * b] = rn[M]
+            job.state[2 * b + 1] += 1
+            M += 1
+        if M > 0:
+            net.batch = True
+            _forward_rows(net, job.rtok, 0, 0, M)
+            for m in range(M):
+                for j in range(V):
+                    job.logits[rstream[m] * V + j] = net.scratch[job.logits_at + m * V + j]
+    job.t_end = fc_now()
+    fc_set_quit(net.team)
+
+
+def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, const int64_t[::1] n_feed,
+                   const int32_t[::1] active, const float[::1] params, const int64_t[:, ::1] table,
+                   const double[::1] eps, const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
+                   float[:, :, :, ::1] kcache, float[:, :, :, ::1] vcache, float[::1] scratch,
+                   Py_ssize_t logits_at, float[:, ::1] logits, double[::1] work, int32_t[::1] order,
+                   double temperature, Py_ssize_t top_k, double top_p, const double[:, ::1] uniforms,
+                   bint advance_last, float[:, :, ::1] logits_out) -> None:
+    """Sample out.shape[1] tokens for each of B streams, advancing every running stream's cache
+    together after each draw (after the last only if advance_last).
+
+    Stream b first feeds tokens[b, n_cache:n_cache+n_feed[b]] (its prompt; 0 on later calls).
+    out (B, N) int32; tokens (B, S) int32; state (B, 2) int64: rows in each cache and each stream's
+    next absolute position, updated; n_feed (B,) int64; active (B,) int32: streams with 0 are left
+    alone (finished); params, table, eps, inv_freq, slides, n_head, work, order, temperature, top_k,
+    top_p: as generate_tokens, but the table's scratch slots must hold max(S, B) rows; kcache,
+    vcache (B, L, C, S) float32; logits (B, V) float32: each stream's next logits, kept between
+    calls; uniforms (B, N) float64, row b from stream b's own generator; logits_out (B, N, V)
+    float32 receives each draw's logits, or (B, 0, V) to skip.
+    """
+    cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
+    cdef Py_ssize_t V = logits.shape[1], R = table.shape[0], Nn = out.shape[1], rows_cap = S if S > B else B
+    cdef Py_ssize_t r, b
+    cdef int nt
+    if table.shape[1] != NCOL:
+        raise ValueError(f"table must have {NCOL} columns (fastchar.graph.decode_table)")
+    for r in range(R):
+        if (table[r, OUT] + rows_cap * table[r, N] > scratch.shape[0] or table[r, W] >= params.shape[0]
+                or table[r, LAYER] >= L):
+            raise ValueError(f"decode table row {r} points outside scratch, params or the cache")
+    if (out.shape[0] != B or tokens.shape[0] != B or tokens.shape[1] < S or state.shape[0] != B
+            or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B or vcache.shape[0] != B):
+        raise ValueError("out, tokens, state, n_feed, active, logits and the caches need one row per stream")
+    if logits_at + rows_cap * V > scratch.shape[0] or work.shape[0] < 3 * V or order.shape[0] < V:
+        raise ValueError("scratch, work or order is too small")
+    for b in range(B):
+        if state[b, 0] + n_feed[b] > S or (active[b] and state[b, 0] + n_feed[b] == 0 and Nn > 0):
+            raise ValueError(f"stream {b}: need 0 < n_cache + n_feed <= S={S}")
+    if (temperature > 0 and (uniforms.shape[0] != B or uniforms.shape[1] < Nn)) or (
+            logits_out.shape[1] > 0 and (logits_out.shape[0] != B or logits_out.shape[1] < Nn)):
+        raise ValueError("uniforms or logits_out is too small")
+    if inv_freq.shape[0] > 0 and 2 * inv_freq.shape[0] * n_head != C:
+        raise ValueError("inv_freq must have HS/2 entries")
+    cdef Py_ssize_t fed = 0
+    for b in range(B):
+        fed += n_feed[b]
+    if B == 0 or (Nn == 0 and fed == 0):
+        return
+    import numpy as np
+
+    nt = fc_max_threads()
+    if nt > max(2, C // 32):
+        nt = max(2, C // 32)
+    if nt < 1:
+        nt = 1
+    global _solo_left, _solo_next
+    if _solo_left > 0:
+        _solo_left -= 1
+        nt = 1
+    rtok = np.zeros(B, np.int32)
+    rows = np.zeros(4 * B, np.int64)
+    cdef int[::1] rtok_v = rtok
+    cdef int64_t[::1] rows_v = rows
+    cdef fc_team team
+    cdef Net net
+    cdef Batch job
+    cdef Batch* jp = &job
+    team.next = 0
+    team.limit = 0
+    team.done = 0
+    team.quit = 0
+    net.params = &params[0]
+    net.table = &table[0, 0]
+    net.eps = &eps[0]
+    net.inv_freq = &inv_freq[0] if inv_freq.shape[0] > 0 else NULL
+    net.R, net.S, net.C, net.half, net.n_head, net.L = R, S, C, inv_freq.shape[0], n_head, L
+    net.scratch = &scratch[0]
+    net.kall = &kcache[0, 0, 0, 0]
+    net.vall = &vcache[0, 0, 0, 0]
+    net.kcache = net.kall
+    net.vcache = net.vall
+    cdef size_t nblock = (nt * S + 2 * rows_cap * net.half + 16) // 16 * 16
+    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
+    if block == NULL:
+        raise MemoryError()
+    net.scores = block
+    net.rope_cos = block + nt * S
+    net.rope_sin = net.rope_cos + rows_cap * net.half
+    net.team = &team
+    net.ntask = nt
+    net.solo = False
+    net.batch = False
+    job.net = &net
+    job.out = &out[0, 0] if Nn > 0 else NULL
+    job.tokens = &tokens[0, 0]
+    job.state = &state[0, 0]
+    job.n_feed = &n_feed[0]
+    job.active = &active[0]
+    job.logits = &logits[0, 0]
+    job.logits_out = &logits_out[0, 0, 0] if logits_out.shape[1] > 0 else NULL
+    job.uniforms = &uniforms[0, 0] if temperature > 0 and Nn > 0 else NULL
+    job.work = &work[0]
+    job.order = &order[0]
+    job.rtok = &rtok_v[0]
+    job.rows = &rows_v[0]
+    job.temperature, job.top_p, job.top_k, job.V, job.logits_at = temperature, top_p, top_k, V, logits_at
+    job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
+    if nt > 1:
+        with nogil, parallel(num_threads=nt):
+            if fc_thread_num() == 0:
+                _run_batch(jp)
+            else:
+                _helper(jp.net)
+    else:
+        with nogil:
+            _run_batch(jp)
+    free(block)
+    if nt > 1 and fc_now() - job.t_end > SLOW_WAIT:
+        net.solo = True
+    if net.solo:
+        _solo_left = _solo_next
+        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
+    elif nt > 1:
+        _solo_next = SOLO_CALLS

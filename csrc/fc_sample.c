@@ -5,22 +5,51 @@
 
 #include <math.h>
 
+/* The k-th largest (k from 0) of a[0..n-1], with multiplicity: Hoare's selection, average O(n)
+   instead of a full sort. Reorders a. */
+static double fc_kth_largest(double *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, i, j;
+    double pivot, t;
+    while (lo < hi) {
+        pivot = a[lo + (hi - lo) / 2];
+        i = lo;
+        j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+
+/* top-p takes the most likely remaining id this many times at most (O(V) each), then sorts the rest */
+#define FC_EXTRACT_MAX 12
+
 /* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
    kept; top_k <= 0 or >= V: off), then top-p (the smallest set of most likely ids, ties by lower id,
-   whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch. */
+   whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch.
+   Neither filter sorts: top-k selects the k-th value (fc_kth_largest), top-p takes the most likely
+   remaining id (lowest id on ties) until the mass is reached, so it costs O(V) per kept id -- a
+   few passes over V for a trained model -- and takes ids in exactly the sorted reference's order;
+   past FC_EXTRACT_MAX ids (a flat distribution) it insertion-sorts the ids left. */
 void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
                     double *probs, double *tmp, int32_t *order) {
-    int64_t j, i, keep;
-    double mx, total, mass, target, v, kth;
+    int64_t j, i, keep, best, n, c;
+    double mx, total, mass, target, kth, b;
     for (j = 0; j < V; j++) probs[j] = (double)logits[j] / temperature;
     if (top_k > 0 && top_k < V) {
-        /* the k-th largest value with multiplicity: insertion sort descending into tmp */
-        for (j = 0; j < V; j++) {
-            v = probs[j];
-            for (i = j; i > 0 && tmp[i - 1] < v; i--) tmp[i] = tmp[i - 1];
-            tmp[i] = v;
-        }
-        kth = tmp[top_k - 1];
+        for (j = 0; j < V; j++) tmp[j] = probs[j];
+        kth = fc_kth_largest(tmp, V, top_k - 1);
         for (j = 0; j < V; j++)
             if (!(probs[j] >= kth)) probs[j] = -INFINITY;
     }
@@ -33,20 +62,50 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
     }
     for (j = 0; j < V; j++) probs[j] /= total;
     if (top_p >= 1.0) return;
-    /* stable descending order by probability, then the first prefix whose mass reaches the target */
+    total = 0.0;
     for (j = 0; j < V; j++) {
-        for (i = j; i > 0 && probs[order[i - 1]] < probs[j]; i--) order[i] = order[i - 1];
-        order[i] = (int32_t)j;
+        tmp[j] = probs[j];  /* -1 marks an id already taken */
+        total += probs[j];
     }
+    target = top_p * total;
     mass = 0.0;
-    for (j = 0; j < V; j++) {
-        mass += probs[order[j]];
-        tmp[j] = mass;
-    }
-    target = top_p * tmp[V - 1];
     keep = V;
-    for (j = 0; j < V; j++)
-        if (tmp[j] >= target) { keep = j + 1; break; }
+    for (i = 0; i < V; i++) {
+        if (i == FC_EXTRACT_MAX) {
+            /* a flat distribution: sort the ids not taken yet (stable, descending) and go on */
+            n = i;
+            for (j = 0; j < V; j++) {
+                if (tmp[j] < 0.0) continue;
+                for (c = n; c > i && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
+                order[c] = (int32_t)j;
+                n++;
+            }
+            for (; i < V; i++) {
+                mass += probs[order[i]];
+                if (mass >= target) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            break;
+        }
+        best = -1;
+        b = -1.0;
+        for (j = 0; j < V; j++)
+            if (tmp[j] > b) {
+                b = tmp[j];
+                best = j;
+            }
+        if (best < 0) break;
+        order[i] = (int32_t)best;
+        tmp[best] = -1.0;
+        mass += probs[best];
+        if (mass >= target) {
+            keep = i + 1;
+            break;
+        }
+    }
+    if (keep == V) return;  /* everything kept: the distribution is unchanged */
     total = 0.0;
     for (j = 0; j < keep; j++) total += probs[order[j]];
     for (j = 0; j < V; j++) tmp[j] = 0.0;

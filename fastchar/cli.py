@@ -200,7 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--seed", type=_number(int), default=None, help="seed; the same seed gives the same text (default: random)"
     )
-    sample.add_argument("--num-samples", type=_number(int), default=1, help="independent samples to draw (default 1)")
+    sample.add_argument(
+        "--num-samples",
+        type=_number(int),
+        default=1,
+        help="independent samples, made together in one batched decode and printed numbered (default 1)",
+    )
+    sample.add_argument(
+        "--stop",
+        metavar="TEXT",
+        action="append",
+        default=None,
+        help="end a sample when it produces TEXT (not printed; \\n is a newline); repeatable",
+    )
     sample.add_argument(
         "--ctx", type=_number(int), default=None, help="context window, at most the model's (default: the model's)"
     )
@@ -447,7 +459,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import load
     from fastchar.data import read_text
     from fastchar.errors import CheckpointError
-    from fastchar.sampler import check_sampling, check_seed, stream
+    from fastchar.sampler import check_sampling, check_seed, generate, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     check_seed(args.seed)
@@ -477,16 +489,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if prompt is None:
         prompt = _start_prompt(model.tokenizer)
     model.tokenizer.encode(prompt)  # names unknown characters before anything is printed
-    for i in range(args.num_samples):
-        seed = None if args.seed is None else args.seed + i
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
+    stop = [t.replace("\\n", "\n") for t in args.stop or []]  # a typed \n is a newline: --stop '\n\n'
+    if args.num_samples == 1:
         sys.stdout.write(prompt)
         for ch in stream(model, model.tokenizer, prompt, args.max_new_tokens, args.temperature,
-                         args.top_k, args.top_p, seed, ctx=args.ctx):  # fmt: skip
+                         args.top_k, args.top_p, args.seed, ctx=args.ctx, stop=stop):  # fmt: skip
             sys.stdout.write(ch)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        return 0
+    # all samples advance together (one batched decode step each); printed when done, in order
+    texts = generate(model, model.tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                     args.top_p, args.seed, ctx=args.ctx, num_samples=args.num_samples, stop=stop)  # fmt: skip
+    for i, text in enumerate(texts):
+        sys.stdout.write(f"--- sample {i + 1} ---\n{text}\n")
     return 0
 
 

@@ -21,6 +21,14 @@ is float32: they walk graph.decode_table (opcodes, scratch offsets, weights by n
 chunk of DECODE_CHUNK characters, with the same cache rule and the same uniforms drawn from the same
 Generator in the same order. Both compiled loops sample with one C routine (csrc/fc_sample.c);
 otherwise (the numpy reference, float64) the Python loop below (KVCache + sample_token) runs.
+Many streams (`stream_many`; `generate`/`stream` with a list of prompts or num_samples): the Cython
+backend's `generate_batch` (batch_tokens) advances every running stream in one walk of the same
+table on one row per stream, each row attending to its own stream's cache; each stream keeps its own
+cache rule and its own generator (stream_rngs), and its values are computed exactly as alone, so
+its text does not depend on the others. Other backends run the streams in turn. Stop strings cut a
+stream's text (StopScan) and stop advancing it.
+The compiled sampler selects rather than sorts (top-k: a selection of the k-th value; top-p: the
+most likely ids taken one at a time until the mass is reached).
 The two samplers agree on the probabilities to ~1e-12 relative (float64, other summation order), so a
 seeded text is the same unless a uniform lands within that of a cdf boundary.
 """
@@ -233,6 +241,78 @@ def python_tokens(
             logits = cache.advance(token)
 
 
+def batch_loop(model: Model) -> Callable | None:
+    """The backend's compiled `generate_batch` (many streams per step) if it has one and the model is
+    float32, else None."""
+    fn = getattr(model.kernels, "generate_batch", None)
+    return fn if fn is not None and model.dtype == np.float32 else None
+
+
+def batch_tokens(
+    model: Model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rngs: list[np.random.Generator],
+    window: int,
+    chunk: int = DECODE_CHUNK,
+    active: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+) -> Iterator[np.ndarray]:
+    """B streams in one batched decode step: token ids (B, n) int32 per chunk of n <= chunk.
+
+    Stream b continues prompts[b] and draws its uniforms from rngs[b] only, as compiled_tokens
+    does for one stream, so its text does not depend on the other streams. active (B,) int32, if
+    given, may be set to 0 between chunks to stop a stream (its later ids are meaningless).
+    logits, if given, (B, max_new_tokens, V) float32 receives the logits of every draw.
+    """
+    fn = batch_loop(model)
+    if fn is None:
+        raise InputError(f"backend {model.backend!r} has no batched generation loop for {model.dtype} models")
+    if chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    cfg = model.cfg
+    B, V = len(prompts), cfg.vocab_size
+    plan = decode_table(cfg, model.params.offsets, max(window, B))  # scratch slots hold B rows too
+    kcache = np.zeros((B, cfg.n_layer, cfg.d_model, window), np.float32)  # time last
+    vcache = np.zeros_like(kcache)
+    scratch = aligned_zeros(plan.scratch_size)
+    work = np.zeros(3 * V, np.float64)
+    order = np.zeros(V, np.int32)
+    tokens = np.zeros((B, window), np.int32)
+    n_feed = np.zeros(B, np.int64)
+    for b, ids in enumerate(prompts):
+        prompt = ids[-window:]
+        tokens[b, : len(prompt)] = prompt
+        n_feed[b] = len(prompt)
+    state = np.zeros((B, 2), np.int64)
+    active = np.ones(B, np.int32) if active is None else active
+    next_logits = np.zeros((B, V), np.float32)
+    k = 0 if top_k is None else int(min(top_k, V))
+    p = 1.0 if top_p is None else float(top_p)
+    done = 0
+    while done < max_new_tokens and active.any():
+        n = min(chunk, max_new_tokens - done)
+        out = np.zeros((B, n), np.int32)
+        uniforms = np.zeros((B, n), np.float64)
+        if temperature > 0:
+            for b in np.flatnonzero(active):
+                uniforms[b] = rngs[b].random(n)  # one draw per token, as sample_token
+        rows = np.zeros((B, n if logits is not None else 0, V), np.float32)
+        fn(
+            out, tokens, state, n_feed, active, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
+            cfg.n_head, kcache, vcache, scratch, plan.logits, next_logits, work, order, float(temperature), k, p,
+            uniforms, done + n < max_new_tokens, rows,
+        )  # fmt: skip
+        if logits is not None:
+            logits[:, done : done + n] = rows
+        n_feed[:] = 0
+        done += n
+        yield out
+
+
 def compiled_tokens(
     model: Model,
     ids: list[int],
@@ -288,54 +368,222 @@ def compiled_tokens(
         yield out[:n].copy()
 
 
-def stream(
-    model: Model,
-    tokenizer: CharTokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    ctx: int | None = None,
-) -> Iterator[str]:
-    """Yield max_new_tokens characters, one at a time as they are made, continuing prompt.
+class StopScan:
+    """Cut one stream's new text at the first of the stop strings: feed() returns the text that is
+    safe to hand out (nothing that could still turn out to start a stop string is released)."""
 
-    ctx limits the context window (default and maximum: the model's ctx). With a compiled loop
-    (see the module docstring) characters are made DECODE_CHUNK at a time, then yielded one by one.
-    """
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = stop
+        self.hold = max((len(t) for t in stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.done = False
+
+    def feed(self, piece: str) -> str:
+        """Append piece; the newly releasable text (everything before a stop string once found)."""
+        if self.done:
+            return ""
+        self.text += piece
+        hits = [i for i in (self.text.find(t, self.emitted) for t in self.stop) if i >= 0]
+        if hits:
+            self.done = True
+            end = min(hits)
+        else:
+            end = max(len(self.text) - self.hold, self.emitted)
+        out, self.emitted = self.text[self.emitted : end], end
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail at the end of the stream (no stop string was produced)."""
+        if self.done:
+            return ""
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+def check_stop(stop: str | list[str] | None) -> list[str]:
+    """The stop strings as a list, each non-empty."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for t in stops:
+        if not isinstance(t, str) or not t:
+            raise ConfigError(f"stop strings must be non-empty strings, got {t!r}")
+    return stops
+
+
+def _prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
+    ids = [int(i) for i in tokenizer.encode(prompt)] if prompt else []
+    return ids or [tokenizer.stoi.get("\n", 0)]  # nothing to condition on: start from a newline
+
+
+def _check(model: Model, tokenizer: CharTokenizer, temperature: float, top_k: int | None, top_p: float | None,
+           max_new_tokens: int) -> None:  # fmt: skip
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise InputError(
             f"the tokenizer has {tokenizer.vocab_size} characters but the model's vocab_size is {model.cfg.vocab_size}"
         )
-    ids = [int(i) for i in tokenizer.encode(prompt)] if prompt else []
-    if not ids:  # nothing to condition on: start from a newline if the vocabulary has one
-        ids = [tokenizer.stoi.get("\n", 0)]
-    rng = np.random.default_rng(seed)
-    window = check_window(model, ctx)
+
+
+def _one_stream(
+    model: Model,
+    tokenizer: CharTokenizer,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+    window: int,
+) -> Iterator[str]:
+    """One stream's new text, a chunk (compiled loop) or a character (Python loop) at a time."""
     chars = tokenizer.chars
     if compiled_loop(model) is not None:
         for block in compiled_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
-            for token in block:
-                yield chars[token]
+            yield "".join([chars[t] for t in block])
     else:
         for token in python_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
             yield chars[token]
 
 
-def generate(
+def prompt_list(prompt: str | list[str], num_samples: int | None) -> list[str] | None:
+    """The streams' prompts (each prompt num_samples times), or None for the single-prompt API."""
+    if num_samples is not None and (not isinstance(num_samples, int | np.integer) or num_samples < 1):
+        raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples}")
+    if isinstance(prompt, str):
+        return None if num_samples is None else [prompt] * int(num_samples)
+    prompts = list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("prompt must be a string or a non-empty list of strings")
+    return [p for p in prompts for _ in range(1 if num_samples is None else int(num_samples))]
+
+
+def stream_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    """Stream i's generator: child i of SeedSequence(seed), the same whatever n is."""
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(n)]
+
+
+def stream_many(
     model: Model,
     tokenizer: CharTokenizer,
-    prompt: str,
+    prompts: list[str],
     max_new_tokens: int,
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
     ctx: int | None = None,
-) -> str:
-    """The prompt followed by max_new_tokens sampled characters (see `stream` for the options)."""
-    new = stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, ctx)
-    return prompt + "".join(new)
+    stop: str | list[str] | None = None,
+) -> Iterator[tuple[int, str]]:
+    """(i, new text) pieces of len(prompts) streams as they are made; stream i continues prompts[i]
+    with its own generator (stream_rngs). With a batched loop (cython) every step advances all
+    running streams at once; otherwise the streams run one after another."""
+    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens)
+    stops = check_stop(stop)
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    window = check_window(model, ctx)
+    rngs = stream_rngs(seed, len(prompts))
+    scans = [StopScan(stops) for _ in prompts]
+    if batch_loop(model) is None:
+        for i, (one, rng) in enumerate(zip(ids, rngs, strict=True)):
+            for piece in _one_stream(model, tokenizer, one, max_new_tokens, temperature, top_k, top_p, rng, window):
+                text = scans[i].feed(piece)
+                if text:
+                    yield i, text
+                if scans[i].done:
+                    break
+            if tail := scans[i].flush():
+                yield i, tail
+        return
+    chars = np.array(tokenizer.chars)
+    active = np.ones(len(prompts), np.int32)
+    for block in batch_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rngs, window, active=active):
+        for i in np.flatnonzero(active):
+            text = scans[i].feed("".join(chars[block[i]]))
+            if text:
+                yield int(i), text
+            if scans[i].done:
+                active[i] = 0
+    for i, scan in enumerate(scans):
+        if tail := scan.flush():
+            yield i, tail
+
+
+def stream(
+    model: Model,
+    tokenizer: CharTokenizer,
+    prompt: str | list[str],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    ctx: int | None = None,
+    num_samples: int | None = None,
+    stop: str | list[str] | None = None,
+) -> Iterator[str] | Iterator[tuple[int, str]]:
+    """Yield max_new_tokens characters, one at a time as they are made, continuing prompt.
+
+    ctx limits the context window (default and maximum: the model's ctx). With a compiled loop
+    (see the module docstring) characters are made DECODE_CHUNK at a time, then yielded one by one.
+    stop: a stream ends at the first of these strings it produces (the string is not yielded).
+    Several streams (prompt a list, or num_samples given: each prompt num_samples times): yields
+    (stream index, new text) pieces instead, see stream_many.
+    """
+    prompts = prompt_list(prompt, num_samples)
+    if prompts is not None:
+        return stream_many(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, ctx, stop)
+    return _stream_one(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, ctx, stop)
+
+
+def _stream_one(
+    model: Model,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    ctx: int | None,
+    stop: str | list[str] | None,
+) -> Iterator[str]:
+    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens)
+    stops = check_stop(stop)
+    ids = _prompt_ids(tokenizer, prompt)
+    rng = np.random.default_rng(seed)
+    window = check_window(model, ctx)
+    scan = StopScan(stops) if stops else None
+    for piece in _one_stream(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
+        if scan is not None:
+            piece = scan.feed(piece)
+        yield from piece
+        if scan is not None and scan.done:
+            return
+    if scan is not None:
+        yield from scan.flush()
+
+
+def generate(
+    model: Model,
+    tokenizer: CharTokenizer,
+    prompt: str | list[str],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    ctx: int | None = None,
+    num_samples: int | None = None,
+    stop: str | list[str] | None = None,
+) -> str | list[str]:
+    """The prompt followed by max_new_tokens sampled characters (see `stream` for the options); for
+    several streams (a list of prompts or num_samples) a list, stream i's text at i."""
+    prompts = prompt_list(prompt, num_samples)
+    if prompts is None:
+        return prompt + "".join(_stream_one(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
+                                            seed, ctx, stop))  # fmt: skip
+    texts = list(prompts)
+    for i, piece in stream_many(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, ctx, stop):
+        texts[i] += piece
+    return texts

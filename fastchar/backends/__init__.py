@@ -49,6 +49,8 @@ MODULES = {"numpy": "reference", "numba": "numba_cpu", "cython": "cython_cpu"}
 # path (fastchar.sampler's generation loop for `generate_tokens`).
 OPTIONAL = {
     "generate_tokens": {"numba": "fastchar.backends.numba_decode", "cython": "fastchar.backends.cython_decode"},
+    # many streams in one batched step (fastchar.sampler.batch_tokens); without it streams run in turn
+    "generate_batch": {"cython": "fastchar.backends.cython_decode"},
 }
 ALIASES = {"reference": "numpy"}
 

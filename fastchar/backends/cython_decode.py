@@ -8,11 +8,11 @@ None, so fastchar.sampler falls back to its Python loop.
 from __future__ import annotations
 
 try:
-    from fastchar._cydecode import generate_tokens
+    from fastchar._cydecode import generate_batch, generate_tokens
 except ImportError as exc:
     raise ImportError(
         "the Cython extension fastchar._cydecode is missing or stale; build it with "
         f"`pip install -e .` (or `python setup.py build_ext --inplace`) ({exc})"
     ) from exc
 
-__all__ = ["generate_tokens"]
+__all__ = ["generate_batch", "generate_tokens"]

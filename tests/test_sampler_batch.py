@@ -1,0 +1,171 @@
+"""Many streams in one batched decode step, stop strings, and the compiled sampler's selection.
+
+- The batched loop (cython `generate_batch`) gives every stream the logits its own single-stream
+  loop (`generate_tokens`) gives, at every position, across window refills (learned positions) and
+  slides (rope): both compute each row's values by the same expressions, so the tolerance is tight.
+- Stream i's text with seed s is the same alone as among 63 other streams.
+- Stop strings: at the start, across a window refill, never produced; the API and the CLI.
+- fc_token_probs (top-k by selection, top-p by partial extraction, no sort) equals the sorted
+  reference (sampler.token_probs) on ties, equal probabilities and edge values of p.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, stream
+from fastchar.sampler import StopScan, batch_loop, batch_tokens, compiled_tokens, stream_rngs, token_probs
+
+cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
+
+TOK = CharTokenizer("abcdefghij\n")
+
+
+def make_model(position: str, ctx: int = 8, backend: str = "cython") -> Model:
+    cfg = ModelConfig(vocab_size=11, d_model=24, n_layer=2, n_head=3, ctx=ctx, mlp_hidden=48, position=position)
+    m = Model(cfg, backend=backend, seed=4)
+    m.params.flat[:] += np.random.default_rng(0).normal(0, 0.3, m.params.flat.size).astype(np.float32)
+    return m
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_batched_logits_equal_64_single_stream_decodes(position):
+    model = make_model(position)
+    B, N = 64, 40  # 40 > 4 windows of 8: several refills (learned) or slides (rope)
+    r = np.random.default_rng(5)
+    prompts = [[int(t) for t in r.integers(0, 11, 1 + b % 8)] for b in range(B)]
+    batched = np.zeros((B, N, 11), np.float32)
+    toks = np.concatenate(
+        list(batch_tokens(model, prompts, N, 1.0, None, None, stream_rngs(3, B), 8, chunk=9, logits=batched)), axis=1
+    )
+    for b in range(B):
+        single = np.zeros((N, 11), np.float32)
+        rng = stream_rngs(3, B)[b]
+        alone = np.concatenate(list(compiled_tokens(model, prompts[b], N, 1.0, None, None, rng, 8, logits=single)))
+        np.testing.assert_allclose(batched[b], single, rtol=1e-5, atol=1e-6, err_msg=f"stream {b}")
+        np.testing.assert_array_equal(toks[b], alone, err_msg=f"stream {b}")
+
+
+def test_stream_text_does_not_depend_on_the_other_streams():
+    model = make_model("learned", ctx=12)
+    prompts = [f"{'abcdefghij'[i % 10]}a" for i in range(64)]
+    together = generate(model, TOK, prompts, 50, top_p=0.9, seed=7)
+    for i in (0, 17, 63):
+        alone = [
+            next(iter(batch_tokens(model, [[TOK.stoi[c] for c in prompts[i]]], 50, 0.8, None, 0.9, [rng], 12, 64)))
+            for rng in [stream_rngs(7, 64)[i]]
+        ][0]
+        assert together[i] == prompts[i] + "".join(TOK.chars[t] for t in alone[0])
+    assert together[:3] == generate(model, TOK, prompts[:3], 50, top_p=0.9, seed=7)  # a shorter batch
+    assert len(set(together)) > 32  # the streams differ
+
+
+def test_num_samples_and_lists_keep_the_single_prompt_api():
+    model = make_model("learned")
+    one = generate(model, TOK, "ab", 20, seed=1)
+    assert isinstance(one, str) and one == "".join(["ab", *stream(model, TOK, "ab", 20, seed=1)])
+    many = generate(model, TOK, "ab", 20, seed=1, num_samples=4)
+    assert isinstance(many, list) and len(many) == 4 and all(t.startswith("ab") and len(t) == 22 for t in many)
+    pairs = generate(model, TOK, ["ab", "c"], 20, seed=1, num_samples=2)
+    assert [t[: len(p)] for t, p in zip(pairs, ["ab", "ab", "c", "c"], strict=True)] == ["ab", "ab", "c", "c"]
+    assert pairs[0] != pairs[1] and len(pairs[2]) == 21
+    with pytest.raises(ConfigError):
+        generate(model, TOK, "ab", 20, num_samples=0)
+    with pytest.raises(ConfigError):
+        generate(model, TOK, "ab", 20, stop=[""])
+
+
+def test_numba_runs_many_streams_one_after_another_with_the_same_text():
+    try:
+        nb = make_model("learned", backend="numba")
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"numba backend unavailable: {exc}")
+    cy = make_model("learned")
+    assert batch_loop(nb) is None and batch_loop(cy) is not None
+    assert generate(nb, TOK, ["ab", "c"], 30, seed=2) == generate(cy, TOK, ["ab", "c"], 30, seed=2)
+
+
+def _text(model, prompt, n):
+    return generate(model, TOK, prompt, n, seed=3)[len(prompt) :]
+
+
+def _late_stop(text: str) -> str:
+    """A 3-character piece of text whose first occurrence is past two windows of 8 (refills)."""
+    return next(text[j : j + 3] for j in range(16, len(text) - 3) if text.find(text[j : j + 3]) >= 16)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_stop_strings(backend):
+    model = make_model("learned", backend=backend)
+    text = _text(model, "ab", 60)  # 60 > 7 windows of 8; the same seed draws the same text with stops
+    # at the start: the first new characters are a stop string -> nothing
+    assert generate(model, TOK, "ab", 60, seed=3, stop=[text[:2]]) == "ab"
+    # across refills of the cache
+    stop = _late_stop(text)
+    cut = text.find(stop)
+    assert cut >= 16
+    assert generate(model, TOK, "ab", 60, seed=3, stop=[stop]) == "ab" + text[:cut]
+    # the earliest of several wins; one never produced changes nothing
+    stops = ["zz", stop, text[cut + 5 : cut + 9]]
+    assert generate(model, TOK, "ab", 60, seed=3, stop=stops) == "ab" + text[:cut]
+    assert generate(model, TOK, "ab", 60, seed=3, stop=["zz", "\n\n\n\n\n\n\n\nj"]) == "ab" + text
+    # max_new_tokens still bounds a stream
+    assert generate(model, TOK, "ab", 10, seed=3, stop=["zz"]) == "ab" + text[:10]
+    # several streams: each is cut at its own stop (stream i's generator differs from seed=3's)
+    texts = generate(model, TOK, ["ab", "ab"], 60, seed=3)
+    stops = [_late_stop(t[2:]) for t in texts]
+    cut_texts = generate(model, TOK, ["ab", "ab"], 60, seed=3, stop=stops)
+    for t, s_, got in zip(texts, stops, cut_texts, strict=True):
+        assert got == t[: 2 + min(i for i in (t[2:].find(x) for x in stops) if i >= 0)]
+        assert s_ not in got[2:]
+
+
+def test_stop_scan_holds_back_a_possible_start():
+    scan = StopScan(["xyz"])
+    assert scan.feed("abx") == "a"  # the last len("xyz") - 1 characters are held back
+    assert scan.feed("y") == "b"
+    assert scan.feed("zq") == ""  # "xyz" found: the held "xy" is dropped
+    assert scan.done and scan.feed("more") == "" and scan.flush() == ""
+    scan = StopScan(["xyz"])
+    assert scan.feed("abxy") + scan.flush() == "abxy"
+
+
+def test_cli_num_samples_and_stop(tmp_path, capsys):
+    from fastchar.checkpoint import save
+    from fastchar.cli import main
+
+    model = make_model("learned")
+    save(model, tmp_path / "ck", tokenizer=TOK)
+    texts = generate(model, TOK, "ab", 40, seed=5, num_samples=3)
+    stop = _late_stop(texts[0][2:])
+    assert main(["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "ab", "--seed", "5",
+                 "--max-new-tokens", "40", "--num-samples", "3", "--stop", stop]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    blocks = [t[: 2 + t[2:].find(stop)] if stop in t[2:] else t for t in texts]
+    assert out == "".join(f"--- sample {i + 1} ---\n{b}\n" for i, b in enumerate(blocks))
+
+
+def _edge_cases():
+    r = np.random.default_rng(3)
+    yield np.zeros(7, np.float32), "equal probabilities"
+    yield np.array([2, 2, 1, 1, 1, 0, 2], np.float32), "ties"
+    yield np.array([5], np.float32), "one id"
+    yield np.array([0, 0, 30, 30, -30], np.float32), "two certain"
+    for _ in range(40):
+        yield np.round(r.normal(0, 1.5, int(r.integers(2, 70)))).astype(np.float32), "random ties"
+        yield r.normal(0, 2, 65).astype(np.float32), "random"
+
+
+@pytest.mark.parametrize("top_p", [1e-12, 0.1, 0.5, 0.9, 1 - 1e-12, 1.0])
+@pytest.mark.parametrize("top_k", [None, 1, 2, 5, 100])
+def test_partial_selection_equals_sorted_reference(top_p, top_k):
+    for logits, what in _edge_cases():
+        got = cydecode.token_probs(logits, 0.7, 0 if top_k is None else top_k, top_p)
+        want = token_probs(logits, 0.7, top_k, top_p)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=f"{what}, p={top_p}, k={top_k}")
+        assert (got > 0).sum() == (want > 0).sum()
+    # tiny p is greedy (lowest id on ties); equal probabilities keep the lowest ids
+    assert np.argmax(cydecode.token_probs(np.array([1, 3, 3, 0], np.float32), 1.0, 0, 1e-9)) == 1
+    half = cydecode.token_probs(np.zeros(8, np.float32), 1.0, 0, 0.5)
+    np.testing.assert_allclose(half, [0.25] * 4 + [0] * 4)
