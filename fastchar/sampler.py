@@ -416,7 +416,7 @@ def _prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
 
 
 def _check(model: Model, tokenizer: CharTokenizer, temperature: float, top_k: int | None, top_p: float | None,
-           max_new_tokens: int) -> None:  # fmt: skip
+           max_new_tokens: int, seed: object) -> None:  # fmt: skip
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
     if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -478,7 +478,7 @@ def stream_many(
     """(i, new text) pieces of len(prompts) streams as they are made; stream i continues prompts[i]
     with its own generator (stream_rngs). With a batched loop (cython) every step advances all
     running streams at once; otherwise the streams run one after another."""
-    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens)
+    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens, seed)
     stops = check_stop(stop)
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     window = check_window(model, ctx)
@@ -548,7 +548,7 @@ def _stream_one(
     ctx: int | None,
     stop: str | list[str] | None,
 ) -> Iterator[str]:
-    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens)
+    _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens, seed)
     stops = check_stop(stop)
     ids = _prompt_ids(tokenizer, prompt)
     rng = np.random.default_rng(seed)
