@@ -43,6 +43,7 @@ LAUNCH_ENV = (
 )
 TIMEOUT_ENV = "FASTCHAR_MPI_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits in one collective for the others before ending the job
+ABORT_GRACE_SECONDS = 0.5  # between a rank's last words and MPI_Abort
 SPIN_SECONDS = 0.01  # poll without pausing this long (an Allreduce of the base model takes ~0.3-1 ms) ...
 NAP_SECONDS = 0.0005  # ... then pause this long between polls, leaving the core to the others
 EXIT_RANK_FAILURE = 1
@@ -194,6 +195,7 @@ class MPIWorld(World):
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)  # the launcher forwards what this rank printed before it ends the job
         self.comm.Abort(code)
 
     def _excepthook(self, kind: type, exc: BaseException, tb: Any) -> None:
