@@ -8,7 +8,7 @@ print(fastchar.generate(model, data.tokenizer, "ROMEO:", 200, top_p=0.9, seed=0)
 """
 
 from fastchar import _blas_env  # noqa: F401, I001  (must run before NumPy loads OpenBLAS)
-from fastchar.checkpoint import load
+from fastchar.model import load
 from fastchar.config import ModelConfig, TrainConfig
 from fastchar.data import TextDataset, find_corpus
 from fastchar.errors import (

@@ -7,7 +7,7 @@ corruption are caught and named).
 
 Writes are atomic: the whole folder is written beside the target under a temporary name, then
 swapped in by two renames. A crash or a full disk while writing leaves the last good folder as it
-was; a crash between the two renames leaves it as DIR.old, which `load` finds. Weights or Adam
+was; a crash between the two renames leaves it as DIR.old, which `read` finds. Weights or Adam
 moments that are not finite are never written.
 
 Reads trust nothing: meta.json and tokenizer.json are checked against the schema of
@@ -17,6 +17,9 @@ and parsed from the same read. A save that swaps the folder during a read makes 
 
 A run folder (what `fastchar train --out DIR` writes: best/, latest/, metrics.jsonl) is accepted
 wherever a checkpoint folder is: `resolve` picks best/ for sampling and loading, latest/ for resuming.
+
+This module reads and writes files only; it builds no Model (fastchar.model.load does, from `read`),
+so fastchar.model imports it and not the other way round.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import shutil
 import stat
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -39,7 +43,6 @@ from safetensors.numpy import save_file
 
 from fastchar.config import ModelConfig
 from fastchar.errors import CheckpointError
-from fastchar.model import Model
 from fastchar.schema import (
     FORMAT,
     MAX_JSON_BYTES,
@@ -53,7 +56,12 @@ from fastchar.schema import (
 )
 from fastchar.tokenizer import CharTokenizer
 
-__all__ = ["FORMAT", "VERSION", "CheckpointWriteError", "load", "read_checkpoint", "read_meta", "resolve", "save"]
+if TYPE_CHECKING:  # checkpoint.py reads and writes files; fastchar.model builds Models from them
+    from fastchar.model import Model
+
+__all__ = [
+    "FORMAT", "VERSION", "CheckpointWriteError", "Stored", "read", "read_checkpoint", "read_meta", "resolve", "save",
+]  # fmt: skip
 
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 READ_ATTEMPTS = 6  # reads restarted because a save swapped the folder meanwhile
@@ -335,13 +343,23 @@ def _tensors(data: bytes, where: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{where} cannot be read: {exc}", hint="use another checkpoint") from None
 
 
-def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
-    """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
+@dataclass
+class Stored:
+    """A checkpoint as read from disk and checked, before any Model exists (fastchar.model.load builds
+    one from it). weights: name -> array in param_specs order; adam_m, adam_v: flat (P,) float32."""
 
-    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read),
-    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder) and
-    `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
-    """
+    path: Path  # the checkpoint folder read
+    note: str | None  # which checkpoint of a run folder was taken; None for a checkpoint folder
+    meta: dict  # the whole checked meta.json (configs, state, backend, precision, data)
+    cfg: ModelConfig
+    weights: dict[str, np.ndarray]
+    adam_m: np.ndarray
+    adam_v: np.ndarray
+    tokenizer: CharTokenizer | None
+
+
+def read(path: str | Path, which: str = "best") -> Stored:
+    """Read and check a checkpoint folder, or a run folder's `which` checkpoint ("best" or "latest")."""
     path, note = resolve(path, which)
     path, meta, blobs = read_checkpoint(path)
     cfg = ModelConfig.from_dict(meta["model"])
@@ -353,23 +371,15 @@ def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
     if "tokenizer.json" in blobs:
         where = path / "tokenizer.json"
         chars = validate_tokenizer(parse_json(blobs["tokenizer.json"], where), where, cfg.vocab_size)
-    model = Model(cfg, backend=backend, seed=0)
     tensors = _tensors(blobs.pop("model.safetensors"), weights_file)
-    for name, _ in specs:
-        model.params[name][...] = tensors.pop(name)
+    weights = {name: tensors.pop(name) for name, _ in specs}
     moments = _tensors(blobs.pop("optimizer.safetensors"), moments_file)
-    model.adam_m.flat[...] = moments["adam_m"]
-    model.adam_v.flat[...] = moments["adam_v"]
-    bad = non_finite(model)
+    arrays = {"params": list(weights.values()), "adam_m": [moments["adam_m"]], "adam_v": [moments["adam_v"]]}
+    bad = [role for role, found in arrays.items() if not all(np.isfinite(a).all() for a in found)]
     if bad:
         raise CheckpointError(
             f"{path} holds NaN or infinite values in {' and '.join(bad)}",
             hint="it was saved after training diverged; use another checkpoint",
         )
-    model.tokenizer = CharTokenizer(chars) if chars is not None else None
-    model.train_cfg = meta.get("train")
-    model.train_state = meta.get("state") or {}
-    model.checkpoint_path = path
-    model.checkpoint_meta = meta
-    model.checkpoint_note = note
-    return model
+    tokenizer = CharTokenizer(chars) if chars is not None else None
+    return Stored(path, note, meta, cfg, weights, moments["adam_m"], moments["adam_v"], tokenizer)

@@ -349,10 +349,10 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastchar.checkpoint import load, read_meta, resolve
+    from fastchar.checkpoint import read_meta, resolve
     from fastchar.data import TextDataset, locate_corpus
     from fastchar.errors import CheckpointError
-    from fastchar.model import Model
+    from fastchar.model import Model, load
     from fastchar.runfolder import check_fresh, check_memory
     from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
@@ -456,9 +456,9 @@ def _check_ranks(expected: int | None, threads: int | None = None) -> World:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from fastchar.checkpoint import load
     from fastchar.data import read_text
     from fastchar.errors import CheckpointError
+    from fastchar.model import load
     from fastchar.sampler import check_sampling, check_seed, generate, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
@@ -521,7 +521,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     _setup_runtime(args)
     report: dict = {}
     if args.checkpoint:
-        from fastchar.checkpoint import load
+        from fastchar.model import load
 
         model = load(args.checkpoint, backend="numpy")
         _say_checkpoint(model)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fastchar import checkpoint
 from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend
 from fastchar.config import ModelConfig
@@ -34,6 +35,8 @@ class RunInfo:
     train_cfg: dict | None = None
     state: dict = field(default_factory=dict)
     path: Path | None = None
+    meta: dict | None = None  # the checkpoint's checked meta.json (backend, precision, data of the run)
+    note: str | None = None  # which checkpoint of a run folder was taken
 
 
 class Model:
@@ -72,11 +75,13 @@ class Model:
         self.init_weights(seed)
 
     # The run's data, kept in `run` (README: `fastchar.load(path).tokenizer`); settable for the
-    # Trainer and checkpoint.load.
+    # Trainer and fastchar.model.load.
     tokenizer = property(lambda self: self.run.tokenizer, lambda self, v: setattr(self.run, "tokenizer", v))
     train_cfg = property(lambda self: self.run.train_cfg, lambda self, v: setattr(self.run, "train_cfg", v))
     train_state = property(lambda self: self.run.state, lambda self, v: setattr(self.run, "state", v))
     checkpoint_path = property(lambda self: self.run.path, lambda self, v: setattr(self.run, "path", v))
+    checkpoint_meta = property(lambda self: self.run.meta, lambda self, v: setattr(self.run, "meta", v))
+    checkpoint_note = property(lambda self: self.run.note, lambda self, v: setattr(self.run, "note", v))
 
     @property
     def backend(self) -> str:
@@ -205,6 +210,22 @@ class Model:
 
     def save(self, path: str | Path, **extra: object) -> Path:
         """Write a checkpoint folder (weights, Adam moments, config, tokenizer); see checkpoint.save."""
-        from fastchar.checkpoint import save
+        return checkpoint.save(self, path, **extra)
 
-        return save(self, path, **extra)
+
+def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
+    """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
+
+    Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read),
+    `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder) and
+    `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
+    """
+    stored = checkpoint.read(path, which)
+    model = Model(stored.cfg, backend=backend, seed=0)
+    for name, weights in stored.weights.items():
+        model.params[name][...] = weights
+    model.adam_m.flat[...] = stored.adam_m
+    model.adam_v.flat[...] = stored.adam_v
+    meta = stored.meta
+    model.run = RunInfo(stored.tokenizer, meta.get("train"), meta.get("state") or {}, stored.path, meta, stored.note)
+    return model

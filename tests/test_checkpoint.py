@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,14 @@ def test_crash_between_renames_is_recovered(saved):
     with pytest.warns(UserWarning, match="interrupted save"):
         again = load(path)
     assert np.array_equal(again.params.flat, model.params.flat)
+
+
+def test_checkpoint_module_does_not_import_the_model():
+    """checkpoint.py reads and writes files; fastchar.model builds Models from them (no import circle)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent.parent / "fastchar" / "checkpoint.py").read_text())
+    runtime = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    guarded = {id(n) for node in tree.body if isinstance(node, ast.If) for n in ast.walk(node)}
+    imported = {node.module for node in runtime if id(node) not in guarded}
+    assert "fastchar.model" not in imported and "fastchar" not in imported, imported
