@@ -343,6 +343,33 @@ cdef void _run(Loop* job) noexcept nogil:
     fc_set_quit(net.team)
 
 
+cdef int _team_size(Py_ssize_t C):
+    """Threads for one call: OpenMP's count, at most max(2, C // 32); 1 while the solo spell after
+    slow waits lasts (see SOLO_CALLS)."""
+    global _solo_left
+    cdef int nt = fc_max_threads()
+    nt = min(nt, max(2, C // 32))
+    if nt < 1:
+        nt = 1
+    if _solo_left > 0:
+        _solo_left -= 1
+        nt = 1
+    return nt
+
+
+cdef void _after_call(bint solo, int nt, double t_end):
+    """After a call: a descheduled helper (a slow end of the parallel region, or a stage that waited)
+    starts a solo spell of one-thread calls, twice as long as the last; a clean team call resets it."""
+    global _solo_left, _solo_next
+    if nt > 1 and fc_now() - t_end > SLOW_WAIT:
+        solo = True  # the end of the parallel region waited for a descheduled helper
+    if solo:
+        _solo_left = _solo_next
+        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
+    elif nt > 1:
+        _solo_next = SOLO_CALLS
+
+
 def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_t n_feed,
                     const float[::1] params, const int64_t[:, ::1] table, const double[::1] eps,
                     const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
@@ -386,15 +413,7 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
         raise ValueError("inv_freq must have HS/2 entries")
     if Nn == 0 and n_feed == 0:
         return
-    nt = fc_max_threads()
-    if nt > max(2, C // 32):
-        nt = max(2, C // 32)
-    if nt < 1:
-        nt = 1
-    global _solo_left, _solo_next
-    if _solo_left > 0:
-        _solo_left -= 1
-        nt = 1
+    nt = _team_size(C)
     cdef fc_team team
     cdef Net net
     cdef Loop job
@@ -444,13 +463,7 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
         with nogil:
             _run(jp)
     free(block)
-    if nt > 1 and fc_now() - job.t_end > SLOW_WAIT:
-        net.solo = True  # the end of the parallel region waited for a descheduled helper
-    if net.solo:
-        _solo_left = _solo_next
-        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
-    elif nt > 1:
-        _solo_next = SOLO_CALLS
+    _after_call(net.solo, nt, job.t_end)
     state[0] = job.n_cache
     state[1] = job.pos
 
@@ -624,15 +637,7 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
         return
     import numpy as np
 
-    nt = fc_max_threads()
-    if nt > max(2, C // 32):
-        nt = max(2, C // 32)
-    if nt < 1:
-        nt = 1
-    global _solo_left, _solo_next
-    if _solo_left > 0:
-        _solo_left -= 1
-        nt = 1
+    nt = _team_size(C)
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(4 * B, np.int64)
     cdef int[::1] rtok_v = rtok
@@ -691,10 +696,4 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
         with nogil:
             _run_batch(jp)
     free(block)
-    if nt > 1 and fc_now() - job.t_end > SLOW_WAIT:
-        net.solo = True
-    if net.solo:
-        _solo_left = _solo_next
-        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
-    elif nt > 1:
-        _solo_next = SOLO_CALLS
+    _after_call(net.solo, nt, job.t_end)
