@@ -78,6 +78,12 @@ def plan_kernels(precision: str, cfg: object) -> dict:
         }
     else:
         kernels = {}
+    from fastchar._blas_env import openblas_warning
+
+    if "matmul_forward" not in kernels and openblas_warning():  # the sgemm products stay: say they are slow
+        import warnings
+
+        warnings.warn(openblas_warning(), RuntimeWarning, stacklevel=3)
     if _gemm.attention_supported(cfg.d_model, cfg.n_head) and os.environ.get("FASTCHAR_GEMM", "") != "blas":
         kernels["attention_forward"] = _gemm.attention_forward
         kernels["attention_backward"] = _gemm.attention_backward
