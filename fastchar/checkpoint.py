@@ -78,6 +78,7 @@ def save(
             "train": train_cfg.to_dict() if train_cfg is not None else None,
             "state": state or {},
             "dtype": str(model.dtype),
+            "precision": getattr(model, "precision", "fp32"),  # of the run's products; information only
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -179,7 +180,7 @@ def _load_tensors(file: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{file} cannot be read: {exc}", hint="use another checkpoint") from None
 
 
-def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
+def load(path: str | Path, backend: str = "auto", which: str = "best", precision: str = "fp32") -> Model:
     """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
 
     Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read) and
@@ -191,7 +192,7 @@ def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
         cfg = ModelConfig.from_dict(meta["model"])
     except (ConfigError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path / 'meta.json'} holds an invalid model config: {exc}") from None
-    model = Model(cfg, backend=backend, seed=0)
+    model = Model(cfg, backend=backend, seed=0, precision=precision)  # precision: not in the files
     tensors = _load_tensors(path / "model.safetensors")
     for name, shape in param_specs(cfg):
         if name not in tensors:

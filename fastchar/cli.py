@@ -70,6 +70,16 @@ def _number(kind: type):
     return parse
 
 
+PRECISION_HELP = (
+    "fp32 (default) or bf16: matrix products on bf16-rounded inputs, fp32 accumulation (cython on CPUs "
+    "with AVX512_BF16, or numpy's reference); weights, checkpoints and everything else stay fp32"
+)
+
+
+def _add_precision_flag(p: argparse.ArgumentParser, help: str = PRECISION_HELP) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=help)
+
+
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="numpy, numba, cython or auto: the fastest here (default)")
     p.add_argument(
@@ -135,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = int if f.type == "int" else float
             group.add_argument(_flag(f.name), type=_number(kind), default=None, help=TRAIN_HELP[f.name])
     _add_runtime_flags(train)
+    _add_precision_flag(train)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser(
@@ -166,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ctx", type=_number(int), default=None, help="context window, at most the model's (default: the model's)"
     )
     _add_runtime_flags(sample)
+    _add_precision_flag(sample, PRECISION_HELP + "; sampling itself decodes in fp32")
     sample.set_defaults(func=cmd_sample)
 
     info = sub.add_parser(
@@ -202,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
     bench.add_argument("--kernels", action="store_true", help="also time every kernel x backend")
+    _add_precision_flag(bench, "precision of the fastchar training runs: fp32 (default) or bf16")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to bench_train (see its --help)")
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     bench.set_defaults(func=cmd_bench)
@@ -249,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     corpus, origin = locate_corpus(args.data)
     say(f"data: {corpus} ({origin})", flush=True)
     if args.resume:
-        model = load(args.resume, backend=args.backend, which="latest")
+        model = load(args.resume, backend=args.backend, which="latest", precision=args.precision)
         _say_checkpoint(model)
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
@@ -266,7 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "mlp_hidden" not in model_args and "d_model" in model_args:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
-        model = Model(model_cfg, backend=args.backend, seed=train_cfg.seed)
+        model = Model(model_cfg, backend=args.backend, seed=train_cfg.seed, precision=args.precision)
     _warn_build(args.backend, model.backend)
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
@@ -330,7 +343,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise mark_collective(
             ConfigError("fastchar sample runs in one process", hint="run it without mpiexec: fastchar sample ...")
         )
-    model = load(args.checkpoint, backend=args.backend)
+    model = load(args.checkpoint, backend=args.backend, precision=args.precision)
     _say_checkpoint(model)
     if model.tokenizer is None:
         raise CheckpointError(
@@ -519,6 +532,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             hint="run `fastchar bench` from a source checkout (pip install -e .), which has benchmarks/",
         )
     rest = [a for a in args.rest if a != "--"] + (["--quick"] if args.quick else [])
+    rest += ["--precision", args.precision] if args.precision != "fp32" else []
     if args.kernels:
         kernels = [sys.executable, "-m", "benchmarks.bench_kernels", *(["--quick"] if args.quick else [])]
         code = subprocess.run(kernels, cwd=root).returncode

@@ -170,3 +170,33 @@ def test_omp_spinning_limited_unless_user_chose(env: dict, want: str | None) -> 
     code = "import fastchar, os; print(os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == str(want)
+
+
+def test_checkpoint_tensors_do_not_depend_on_precision(tmp_path) -> None:
+    """Same weights saved from an fp32 and a bf16 model: identical tensor files; precision is meta info."""
+    import json
+
+    import fastchar
+
+    paths = {}
+    for precision in ("fp32", "bf16"):
+        model = Model(CFG, backend="numpy", seed=2, precision=precision)
+        paths[precision] = model.save(tmp_path / precision)
+    from fastchar.checkpoint import TENSOR_FILES
+
+    for name in TENSOR_FILES:
+        assert (paths["fp32"] / name).read_bytes() == (paths["bf16"] / name).read_bytes()
+    assert json.loads((paths["bf16"] / "meta.json").read_text())["precision"] == "bf16"
+    loaded = fastchar.load(paths["bf16"], backend="numpy", precision="bf16")
+    assert loaded.precision == "bf16"
+    np.testing.assert_array_equal(loaded.params.flat, Model(CFG, backend="numpy", seed=2).params.flat)
+
+
+def test_cli_bf16_on_numba_is_an_error_with_hint(capsys) -> None:
+    from fastchar.cli import main
+
+    if "numba" not in available_backends():
+        pytest.skip("numba is not installed here")
+    code = main(["train", "--backend", "numba", "--precision", "bf16", "--steps", "1", "--out", "/tmp/unused"])
+    err = capsys.readouterr().err
+    assert code != 0 and "error: backend 'numba' has no bf16 kernels" in err and "hint:" in err
