@@ -72,11 +72,14 @@ SPINCOUNT = "200"  # iterations a waiting OpenMP thread spins before it sleeps (
 
 def limit_omp_spinning() -> str | None:
     """Set GOMP_SPINCOUNT unless the user chose a wait policy; returns the value set, or None."""
+    if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # inherited from a parent fastchar process
+        return None
     if any(os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
         return None
     if os.environ.get("FASTCHAR_KEEP_OMP_WAIT") == "1":
         return None
     os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    os.environ["FASTCHAR_SET_GOMP_SPINCOUNT"] = SPINCOUNT  # so child processes know it was not the user
     return SPINCOUNT
 
 
