@@ -83,8 +83,10 @@ def check_backend(backend: str, cfg: ModelConfig, batch: tuple) -> None:
         raise SystemExit(f"{backend}: loss {got} differs from the reference's {want}; not timing it")
 
 
-def time_fastchar(backend: str, cfg: ModelConfig, B: int, steps: int, warmup: int, data) -> dict:
-    model = Model(cfg, backend=backend, seed=0)
+def time_fastchar(
+    backend: str, cfg: ModelConfig, B: int, steps: int, warmup: int, data, precision: str = "fp32"
+) -> dict:
+    model = Model(cfg, backend=backend, seed=0, precision=precision)
     tcfg = TrainConfig(batch=B, steps=10**6)
     opt = AdamW(model, tcfg)
     batches = make_batches(cfg, B, steps + warmup, data)
@@ -150,7 +152,13 @@ def torch_available() -> bool:
     return True
 
 
-def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False) -> dict:
+def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, autocast=False) -> dict:
+    import os
+
+    if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # PyTorch gets its own libgomp defaults, not fastchar's
+        os.environ.pop("GOMP_SPINCOUNT", None)
+    import contextlib
+
     import torch
 
     from benchmarks.torch_model import TorchGPT
@@ -169,7 +177,9 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False) 
     params = list(model.parameters())
 
     def step(i, batch):
-        _, loss = forward(*batch)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            _, loss = forward(*batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -224,11 +234,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-steps", type=int, default=1000)
     p.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fastchar's products (default fp32)")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=(*SHAPES, "all"),
+        default=None,
+        help="instead of the usual report: fastchar fp32/bf16 against PyTorch eager fp32/bf16 autocast "
+        "(and torch.compile with --compile) at issue 10's shapes (all: " + ", ".join(SHAPES) + ")",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.sample_chars, args.memory_steps = 3, 1, 40, 20
         args.batch = args.batch[:1] if args.batch != [12, 64] else [4]
     set_threads(args.threads)
+    if args.shapes:
+        return shapes_report(args)
     backends = args.backends or available_backends()
     data = load_corpus(args.synthetic)
     tokenizer = data.tokenizer if data is not None else CharTokenizer(set(string.ascii_letters + " \n:,.!?'-;&$3"))
@@ -246,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         for backend in backends:
             check_backend(backend, cfg, check_batch) if backend != "numpy" else None
             steps = max(2, args.steps // 6) if backend == "numpy" else args.steps
-            results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data)
+            results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data, args.precision)
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
             results["torch eager"] = isolated(time_torch, *common)
@@ -301,6 +322,55 @@ def main(argv: list[str] | None = None) -> dict:
         path = append_record("bench_train", record)
         print(f"\nrecorded in {path}")
     return record
+
+
+# issue 10's table: name -> (B, T, C, L, NH); the MLP is 4C everywhere
+SHAPES = {"base": (12, 64, 128, 4, 8), "wide": (12, 64, 256, 4, 8), "long": (16, 256, 128, 4, 8),
+          "nanogpt": (8, 256, 384, 6, 6)}  # fmt: skip
+
+
+def shapes_report(args) -> dict:
+    """fastchar fp32 and bf16 against PyTorch eager fp32 and bf16 autocast (and torch.compile) at the
+    shapes of SHAPES, side by side with ratios; appends one JSON line (unless --no-record/--quick)."""
+    names = list(SHAPES) if "all" in args.shapes else args.shapes
+    data = load_corpus(args.synthetic)
+    vocab = data.vocab_size if data is not None else 65
+    backend = (args.backends or [default_backend()])[0]
+    precisions = ["fp32"] + (["bf16"] if _bf16_ok(backend) else [])
+    torch_ok = torch_available() and not args.no_torch
+    record: dict = {"machine": machine(args.threads), "backend": backend, "steps": args.steps, "shapes": {}}
+    rows = []
+    for name in names:
+        B, T, C, L, NH = SHAPES[name]
+        cfg = ModelConfig(vocab_size=vocab, ctx=T, d_model=C, n_layer=L, n_head=NH, mlp_hidden=4 * C)
+        res: dict = {}
+        for prec in precisions:
+            res[f"fastchar {prec}"] = time_fastchar(backend, cfg, B, args.steps, args.warmup, data, prec)
+        if torch_ok:
+            common = (cfg, B, args.steps, args.warmup, data, args.threads)
+            res["torch eager fp32"] = isolated(time_torch, *common)
+            res["torch eager bf16 autocast"] = isolated(time_torch, *common, "eager", False, True)
+            if args.compile:
+                res["torch.compile fp32"] = isolated(time_torch, *common, "compile")
+        record["shapes"][name] = {"shape": [B, T, C, L, NH], **res}
+        for sys_name, r in res.items():
+            ref = res.get("torch eager bf16 autocast" if "bf16" in sys_name else "torch eager fp32", {}).get("tok_s")
+            rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"],
+                         f"{r['tok_s'] / ref:.2f}x" if ref else "-"])  # fmt: skip
+    print(f"\n## Training throughput at issue 10's shapes (backend {backend}, tokens/s, median step)\n")
+    print(table(["shape", "B,T,C,L,NH", "system", "tok/s", "ms/step", "vs torch eager same precision"], rows))
+    if not (args.quick or args.no_record):
+        path = append_record("bench_train", record)
+        print(f"\nrecorded in {path}")
+    return record
+
+
+def _bf16_ok(backend: str) -> bool:
+    try:
+        Model(ModelConfig(n_layer=1, d_model=16, n_head=1, mlp_hidden=16, ctx=4), backend=backend, precision="bf16")
+    except Exception:  # ConfigError: no AVX512_BF16 here, or the backend has no bf16 kernels
+        return False
+    return True
 
 
 def scaling(args, data, backends) -> dict:

@@ -97,6 +97,16 @@ def _number(kind: type):
     return parse
 
 
+PRECISION_HELP = (
+    "fp32 (default) or bf16: matrix products on bf16-rounded inputs, fp32 accumulation (cython on CPUs "
+    "with AVX512_BF16, or numpy's reference); weights, checkpoints and everything else stay fp32"
+)
+
+
+def _add_precision_flag(p: argparse.ArgumentParser, help: str = PRECISION_HELP) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help=help)
+
+
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
@@ -171,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = int if f.type == "int" else float
             group.add_argument(_flag(f.name), type=_number(kind), default=None, help=TRAIN_HELP[f.name])
     _add_runtime_flags(train)
+    _add_precision_flag(train)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser(
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ctx", type=_number(int), default=None, help="context window, at most the model's (default: the model's)"
     )
     _add_runtime_flags(sample)
+    _add_precision_flag(sample, PRECISION_HELP + "; sampling itself decodes in fp32")
     sample.set_defaults(func=cmd_sample)
 
     info = sub.add_parser(
@@ -253,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
     bench.add_argument("--kernels", action="store_true", help="also time every kernel x backend")
+    _add_precision_flag(bench, "precision of the fastchar training runs: fp32 (default) or bf16")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to bench_train (see its --help)")
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     bench.set_defaults(func=cmd_bench)
@@ -307,6 +320,14 @@ def _resume_backend(args: argparse.Namespace, meta: dict) -> str:
         _note(f"the run trained with backend {recorded}, which is not available here; using auto (not bitwise)")
         return "auto"
     return recorded or "auto"
+
+
+def _resume_precision(args: argparse.Namespace, meta: dict) -> str:
+    """--precision if given, else the precision the run trained with."""
+    recorded = meta.get("precision") or "fp32"
+    if args.precision is not None and args.precision != recorded:
+        _note(f"the run trained in {recorded}; continuing in {args.precision}")
+    return args.precision or recorded
 
 
 def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
@@ -372,15 +393,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         folder, note = resolve(args.resume, "latest")
         folder, meta = read_meta(folder)
-        model = load(folder, backend=_resume_backend(args, meta))
+        model = load(folder, backend=_resume_backend(args, meta), precision=_resume_precision(args, meta))
         model.checkpoint_note = note
         _say_checkpoint(model)
-        recorded_precision = meta.get("precision") or "fp32"
-        if recorded_precision != getattr(model, "precision", "fp32"):
-            raise CheckpointError(
-                f"{folder} trained in precision {recorded_precision}, which this fastchar cannot resume",
-                hint="resume it with the fastchar version that wrote it",
-            )
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
             details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
@@ -407,7 +422,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_args["mlp_hidden"] = 4 * model_args["d_model"]
         model_cfg = ModelConfig(**model_args)
         check_memory(model_cfg, train_cfg.batch)
-        model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed)
+        precision = args.precision or "fp32"
+        model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=precision)
     _warn_build(args.backend or "auto", model.backend)
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
@@ -475,7 +491,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise mark_collective(
             ConfigError("fastchar sample runs in one process", hint="run it without mpiexec: fastchar sample ...")
         )
-    model = load(args.checkpoint, backend=args.backend or "auto")
+    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
     _say_checkpoint(model)
     if model.tokenizer is None:
         raise CheckpointError(
@@ -673,6 +689,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             hint="run `fastchar bench` from a source checkout (pip install -e .), which has benchmarks/",
         )
     rest = [a for a in args.rest if a != "--"] + (["--quick"] if args.quick else [])
+    rest += ["--precision", args.precision] if args.precision not in (None, "fp32") else []
     if args.kernels:
         kernels = [sys.executable, "-m", "benchmarks.bench_kernels", *(["--quick"] if args.quick else [])]
         code = subprocess.run(kernels, cwd=root).returncode

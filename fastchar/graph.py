@@ -300,16 +300,25 @@ def _bind(fn: Callable, args: list, site: int, keys: list[KeySlot]) -> Call:
     return fn, args
 
 
-def training_plan(cfg: ModelConfig, kernels: object, views: Views, dropout: bool) -> Plan:
-    """The forward and backward of `forward_ops(cfg, dropout)` bound to one backend and one arena."""
+def training_plan(
+    cfg: ModelConfig, kernels: object, views: Views, dropout: bool, overrides: dict[str, Callable] | None = None
+) -> Plan:
+    """The forward and backward of `forward_ops(cfg, dropout)` bound to one backend and one arena.
+
+    overrides: kernel name -> function replacing the backend's (the precision's matrix products,
+    see fastchar.backends.plan_kernels); every op of that kind calls it."""
     ops, loss = forward_ops(cfg, dropout), loss_op(cfg)
+    overrides = overrides or {}
+
+    def kernel(name: str) -> Callable:
+        return overrides.get(name) or getattr(kernels, name)
+
     keys: list[KeySlot] = []
-    fwd = [_bind(getattr(kernels, op.kind + "_forward"), forward_args(op, views), op.site, keys) for op in ops]
+    fwd = [_bind(kernel(op.kind + "_forward"), forward_args(op, views), op.site, keys) for op in ops]
     bwd = [
-        _bind(getattr(kernels, op.kind + "_backward"), backward_args(op, views), op.site, keys)
-        for op in reversed([*ops, loss])
+        _bind(kernel(op.kind + "_backward"), backward_args(op, views), op.site, keys) for op in reversed([*ops, loss])
     ]
-    return Plan(fwd, [(kernels.crossentropy_forward, forward_args(loss, views))], bwd, keys)
+    return Plan(fwd, [(kernel("crossentropy_forward"), forward_args(loss, views))], bwd, keys)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from fastchar import checkpoint
 from fastchar.arena import Arena, act_specs, param_specs
-from fastchar.backends import get_backend
+from fastchar.backends import get_backend, plan_kernels
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
 from fastchar.graph import TARGETS, TOKENS, U32, Views, fill_constants, init_std, lowbias32, training_plan
@@ -48,12 +48,19 @@ class Model:
         backend: str = "auto",
         seed: int = 0,
         dtype: npt.DTypeLike = np.float32,
+        precision: str = "fp32",
     ) -> None:
+        """precision: "fp32", or "bf16": the matrix products (forward and both backward products)
+        multiply bf16-rounded inputs and accumulate in fp32; parameters, gradients, Adam's moments,
+        norms, softmax, loss and residual stay in the arenas' dtype. Checkpoints do not depend on it.
+        ConfigError where the backend or CPU cannot run it (cython needs AVX512_BF16; numba has none)."""
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         self.kernels = get_backend(backend)
         if self.dtype != np.float32 and self.kernels.name != "numpy":
             raise ValueError(f"backend {self.kernels.name!r} runs float32 only; use backend='numpy'")
+        self.precision = precision
+        self._plan_kernels = plan_kernels(self.kernels, precision, cfg)  # checks precision here, not at step 1
         specs = param_specs(cfg)
         self.params = Arena(specs, self.dtype)
         self.grads = Arena(specs, self.dtype)
@@ -148,7 +155,9 @@ class Model:
             self._tgt = np.zeros((B, T), np.int32)
             fill_constants(self.acts, self.cfg, T)
             views = Views(self.params, self.grads, self.acts, self.dacts, {TOKENS: self._idx, TARGETS: self._tgt})
-            self._plans = {drop: training_plan(self.cfg, self.kernels, views, drop) for drop in (False, True)}
+            self._plans = {
+                drop: training_plan(self.cfg, self.kernels, views, drop, self._plan_kernels) for drop in (False, True)
+            }
         return self.acts
 
     def dropout_keys(self, counter: int) -> list[int]:
@@ -213,15 +222,16 @@ class Model:
         return checkpoint.save(self, path, **extra)
 
 
-def load(path: str | Path, backend: str = "auto", which: str = "best") -> Model:
+def load(path: str | Path, backend: str = "auto", which: str = "best", precision: str = "fp32") -> Model:
     """A Model from a checkpoint folder, or from a run folder's `which` checkpoint ("best" or "latest").
 
     Sets `.tokenizer`, `.train_cfg`, `.train_state`, `.checkpoint_path` (the folder read),
     `.checkpoint_note` (which checkpoint of a run folder was taken; None for a checkpoint folder) and
     `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
+    precision ("fp32" or "bf16") is how the loaded model computes; the files are the same for both.
     """
     stored = checkpoint.read(path, which)
-    model = Model(stored.cfg, backend=backend, seed=0)
+    model = Model(stored.cfg, backend=backend, seed=0, precision=precision)  # precision: not in the files
     for name, weights in stored.weights.items():
         model.params[name][...] = weights
     model.adam_m.flat[...] = stored.adam_m

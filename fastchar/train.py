@@ -270,7 +270,8 @@ class Trainer:
         split = f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
         split += f" x {dist.size} ranks ({dist.local_size} on this host)" if dist.size > 1 else ""
         self.log(
-            f"training {model.num_params():,} parameters with backend {model.backend} | "
+            f"training {model.num_params():,} parameters with backend {model.backend} "
+            f"({model.precision}) | "
             f"B={cfg.batch}{split} T={model.cfg.ctx} steps={cfg.steps} lr={cfg.lr:g} "
             f"time_budget={cfg.time_budget:g}s | out {self.out}"
         )

@@ -4,7 +4,10 @@
 it in its `FALLBACK` set; the reference fills the gap and the namespace's `fallback` names it.
 Entries of `OPTIONAL` (e.g. the compiled generation loop) live in separate modules and are None when
 missing. A backend that runs threads defines the hooks `set_threads(n)` and `thread_info()`;
-fastchar.threads reaches them through `thread_hooks()`. Nothing else in fastchar imports a backend
+fastchar.threads reaches them through `thread_hooks()`. A backend may define
+`plan_kernels(precision, cfg)`: kernels that replace its own in a training plan for that precision
+and model shape (bf16 matrix products, faster fp32 ones); `plan_kernels(kernels, precision, cfg)`
+below asks it. Nothing else in fastchar imports a backend
 module directly: `Model(cfg, backend=...)` chooses.
 """
 
@@ -53,6 +56,7 @@ OPTIONAL = {
     "generate_batch": {"cython": "fastchar.backends.cython_decode"},
 }
 ALIASES = {"reference": "numpy"}
+PRECISIONS = ("fp32", "bf16")
 
 
 class BackendError(FastcharError):
@@ -111,6 +115,7 @@ def _load(name: str) -> SimpleNamespace:
             raise BackendError(f"backend {name!r} lacks kernel {kernel!r} and does not list it in FALLBACK")
     for entry, homes in OPTIONAL.items():
         kernels[entry] = _optional(homes.get(name), entry)
+    kernels["plan_kernels"] = getattr(module, "plan_kernels", None)
     return SimpleNamespace(name=name, fallback=frozenset(fallback), **kernels)
 
 
@@ -173,3 +178,22 @@ def _outpaced(name: str, available: list[str]) -> bool:
     from fastchar.threads import ensure_threads
 
     return cython_openmp() is False and ensure_threads() > 1
+
+
+def plan_kernels(kernels: SimpleNamespace, precision: str, cfg: object) -> dict:
+    """Kernel replacements of a training plan: {"matmul_forward": fn, ...} for `precision` and the
+    model config `cfg` (fastchar.graph.training_plan takes them). Raises ConfigError when the backend
+    (or this CPU) cannot run `precision`; fp32 without a backend hook means the backend's own kernels."""
+    from fastchar.errors import ConfigError
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    hook = getattr(kernels, "plan_kernels", None)
+    if hook is None:
+        if precision == "fp32":
+            return {}
+        raise ConfigError(
+            f"backend {kernels.name!r} has no {precision} kernels",
+            hint="use precision='fp32', or backend='cython' (AVX512_BF16 CPUs) or 'numpy' (the bf16 reference)",
+        )
+    return hook(precision, cfg)

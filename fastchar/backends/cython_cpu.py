@@ -31,3 +31,60 @@ def thread_info() -> dict:
     """Thread hook (fastchar.threads): what the kernels run on."""
     # without OpenMP (a compiler that has none, see setup.py) the kernels run on 1 thread
     return {"openmp": {"threads": openmp_max_threads(), "enabled": bool(openmp_enabled())}}
+
+
+def plan_kernels(precision: str, cfg: object) -> dict:
+    """Plan hook (fastchar.backends.plan_kernels): the packed products of fastchar._gemm.
+
+    bf16: every matrix product (forward and both backward products) on AVX512_BF16; a clear
+    ConfigError where the CPU lacks it or FASTCHAR_DISABLE_BF16=1. fp32: the packed AVX-512 fp32
+    products (they need no OpenBLAS, so OPENBLAS_CORETYPE and import order no longer matter) and the
+    AVX-512 attention where the head size suits it; on a CPU without AVX-512 the sgemm kernels stay.
+    FASTCHAR_GEMM=blas keeps the sgemm kernels for fp32 (for comparisons).
+    """
+    import os
+    from functools import partial
+
+    from fastchar.errors import ConfigError
+
+    try:
+        from fastchar import _gemm
+    except ImportError as exc:
+        if precision == "bf16":
+            raise ConfigError(
+                f"bf16 needs the extension fastchar._gemm, which is missing here ({exc})",
+                hint="rebuild fastchar (`pip install -e .`), or use precision='fp32'",
+            ) from exc
+        return {}
+    if precision == "bf16":
+        if not _gemm.has_avx512bf16():
+            reason = (
+                "FASTCHAR_DISABLE_BF16 (or FASTCHAR_DISABLE_AVX512) is set"
+                if _gemm.cpu_features()["avx512_bf16"]
+                else "this CPU has no AVX512_BF16 (vdpbf16ps)"
+            )
+            raise ConfigError(
+                f"precision 'bf16' is unavailable: {reason}",
+                hint="use precision='fp32' (`fastchar info` shows the CPU's AVX512_BF16 flag)",
+            )
+        kernels = {
+            "matmul_forward": partial(_gemm.matmul_forward, precision="bf16"),
+            "matmul_backward": partial(_gemm.matmul_backward, precision="bf16"),
+        }
+    elif _gemm.has_avx512f() and os.environ.get("FASTCHAR_GEMM", "") != "blas":
+        kernels = {
+            "matmul_forward": partial(_gemm.matmul_forward, precision="fp32"),
+            "matmul_backward": partial(_gemm.matmul_backward, precision="fp32"),
+        }
+    else:
+        kernels = {}
+    from fastchar._blas_env import openblas_warning
+
+    if "matmul_forward" not in kernels and openblas_warning():  # the sgemm products stay: say they are slow
+        import warnings
+
+        warnings.warn(openblas_warning(), RuntimeWarning, stacklevel=3)
+    if _gemm.attention_supported(cfg.d_model, cfg.n_head) and os.environ.get("FASTCHAR_GEMM", "") != "blas":
+        kernels["attention_forward"] = _gemm.attention_forward
+        kernels["attention_backward"] = _gemm.attention_backward
+    return kernels

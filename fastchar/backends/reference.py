@@ -104,6 +104,38 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32).reshape(np.shape(x))
 
 
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16, in x's dtype (so a float64 model still accumulates in float64)."""
+    return round_bf16(x).astype(x.dtype, copy=False)
+
+
+def matmul_forward_bf16(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
+    """matmul_forward on bf16-rounded inputs, accumulated in out's precision: the bf16 reference.
+
+    out (N, OC); inp (N, IC); weight (IC, OC).
+    """
+    np.matmul(_bf16(inp), _bf16(weight), out=out)
+
+
+def matmul_backward_bf16(
+    dinp: np.ndarray, dweight: np.ndarray, dout: np.ndarray, inp: np.ndarray, weight: np.ndarray
+) -> None:
+    """matmul_backward with every operand of both products rounded to bf16. Accumulates.
+
+    dinp (N, IC); dweight (IC, OC); dout (N, OC); inp (N, IC); weight (IC, OC).
+    """
+    dout = _bf16(dout)
+    dinp += dout @ _bf16(weight).T
+    dweight += _bf16(inp).T @ dout
+
+
+def plan_kernels(precision: str, cfg: object) -> dict:
+    """Plan hook (fastchar.backends.plan_kernels): bf16 matrix products by rounding their inputs."""
+    if precision == "bf16":
+        return {"matmul_forward": matmul_forward_bf16, "matmul_backward": matmul_backward_bf16}
+    return {}
+
+
 def _split_heads(qkv: np.ndarray, NH: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """qkv (B, T, 3C) -> q, k, v each (B, NH, T, HS); columns are q | k | v, head h owns h*HS.."""
     B, T, C3 = qkv.shape
