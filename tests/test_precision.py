@@ -204,3 +204,34 @@ def test_cli_bf16_on_numba_is_an_error_with_hint(capsys) -> None:
     code = main(["train", "--backend", "numba", "--precision", "bf16", "--steps", "1", "--out", "/tmp/unused"])
     err = capsys.readouterr().err
     assert code != 0 and "error: backend 'numba' has no bf16 kernels" in err and "hint:" in err
+
+
+def test_resume_keeps_the_recorded_precision(tmp_path, capsys) -> None:
+    """A run trained in bf16 (numpy reference: runs anywhere) resumes in bf16 without --precision."""
+    import json
+
+    from fastchar.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    out = tmp_path / "run"
+    tiny = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--ctx", "8", "--batch", "2"]
+    common = [
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--sample-chars",
+        "0",
+    ]
+    assert (
+        main(["train", *common, *tiny, "--backend", "numpy", "--precision", "bf16", "--steps", "4", "--until", "2"])
+        == 0
+    )
+    assert main(["train", "--resume", str(out), "--sample-chars", "0"]) == 0
+    meta = json.loads((out / "latest" / "meta.json").read_text())
+    assert meta["state"]["step"] == 4 and meta["precision"] == "bf16", meta["precision"]
