@@ -1,5 +1,5 @@
 /* See fc_decode.h. The matrix product and attention are compiled three times (x86-64-v4 / v3 /
-   baseline, target_clones of GCC or clang; the loader picks one for the CPU), because the extension itself is
+   baseline, GCC's target_clones; the loader picks one for the CPU), because the extension itself is
    built for the baseline ISA: SSE2 without FMA would run them several times slower. */
 #include "fc_decode.h"
 
@@ -7,8 +7,9 @@
 
 #include "fc_math.h"
 
-/* ifunc-based clones: GCC, and clang from 14 on, on x86-64 Linux (macOS has no ifunc; ARM needs none) */
-#if (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__)) && defined(__x86_64__) && defined(__linux__)
+/* ifunc-based clones: GCC on x86-64 Linux (macOS has no ifunc; ARM needs none). Not clang: clang 14
+   left these functions, declared in fc_decode.h without the attribute, as undefined symbols. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FC_CLONES
