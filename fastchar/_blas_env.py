@@ -13,7 +13,9 @@ libgomp's waiting threads spin for GOMP_SPINCOUNT iterations (300,000 by default
 On a quiet machine that saves a wake-up per parallel region; when another process holds one of the
 cores, the spinning thread steals the time slice its partner needs and a 2-thread step collapses
 (measured on a loaded 2-core machine: ~1,000 tokens/s fwd+bwd with the default against ~21,000 with
-GOMP_SPINCOUNT=200). So fastchar sets GOMP_SPINCOUNT=200 unless the user set GOMP_SPINCOUNT or
+GOMP_SPINCOUNT=200). Too short a spin costs on a quiet machine (base model, B = 12, one quiet run:
+default 46,000 tokens/s, 20,000 spins 45,300, 200 spins 40,500), so fastchar sets
+GOMP_SPINCOUNT=20000 (a few microseconds) unless the user set GOMP_SPINCOUNT or
 OMP_WAIT_POLICY (or FASTCHAR_KEEP_OMP_WAIT=1); libgomp reads it once, when it loads, which is
 after this module (the compiled kernels load it) unless something imported torch or numba first.
 """
@@ -67,7 +69,7 @@ def fix_openblas_coretype() -> str | None:
     return forced
 
 
-SPINCOUNT = "200"  # iterations a waiting OpenMP thread spins before it sleeps (see the docstring)
+SPINCOUNT = "20000"  # iterations a waiting OpenMP thread spins before it sleeps (see the docstring)
 
 
 def limit_omp_spinning() -> str | None:

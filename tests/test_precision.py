@@ -163,7 +163,7 @@ def test_numpy_first_with_haswell_coretype(gemm: str) -> None:
 
 @pytest.mark.parametrize(
     ("env", "want"),
-    [({}, "200"), ({"GOMP_SPINCOUNT": "5000"}, "5000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+    [({}, "20000"), ({"GOMP_SPINCOUNT": "5000"}, "5000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
 )
 def test_omp_spinning_limited_unless_user_chose(env: dict, want: str | None) -> None:
     base = {
