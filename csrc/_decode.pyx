@@ -370,6 +370,31 @@ cdef void _after_call(bint solo, int nt, double t_end):
         _solo_next = SOLO_CALLS
 
 
+cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64_t* table, const double* eps,
+                       const double* inv_freq, Py_ssize_t half, float* scratch, Py_ssize_t R, Py_ssize_t S,
+                       Py_ssize_t C, Py_ssize_t n_head, int nt, Py_ssize_t rope_rows) except NULL:
+    """What both drivers' Net share: the model, an idle team, and the per-call scratch block (attention
+    scores (nt, S), then the cos and sin rows (rope_rows, HS/2)); returns the block, which the caller frees."""
+    team.next = 0
+    team.limit = 0
+    team.done = 0
+    team.quit = 0
+    net.params, net.table, net.eps, net.inv_freq, net.scratch = params, table, eps, inv_freq, scratch
+    net.R, net.S, net.C, net.half, net.n_head = R, S, C, half, n_head
+    cdef size_t nblock = (nt * S + 2 * rope_rows * half + 16) // 16 * 16  # whole 64-byte lines
+    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
+    if block == NULL:
+        raise MemoryError()
+    net.scores = block
+    net.rope_cos = block + nt * S
+    net.rope_sin = net.rope_cos + rope_rows * half
+    net.team = team
+    net.ntask = nt
+    net.solo = False
+    net.batch = False
+    return block
+
+
 def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_t n_feed,
                     const float[::1] params, const int64_t[:, ::1] table, const double[::1] eps,
                     const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
@@ -418,30 +443,11 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
     cdef Net net
     cdef Loop job
     cdef Loop* jp = &job
-    team.next = 0
-    team.limit = 0
-    team.done = 0
-    team.quit = 0
-    net.params = &params[0]
-    net.table = &table[0, 0]
-    net.eps = &eps[0]
-    net.inv_freq = &inv_freq[0] if inv_freq.shape[0] > 0 else NULL
-    net.R, net.S, net.C, net.half, net.n_head = R, S, C, inv_freq.shape[0], n_head
-    net.scratch = &scratch[0]
+    cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
+                                   &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
+                                   &scratch[0], R, S, C, n_head, nt, S)
     net.kcache = &kcache[0, 0, 0]
     net.vcache = &vcache[0, 0, 0]
-    # per-call scratch: attention scores (nt, S) and the rows of cos and sin (S, HS/2)
-    cdef size_t nblock = (nt * S + 2 * S * net.half + 16) // 16 * 16  # whole 64-byte lines
-    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
-    if block == NULL:
-        raise MemoryError()
-    net.scores = block
-    net.rope_cos = block + nt * S
-    net.rope_sin = net.rope_cos + S * net.half
-    net.team = &team
-    net.ntask = nt
-    net.solo = False
-    net.batch = False
     job.net = &net
     job.out = &out[0] if Nn > 0 else NULL
     job.tokens = &tokens[0]
@@ -646,31 +652,14 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     cdef Net net
     cdef Batch job
     cdef Batch* jp = &job
-    team.next = 0
-    team.limit = 0
-    team.done = 0
-    team.quit = 0
-    net.params = &params[0]
-    net.table = &table[0, 0]
-    net.eps = &eps[0]
-    net.inv_freq = &inv_freq[0] if inv_freq.shape[0] > 0 else NULL
-    net.R, net.S, net.C, net.half, net.n_head, net.L = R, S, C, inv_freq.shape[0], n_head, L
-    net.scratch = &scratch[0]
+    cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
+                                   &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
+                                   &scratch[0], R, S, C, n_head, nt, rows_cap)
+    net.L = L
     net.kall = &kcache[0, 0, 0, 0]
     net.vall = &vcache[0, 0, 0, 0]
     net.kcache = net.kall
     net.vcache = net.vall
-    cdef size_t nblock = (nt * S + 2 * rows_cap * net.half + 16) // 16 * 16
-    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
-    if block == NULL:
-        raise MemoryError()
-    net.scores = block
-    net.rope_cos = block + nt * S
-    net.rope_sin = net.rope_cos + rows_cap * net.half
-    net.team = &team
-    net.ntask = nt
-    net.solo = False
-    net.batch = False
     job.net = &net
     job.out = &out[0, 0] if Nn > 0 else NULL
     job.tokens = &tokens[0, 0]
