@@ -19,7 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from fastchar.config import POSITIONS, ModelConfig, TrainConfig
+from fastchar import recipes
+from fastchar.config import NO_STEP_LIMIT, POSITIONS, ModelConfig, TrainConfig
 from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
 
@@ -52,7 +53,8 @@ TRAIN_HELP = {
     "batch": f"sequences per micro-batch B (default {DEFAULT_TRAIN.batch})",
     "grad_accum": "micro-batches K per optimizer step: the step's loss and gradient are the mean over K*B "
     f"sequences (times the ranks under mpiexec) (default {DEFAULT_TRAIN.grad_accum})",
-    "steps": f"optimizer steps; the cosine schedule ends at the last (default {DEFAULT_TRAIN.steps})",
+    "steps": f"optimizer steps; the cosine schedule ends at the last (default {DEFAULT_TRAIN.steps}; with "
+    "--time-budget, only a cap, and none unless given)",
     "lr": f"peak learning rate after warm-up (default {DEFAULT_TRAIN.lr:g})",
     "min_lr": f"learning rate at the last step (default {DEFAULT_TRAIN.min_lr:g})",
     "warmup": f"linear warm-up steps (default {DEFAULT_TRAIN.warmup})",
@@ -64,7 +66,8 @@ TRAIN_HELP = {
     "eval_batches": f"batches per split at each evaluation (default {DEFAULT_TRAIN.eval_batches})",
     "seed": f"seed for weights, batches and dropout (default {DEFAULT_TRAIN.seed})",
     "out": f"run folder for checkpoints and metrics.jsonl (default {DEFAULT_TRAIN.out})",
-    "time_budget": "stop after this many seconds, stretching the schedule over them (default: off)",
+    "time_budget": "stop after this many wall-clock seconds, evaluation included, stretching the schedule over "
+    "them; the default step count does not apply (default: off)",
     "log_every": f"steps between log lines (default {DEFAULT_TRAIN.log_every})",
 }
 
@@ -134,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --data, Tiny Shakespeare is read from $FASTCHAR_DATA_DIR or data/, or downloaded once.",
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
+    train.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="a measured setting for a time budget: one-minute or ten-minutes (flags given beside it override "
+        "its values); `--recipe list` prints each as flags",
+    )
     train.add_argument(
         "--resume",
         metavar="DIR",
@@ -379,6 +388,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.train import Trainer, check_writable
 
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
+    if args.recipe == "list":
+        print(recipes.listing())
+        return 0
+    if args.recipe:
+        if args.resume:
+            raise ConfigError("--recipe starts a new run; a resume continues with the run's own settings",
+                              hint="drop --recipe when resuming")  # fmt: skip
+        recipe = recipes.get(args.recipe)
+        model_args, train_args = {**recipe.model, **model_args}, {**recipe.train, **train_args}
+        args.precision = args.precision or recipe.precision
+    if train_args.get("time_budget") and "steps" not in train_args and not args.resume:
+        train_args["steps"] = NO_STEP_LIMIT  # the budget ends the run, not the default step count
     if args.until is not None and args.until < 1:
         raise ConfigError(f"--until must be a positive step, got {args.until}", hint="pass --until N with N >= 1")
     if args.sample_chars < 0:

@@ -76,7 +76,9 @@ class TrainConfig:
     eval_batches: int = 20  # batches averaged per split at each evaluation
     seed: int = 0  # seeds the weights, the batches and dropout
     out: str = "runs/base"  # run folder: checkpoints and metrics.jsonl
-    time_budget: float = 0.0  # seconds; > 0 stops on wall time, stretching the schedule over it
+    # seconds; > 0 stops on wall time (evaluation included), stretching the schedule over it; `steps`
+    # still caps such a run: pass steps=NO_STEP_LIMIT for none (the CLI does when --steps is not given)
+    time_budget: float = 0.0
     log_every: int = 10  # steps between log lines
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class TrainConfig:
 
 
 HINT = "see `fastchar train --help` for every option's range"
+NO_STEP_LIMIT = 10**9  # steps beside a time budget when none are asked for: the budget alone ends the run
 
 
 def _is_real(value: object) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 
 from fastchar import runfolder
 from fastchar.checkpoint import non_finite, save
-from fastchar.config import TrainConfig
+from fastchar.config import NO_STEP_LIMIT, TrainConfig
 from fastchar.data import TextDataset
 from fastchar.distributed import World, facts_of_run, mark_collective, world
 from fastchar.errors import ConfigError, FastcharError, TrainingDiverged
@@ -130,13 +130,15 @@ class Trainer:
         self.losses: list[float] = []
         self._stop_requested = False  # Ctrl-C seen by this process
         self._stop_agreed = False  # Ctrl-C seen by any rank, as of the last step's sum over the ranks
+        self._eval_seconds = 0.0  # the last evaluation and save: a time budget keeps this for the final one
         self.tensorboard, self.curves = tensorboard, curves
         self._tensorboard: TensorBoardLog | None = None
 
     # -- pieces of a step ---------------------------------------------------------------------
 
     def progress_fraction(self, elapsed: float) -> float | None:
-        """Cosine position under a wall-clock budget (None: schedule by steps)."""
+        """Cosine position under a wall-clock budget (None: schedule by steps); elapsed counts the
+        final evaluation's time ahead, so the schedule ends where the training does."""
         if self.cfg.time_budget <= 0:
             return None
         return elapsed / self.cfg.time_budget
@@ -272,7 +274,8 @@ class Trainer:
         self.log(
             f"training {model.num_params():,} parameters with backend {model.backend} "
             f"({model.precision}) | "
-            f"B={cfg.batch}{split} T={model.cfg.ctx} steps={cfg.steps} lr={cfg.lr:g} "
+            f"B={cfg.batch}{split} T={model.cfg.ctx} steps={'no limit' if cfg.steps >= NO_STEP_LIMIT else cfg.steps} "
+            f"lr={cfg.lr:g} "
             f"time_budget={cfg.time_budget:g}s | out {self.out}"
         )
         if self.step:
@@ -293,13 +296,16 @@ class Trainer:
             return self.elapsed_before + time.perf_counter() - start
 
         if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
+            t0 = time.perf_counter()
             losses = self.evaluate()
+            self._eval_seconds = time.perf_counter() - t0
             self._emit(bar, f"eval step {0:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}")
             self._record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()})
         try:
             while self.step < last:
                 dist.context = f"at step {self.step + 1}"
-                now = dist.from_root(elapsed()) if cfg.time_budget > 0 else 0.0  # one clock for all ranks
+                # when a final evaluation started now would end; one clock for all ranks
+                now = dist.from_root(elapsed() + self._eval_seconds) if cfg.time_budget > 0 else 0.0
                 if cfg.time_budget > 0 and now >= cfg.time_budget:
                     break
                 lr = lr_at(self.step, cfg, self.progress_fraction(now))
@@ -357,6 +363,7 @@ class Trainer:
         return summary
 
     def _evaluate_and_save(self, bar: object, elapsed: float) -> dict:
+        t0 = time.perf_counter()
         losses = self.evaluate()
         self.dist.check_in_sync(self.step, self.model.params.flat, self.model.adam_m.flat, self.model.adam_v.flat)
         improved = losses["val"] < self.best_val
@@ -365,9 +372,11 @@ class Trainer:
         self.save("latest", elapsed)
         if improved:
             self.save("best", elapsed)
+        self._eval_seconds = time.perf_counter() - t0
         mark = " (best, saved)" if improved else ""
         self._emit(bar, f"eval step {self.step:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
-        self._record({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed})
+        done = elapsed + self._eval_seconds  # when this loss was known: evaluation counts against the clock
+        self._record({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": done})
         return {"train_loss": losses["train"], "val_loss": losses["val"], "best_val": self.best_val}
 
     def _emit(self, bar: object, line: str) -> None:

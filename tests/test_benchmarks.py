@@ -44,3 +44,39 @@ def test_bench_attention_quick(capsys):
     result = bench_attention.main(["--quick", "--threads", "1"])
     assert result["base"]["avx512 fwd"]["gflops"] > 0 and result["base"]["cython bwd"]["ms"] > 0
     assert "base" in capsys.readouterr().out
+
+
+def test_time_to_loss_runs_a_recipe(capsys, monkeypatch, corpus):
+    from benchmarks import time_to_loss
+
+    monkeypatch.setattr(time_to_loss, "find_corpus", lambda: corpus)
+    torch_args = [] if _have_torch() else ["--no-torch"]
+    record = time_to_loss.main(["--recipe", "one-minute", "--budget", "3", "--eval-every", "5", "--eval-batches", "1",
+                                "--torch-mode", "eager", "--no-record", *torch_args])  # fmt: skip
+    from fastchar.recipes import RECIPES
+
+    for name, value in RECIPES["one-minute"].model.items():  # the recipe's model, in both systems
+        assert record["model"][name] == value, name
+    assert record["train"]["time_budget"] == 3
+    fastchar_curve = record["curves"][f"fastchar {record['precision']}"]
+    assert fastchar_curve[-1]["step"] > 0 and fastchar_curve[-1]["val"] < fastchar_curve[0]["val"]
+    assert fastchar_curve[-1]["seconds"] < 3 + 2
+    if _have_torch():
+        assert record["curves"]["torch eager"][-1]["step"] > 0
+    assert "## Time to validation loss (recipe one-minute, budget 3 s" in capsys.readouterr().out
+
+
+def test_recipe_sweep_runs_a_candidate(capsys):
+    from benchmarks import recipe_sweep
+
+    results = recipe_sweep.main(["--budget", "8", "--only", "recipe:one-minute", "--no-record"])
+    assert len(results) == 1 and results[0]["steps"] > 0 and results[0]["best_val"] < 5
+    assert "| recipe:one-minute |" in capsys.readouterr().out
+
+
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -127,7 +127,7 @@ def test_time_budget_stops_on_wall_clock_and_stretches_the_schedule(corpus, tmp_
     lrs = []
     trainer.log = lambda line: lrs.append(line)
     summary = trainer.train()
-    assert 1.5 <= summary["elapsed"] < 10, summary["elapsed"]
+    assert 1.2 <= summary["elapsed"] < 10, summary["elapsed"]  # the final evaluation fits inside the budget
     assert 10 < trainer.step < 10**6
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "lr" in r]

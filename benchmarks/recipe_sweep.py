@@ -1,0 +1,141 @@
+"""Find a recipe by measurement: train candidate settings for the same wall-clock budget, one after
+another on the whole machine, and rank them by the best validation loss reached within it.
+
+    python -m benchmarks.recipe_sweep --budget 60                     # the one-minute candidates
+    python -m benchmarks.recipe_sweep --budget 600 --only base-b64-d01 rope-c160
+    python -m benchmarks.recipe_sweep --list
+
+Each candidate runs in its own process through fastchar's Trainer (so evaluation counts against the
+budget exactly as in `fastchar train --recipe ...`). Appends one JSON line per candidate to
+benchmarks/results/recipe_sweep.jsonl: its settings, best val, the time it was reached, and the curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import append_record, isolated, machine, table
+from fastchar import Model, ModelConfig, TextDataset, TrainConfig, Trainer
+from fastchar.config import NO_STEP_LIMIT
+from fastchar.data import find_corpus
+from fastchar.recipes import RECIPES
+from fastchar.threads import set_threads
+
+BASE = {"d_model": 128, "n_layer": 4, "n_head": 8, "ctx": 64, "position": "learned", "dropout": 0.0}
+ROPE = {"position": "rope"}
+C96 = {"d_model": 96, "n_head": 6}
+
+
+def lr(batch: int, rate: float, warmup: int = 50) -> dict:
+    return {"batch": batch, "lr": rate, "warmup": warmup}
+
+
+# name: (model fields over BASE, train fields), per budget. The recipes themselves are candidates too.
+CANDIDATES = {
+    60: {
+        # round 1: SPEC's shape, batch and learning rate; rotary positions; smaller shapes
+        "b16-lr2e-3": ({}, lr(16, 2e-3)),
+        "b32-lr2e-3": ({}, lr(32, 2e-3)),
+        "b32-lr3e-3": ({}, lr(32, 3e-3)),
+        "b64-lr3e-3": ({}, lr(64, 3e-3, 30)),
+        "b32-lr3e-3-rope": (ROPE, lr(32, 3e-3)),
+        "b64-t32-lr3e-3": ({"ctx": 32}, lr(64, 3e-3)),
+        "c96-l4-lr3e-3": (C96, lr(32, 3e-3)),
+        # round 2: rotary positions won round 1 by 0.12
+        "rope-b16-lr2e-3": (ROPE, lr(16, 2e-3)),
+        "rope-b16-lr3e-3": (ROPE, lr(16, 3e-3)),
+        "rope-b16-lr4e-3": (ROPE, lr(16, 4e-3)),
+        "rope-b8-lr2e-3": (ROPE, lr(8, 2e-3)),
+        "rope-b16-lr3e-3-l3": ({**ROPE, "n_layer": 3}, lr(16, 3e-3)),
+        "rope-c96-b16-lr3e-3": ({**ROPE, **C96}, lr(16, 3e-3)),
+        # round 3: batch 8 won round 2
+        "rope-b8-lr3e-3": (ROPE, lr(8, 3e-3)),
+        "rope-b8-lr1.5e-3": (ROPE, lr(8, 1.5e-3)),
+        "rope-b12-lr2e-3": (ROPE, lr(12, 2e-3)),
+        "rope-b8-lr2e-3-w20": (ROPE, lr(8, 2e-3, 20)),
+        "rope-c96-b8-lr2e-3": ({**ROPE, **C96}, lr(8, 2e-3)),
+    },
+    600: {
+        "base-b64-d01": ({"dropout": 0.1}, lr(64, 1e-3, 100)),
+        "rope-b64-d01-lr2e-3": ({**ROPE, "dropout": 0.1}, lr(64, 2e-3, 100)),
+        "rope-b32-d01-lr2e-3": ({**ROPE, "dropout": 0.1}, lr(32, 2e-3, 100)),
+        "rope-b32-d0-lr2e-3": (ROPE, lr(32, 2e-3, 100)),
+        "rope-b16-d0-lr2e-3": (ROPE, lr(16, 2e-3, 100)),
+        "rope-c160-b32-d01": ({**ROPE, "d_model": 160, "dropout": 0.1}, lr(32, 1.5e-3, 100)),
+    },
+}
+EVAL = {60: {"eval_every": 100, "eval_batches": 10}, 600: {"eval_every": 250, "eval_batches": 20}}
+
+
+def candidates(budget: float) -> dict[str, tuple[dict, dict, str]]:
+    """name -> (model fields, train fields, precision) for this budget, recipes included."""
+    key = min(CANDIDATES, key=lambda b: abs(b - budget))
+    out = {}
+    for r in RECIPES.values():
+        if r.train.get("time_budget") == key:
+            out[f"recipe:{r.name}"] = (dict(r.model), dict(r.train), r.precision)
+    for name, (model, train) in CANDIDATES[key].items():
+        out[name] = ({**BASE, **model}, {**EVAL[key], **train, "min_lr": 1e-4}, "fp32")
+    return out
+
+
+def run(name: str, model: dict, train: dict, precision: str, budget: float, threads: int, out: str) -> dict:
+    set_threads(threads)
+    data = TextDataset(find_corpus())
+    mcfg = ModelConfig(vocab_size=data.vocab_size, mlp_hidden=4 * model["d_model"], **model)
+    tcfg = TrainConfig(**{**train, "steps": NO_STEP_LIMIT, "time_budget": budget, "out": out, "log_every": 10**9})
+    trainer = Trainer(Model(mcfg, backend="auto", seed=tcfg.seed, precision=precision), data, tcfg,
+                      log=lambda line: None, progress=False, overwrite=True)  # fmt: skip
+    trainer.train()
+    curve = []
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "val_loss" in rec:
+            curve.append({"step": rec["step"], "seconds": rec["elapsed"], "val": rec["val_loss"]})
+    best = min(curve, key=lambda p: p["val"])
+    return {"name": name, "model": mcfg.to_dict(), "train": tcfg.to_dict(), "precision": precision,
+            "best_val": best["val"], "best_at_s": best["seconds"], "steps": curve[-1]["step"],
+            "curve": curve}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=60.0, help="seconds per candidate (default 60)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these candidates")
+    p.add_argument("--list", action="store_true", help="print the candidates for --budget and exit")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args(argv)
+    todo = candidates(args.budget)
+    if args.list:
+        for name, (model, train, precision) in todo.items():
+            print(f"{name}: model {model} train {train} {precision}")
+        return []
+    if args.only:
+        unknown = sorted(set(args.only) - set(todo))
+        if unknown:
+            raise SystemExit(f"unknown candidates {unknown}; --list shows them")
+        todo = {k: v for k, v in todo.items() if k in args.only}
+    print(f"machine: {machine(args.threads)}")
+    results = []
+    for name, (model, train, precision) in todo.items():
+        with tempfile.TemporaryDirectory(prefix="fastchar-sweep-") as out:
+            rec = isolated(run, name, model, train, precision, args.budget, args.threads, out)
+        rec["machine"] = machine(args.threads)
+        rec["budget"] = args.budget
+        results.append(rec)
+        print(f"{name}: best val {rec['best_val']:.4f} at {rec['best_at_s']:.0f} s, {rec['steps']} steps", flush=True)
+        if not args.no_record:
+            append_record("recipe_sweep", rec)
+    rows = [[r["name"], r["steps"], f"{r['best_val']:.4f}", f"{r['best_at_s']:.0f} s"]
+            for r in sorted(results, key=lambda r: r["best_val"])]  # fmt: skip
+    print(f"\n## Best validation loss within {args.budget:.0f} s ({args.threads} threads)\n")
+    print(table(["candidate", "steps", "best val", "at"], rows))
+    return results
+
+
+if __name__ == "__main__":
+    main()
