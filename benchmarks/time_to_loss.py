@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         mode = args.torch_mode
         if mode == "auto":  # the PyTorch user's best setting here, by a few timed steps of each
             for m in TORCH_MODES:
-                torch_speeds[m] = isolated(torch_speed, data, mcfg, tcfg, args.threads, m)
+                try:
+                    torch_speeds[m] = isolated(torch_speed, data, mcfg, tcfg, args.threads, m)
+                except Exception as exc:  # torch.compile needs a working C++ toolchain
+                    print(f"torch {m}: failed ({type(exc).__name__}: {exc}); not a candidate", flush=True)
+                    continue
                 print(f"torch {m}: {torch_speeds[m]:,.0f} tok/s", flush=True)
             mode = max(torch_speeds, key=torch_speeds.get)
         curves[f"torch {mode}"] = isolated(run_torch, data, mcfg, tcfg, args.threads, mode)
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "curves": curves,
     }
     if args.plot:
-        title = (f"Tiny Shakespeare, {what}: C={mcfg.d_model} L={mcfg.n_layer} T={mcfg.ctx} {mcfg.position}, "
+        title = (f"Tiny Shakespeare, {what}\nC={mcfg.d_model} L={mcfg.n_layer} T={mcfg.ctx} {mcfg.position}, "
                  f"B={tcfg.batch}, dropout {mcfg.dropout:g}")  # fmt: skip
         if plot(curves, Path(args.plot), title):
             print(f"plot: {args.plot}")

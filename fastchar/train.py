@@ -42,6 +42,7 @@ from fastchar.optim import AdamW, lr_at
 from fastchar.plot import write_run_curves
 from fastchar.tensorboard_log import TensorBoardLog, require_tensorboardx
 
+EVAL_MARGIN = 1.2  # a time budget keeps 1.2 x the longest evaluation (and save) so far for the final one
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
 
 
@@ -130,7 +131,7 @@ class Trainer:
         self.losses: list[float] = []
         self._stop_requested = False  # Ctrl-C seen by this process
         self._stop_agreed = False  # Ctrl-C seen by any rank, as of the last step's sum over the ranks
-        self._eval_seconds = 0.0  # the last evaluation and save: a time budget keeps this for the final one
+        self._eval_seconds = 0.0  # what a time budget keeps for the final evaluation and save
         self.tensorboard, self.curves = tensorboard, curves
         self._tensorboard: TensorBoardLog | None = None
 
@@ -298,7 +299,7 @@ class Trainer:
         if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
             t0 = time.perf_counter()
             losses = self.evaluate()
-            self._eval_seconds = time.perf_counter() - t0
+            self._eval_seconds = EVAL_MARGIN * (time.perf_counter() - t0)
             self._emit(bar, f"eval step {0:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}")
             self._record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()})
         try:
@@ -372,10 +373,10 @@ class Trainer:
         self.save("latest", elapsed)
         if improved:
             self.save("best", elapsed)
-        self._eval_seconds = time.perf_counter() - t0
+        self._eval_seconds = max(self._eval_seconds, EVAL_MARGIN * (time.perf_counter() - t0))
         mark = " (best, saved)" if improved else ""
         self._emit(bar, f"eval step {self.step:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
-        done = elapsed + self._eval_seconds  # when this loss was known: evaluation counts against the clock
+        done = elapsed + time.perf_counter() - t0  # when this loss was known: evaluation counts against the clock
         self._record({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": done})
         return {"train_loss": losses["train"], "val_loss": losses["val"], "best_val": self.best_val}
 

@@ -80,3 +80,18 @@ def _have_torch() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_recipe_sweep_evaluates_a_checkpoint_on_the_fixed_sample(capsys, monkeypatch, corpus, tmp_path):
+    from benchmarks import recipe_sweep
+    from fastchar.cli import main as cli
+
+    assert cli(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "30", "--d-model", "32",
+                "--n-layer", "1", "--n-head", "4", "--ctx", "16", "--batch", "4", "--eval-batches", "2",
+                "--sample-chars", "0", "--backend", "numpy"]) == 0  # fmt: skip
+    monkeypatch.setattr(recipe_sweep, "find_corpus", lambda: corpus)
+    capsys.readouterr()
+    recipe_sweep.main(["--evaluate", str(tmp_path / "r" / "best")])
+    line = capsys.readouterr().out.strip()
+    value = float(line.split(": ")[1].split()[0])
+    assert 0 < value < 4.2 and "on the fixed val sample (50 x 64 sequences of 16, seed 12345)" in line, line

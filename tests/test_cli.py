@@ -34,7 +34,7 @@ def test_help(command):
     result = subprocess.run([sys.executable, "-m", "fastchar", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: fastchar " + command in result.stdout
     if command == "train":
-        for flag in ["--data", "--out", "--resume", "--batch", "--steps", "--lr", "--min-lr", "--warmup",
+        for flag in ["--recipe", "--data", "--out", "--resume", "--batch", "--steps", "--lr", "--min-lr", "--warmup",
                      "--weight-decay", "--betas", "--eps", "--grad-clip", "--eval-every", "--eval-batches",
                      "--seed", "--time-budget", "--d-model", "--n-layer", "--n-head", "--ctx",
                      "--mlp-hidden", "--vocab-size", "--dropout", "--backend", "--threads"]:  # fmt: skip
