@@ -14,13 +14,13 @@ benchmarks/results/recipe_sweep.jsonl: its settings, best val, the time it was r
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import append_record, isolated, machine, table
+from benchmarks.time_to_loss import val_curve
 from fastchar import Model, ModelConfig, TextDataset, TrainConfig, Trainer, load
 from fastchar.config import NO_STEP_LIMIT
 from fastchar.data import find_corpus
@@ -110,11 +110,7 @@ def run(name: str, model: dict, train: dict, precision: str, budget: float, thre
     trainer = Trainer(Model(mcfg, backend="auto", seed=tcfg.seed, precision=precision), data, tcfg,
                       log=lambda line: None, progress=False, overwrite=True)  # fmt: skip
     trainer.train()
-    curve = []
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "val_loss" in rec:
-            curve.append({"step": rec["step"], "seconds": rec["elapsed"], "val": rec["val_loss"]})
+    curve = val_curve(Path(out))
     best = min(curve, key=lambda p: p["val"])
     # The run's own evaluations use `eval_batches` batches of the candidate's batch size: a different,
     # and for small batches a small, sample of the val split per candidate. Rank on one fixed sample.

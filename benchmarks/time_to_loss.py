@@ -49,8 +49,13 @@ def run_fastchar(data: TextDataset, mcfg: ModelConfig, tcfg: TrainConfig, backen
     model = Model(mcfg, backend=backend, seed=tcfg.seed, precision=precision)
     trainer = Trainer(model, data, tcfg, log=lambda line: None, progress=False, overwrite=True)  # its own metrics only
     trainer.train()
+    return val_curve(Path(tcfg.out))
+
+
+def val_curve(out: Path) -> list[dict]:
+    """A run folder's evaluations from its metrics.jsonl: step, seconds, val and train loss."""
     curve = []
-    for line in (Path(tcfg.out) / "metrics.jsonl").read_text().splitlines():
+    for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "val_loss" in rec:
             curve.append(
