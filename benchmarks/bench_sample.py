@@ -8,6 +8,7 @@ every stream's new characters. Weights: a checkpoint (--checkpoint; a trained mo
 distributions are what top-p sees in use) or the untrained base model.
 
     python -m benchmarks.bench_sample [--checkpoint runs/base/best] [--backend cython] [--threads 1]
+                                      [--precision fp32 bf16]
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from fastchar.tokenizer import CharTokenizer
 PROMPT = "ROMEO:"
 
 
-def _model(checkpoint: str | None, backend: str) -> tuple[Model, CharTokenizer]:
+def _model(checkpoint: str | None, backend: str, precision: str = "fp32") -> tuple[Model, CharTokenizer]:
     if checkpoint:
-        model = load(checkpoint, backend=backend)
+        model = load(checkpoint, backend=backend, precision=precision)
         return model, model.tokenizer
     tok = CharTokenizer("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-    return Model(ModelConfig(vocab_size=tok.vocab_size), backend=backend, seed=0), tok
+    return Model(ModelConfig(vocab_size=tok.vocab_size), backend=backend, seed=0, precision=precision), tok
 
 
 def time_fastchar(model: Model, tok: CharTokenizer, streams: int, n: int, top_p: float | None, repeats: int) -> float:
@@ -61,23 +62,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chars", type=int, default=20000, help="characters per stream for one stream (default 20000)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                   help="fastchar's decode products, one table each (bf16 needs AVX512_BF16)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny run (tests)")
     args = p.parse_args(argv)
     if args.quick:
         args.chars, args.repeats = 200, 1
     set_threads(args.threads)
-    model, tok = _model(args.checkpoint, args.backend)
     res: dict = {"backend": args.backend, "threads": args.threads, "checkpoint": args.checkpoint, "chars/s": {}}
     rows = [("one stream, 500 chars from ROMEO: (Python API)", 0, 500)]
     rows += [("one stream", 0, args.chars)]
     rows += [(f"N = {n} streams, aggregate", n, max(args.chars // n, 200)) for n in (1, 8, 64)]
-    print(f"# Sampling, {args.backend}, {args.threads} thread(s), fp32; chars/s\n")
-    print(f"| {'run':48} | {'temperature 0.8':>16} | {'top-p 0.9':>12} |")
-    for name, streams, n in rows:
-        a = time_fastchar(model, tok, streams, n, None, args.repeats)
-        b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
-        res["chars/s"][name] = {"temperature": a, "top_p_0.9": b}
-        print(f"| {name:48} | {a:16,.0f} | {b:12,.0f} |")
+    print(f"# Sampling, {args.backend}, {args.threads} thread(s); chars/s\n")
+    print(f"| {'run':48} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>12} |")
+    for precision in args.precision:
+        model, tok = _model(args.checkpoint, args.backend, precision)
+        for name, streams, n in rows:
+            a = time_fastchar(model, tok, streams, n, None, args.repeats)
+            b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
+            res["chars/s"][name if precision == "fp32" else f"{name}, bf16"] = {"temperature": a, "top_p_0.9": b}
+            print(f"| {name:48} | {precision:9} | {a:16,.0f} | {b:12,.0f} |")
     if not args.no_torch:
         tokens = [int(t) for t in tok.encode(PROMPT)]
         for batch in (1, 64):
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             cps = isolated(time_torch, model.cfg, tokens, batch, n, args.repeats, args.threads)
             name = f"PyTorch eager + KV cache, batch {batch}"
             res["chars/s"][name] = {"temperature": cps}
-            print(f"| {name:48} | {cps:16,.0f} | {'':>12} |")
+            print(f"| {name:48} | fp32      | {cps:16,.0f} | {'':>12} |")
     res["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     print("\n" + json.dumps(res))
     return res

@@ -31,15 +31,17 @@ Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
 from cython.parallel cimport parallel
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free
 
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_claim, fc_finish, fc_idle, fc_matmul, fc_max_threads, fc_now,
-                 fc_publish, fc_quitting, fc_rmsnorm, fc_rope_heads, fc_rope_tables, fc_sample,
-                 fc_set_quit, fc_team, fc_thread_num, fc_token_probs, fc_wait_done)
+from fc cimport (fc_attention, fc_claim, fc_finish, fc_idle, fc_matmul, fc_matmul_packed,
+                 fc_matmul_packed_bf16, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
+                 fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
+                 fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
+                 fc_token_probs, fc_wait_done)
 
 from fastchar import graph as _graph
 
@@ -82,6 +84,11 @@ cdef struct Net:
     float* rope_cos  # (S, HS/2) rows of the positions being encoded
     float* rope_sin
     fc_team* team
+    const float* packed  # the products' weights packed by pack_weights, or NULL: fc_matmul on params
+    const int64_t* poff  # (R,) each table row's weights in packed
+    bint bf16  # packed holds bf16 pairs (fc_matmul_packed_bf16)
+    uint32_t* xw  # (ntask, xw_stride): each task's input rows as bf16 pairs
+    Py_ssize_t xw_stride
     Py_ssize_t ntask
     bint solo  # the main thread runs every task itself, publishing none (see _stage)
     # the stage
@@ -91,6 +98,7 @@ cdef struct Net:
     const float* xin
     const float* x2
     const float* w
+    const float* wp  # the stage's packed weights (when net.packed)
     float* qkv
     Py_ssize_t M, Kd, Nd, n0
     float* kc
@@ -118,6 +126,17 @@ cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcep
     return j if j < n else n
 
 
+cdef inline void _product(Net* net, Py_ssize_t i, float* y, const float* x, const float* w, const float* wp,
+                          Py_ssize_t M, Py_ssize_t Kd, Py_ssize_t Nd, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """y[:M, j0:j1] = x[:M] @ W[:, j0:j1] for task i (W (Kd, Nd): w in params, or wp packed)."""
+    if net.bf16:
+        fc_matmul_packed_bf16(y, x, <const uint32_t*>wp, M, Kd, Nd, Nd, j0, j1, net.xw + i * net.xw_stride)
+    elif net.packed != NULL:
+        fc_matmul_packed(y, x, wp, M, Kd, Nd, Nd, j0, j1)
+    else:
+        fc_matmul(y + j0, x, w + j0, M, Kd, j1 - j0, Nd, Nd)
+
+
 cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     """Task i of the published stage: a column slice of its matrix product (and the post-op on that
     slice), or a range of attention heads: their columns of q, k and v (so no other task's output is
@@ -136,7 +155,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
         j0 = h0 * (C // net.n_head)
         j1 = h1 * (C // net.n_head)
         for part in range(3):
-            fc_matmul(net.qkv + part * C + j0, net.xin, net.w + part * C + j0, M, C, j1 - j0, 3 * C, 3 * C)
+            _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
         if net.post == POST_ROPE:
             fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
         if net.batch:
@@ -161,7 +180,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     j1 = _split(Nd, i + 1, net.ntask)
     if j1 <= j0:
         return
-    fc_matmul(y + j0, net.xin, net.w + j0, M, net.Kd, j1 - j0, Nd, Nd)
+    _product(net, i, y, net.xin, net.w, net.wp, M, net.Kd, Nd, j0, j1)
     if net.post == POST_RESIDUAL:
         for m in range(M):
             for j in range(m * Nd + j0, m * Nd + j1):
@@ -251,16 +270,19 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
         elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and not net.batch:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
-            fc_matmul(out, xin, net.params + row[W], 1, Kd, Nd, Nd, Nd)
+            _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r] if net.packed != NULL else NULL,
+                     1, Kd, Nd, 0, Nd)  # task 0's scratch: no stage is running
         elif row[OPC] == OP_MATMUL:
             net.kind = STAGE_MATMUL
             net.y, net.xin, net.w, net.M, net.Kd, net.Nd, net.post = out, xin, net.params + row[W], Mr, Kd, Nd, row[POST]
             net.x2 = scratch + row[IN2] if row[IN2] >= 0 else NULL
+            net.wp = net.packed + net.poff[r] if net.packed != NULL else NULL
             _stage(net)
         elif row[OPC] == OP_ATTENTION:
             net.kind = STAGE_ATTENTION
             net.y, net.xin, net.w, net.M, net.post = out, xin, net.params + row[W], Mr, row[POST]
             net.qkv = scratch + row[IN2]
+            net.wp = net.packed + net.poff[r] if net.packed != NULL else NULL
             net.layer = row[LAYER]
             net.kc = net.kcache + row[LAYER] * S * C
             net.vc = net.vcache + row[LAYER] * S * C
@@ -395,13 +417,89 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     return block
 
 
+cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py_ssize_t ntask, Py_ssize_t rows):
+    """Point net at pack_weights' (packed, offsets, precision) if given and not empty, else at none;
+    for bf16, also at each task's scratch for its input rows (returned: keep it for the call)."""
+    import numpy as np
+
+    cdef const float[::1] pk
+    cdef const int64_t[::1] po
+    cdef uint32_t[::1] xw
+    cdef Py_ssize_t R = table.shape[0], r, kmax = 1
+    net.packed = NULL
+    net.poff = NULL
+    net.bf16 = False
+    net.xw = NULL
+    net.xw_stride = 0
+    if packed is None:
+        return None
+    pk, po, precision = packed
+    if pk.shape[0] == 0:
+        return None
+    if po.shape[0] != R or precision not in ("fp32", "bf16"):
+        raise ValueError("packed weights: pack_weights(params, table, precision) of this table")
+    net.packed = &pk[0]
+    net.poff = &po[0]
+    if precision == "fp32":
+        return None
+    for r in range(R):
+        kmax = max(kmax, table[r, K])
+    net.bf16 = True
+    net.xw_stride = (rows * ((kmax + 1) // 2) + 15) // 16 * 16
+    words = np.zeros(ntask * net.xw_stride, np.uint32)
+    xw = words
+    net.xw = &xw[0]
+    return words
+
+
+def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32") -> tuple:
+    """The decode table's matrix products' weights packed for the AVX-512 products: (packed (n,)
+    float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
+    without a product, precision), or empty arrays when this CPU cannot (no AVX-512F, or no
+    AVX512_BF16 for "bf16", or FASTCHAR_DISABLE_AVX512 set): the loops then read params in fp32.
+    Pack once per generation and pass as `packed` to generate_tokens / generate_batch; the weights
+    are read as they are now."""
+    import numpy as np
+
+    cdef Py_ssize_t R = table.shape[0], r, total = 0, Kd, Nd
+    cdef bint bf16 = precision == "bf16"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if not (fc_packed_bf16_ok() if bf16 else fc_packed_ok()):
+        return np.zeros(0, np.float32), np.zeros(0, np.int64), precision
+    offsets = np.full(R, -1, np.int64)
+    for r in range(R):
+        if table[r, OPC] == OP_MATMUL or table[r, OPC] == OP_ATTENTION:
+            Kd = table[r, K]
+            Nd = 3 * table[r, N] if table[r, OPC] == OP_ATTENTION else table[r, N]
+            if table[r, W] < 0 or table[r, W] + Kd * Nd > params.shape[0]:
+                raise ValueError(f"decode table row {r} points outside params")
+            offsets[r] = total
+            total += fc_packed_size_bf16(Kd, Nd) if bf16 else fc_packed_size(Kd, Nd)
+    packed = np.zeros(total + 16, np.float32)  # + 16: the aligned start below
+    cdef float[::1] pk = packed
+    cdef Py_ssize_t shift = (-(<size_t>&pk[0] // 4)) % 16  # 64-byte lines: one panel row per line
+    packed = packed[shift : shift + total]
+    pk = packed
+    cdef int64_t[::1] po = offsets
+    for r in range(R):
+        if po[r] >= 0:
+            Kd = table[r, K]
+            Nd = 3 * table[r, N] if table[r, OPC] == OP_ATTENTION else table[r, N]
+            if bf16:
+                fc_pack16_bf16(<uint32_t*>&pk[po[r]], &params[table[r, W]], Kd, Nd, Nd)
+            else:
+                fc_pack16(&pk[po[r]], &params[table[r, W]], Kd, Nd, Nd)
+    return packed, offsets, precision
+
+
 def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_t n_feed,
                     const float[::1] params, const int64_t[:, ::1] table, const double[::1] eps,
                     const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
                     float[:, :, ::1] kcache, float[:, :, ::1] vcache, float[::1] scratch, Py_ssize_t logits_at,
                     double[::1] work, int32_t[::1] order, double temperature, Py_ssize_t top_k,
                     double top_p, const double[::1] uniforms, bint advance_last,
-                    float[:, ::1] logits_out) -> None:
+                    float[:, ::1] logits_out, object packed=None) -> None:
     """Sample out.shape[0] tokens, advancing the KV cache after each (after the last only if advance_last).
 
     First feeds tokens[n_cache:n_cache+n_feed] (a prompt; n_feed = 0 on later calls). The logits of
@@ -412,7 +510,8 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
     slides: a full cache slides (rope) instead of being refilled; kcache, vcache (L, C, S) float32,
     time last, S the window; scratch (decode_table's scratch_size,) float32; work (3V,) float64;
     order (V,) int32; uniforms (N,) float64 (unused when temperature is 0); logits_out (N, V)
-    float32 receives each draw's logits, or (0, V) to skip.
+    float32 receives each draw's logits, or (0, V) to skip; packed: pack_weights(params, table), or
+    None to read the products' weights from params (equal up to float rounding).
     Runs on OpenMP's thread count (fastchar.set_threads), at most max(2, C // 32); the result does
     not depend on it.
     """
@@ -443,6 +542,7 @@ def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_
     cdef Net net
     cdef Loop job
     cdef Loop* jp = &job
+    words = _use_packed(&net, packed, table, nt, S)  # noqa: F841 (kept alive for the call)
     cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
                                    &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
                                    &scratch[0], R, S, C, n_head, nt, S)
@@ -600,7 +700,7 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
                    float[:, :, :, ::1] kcache, float[:, :, :, ::1] vcache, float[::1] scratch,
                    Py_ssize_t logits_at, float[:, ::1] logits, double[::1] work, int32_t[::1] order,
                    double temperature, Py_ssize_t top_k, double top_p, const double[:, ::1] uniforms,
-                   bint advance_last, float[:, :, ::1] logits_out) -> None:
+                   bint advance_last, float[:, :, ::1] logits_out, object packed=None) -> None:
     """Sample out.shape[1] tokens for each of B streams, advancing every running stream's cache
     together after each draw (after the last only if advance_last).
 
@@ -611,7 +711,7 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     top_p: as generate_tokens, but the table's scratch slots must hold max(S, B) rows; kcache,
     vcache (B, L, C, S) float32; logits (B, V) float32: each stream's next logits, kept between
     calls; uniforms (B, N) float64, row b from stream b's own generator; logits_out (B, N, V)
-    float32 receives each draw's logits, or (B, 0, V) to skip.
+    float32 receives each draw's logits, or (B, 0, V) to skip; packed: as generate_tokens.
     """
     cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
     cdef Py_ssize_t V = logits.shape[1], R = table.shape[0], Nn = out.shape[1], rows_cap = S if S > B else B
@@ -652,6 +752,7 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     cdef Net net
     cdef Batch job
     cdef Batch* jp = &job
+    words = _use_packed(&net, packed, table, nt, rows_cap)  # noqa: F841 (kept alive for the call)
     cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
                                    &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
                                    &scratch[0], R, S, C, n_head, nt, rows_cap)
@@ -686,3 +787,32 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
             _run_batch(jp)
     free(block)
     _after_call(net.solo, nt, job.t_end)
+
+
+def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w, Py_ssize_t j0, Py_ssize_t j1,
+                  str precision="fp32") -> None:
+    """y[:, j0:j1] = x @ w[:, j0:j1] through the packing and the packed product of the decode loops
+    (for the tests; the other columns of y are left alone). y (M, N), x (M, K), w (K, N) float32.
+    Needs packed_available(precision)."""
+    import numpy as np
+
+    cdef Py_ssize_t M = x.shape[0], Kd = x.shape[1], Nd = w.shape[1]
+    if not packed_available(precision):
+        raise RuntimeError(f"this CPU has no packed {precision} product (or FASTCHAR_DISABLE_AVX512 is set)")
+    if w.shape[0] != Kd or y.shape[0] != M or y.shape[1] != Nd or not 0 <= j0 <= j1 <= Nd or M == 0 or Kd == 0:
+        raise ValueError("need y (M, N), x (M, K), w (K, N), 0 <= j0 <= j1 <= N, M, K > 0")
+    cdef uint32_t[::1] pk
+    cdef uint32_t[::1] xw = np.zeros(M * ((Kd + 1) // 2), np.uint32)
+    if precision == "bf16":
+        pk = np.zeros(fc_packed_size_bf16(Kd, Nd), np.uint32)
+        fc_pack16_bf16(&pk[0], &w[0, 0], Kd, Nd, Nd)
+        fc_matmul_packed_bf16(&y[0, 0], &x[0, 0], &pk[0], M, Kd, Nd, Nd, j0, j1, &xw[0])
+    else:
+        pk = np.zeros(fc_packed_size(Kd, Nd), np.uint32)
+        fc_pack16(<float*>&pk[0], &w[0, 0], Kd, Nd, Nd)
+        fc_matmul_packed(&y[0, 0], &x[0, 0], <float*>&pk[0], M, Kd, Nd, Nd, j0, j1)
+
+
+def packed_available(str precision="fp32") -> bool:
+    """Whether the decode loops use a packed AVX-512 product of this precision here."""
+    return bool(fc_packed_bf16_ok() if precision == "bf16" else fc_packed_ok())

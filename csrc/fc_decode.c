@@ -4,6 +4,7 @@
 #include "fc_decode.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "fc_math.h"
 
@@ -69,6 +70,181 @@ void fc_matmul(float *restrict y, const float *restrict x, const float *restrict
         }
     }
 }
+
+ptrdiff_t fc_packed_size(ptrdiff_t K, ptrdiff_t N) { return (N + 15) / 16 * 16 * K; }
+
+void fc_pack16(float *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw) {
+    ptrdiff_t p, k, l;
+    for (p = 0; p < (N + 15) / 16; p++)
+        for (k = 0; k < K; k++)
+            for (l = 0; l < 16; l++) dst[(p * K + k) * 16 + l] = p * 16 + l < N ? w[k * ldw + p * 16 + l] : 0.0f;
+}
+
+ptrdiff_t fc_packed_size_bf16(ptrdiff_t K, ptrdiff_t N) { return (N + 15) / 16 * 16 * ((K + 1) / 2); }
+
+/* float32 -> bf16 bits, round to nearest even; subnormals to signed zero and NaN stays a quiet NaN,
+   as fastchar.backends.reference.round_bf16 and the AVX512_BF16 instructions. */
+static uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7F800000u) == 0) return (uint16_t)((u & 0x80000000u) >> 16);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)(((uint64_t)u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static uint32_t bf16_pair(const float *v, ptrdiff_t k, ptrdiff_t K, ptrdiff_t stride) {
+    uint32_t lo = bf16_bits(v[k * stride]), hi = k + 1 < K ? bf16_bits(v[(k + 1) * stride]) : 0;
+    return lo | (hi << 16);
+}
+
+void fc_pack16_bf16(uint32_t *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw) {
+    ptrdiff_t p, k, l, K2 = (K + 1) / 2;
+    for (p = 0; p < (N + 15) / 16; p++)
+        for (k = 0; k < K2; k++)
+            for (l = 0; l < 16; l++)
+                dst[(p * K2 + k) * 16 + l] = p * 16 + l < N ? bf16_pair(w + p * 16 + l, 2 * k, K, ldw) : 0u;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+int fc_packed_ok(void) {
+    const char *off = getenv("FASTCHAR_DISABLE_AVX512");
+    __builtin_cpu_init();
+    if (off != NULL && off[0] != '\0' && strcmp(off, "0") != 0) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+}
+
+#define FC_T512 __attribute__((target("avx512f,fma")))
+
+/* MR rows x NP panels of y (masks: each panel's columns to store), one accumulator per (row, panel):
+   acc = fma(x[r, k], w[k, panel], acc) for k = 0..K-1. Constant MR, NP: the compiler unrolls both. */
+FC_T512 static inline __attribute__((always_inline)) void tile(float *y, ptrdiff_t ldy, const float *x, ptrdiff_t K,
+                                                               const float *wp, const __mmask16 *mask, int MR,
+                                                               int NP) {
+    __m512 acc[8][4];
+    ptrdiff_t k;
+    int r, q;
+    for (r = 0; r < MR; r++)
+        for (q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
+    for (k = 0; k < K; k++) {
+        __m512 w[4];
+        for (q = 0; q < NP; q++) w[q] = _mm512_loadu_ps(wp + (q * K + k) * 16);
+        for (r = 0; r < MR; r++) {
+            __m512 a = _mm512_set1_ps(x[r * K + k]);
+            for (q = 0; q < NP; q++) acc[r][q] = _mm512_fmadd_ps(a, w[q], acc[r][q]);
+        }
+    }
+    for (r = 0; r < MR; r++)
+        for (q = 0; q < NP; q++) _mm512_mask_storeu_ps(y + r * ldy + q * 16, mask[q], acc[r][q]);
+}
+
+/* Panels p..p+NP-1 for all M rows: 8 rows at a time (the panels stay in L1 across the row blocks),
+   then 4, then 1. */
+FC_T512 static inline __attribute__((always_inline)) void panels(float *y, const float *x, const float *wp,
+                                                                 ptrdiff_t M, ptrdiff_t K, ptrdiff_t ldy,
+                                                                 const __mmask16 *mask, int NP) {
+    ptrdiff_t m = 0;
+    for (; m + 8 <= M; m += 8) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 8, NP);
+    for (; m + 4 <= M; m += 4) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 4, NP);
+    for (; m < M; m++) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 1, NP);
+}
+
+static inline __mmask16 lanes(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t j1) {
+    ptrdiff_t lo = j0 > p * 16 ? j0 - p * 16 : 0, hi = j1 < p * 16 + 16 ? j1 - p * 16 : 16;
+    return hi <= lo ? 0 : (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+FC_T512 void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                              ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
+    ptrdiff_t p, p1 = (j1 + 15) / 16, q;
+    __mmask16 mask[4];
+    (void)N;
+    /* one row (a single stream): 4 panels in flight hide the FMA latency; more rows: 2 per tile */
+    int np = M < 4 ? 4 : 2;
+    for (p = j0 / 16; p < p1; p += np) {
+        int n = p1 - p < np ? (int)(p1 - p) : np;
+        for (q = 0; q < n; q++) mask[q] = lanes(p + q, j0, j1);
+        float *yp = y + p * 16;
+        const float *w = wp + p * 16 * K;
+        if (n == 4) panels(yp, x, w, M, K, ldy, mask, 4);
+        else if (n == 3) panels(yp, x, w, M, K, ldy, mask, 3);
+        else if (n == 2) panels(yp, x, w, M, K, ldy, mask, 2);
+        else panels(yp, x, w, M, K, ldy, mask, 1);
+    }
+}
+int fc_packed_bf16_ok(void) {
+    const char *off = getenv("FASTCHAR_DISABLE_BF16");
+    if (off != NULL && off[0] != '\0' && strcmp(off, "0") != 0) return 0;
+    return fc_packed_ok() && __builtin_cpu_supports("avx512bf16");
+}
+
+#define FC_TBF16 __attribute__((target("avx512f,avx512bf16,fma")))
+
+/* As tile, with bf16 pairs: acc = vdpbf16ps(acc, xw[r, p], w[p, panel]) for p = 0..K2-1. */
+FC_TBF16 static inline __attribute__((always_inline)) void tile_bf16(float *y, ptrdiff_t ldy, const uint32_t *xw,
+                                                                     ptrdiff_t K2, const uint32_t *wp,
+                                                                     const __mmask16 *mask, int MR, int NP) {
+    __m512 acc[8][4];
+    ptrdiff_t k;
+    int r, q;
+    for (r = 0; r < MR; r++)
+        for (q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
+    for (k = 0; k < K2; k++) {
+        __m512bh w[4];
+        for (q = 0; q < NP; q++) w[q] = (__m512bh)_mm512_loadu_si512(wp + (q * K2 + k) * 16);
+        for (r = 0; r < MR; r++) {
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)xw[r * K2 + k]);
+            for (q = 0; q < NP; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], a, w[q]);
+        }
+    }
+    for (r = 0; r < MR; r++)
+        for (q = 0; q < NP; q++) _mm512_mask_storeu_ps(y + r * ldy + q * 16, mask[q], acc[r][q]);
+}
+
+FC_TBF16 static inline __attribute__((always_inline)) void panels_bf16(float *y, const uint32_t *xw,
+                                                                       const uint32_t *wp, ptrdiff_t M,
+                                                                       ptrdiff_t K2, ptrdiff_t ldy,
+                                                                       const __mmask16 *mask, int NP) {
+    ptrdiff_t m = 0;
+    for (; m + 8 <= M; m += 8) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 8, NP);
+    for (; m + 4 <= M; m += 4) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 4, NP);
+    for (; m < M; m++) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 1, NP);
+}
+
+FC_TBF16 void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K,
+                                    ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
+    ptrdiff_t p, p1 = (j1 + 15) / 16, q, m, k, K2 = (K + 1) / 2;
+    __mmask16 mask[4];
+    (void)N;
+    for (m = 0; m < M; m++)
+        for (k = 0; k < K2; k++) xw[m * K2 + k] = bf16_pair(x + m * K, 2 * k, K, 1);
+    int np = M < 4 ? 4 : 2;
+    for (p = j0 / 16; p < p1; p += np) {
+        int n = p1 - p < np ? (int)(p1 - p) : np;
+        for (q = 0; q < n; q++) mask[q] = lanes(p + q, j0, j1);
+        float *yp = y + p * 16;
+        const uint32_t *w = wp + p * 16 * K2;
+        if (n == 4) panels_bf16(yp, xw, w, M, K2, ldy, mask, 4);
+        else if (n == 3) panels_bf16(yp, xw, w, M, K2, ldy, mask, 3);
+        else if (n == 2) panels_bf16(yp, xw, w, M, K2, ldy, mask, 2);
+        else panels_bf16(yp, xw, w, M, K2, ldy, mask, 1);
+    }
+}
+#else
+int fc_packed_ok(void) { return 0; }
+int fc_packed_bf16_ok(void) { return 0; }
+void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                           ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
+    (void)y, (void)x, (void)wp, (void)M, (void)K, (void)N, (void)ldy, (void)j0, (void)j1, (void)xw;
+}
+void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                      ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
+    (void)y, (void)x, (void)wp, (void)M, (void)K, (void)N, (void)ldy, (void)j0, (void)j1;
+}
+#endif
 
 /* out[m] = softmax(q[m] K^T / sqrt(HS)) V over the first n = min(n0 + m + 1, S) cache rows, for
    heads h0..h1-1 (keys already cached; out's other columns are left alone). A full cache (a ring,

@@ -76,6 +76,27 @@ static inline void fc_idle(long *spins) {
 static inline void fc_set_quit(fc_team *t) { __atomic_store_n(&t->quit, 1, __ATOMIC_RELEASE); }
 static inline int fc_quitting(fc_team *t) { return __atomic_load_n(&t->quit, __ATOMIC_ACQUIRE); }
 
+/* Weights packed for the AVX-512 product: a (K, N) matrix as ceil(N/16) panels of 16 columns, each
+   panel [K][16] floats, zero-padded past column N. fc_packed_size is the floats it takes. */
+ptrdiff_t fc_packed_size(ptrdiff_t K, ptrdiff_t N);
+void fc_pack16(float *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw);
+/* 1 if this CPU runs fc_matmul_packed (AVX-512F and FMA) and FASTCHAR_DISABLE_AVX512 is unset. */
+int fc_packed_ok(void);
+/* y[:M, j0:j1] = x[:M] @ w[:, j0:j1] with w packed by fc_pack16 (N its column count); y row stride
+   ldy, x (M, K) rows contiguous. Every output element is one fused multiply-add chain over k = 0..K-1
+   from zero, whatever M, the row's place in the batch and the column range: the result does not
+   depend on how rows are batched or columns split. */
+void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                      ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1);
+/* The same in bf16 (AVX512_BF16): w packed by fc_pack16_bf16 as ceil(N/16) panels of [ceil(K/2)][16]
+   words, a word the bf16 pair (w[2p, j], w[2p+1, j]) rounded to nearest even (low half first); x's
+   rows are rounded the same way into xw (M, ceil(K/2)) words first. Each output element is one
+   vdpbf16ps chain over the pairs from zero: again independent of the batch and the split. */
+ptrdiff_t fc_packed_size_bf16(ptrdiff_t K, ptrdiff_t N);
+void fc_pack16_bf16(uint32_t *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw);
+int fc_packed_bf16_ok(void);
+void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                           ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw);
 void fc_matmul(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
                ptrdiff_t ldw);
 void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,

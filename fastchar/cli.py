@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ctx", type=_number(int), default=None, help="context window, at most the model's (default: the model's)"
     )
     _add_runtime_flags(sample)
-    _add_precision_flag(sample, PRECISION_HELP + "; sampling itself decodes in fp32")
+    _add_precision_flag(sample, PRECISION_HELP + "; bf16 also decodes with bf16 products (weights packed to bf16)")
     sample.set_defaults(func=cmd_sample)
 
     info = sub.add_parser(

@@ -41,7 +41,16 @@ import numpy as np
 
 from fastchar.arena import Arena
 from fastchar.errors import ConfigError, InputError
-from fastchar.graph import TOKENS, Views, act_specs, decode_table, forward_args, forward_ops, rope_tables
+from fastchar.graph import (
+    TOKENS,
+    DecodeTable,
+    Views,
+    act_specs,
+    decode_table,
+    forward_args,
+    forward_ops,
+    rope_tables,
+)
 from fastchar.model import Model
 from fastchar.tokenizer import CharTokenizer
 
@@ -241,6 +250,14 @@ def python_tokens(
             logits = cache.advance(token)
 
 
+def packed_weights(model: Model, plan: DecodeTable) -> dict:
+    """Keyword arguments for the compiled loop: the products' weights packed once for this generation
+    in the model's precision (the backend's pack_decode_weights), or none. A stream samples from the
+    weights as they were when it started."""
+    pack = getattr(model.kernels, "pack_decode_weights", None)
+    return {} if pack is None else {"packed": pack(model.params.flat, plan.table, model.precision)}
+
+
 def batch_loop(model: Model) -> Callable | None:
     """The backend's compiled `generate_batch` (many streams per step) if it has one and the model is
     float32, else None."""
@@ -276,6 +293,7 @@ def batch_tokens(
     cfg = model.cfg
     B, V = len(prompts), cfg.vocab_size
     plan = decode_table(cfg, model.params.offsets, max(window, B))  # scratch slots hold B rows too
+    packed = packed_weights(model, plan)
     kcache = np.zeros((B, cfg.n_layer, cfg.d_model, window), np.float32)  # time last
     vcache = np.zeros_like(kcache)
     scratch = aligned_zeros(plan.scratch_size)
@@ -304,7 +322,7 @@ def batch_tokens(
         fn(
             out, tokens, state, n_feed, active, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
             cfg.n_head, kcache, vcache, scratch, plan.logits, next_logits, work, order, float(temperature), k, p,
-            uniforms, done + n < max_new_tokens, rows,
+            uniforms, done + n < max_new_tokens, rows, **packed,
         )  # fmt: skip
         if logits is not None:
             logits[:, done : done + n] = rows
@@ -338,6 +356,7 @@ def compiled_tokens(
     cfg = model.cfg
     V = cfg.vocab_size
     plan = decode_table(cfg, model.params.offsets, window)
+    packed = packed_weights(model, plan)
     kcache = np.zeros((cfg.n_layer, cfg.d_model, window), np.float32)  # time last (see the kernels)
     vcache = np.zeros_like(kcache)
     scratch = aligned_zeros(plan.scratch_size)  # each slot starts a cache line (threads split at lines)
@@ -361,7 +380,7 @@ def compiled_tokens(
         fn(
             out[:n], tokens, state, n_feed, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
             cfg.n_head, kcache, vcache, scratch, plan.logits, work, order, float(temperature), k, p, uniforms,
-            done + n < max_new_tokens, rows,
+            done + n < max_new_tokens, rows, **packed,
         )  # fmt: skip
         n_feed = 0
         done += n

@@ -95,3 +95,15 @@ def test_recipe_sweep_evaluates_a_checkpoint_on_the_fixed_sample(capsys, monkeyp
     line = capsys.readouterr().out.strip()
     value = float(line.split(": ")[1].split()[0])
     assert 0 < value < 4.2 and "on the fixed val sample (50 x 64 sequences of 16, seed 12345)" in line, line
+
+
+def test_bench_sample_quick(capsys):
+    from benchmarks import bench_sample
+    from fastchar import _cydecode
+
+    precisions = ["fp32", "bf16"] if _cydecode.packed_available("bf16") else ["fp32"]
+    record = bench_sample.main(["--quick", "--no-torch", "--precision", *precisions])
+    assert record["chars/s"]["N = 64 streams, aggregate"]["top_p_0.9"] > 0
+    if "bf16" in precisions:
+        assert record["chars/s"]["one stream, bf16"]["temperature"] > 0
+    assert "| N = 8 streams, aggregate" in capsys.readouterr().out

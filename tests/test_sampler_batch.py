@@ -22,9 +22,9 @@ cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extensio
 TOK = CharTokenizer("abcdefghij\n")
 
 
-def make_model(position: str, ctx: int = 8, backend: str = "cython") -> Model:
+def make_model(position: str, ctx: int = 8, backend: str = "cython", precision: str = "fp32") -> Model:
     cfg = ModelConfig(vocab_size=11, d_model=24, n_layer=2, n_head=3, ctx=ctx, mlp_hidden=48, position=position)
-    m = Model(cfg, backend=backend, seed=4)
+    m = Model(cfg, backend=backend, seed=4, precision=precision)
     m.params.flat[:] += np.random.default_rng(0).normal(0, 0.3, m.params.flat.size).astype(np.float32)
     return m
 
@@ -45,6 +45,25 @@ def test_batched_logits_equal_64_single_stream_decodes(position):
         alone = np.concatenate(list(compiled_tokens(model, prompts[b], N, 1.0, None, None, rng, 8, logits=single)))
         np.testing.assert_allclose(batched[b], single, rtol=1e-5, atol=1e-6, err_msg=f"stream {b}")
         np.testing.assert_array_equal(toks[b], alone, err_msg=f"stream {b}")
+
+
+@pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
+def test_bf16_model_decodes_with_bf16_products_batch_independent():
+    model = make_model("rope", precision="bf16")
+    fp32 = make_model("rope")
+    B, N = 16, 20
+    prompts = [[b % 11, (3 * b) % 11] for b in range(B)]
+    batched = np.zeros((B, N, 11), np.float32)
+    list(batch_tokens(model, prompts, N, 1.0, None, None, stream_rngs(2, B), 8, logits=batched))
+    for b in (0, 5, 15):
+        single = np.zeros((N, 11), np.float32)
+        list(compiled_tokens(model, prompts[b], N, 1.0, None, None, stream_rngs(2, B)[b], 8, logits=single))
+        np.testing.assert_array_equal(batched[b], single)  # the same vdpbf16ps chains, whatever the batch
+    # the prompt's logits: bf16 products (the training forward's rounding), not fp32 ones
+    model.forward(np.array([prompts[0]]))
+    np.testing.assert_allclose(batched[0, 0], model.logits[0, -1], rtol=1e-4, atol=1e-4)
+    fp32.forward(np.array([prompts[0]]))
+    assert np.abs(batched[0, 0] - fp32.logits[0, -1]).max() > 1e-4
 
 
 def test_stream_text_does_not_depend_on_the_other_streams():

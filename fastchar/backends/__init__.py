@@ -54,6 +54,8 @@ OPTIONAL = {
     "generate_tokens": {"numba": "fastchar.backends.numba_decode", "cython": "fastchar.backends.cython_decode"},
     # many streams in one batched step (fastchar.sampler.batch_tokens); without it streams run in turn
     "generate_batch": {"cython": "fastchar.backends.cython_decode"},
+    # the products' weights packed once per generation for the AVX-512 decode product
+    "pack_decode_weights": {"cython": "fastchar.backends.cython_decode"},
 }
 ALIASES = {"reference": "numpy"}
 PRECISIONS = ("fp32", "bf16")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 try:
     from fastchar._cydecode import generate_batch, generate_tokens
+    from fastchar._cydecode import pack_weights as pack_decode_weights
 except ImportError as exc:
     raise ImportError(
         "the Cython extension fastchar._cydecode is missing or stale; build it with "
         f"`pip install -e .` (or `python setup.py build_ext --inplace`) ({exc})"
     ) from exc
 
-__all__ = ["generate_batch", "generate_tokens"]
+__all__ = ["generate_batch", "generate_tokens", "pack_decode_weights"]

@@ -1,0 +1,85 @@
+"""The packed AVX-512 product of the compiled decode loops (fc_matmul_packed in csrc/fc_decode.c).
+
+Every output element is one fused multiply-add chain over k from zero, so a row's values do not
+depend on the other rows of the batch nor on how the columns are split between threads: the tests
+check that bit for bit, the masked edges (columns outside j0:j1 untouched, widths that are not a
+multiple of 16), and agreement with float64 products to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastchar.backends.reference import round_bf16
+
+cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
+needs_avx512 = pytest.mark.skipif(not cydecode.packed_available(), reason="this CPU has no AVX-512F")
+
+
+PRECISIONS = [
+    "fp32",
+    pytest.param("bf16", marks=pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16")),
+]
+
+
+def product(x: np.ndarray, w: np.ndarray, j0: int, j1: int, precision: str) -> np.ndarray:
+    y = np.full((x.shape[0], w.shape[1]), np.nan, np.float32)
+    cydecode.matmul_packed(y, x, w, j0, j1, precision)
+    return y
+
+
+@needs_avx512
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("M, K, N", [(1, 128, 384), (3, 24, 72), (64, 128, 65), (13, 7, 1), (9, 33, 49), (8, 512, 128)])
+def test_packed_product_equals_float64_and_leaves_other_columns(M, K, N, precision):
+    # bf16: the products of bf16 inputs are exact in fp32, so against float64 on the rounded inputs
+    # only the fp32 accumulation differs, as in fp32 (K terms: rtol 1e-5, atol 1e-5 sqrt(K))
+    r = np.random.default_rng(M * 1000 + N)
+    x = r.normal(size=(M, K)).astype(np.float32)
+    w = r.normal(size=(K, N)).astype(np.float32)
+    if precision == "bf16":
+        exact = round_bf16(x).astype(np.float64) @ round_bf16(w).astype(np.float64)
+    else:
+        exact = x.astype(np.float64) @ w.astype(np.float64)
+    for j0, j1 in [(0, N), (N // 3, N - N // 4), (min(5, N), min(21, N)), (N, N)]:
+        y = product(x, w, j0, j1, precision)
+        np.testing.assert_allclose(y[:, j0:j1], exact[:, j0:j1], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+        assert np.isnan(y[:, :j0]).all() and np.isnan(y[:, j1:]).all(), "wrote outside the column range"
+
+
+@needs_avx512
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_rows_values_do_not_depend_on_the_batch_or_the_column_split(precision):
+    r = np.random.default_rng(1)
+    x = r.normal(size=(64, 128)).astype(np.float32)
+    w = r.normal(size=(128, 200)).astype(np.float32)
+    whole = product(x, w, 0, 200, precision)
+    for rows in ([0], [5, 6], [7, 8, 9], list(range(11)), list(range(3, 64))):
+        np.testing.assert_array_equal(product(x[rows], w, 0, 200, precision), whole[rows])
+    split = np.full_like(whole, np.nan)
+    for j0, j1 in [(0, 40), (40, 77), (77, 160), (160, 200)]:
+        cydecode.matmul_packed(split, x, w, j0, j1, precision)
+    np.testing.assert_array_equal(split, whole)
+
+
+def test_pack_weights_follows_the_cpu_and_the_switch():
+    code = (
+        "import numpy as np; from fastchar import Model, ModelConfig; from fastchar.graph import decode_table;"
+        "import fastchar._cydecode as d; m = Model(ModelConfig(), backend='cython');"
+        "p, o, _ = d.pack_weights(m.params.flat, decode_table(m.cfg, m.params.offsets, 64).table);"
+        "print(p.size, int((o >= 0).sum()), p.ctypes.data % 64)"
+    )
+    env_off = {"FASTCHAR_DISABLE_AVX512": "1"}
+    size, products, align = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split())
+    if cydecode.packed_available():
+        assert products == 4 * 4 + 1 and align == 0  # qkv (with attention), proj, fc, fc2 per layer; the head
+        assert size == 4 * (128 * (384 + 128 + 512) + 512 * 128) + 128 * 80  # the head: 65 columns -> 80
+    else:
+        assert size == 0
+    off = subprocess.check_output([sys.executable, "-c", code], text=True, env={**os.environ, **env_off})
+    assert int(off.split()[0]) == 0
