@@ -214,13 +214,25 @@ FC_TBF16 static inline __attribute__((always_inline)) void panels_bf16(float *y,
     for (; m < M; m++) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 1, NP);
 }
 
+/* xw (K2,) = x (K,) as bf16 pairs, 32 floats at a time: vcvtne2ps2bf16 rounds as bf16_bits does, and
+   its 32 halves in order are the pairs (x[2i], x[2i+1]), low half first. */
+FC_TBF16 static void to_pairs(uint32_t *xw, const float *x, ptrdiff_t K) {
+    ptrdiff_t k, n;
+    for (k = 0; k < K; k += 32) {
+        n = K - k < 32 ? K - k : 32;
+        __mmask16 lo = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1u);
+        __mmask16 hi = n <= 16 ? 0 : n >= 32 ? 0xFFFF : (__mmask16)((1u << (n - 16)) - 1u);
+        __m512bh h = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k));
+        _mm512_mask_storeu_epi32(xw + k / 2, (__mmask16)((1u << ((n + 1) / 2)) - 1u), (__m512i)h);
+    }
+}
+
 FC_TBF16 void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K,
                                     ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
-    ptrdiff_t p, p1 = (j1 + 15) / 16, q, m, k, K2 = (K + 1) / 2;
+    ptrdiff_t p, p1 = (j1 + 15) / 16, q, m, K2 = (K + 1) / 2;
     __mmask16 mask[4];
     (void)N;
-    for (m = 0; m < M; m++)
-        for (k = 0; k < K2; k++) xw[m * K2 + k] = bf16_pair(x + m * K, 2 * k, K, 1);
+    for (m = 0; m < M; m++) to_pairs(xw + m * K2, x + m * K, K);
     int np = M < 4 ? 4 : 2;
     for (p = j0 / 16; p < p1; p += np) {
         int n = p1 - p < np ? (int)(p1 - p) : np;

@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fastchar.errors import ConfigError, FastcharError
 DEFAULT_MODEL = ModelConfig()
 DEFAULT_TRAIN = TrainConfig()
 EXIT_ERROR = 1
+FLUSH_EVERY = 0.05  # seconds between flushes of a streamed sample
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 143, SIGHUP 129
 GENERIC_HINTS = {  # for errors raised without a hint of their own
@@ -397,7 +399,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                               hint="drop --recipe when resuming")  # fmt: skip
         recipe = recipes.get(args.recipe)
         model_args, train_args = {**recipe.model, **model_args}, {**recipe.train, **train_args}
-        args.precision = args.precision or recipe.precision
+        if args.precision is None:
+            args.precision, why = recipes.precision_here(recipe, args.backend)
+            if why:
+                _note(why)
     if train_args.get("time_budget") and "steps" not in train_args and not args.resume:
         train_args["steps"] = NO_STEP_LIMIT  # the budget ends the run, not the default step count
     if args.until is not None and args.until < 1:
@@ -529,10 +534,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stop = [t.replace("\\n", "\n") for t in args.stop or []]  # a typed \n is a newline: --stop '\n\n'
     if args.num_samples == 1:
         sys.stdout.write(prompt)
+        shown = time.monotonic()
         for ch in stream(model, model.tokenizer, prompt, args.max_new_tokens, args.temperature,
                          args.top_k, args.top_p, args.seed, ctx=args.ctx, stop=stop):  # fmt: skip
             sys.stdout.write(ch)
-            sys.stdout.flush()
+            if time.monotonic() - shown >= FLUSH_EVERY:  # a flush per character would cost a system call each
+                sys.stdout.flush()
+                shown = time.monotonic()
         sys.stdout.write("\n")
         return 0
     # all samples advance together (one batched decode step each); printed when done, in order

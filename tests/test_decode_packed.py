@@ -83,3 +83,20 @@ def test_pack_weights_follows_the_cpu_and_the_switch():
         assert size == 0
     off = subprocess.check_output([sys.executable, "-c", code], text=True, env={**os.environ, **env_off})
     assert int(off.split()[0]) == 0
+
+
+@pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16")
+def test_bf16_rounding_of_inputs_matches_round_bf16_on_edge_values():
+    # ties to even, subnormals (to zero), signed zeros, values near the rounding boundary
+    edge = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40, -1e-39, -0.0, 3.0e38, -65504.0, 1.00390625, 0.1, -2.5e-38],
+                    np.float32)  # fmt: skip
+    x = np.ascontiguousarray(np.tile(edge, (3, 4))[:, :37])  # K = 37: a ragged last group and an odd depth
+    w = np.zeros((37, 5), np.float32)
+    np.fill_diagonal(w, 1.0)  # picks x's first 5 values (rounded) exactly
+    y = np.full((3, 5), np.nan, np.float32)
+    cydecode.matmul_packed(y, x, w, 0, 5, "bf16")
+    np.testing.assert_array_equal(y, round_bf16(x[:, :5]))
+    w2 = np.zeros((37, 5), np.float32)
+    w2[32:37, :] = np.eye(5, dtype=np.float32)  # the ragged tail, past the first 32 inputs
+    cydecode.matmul_packed(y, x, w2, 0, 5, "bf16")
+    np.testing.assert_array_equal(y, round_bf16(x[:, 32:37]))
