@@ -30,7 +30,7 @@ from benchmarks.common import append_record, isolated, machine, table
 from fastchar import Model, ModelConfig, TextDataset, TrainConfig, Trainer
 from fastchar.data import find_corpus
 from fastchar.optim import lr_at
-from fastchar.recipes import RECIPES
+from fastchar.recipes import RECIPES, precision_here
 from fastchar.threads import set_threads
 from fastchar.train import EVAL_SEED
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         model["dropout"] = args.dropout
     if "d_model" in model:
         model.setdefault("mlp_hidden", 4 * model["d_model"])
-    precision = recipe.precision if recipe else "fp32"
+    precision = precision_here(recipe, args.backend)[0] if recipe else "fp32"  # bf16 only where it runs
     mcfg = ModelConfig(vocab_size=data.vocab_size, **model)
     tcfg = TrainConfig(**train, steps=10**9, seed=args.seed, out=out, log_every=10**9)
     print(f"machine: {machine(args.threads)}")

@@ -121,3 +121,22 @@ def test_train_help_names_each_recipe(capsys, name):
         main(["train", "--help"])
     assert exc.value.code == 0
     assert name in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("switch", ["", "1"])
+def test_a_bf16_recipe_trains_in_fp32_where_bf16_is_unavailable(capsys, corpus, tmp_path, monkeypatch, switch):
+    from fastchar import _gemm
+
+    monkeypatch.setenv("FASTCHAR_DISABLE_BF16", switch)
+    recipe = recipes.RECIPES["ten-minutes"]
+    assert recipe.precision == "bf16"
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--recipe", "ten-minutes", "--data", str(corpus), "--out", str(out_dir),
+                         "--d-model", "32", "--n-layer", "1", "--n-head", "4", "--ctx", "16", "--time-budget", "1",
+                         "--eval-batches", "2", "--sample-chars", "0", "--backend", "cython")  # fmt: skip
+    assert code == 0, err
+    want = "bf16" if _gemm.has_avx512bf16() else "fp32"
+    assert json.loads((out_dir / "latest" / "meta.json").read_text())["precision"] == want
+    assert ("training in fp32" in err) == (want == "fp32")
+    assert recipes.precision_here(recipe, "numpy") == ("bf16", None)  # the reference computes bf16 anywhere
+    assert recipes.precision_here(recipe, "numba")[0] == "fp32"
