@@ -14,7 +14,9 @@ Threads (OpenMP's count, i.e. fastchar.set_threads; at most max(2, C // 32)): at
 ~0.8 M multiply-adds, mostly streaming ~3 MB of weights, so each matrix product's output columns
 (and the attention heads) are split across the threads, each streaming its share of the weights.
 The main thread walks the table (norms, embedding, sampling) and publishes each product as a stage
-of tasks that any thread may claim (fc_team in fc_decode.h); it never waits at a barrier for a
+of tasks (fc_team in fc_decode.h): it takes the first itself, the helpers claim the others (so each
+core streams the same share of the weights every time, from its own cache), and the main thread
+takes any a helper has not started. It never waits at a barrier for a
 helper that has not started, so a helper descheduled by other work on the machine costs little, and
 one that holds it up mid-task sends the next calls single-threaded for a while (SLOW_WAIT,
 SOLO_CALLS). A task computes each value exactly as the single-threaded product would: the thread
@@ -37,7 +39,7 @@ from libc.stdlib cimport free
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_claim, fc_finish, fc_idle, fc_matmul, fc_matmul_packed,
+from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_idle, fc_matmul, fc_matmul_packed,
                  fc_matmul_packed_bf16, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -216,10 +218,11 @@ cdef void _stage(Net* net) noexcept nogil:
 
 
 cdef void _helper(Net* net) noexcept nogil:
-    """Every other thread: run published tasks until the main thread is done."""
+    """Every other thread: run published tasks (never a stage's first, the main thread's) until the
+    main thread is done."""
     cdef long t, spins = 0
     while True:
-        t = fc_claim(net.team)
+        t = fc_claim_helper(net.team, net.ntask)
         if t >= 0:
             _task(net, t % net.ntask)
             fc_finish(net.team)

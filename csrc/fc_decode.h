@@ -43,6 +43,18 @@ static inline long fc_claim(fc_team *t) {
         if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
     return -1;
 }
+/* A helper's claim: as fc_claim, but never the first task of a stage (ticket % ntask == 0), which
+   the main thread claims as soon as it publishes. So each thread works on the same share of the
+   weights stage after stage, and that share stays in its core's cache; a helper that is late
+   still loses its task to the main thread. */
+static inline long fc_claim_helper(fc_team *t, long ntask) {
+    long n = __atomic_load_n(&t->next, __ATOMIC_ACQUIRE);
+    while (n < __atomic_load_n(&t->limit, __ATOMIC_ACQUIRE)) {
+        if (n % ntask == 0) return -1;
+        if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
+    }
+    return -1;
+}
 static inline void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
 /* Main thread only: the stage's description is written before this. */
 static inline void fc_publish(fc_team *t, long n) { __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE); }
