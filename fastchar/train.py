@@ -356,10 +356,10 @@ class Trainer:
             if self._tensorboard is not None:
                 self._tensorboard.close()
                 self._tensorboard = None
+        summary["elapsed"] = elapsed()  # the run's time: the plot below is not part of it
         if self.curves and self.dist.is_root and (path := write_run_curves(self.out)) is not None:
             self.log(f"curves: {path}")
         summary["tok_per_s"] = tokens_per_step * len(self.losses) / step_time if step_time else 0.0
-        summary["elapsed"] = elapsed()
         summary["step"] = self.step
         return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 
 import pytest
 
@@ -104,14 +105,20 @@ def test_final_evaluation_fits_inside_the_budget(corpus, tmp_path):
     from tests.test_train import make
 
     budget = 3.0
-    trainer = make(corpus, tmp_path, steps=10**6, warmup=2, eval_every=40, eval_batches=200, time_budget=budget)
+    probe = make(corpus, tmp_path, name="probe", steps=1, eval_batches=200)
+    start = time.perf_counter()
+    probe.evaluate()
+    batches = max(20, int(200 * 0.4 / (time.perf_counter() - start)))  # an evaluation of about 0.4 s here
+    trainer = make(corpus, tmp_path, steps=10**6, warmup=2, eval_every=40, eval_batches=batches, time_budget=budget)
     summary = trainer.train()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
     first_eval = evals[0]["elapsed"]  # the step-0 evaluation: how long one takes
     assert first_eval > 0.1 * budget, "the evaluation must be long enough to matter for this test"
-    assert evals[-1]["elapsed"] <= budget + 0.5 * first_eval, (evals[-1], first_eval)
-    assert summary["elapsed"] <= budget + 0.5 * first_eval
+    # without the reserve the last evaluation would end about one evaluation late; evaluation times
+    # on a shared machine vary by a third or more, hence the slack
+    assert evals[-1]["elapsed"] <= budget + 0.75 * first_eval, (evals[-1], first_eval)
+    assert summary["elapsed"] <= budget + 0.75 * first_eval
     assert trainer.step > 2
 
 
