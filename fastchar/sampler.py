@@ -27,6 +27,10 @@ table on one row per stream, each row attending to its own stream's cache; each 
 cache rule and its own generator (stream_rngs), and its values are computed exactly as alone, so
 its text does not depend on the others. Other backends run the streams in turn. Stop strings cut a
 stream's text (StopScan) and stop advancing it.
+On CPUs with AVX-512 the Cython loops multiply with weights packed once per generation
+(packed_weights: 16-column panels, bf16 pairs for a bf16 model), packed when a stream starts (its
+other weights are read as it goes); every product output is one fused multiply-add chain, the same
+whatever the batch or the thread split.
 The compiled sampler selects rather than sorts (top-k: a selection of the k-th value; top-p: the
 most likely ids taken one at a time until the mass is reached).
 The two samplers agree on the probabilities to ~1e-12 relative (float64, other summation order), so a
@@ -252,8 +256,8 @@ def python_tokens(
 
 def packed_weights(model: Model, plan: DecodeTable) -> dict:
     """Keyword arguments for the compiled loop: the products' weights packed once for this generation
-    in the model's precision (the backend's pack_decode_weights), or none. A stream samples from the
-    weights as they were when it started."""
+    in the model's precision (the backend's pack_decode_weights), or none. Changes to those weights
+    after this call do not reach the stream (the embeddings and norms are read as it goes)."""
     pack = getattr(model.kernels, "pack_decode_weights", None)
     return {} if pack is None else {"packed": pack(model.params.flat, plan.table, model.precision)}
 
