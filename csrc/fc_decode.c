@@ -273,11 +273,22 @@ void fc_attention(float *restrict out, const float *restrict qkv, const float *r
         n = n0 + m + 1 < S ? n0 + m + 1 : S;
         for (h = h0; h < h1; h++) {
             float mx, tot = 0.0f, inv;
-            for (t = 0; t < n; t++) scores[t] = 0.0f;
-            for (c = h * HS; c < h * HS + HS; c++) {
-                const float *krow = kt + c * S;
-                float qc = q[c] * scale;
-                for (t = 0; t < n; t++) scores[t] += qc * krow[t];
+            /* 16 positions at a time, summed over the head's channels in registers (the score row
+               is written once, not once per channel) */
+            for (t = 0; t + 16 <= n; t += 16) {
+                float acc[16] = {0};
+                ptrdiff_t j;
+                for (c = h * HS; c < h * HS + HS; c++) {
+                    const float *krow = kt + c * S + t;
+                    float qc = q[c] * scale;
+                    for (j = 0; j < 16; j++) acc[j] += qc * krow[j];
+                }
+                for (j = 0; j < 16; j++) scores[t + j] = acc[j];
+            }
+            for (; t < n; t++) {  /* the last n % 16 positions: the same sums, one at a time */
+                float a = 0.0f;
+                for (c = h * HS; c < h * HS + HS; c++) a += q[c] * scale * kt[c * S + t];
+                scores[t] = a;
             }
             mx = scores[0];
             for (t = 1; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
