@@ -100,4 +100,3 @@ def test_bf16_rounding_of_inputs_matches_round_bf16_on_edge_values():
     w2[32:37, :] = np.eye(5, dtype=np.float32)  # the ragged tail, past the first 32 inputs
     cydecode.matmul_packed(y, x, w2, 0, 5, "bf16")
     np.testing.assert_array_equal(y, round_bf16(x[:, 32:37]))
-
