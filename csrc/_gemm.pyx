@@ -14,9 +14,10 @@ parallel region it runs on the calling thread.
 Not here: the model's wiring (fastchar.model decides which products use which precision).
 """
 
+from fastchar.backends.reference import _dropout_threshold
 from fastchar.errors import ConfigError
 
-from attention cimport fc_attention_backward, fc_attention_forward
+from attention cimport fc_att_dropout, fc_attention_backward, fc_attention_forward
 
 from gemm_bf16 cimport (
     FC_BF16,
@@ -138,6 +139,28 @@ def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float
 
     out (B, T, C); att (B, NH, T, T) saved probabilities, zero above the diagonal; qkv (B, T, 3C).
     """
+    _attention_forward(out, att, qkv, NULL, threads)
+
+
+def attention_dropout_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float[:, :, ::1] qkv,
+                              unsigned int key, double p, int threads=0) -> None:
+    """attention_forward with dropout on the probabilities: out = (att * mask) v, heads merged.
+
+    att keeps the probabilities BEFORE dropout; key (uint32) and p in [0, 1) give the mask over
+    att's flat index, the same as every backend's attention_dropout_forward.
+    """
+    cdef fc_att_dropout drop = _dropout(key, p)
+    _attention_forward(out, att, qkv, &drop, threads)
+
+
+cdef fc_att_dropout _dropout(unsigned int key, double p) except *:
+    cdef fc_att_dropout drop
+    drop.key, drop.thr, drop.dscale = key, _dropout_threshold(p), 1.0 / (1.0 - p)
+    return drop
+
+
+cdef _attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float[:, :, ::1] qkv,
+                        const fc_att_dropout* drop, int threads):
     cdef long B = att.shape[0], NH = att.shape[1], T = att.shape[2], C = out.shape[2]
     if (out.shape[0], out.shape[1], att.shape[3], qkv.shape[0], qkv.shape[1], qkv.shape[2]) != (B, T, T, B, T, 3 * C):
         raise ConfigError("attention_forward: shapes of out, att and qkv do not agree")
@@ -145,16 +168,30 @@ def attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const float
     if B * T == 0:
         return
     with nogil:
-        rc = fc_attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], B, T, C, NH, threads)
+        rc = fc_attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], B, T, C, NH, drop, threads)
     _check_attention(rc, C, NH)
 
 
 def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
                        const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, int threads=0) -> None:
-    """Backward of attention_forward. Accumulates into dqkv; datt is scratch (left holding dscores).
+    """Backward of attention_forward. Accumulates into dqkv; datt is scratch (left untouched here).
 
     dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
     """
+    _attention_backward(dqkv, datt, dout, qkv, att, NULL, threads)
+
+
+def attention_dropout_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
+                               const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, unsigned int key,
+                               double p, int threads=0) -> None:
+    """Backward of attention_dropout_forward (att: the probabilities before dropout; key, p as there)."""
+    cdef fc_att_dropout drop = _dropout(key, p)
+    _attention_backward(dqkv, datt, dout, qkv, att, &drop, threads)
+
+
+cdef _attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
+                         const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, const fc_att_dropout* drop,
+                         int threads):
     cdef long B = att.shape[0], NH = att.shape[1], T = att.shape[2], C = dout.shape[2]
     if ((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]) != (B, T, 3 * C)
             or (datt.shape[0], datt.shape[1], datt.shape[2], datt.shape[3]) != (B, NH, T, T)
@@ -166,5 +203,5 @@ def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const fl
         return
     with nogil:
         rc = fc_attention_backward(&dqkv[0, 0, 0], &datt[0, 0, 0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
-                                   &att[0, 0, 0, 0], B, T, C, NH, threads)
+                                   &att[0, 0, 0, 0], B, T, C, NH, drop, threads)
     _check_attention(rc, C, NH)

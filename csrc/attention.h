@@ -1,12 +1,12 @@
 /* Causal softmax attention, forward and backward, vectorised for AVX-512F (fp32), chosen at run time.
  *
  * Same math, layout and accumulation contract as fastchar.backends.reference.attention_forward /
- * attention_backward (no dropout):
+ * attention_backward, with dropout on the probabilities as an option:
  *   forward   att = softmax(q k^T / sqrt(HS) + causal mask); out = att v, heads merged
  *             out (B, T, C) overwritten; att (B, NH, T, T) overwritten, zero above the diagonal;
  *             qkv (B, T, 3C), columns q | k | v, head h owns columns h*HS .. h*HS + HS - 1
- *   backward  dqkv (B, T, 3C) accumulated (+=); datt (B, NH, T, T) scratch, overwritten with the
- *             score gradients; dout (B, T, C); qkv; att as saved by forward
+ *   backward  dqkv (B, T, 3C) accumulated (+=); datt (B, NH, T, T) scratch the other backends
+ *             use, left untouched here; dout (B, T, C); qkv; att as saved by forward
  * Requirements: HS = C / NH a multiple of 16 and at most 64; else FC_GEMM_UNSUPPORTED (the caller
  * keeps its generic kernel). Also FC_GEMM_UNSUPPORTED without AVX-512F (or FASTCHAR_DISABLE_AVX512).
  * Threads: one OpenMP parallel region over (batch, head) pairs, like fc_gemm (see gemm_bf16.h).
@@ -18,9 +18,17 @@
 extern "C" {
 #endif
 
-int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH, int nthreads);
+/* Dropout on the probabilities: an element of att with flat index i is kept, times dscale, when
+ * fc_dropout_hash(i, key) >= thr (csrc/fc_math.h); NULL: no dropout. */
+typedef struct {
+    unsigned int key, thr;
+    float dscale;
+} fc_att_dropout;
+
+int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
+                         const fc_att_dropout *drop, int nthreads);
 int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att, long B,
-                          long T, long C, long NH, int nthreads);
+                          long T, long C, long NH, const fc_att_dropout *drop, int nthreads);
 
 #ifdef __cplusplus
 }

@@ -98,3 +98,42 @@ def test_mismatched_shapes():
     )
     with pytest.raises(ConfigError, match="do not agree"):
         _gemm.attention_forward(out, att, qkv)
+
+
+@needs_avx512
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 16, 1), (2, 17, 32, 2), (3, 33, 64, 4), (2, 64, 128, 8), (1, 129, 96, 2)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_attention_dropout_matches_reference(rng, B, T, C, NH, p):
+    key = 0xDEADBEEF
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    out, att = np.full((B, T, C), np.nan, np.float32), np.full((B, NH, T, T), np.nan, np.float32)
+    _gemm.attention_dropout_forward(out, att, qkv, key, p)
+    want_out, want_att = np.zeros_like(out), np.zeros_like(att)
+    ref.attention_dropout_forward(want_out, want_att, qkv, key, p)
+    _close(out, want_out, "attention_forward", "out")
+    _close(att, want_att, "attention_forward", "att (before dropout)")
+
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    dqkv0 = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dqkv, want = dqkv0.copy(), dqkv0.copy()
+    datt, want_datt = np.full_like(att, np.nan), np.zeros_like(att)
+    _gemm.attention_dropout_backward(dqkv, datt, dout, qkv, want_att, key, p)
+    ref.attention_dropout_backward(want, want_datt, dout, qkv, want_att, key, p)
+    _close(dqkv, want, "attention_backward", "dqkv")
+
+
+@needs_avx512
+def test_attention_dropout_masks_differ_by_key_and_p0_is_plain(rng):
+    B, T, C, NH = 2, 40, 64, 4
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    outs = []
+    for key, p in ((1, 0.3), (2, 0.3), (1, 0.0)):
+        out, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
+        _gemm.attention_dropout_forward(out, att, qkv, key, p)
+        outs.append(out)
+    plain, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
+    _gemm.attention_forward(plain, att, qkv)
+    assert not np.allclose(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[2], plain)
+    with pytest.raises(ValueError, match="dropout p"):
+        _gemm.attention_dropout_forward(plain, att, qkv, 1, 1.0)

@@ -85,6 +85,7 @@ def plan_kernels(precision: str, cfg: object) -> dict:
 
         warnings.warn(openblas_warning(), RuntimeWarning, stacklevel=3)
     if _gemm.attention_supported(cfg.d_model, cfg.n_head) and os.environ.get("FASTCHAR_GEMM", "") != "blas":
-        kernels["attention_forward"] = _gemm.attention_forward
-        kernels["attention_backward"] = _gemm.attention_backward
+        for kind in ("attention", "attention_dropout"):
+            for name in (kind + "_forward", kind + "_backward"):
+                kernels[name] = getattr(_gemm, name)
     return kernels
