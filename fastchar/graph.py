@@ -192,6 +192,13 @@ def act_specs(cfg: ModelConfig, B: int, T: int, dropout: bool | None = None) -> 
     return specs + constant_specs(cfg, T)
 
 
+def saved_slots(cfg: ModelConfig) -> set[str]:
+    """Slots the forward saves for the backward (rstd, att, probs). No backward accumulates into
+    their gradient slots (attention's backward uses its own as scratch, written before it is read),
+    so zeroing the gradient arena skips them: at context 128 they are most of its bytes."""
+    return {name for op in [*forward_ops(cfg, True), loss_op(cfg)] for name in op.saved}
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """(HS/2,) float64: pair i of a head turns by p * rope_base**(-2i/HS) at position p."""
     HS = cfg.head_size

@@ -21,7 +21,17 @@ from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend, plan_kernels
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
-from fastchar.graph import TARGETS, TOKENS, U32, Views, fill_constants, init_std, lowbias32, training_plan
+from fastchar.graph import (
+    TARGETS,
+    TOKENS,
+    U32,
+    Views,
+    fill_constants,
+    init_std,
+    lowbias32,
+    saved_slots,
+    training_plan,
+)
 
 MASK32 = U32
 
@@ -151,6 +161,7 @@ class Model:
         if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
             self.acts = Arena(act_specs(self.cfg, B, T), self.dtype)
             self.dacts = Arena(self.acts.specs, self.dtype)
+            self._zeroed = _runs(self.dacts, skip=saved_slots(self.cfg))
             self._idx = np.zeros((B, T), np.int32)
             self._tgt = np.zeros((B, T), np.int32)
             fill_constants(self.acts, self.cfg, T)
@@ -198,8 +209,13 @@ class Model:
     def zero_grad(self) -> None:
         """Zero the parameter gradients and the activation gradients."""
         self.grads.flat.fill(0)
+        self._zero_dacts()
+
+    def _zero_dacts(self) -> None:
+        """Zero the activation gradients backward kernels accumulate into (not the saved slots')."""
         if self.dacts is not None:
-            self.dacts.flat.fill(0)
+            for start, stop in self._zeroed:
+                self.dacts.flat[start:stop].fill(0)
 
     def backward(self, accumulate: bool = False) -> None:
         """Gradient of the last forward's mean loss into `model.grads`.
@@ -209,7 +225,7 @@ class Model:
         if self.acts is None or not self._has_targets:
             raise RuntimeError("backward() needs a forward(x, y) with targets first")
         if accumulate:
-            self.dacts.flat.fill(0)
+            self._zero_dacts()
         else:
             self.zero_grad()
         B, T = self._idx.shape
@@ -239,3 +255,16 @@ def load(path: str | Path, backend: str = "auto", which: str = "best", precision
     meta = stored.meta
     model.run = RunInfo(stored.tokenizer, meta.get("train"), meta.get("state") or {}, stored.path, meta, stored.note)
     return model
+
+
+def _runs(arena: Arena, skip: set[str]) -> list[tuple[int, int]]:
+    """(start, stop) ranges of arena.flat covering every slot not in skip, adjacent slots merged."""
+    runs: list[tuple[int, int]] = []
+    for name, (start, stop) in arena.offsets.items():
+        if name in skip or start == stop:
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
