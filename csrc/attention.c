@@ -146,8 +146,9 @@ FC_T_AVX512 FC_AINLINE __m512 keep_scale(long long i0, const fc_att_dropout *dro
 
 /* dst[t*HS + d] = src[t*ld + d]: one head's rows packed contiguously, so that walking them does
  * not map every row onto the same few L1 sets (rows of qkv are 3C floats apart). */
-static void pack_head(float *dst, const float *src, long ld, long T, long HS) {
-    for (long t = 0; t < T; ++t) memcpy(dst + t * HS, src + t * ld, (size_t)HS * sizeof(float));
+FC_T_AVX512 static void pack_head(float *dst, const float *src, long ld, long T, long HS) {
+    for (long t = 0; t < T; ++t)
+        for (long d = 0; d < HS; d += 16) _mm512_storeu_ps(dst + t * HS + d, _mm512_loadu_ps(src + t * ld + d));
 }
 
 /* o[t2*ldo + d] += sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + 16)
