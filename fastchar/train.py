@@ -292,6 +292,7 @@ class Trainer:
         start = time.perf_counter()
         step_time, window_time, window_steps, summary = 0.0, 0.0, 0, {}
         window_comm = dist.comm_seconds
+        dt = 0.0  # the last step's seconds: a time budget keeps room for one more
 
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - start
@@ -305,8 +306,8 @@ class Trainer:
         try:
             while self.step < last:
                 dist.context = f"at step {self.step + 1}"
-                # when a final evaluation started now would end; one clock for all ranks
-                now = dist.from_root(elapsed() + self._eval_seconds) if cfg.time_budget > 0 else 0.0
+                # when a final evaluation after one more step would end; one clock for all ranks
+                now = dist.from_root(elapsed() + dt + self._eval_seconds) if cfg.time_budget > 0 else 0.0
                 if cfg.time_budget > 0 and now >= cfg.time_budget:
                     break
                 lr = lr_at(self.step, cfg, self.progress_fraction(now))
