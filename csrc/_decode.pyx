@@ -33,14 +33,15 @@ Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
 from cython.parallel cimport parallel
+from libc.math cimport erff
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free
 
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_idle, fc_matmul, fc_matmul_packed,
-                 fc_matmul_packed_bf16, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
+from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_idle, fc_layernorm, fc_matmul,
+                 fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
                  fc_token_probs, fc_wait_done)
@@ -50,7 +51,15 @@ from fastchar import graph as _graph
 # The decode table's vocabulary, defined once in fastchar/graph.py
 cdef int OP_EMBED = _graph.OP_EMBED, OP_RMSNORM = _graph.OP_RMSNORM, OP_MATMUL = _graph.OP_MATMUL
 cdef int OP_ATTENTION = _graph.OP_ATTENTION, OP_RESIDUAL = _graph.OP_RESIDUAL, OP_RELU2 = _graph.OP_RELU2
+cdef int OP_LAYERNORM = _graph.OP_LAYERNORM, OP_GELU = _graph.OP_GELU, OP_MATMUL_T = _graph.OP_MATMUL_T
 cdef int POST_NONE = _graph.POST_NONE, POST_RELU2 = _graph.POST_RELU2, POST_RESIDUAL = _graph.POST_RESIDUAL, POST_ROPE = _graph.POST_ROPE
+cdef int POST_GELU = _graph.POST_GELU
+cdef float SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2): GELU's erf argument
+
+
+cdef inline float _gelu(float x) noexcept nogil:
+    """The exact GELU, 0.5 x (1 + erf(x / sqrt(2))), as gelu_forward."""
+    return <float>0.5 * x * (<float>1.0 + erff(x * SQRT_HALF))
 cdef int ROWS_ALL = _graph.ROWS_ALL, ROWS_LAST = _graph.ROWS_LAST
 cdef int OPC = _graph.OPC, OUT = _graph.OUT, IN = _graph.IN, IN2 = _graph.IN2, W = _graph.W, W2 = _graph.W2
 cdef int K = _graph.K, N = _graph.N, POST = _graph.POST, LAYER = _graph.LAYER, ROWS = _graph.ROWS
@@ -192,6 +201,10 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
             for j in range(m * Nd + j0, m * Nd + j1):
                 r = y[j] if y[j] > 0 else 0.0
                 y[j] = r * r
+    elif net.post == POST_GELU:
+        for m in range(M):
+            for j in range(m * Nd + j0, m * Nd + j1):
+                y[j] = _gelu(y[j])
 
 
 cdef void _stage(Net* net) noexcept nogil:
@@ -271,6 +284,14 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                     out[m * Nd + c] = v
         elif row[OPC] == OP_RMSNORM:
             fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
+        elif row[OPC] == OP_LAYERNORM:
+            fc_layernorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
+        elif row[OPC] == OP_MATMUL_T:
+            # weights stored [out, in] (a tied head reading wte): packed transposed, or dot products
+            if net.packed != NULL:
+                _product(net, 0, out, xin, NULL, net.packed + net.poff[r], Mr, Kd, Nd, 0, Nd)
+            else:
+                fc_matmul_t(out, xin, net.params + row[W], Mr, Kd, Nd, Nd)
         elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and not net.batch:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r] if net.packed != NULL else NULL,
@@ -297,6 +318,9 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             for c in range(Mr * Nd):
                 v = xin[c] if xin[c] > 0 else 0.0
                 out[c] = v * v
+        elif row[OPC] == OP_GELU:
+            for c in range(Mr * Nd):
+                out[c] = _gelu(xin[c])
 
 
 cdef struct Loop:
@@ -472,7 +496,7 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
         return np.zeros(0, np.float32), np.zeros(0, np.int64), precision
     offsets = np.full(R, -1, np.int64)
     for r in range(R):
-        if table[r, OPC] == OP_MATMUL or table[r, OPC] == OP_ATTENTION:
+        if table[r, OPC] == OP_MATMUL or table[r, OPC] == OP_ATTENTION or table[r, OPC] == OP_MATMUL_T:
             Kd = table[r, K]
             Nd = 3 * table[r, N] if table[r, OPC] == OP_ATTENTION else table[r, N]
             if table[r, W] < 0 or table[r, W] + Kd * Nd > params.shape[0]:
@@ -485,14 +509,19 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     packed = packed[shift : shift + total]
     pk = packed
     cdef int64_t[::1] po = offsets
+    cdef const float[::1] src
     for r in range(R):
         if po[r] >= 0:
             Kd = table[r, K]
             Nd = 3 * table[r, N] if table[r, OPC] == OP_ATTENTION else table[r, N]
-            if bf16:
-                fc_pack16_bf16(<uint32_t*>&pk[po[r]], &params[table[r, W]], Kd, Nd, Nd)
+            if table[r, OPC] == OP_MATMUL_T:  # stored [out, in]: pack its transpose
+                src = np.ascontiguousarray(np.asarray(params[table[r, W] : table[r, W] + Kd * Nd]).reshape(Nd, Kd).T).ravel()
             else:
-                fc_pack16(&pk[po[r]], &params[table[r, W]], Kd, Nd, Nd)
+                src = params[table[r, W] : table[r, W] + Kd * Nd]
+            if bf16:
+                fc_pack16_bf16(<uint32_t*>&pk[po[r]], &src[0], Kd, Nd, Nd)
+            else:
+                fc_pack16(&pk[po[r]], &src[0], Kd, Nd, Nd)
     return packed, offsets, precision
 
 

@@ -18,7 +18,7 @@ _dropout_threshold(p) (fastchar/backends/reference.py), so every backend draws t
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport expf, logf, sqrt, sqrtf
+from libc.math cimport erff, expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
 
 from fc cimport fc_dropout_hash, fc_expf  # csrc/fc_math.h
@@ -41,6 +41,10 @@ cdef enum:
     DECODE_PARALLEL_MIN = 65536
     # Floats per (HS, T) stack scratch of one attention head (2 of them in backward: 32 KiB).
     ATT_SCRATCH = 4096
+
+
+cdef double SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2), GELU's erf argument
+cdef double INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the normal density's factor
 
 
 # Matrix products: our OpenMP threads split each product into single-threaded sgemm calls (BLAS
@@ -382,6 +386,106 @@ def rmsnorm_backward(float[:, :, ::1] dinp, float[::1] dweight, const float[:, :
 
 
 # ---------------------------------------------------------------------------------------------
+# layernorm (a gain, no bias)
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void _layernorm_row(float* out, float* mean, float* rstd, const float* x, const float* w,
+                                Py_ssize_t C, float eps) noexcept nogil:
+    """Two reductions over C (the mean, then the centred squares), then a pass."""
+    cdef Py_ssize_t c
+    cdef float m = _vsum(x, C) / C
+    cdef float ss = 0.0
+    cdef float d, r
+    for c in range(C):
+        d = x[c] - m
+        ss = ss + d * d
+    r = 1.0 / sqrtf(ss / C + eps)
+    mean[0] = m
+    rstd[0] = r
+    for c in range(C):
+        out[c] = (x[c] - m) * r * w[c]
+
+
+def layernorm_forward(float[:, :, ::1] out, float[:, ::1] mean, float[:, ::1] rstd,
+                      const float[:, :, ::1] inp, const float[::1] weight, float eps) -> None:
+    """out = (inp - mean(inp)) / sqrt(var(inp) + eps) * weight over the last axis (biased variance).
+
+    out (B, T, C); mean, rstd (B, T) saved; inp (B, T, C); weight (C,).
+    """
+    cdef Py_ssize_t B = inp.shape[0], T = inp.shape[1], C = inp.shape[2]
+    cdef Py_ssize_t n
+    cdef float* po = &out[0, 0, 0]
+    cdef float* pm = &mean[0, 0]
+    cdef float* pr = &rstd[0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    cdef const float* pw = &weight[0]
+    with nogil:
+        for n in prange(B * T, schedule="static"):
+            _layernorm_row(po + n * C, pm + n, pr + n, px + n * C, pw, C, eps)
+
+
+cdef inline void _layernorm_backward_row(float* dx, const float* dy, const float* x, const float* w,
+                                         float m, float r, Py_ssize_t C) noexcept nogil:
+    """dx += r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)); two reductions, then a pass."""
+    cdef Py_ssize_t c
+    cdef float sd = 0.0, sdx = 0.0, d
+    for c in range(C):
+        d = dy[c] * w[c]
+        sd = sd + d
+        sdx = sdx + d * (x[c] - m) * r
+    sd = sd / C
+    sdx = sdx / C
+    for c in range(C):
+        dx[c] = dx[c] + r * (dy[c] * w[c] - sd - (x[c] - m) * r * sdx)
+
+
+cdef void _layernorm_dweight_block(float* dw, const float* dy, const float* x, const float* mean,
+                                   const float* rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t c0,
+                                   Py_ssize_t c1) noexcept nogil:
+    """dw[c0:c1] += sum_n dy[n, c] * (x[n, c] - mean[n]) * rstd[n]: one thread owns these channels."""
+    cdef float acc[CBLOCK]
+    cdef Py_ssize_t n, c
+    cdef Py_ssize_t w = c1 - c0
+    cdef float m, r
+    for c in range(CBLOCK):
+        acc[c] = 0.0
+    for n in range(N):
+        m = mean[n]
+        r = rstd[n]
+        for c in range(w):
+            acc[c] = acc[c] + dy[n * C + c0 + c] * (x[n * C + c0 + c] - m) * r
+    for c in range(w):
+        dw[c0 + c] = dw[c0 + c] + acc[c]
+
+
+def layernorm_backward(float[:, :, ::1] dinp, float[::1] dweight, const float[:, :, ::1] dout,
+                       const float[:, :, ::1] inp, const float[::1] weight, const float[:, ::1] mean,
+                       const float[:, ::1] rstd) -> None:
+    """dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight;
+    dweight += sum(dout * xhat). Accumulates.
+
+    dinp (B, T, C); dweight (C,); dout (B, T, C); inp (B, T, C); weight (C,); mean, rstd (B, T).
+    dinp is parallel over rows, dweight over channel blocks.
+    """
+    cdef Py_ssize_t B = inp.shape[0], T = inp.shape[1], C = inp.shape[2]
+    cdef Py_ssize_t N = B * T
+    cdef Py_ssize_t n, blk
+    cdef Py_ssize_t nblocks = (C + CBLOCK - 1) // CBLOCK
+    cdef float* pdx = &dinp[0, 0, 0]
+    cdef float* pdw = &dweight[0]
+    cdef const float* pdy = &dout[0, 0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    cdef const float* pw = &weight[0]
+    cdef const float* pm = &mean[0, 0]
+    cdef const float* pr = &rstd[0, 0]
+    with nogil, parallel():
+        for n in prange(N, schedule="static"):
+            _layernorm_backward_row(pdx + n * C, pdy + n * C, px + n * C, pw, pm[n], pr[n], C)
+        for blk in prange(nblocks, schedule="static"):
+            _layernorm_dweight_block(pdw, pdy, px, pm, pr, N, C, blk * CBLOCK, min((blk + 1) * CBLOCK, C))
+
+
+# ---------------------------------------------------------------------------------------------
 # matmul (BLAS)
 # ---------------------------------------------------------------------------------------------
 
@@ -469,6 +573,74 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::
     with nogil:
         _matmul_backward(&dinp[0, 0], &dweight[0, 0], &dout[0, 0], &inp[0, 0], &weight[0, 0],
                          N, IC, OC, nthreads)
+
+
+def matmul_t_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::1] weight) -> None:
+    """out = inp @ weight.T (weight stored [out, in]: the tied lm_head reads wte).
+
+    out (N, OC); inp (N, IC); weight (OC, IC). Row blocks of N in parallel, one sgemm each.
+    """
+    cdef int N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[0]
+    cdef int nthreads = _gemm_threads()
+    cdef int blk, r0, r1
+    cdef int rows = (N + nthreads - 1) // nthreads
+    cdef const float* px = &inp[0, 0]
+    cdef const float* pw = &weight[0, 0]
+    cdef float* po = &out[0, 0]
+    with nogil:
+        if nthreads <= 1:
+            _sgemm_rowmajor(b'N', b'T', N, OC, IC, 1.0, px, IC, pw, IC, 0.0, po, OC)
+        else:
+            for blk in prange(nthreads, schedule="static", num_threads=nthreads):
+                r0 = blk * rows
+                r1 = min(r0 + rows, N)
+                if r1 > r0:
+                    _sgemm_rowmajor(b'N', b'T', r1 - r0, OC, IC, 1.0, px + <Py_ssize_t>r0 * IC, IC, pw, IC, 0.0,
+                                    po + <Py_ssize_t>r0 * OC, OC)
+
+
+cdef void _matmul_t_backward_item(float* dinp, float* dweight, const float* dout, const float* inp,
+                                  const float* weight, int N, int IC, int OC, int item, int half) noexcept nogil:
+    """Work item < half: a row block of dinp; otherwise a row block of dweight (output channels)."""
+    cdef int rows = (N + half - 1) // half
+    cdef int orows = (OC + half - 1) // half
+    cdef int r0, r1
+    if item < half:
+        # dinp[r0:r1] (rows, IC) += dout[r0:r1] (rows, OC) @ weight (OC, IC)
+        r0 = item * rows
+        r1 = min(r0 + rows, N)
+        if r1 > r0:
+            _sgemm_rowmajor(b'N', b'N', r1 - r0, IC, OC, 1.0, dout + <Py_ssize_t>r0 * OC, OC, weight, IC, 1.0,
+                            dinp + <Py_ssize_t>r0 * IC, IC)
+    else:
+        # dweight[r0:r1] (rows, IC) += dout[:, r0:r1]^T (rows, N) @ inp (N, IC)
+        r0 = (item - half) * orows
+        r1 = min(r0 + orows, OC)
+        if r1 > r0:
+            _sgemm_rowmajor(b'T', b'N', r1 - r0, IC, N, 1.0, dout + r0, OC, inp, IC, 1.0,
+                            dweight + <Py_ssize_t>r0 * IC, IC)
+
+
+def matmul_t_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::1] dout,
+                      const float[:, ::1] inp, const float[:, ::1] weight) -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp. Accumulates (BLAS beta = 1).
+
+    dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC).
+    """
+    cdef int N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[0]
+    cdef int nthreads = _gemm_threads()
+    cdef int half = (nthreads + 1) // 2
+    cdef int item
+    with nogil:
+        if nthreads <= 1:
+            _matmul_t_backward_item(&dinp[0, 0], &dweight[0, 0], &dout[0, 0], &inp[0, 0], &weight[0, 0],
+                                    N, IC, OC, 0, 1)
+            _matmul_t_backward_item(&dinp[0, 0], &dweight[0, 0], &dout[0, 0], &inp[0, 0], &weight[0, 0],
+                                    N, IC, OC, 1, 1)
+        else:
+            for item in prange(2 * half, schedule="static", num_threads=nthreads):
+                _matmul_t_backward_item(&dinp[0, 0], &dweight[0, 0], &dout[0, 0], &inp[0, 0], &weight[0, 0],
+                                        N, IC, OC, item, half)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -928,6 +1100,53 @@ def relu2_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout,
         for i in prange(nchunks, schedule="static"):
             _relu2_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK,
                                   min(CHUNK, n - i * CHUNK))
+
+
+cdef inline void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = <float>0.5 * x[i] * (<float>1.0 + erff(x[i] * <float>SQRT_HALF))
+
+
+def gelu_forward(float[:, :, ::1] out, const float[:, :, ::1] inp) -> None:
+    """out = 0.5 * inp * (1 + erf(inp / sqrt(2))), the exact GELU.
+
+    out (B, T, H); inp (B, T, H), H the MLP width.
+    """
+    cdef Py_ssize_t n = inp.shape[0] * inp.shape[1] * inp.shape[2]
+    cdef Py_ssize_t nchunks = (n + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t i
+    cdef float* po = &out[0, 0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    with nogil:
+        for i in prange(nchunks, schedule="static"):
+            _gelu_forward_chunk(po + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK))
+
+
+cdef inline void _gelu_backward_chunk(float* dx, const float* dy, const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float xi, cdf, pdf
+    for i in range(n):
+        xi = x[i]
+        cdf = <float>0.5 * (<float>1.0 + erff(xi * <float>SQRT_HALF))
+        pdf = <float>INV_SQRT_2PI * expf(<float>-0.5 * xi * xi)
+        dx[i] = dx[i] + dy[i] * (cdf + xi * pdf)
+
+
+def gelu_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const float[:, :, ::1] inp) -> None:
+    """dinp += dout * (Phi(inp) + inp * phi(inp)), Phi the normal cdf, phi its density. Accumulates.
+
+    dinp (B, T, H); dout (B, T, H); inp (B, T, H).
+    """
+    cdef Py_ssize_t n = inp.shape[0] * inp.shape[1] * inp.shape[2]
+    cdef Py_ssize_t nchunks = (n + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t i
+    cdef float* pdx = &dinp[0, 0, 0]
+    cdef const float* pdy = &dout[0, 0, 0]
+    cdef const float* px = &inp[0, 0, 0]
+    with nogil:
+        for i in prange(nchunks, schedule="static"):
+            _gelu_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK))
 
 
 cdef inline void _rope_row(float* out, const float* x, const float* cos, const float* sin,

@@ -51,3 +51,6 @@ cdef extern from "fc_decode.h" nogil:
     void fc_rope_heads(float* qkv, const float* cos_rows, const float* sin_rows, Py_ssize_t M, Py_ssize_t C,
                        Py_ssize_t half, Py_ssize_t h0, Py_ssize_t h1) noexcept
     void fc_rmsnorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_ssize_t C, float eps) noexcept
+    void fc_layernorm(float* out, const float* x, const float* g, Py_ssize_t M, Py_ssize_t C, float eps) noexcept
+    void fc_matmul_t(float* y, const float* x, const float* w, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+                     Py_ssize_t ldy) noexcept

@@ -352,3 +352,36 @@ void fc_rmsnorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff
         for (c = 0; c < C; c++) out[m * C + c] = x[m * C + c] * s * g[c];
     }
 }
+
+/* out[m] = (x[m] - mean) / sqrt(var + eps) * g, biased variance, no bias (layernorm_forward of the
+   reference). out, x (M, C); g (C,). */
+void fc_layernorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps) {
+    ptrdiff_t m, c;
+    for (m = 0; m < M; m++) {
+        float s = 0.0f, ss = 0.0f, mean, r;
+        for (c = 0; c < C; c++) s += x[m * C + c];
+        mean = s / (float)C;
+        for (c = 0; c < C; c++) {
+            float d = x[m * C + c] - mean;
+            ss += d * d;
+        }
+        r = 1.0f / sqrtf(ss / (float)C + eps);
+        for (c = 0; c < C; c++) out[m * C + c] = (x[m * C + c] - mean) * r * g[c];
+    }
+}
+
+/* y[:M, j] = x[:M] . w[j] for j < N: the product with weights stored [out, in] (a tied lm_head
+   reading wte). y (M, N) row stride ldy; x (M, K); w (N, K). */
+void fc_matmul_t(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy) {
+    ptrdiff_t m, j, k;
+    for (m = 0; m < M; m++)
+        for (j = 0; j < N; j++) {
+            const float *xr = x + m * K, *wr = w + j * K;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a;
+            for (k = 0; k + 8 <= K; k += 8)
+                for (int i = 0; i < 8; i++) acc[i] += xr[k + i] * wr[k + i];
+            a = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (; k < K; k++) a += xr[k] * wr[k];
+            y[m * ldy + j] = a;
+        }
+}

@@ -118,5 +118,7 @@ void fc_rope_tables(float *cos_rows, float *sin_rows, const double *inv_freq, pt
 void fc_rope_heads(float *qkv, const float *cos_rows, const float *sin_rows, ptrdiff_t M, ptrdiff_t C,
                    ptrdiff_t half, ptrdiff_t h0, ptrdiff_t h1);
 void fc_rmsnorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps);
+void fc_layernorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps);
+void fc_matmul_t(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy);
 
 #endif

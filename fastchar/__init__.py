@@ -44,5 +44,14 @@ __all__ = [
     "load",
     "set_threads",
     "stream",
+    "to_torch",
 ]
 __version__ = "0.1.0"
+
+
+def to_torch(model: Model, dtype: object = None) -> object:
+    """model as a torch.nn.Module with its weights (fastchar.torch_model.to_torch; needs PyTorch,
+    `pip install "fastchar[torch]"`). Its forward(idx (B, T)) returns (logits (B, T, V), None)."""
+    from fastchar.torch_model import to_torch as convert
+
+    return convert(model, dtype)

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from fastchar import recipes
-from fastchar.config import NO_STEP_LIMIT, POSITIONS, ModelConfig, TrainConfig
+from fastchar.config import ACTIVATIONS, NO_STEP_LIMIT, NORMS, POSITIONS, ModelConfig, TrainConfig
 from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
 
@@ -50,7 +50,11 @@ MODEL_HELP = {
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
     "position": "positions: learned (an absolute table, SPEC's base model; the default) or rope (rotary)",
     "rope_base": f"rotary base: pair i turns by p * base**(-2i/HS) (default {DEFAULT_MODEL.rope_base:g})",
+    "norm": "every norm: rmsnorm (x / rms(x) * g; the default) or layernorm ((x - mean) / std * g, no bias)",
+    "activation": "the MLP's activation: relu2 (relu(x)**2; the default) or gelu (exact, erf form)",
+    "tie_embeddings": "no lm_head: the logits are ln_f(x) @ wte.T (default: an untied lm_head)",
 }
+CHOICES = {"position": POSITIONS, "norm": NORMS, "activation": ACTIVATIONS}  # ModelConfig's string fields
 TRAIN_HELP = {
     "batch": f"sequences per micro-batch B (default {DEFAULT_TRAIN.batch})",
     "grad_accum": "micro-batches K per optimizer step: the step's loss and gradient are the mean over K*B "
@@ -175,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = train.add_argument_group("model (ModelConfig)")
     for f in dataclasses.fields(ModelConfig):
-        if f.name == "position":
-            group.add_argument("--position", choices=POSITIONS, default=None, help=MODEL_HELP[f.name])
+        if f.name in CHOICES:
+            group.add_argument(_flag(f.name), choices=CHOICES[f.name], default=None, help=MODEL_HELP[f.name])
+            continue
+        if f.name == "tie_embeddings":
+            group.add_argument(_flag(f.name), action="store_true", default=None, help=MODEL_HELP[f.name])
             continue
         kind = float if f.type == "float" else int
         group.add_argument(_flag(f.name), type=_number(kind), default=None, help=MODEL_HELP[f.name])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from fastchar.errors import ConfigError
 
 POSITIONS = ("learned", "rope")  # ModelConfig.position: absolute learned table, or rotary (RoPE)
+NORMS = ("rmsnorm", "layernorm")  # ModelConfig.norm: op records of fastchar/ops.py
+ACTIVATIONS = ("relu2", "gelu")  # ModelConfig.activation: op records of fastchar/ops.py
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class ModelConfig:
     dropout: float = 0.0  # on attention probabilities and residual branches, training only
     position: str = "learned"  # "learned": a wpe table of ctx rows; "rope": rotary q and k, no wpe
     rope_base: float = 10000.0  # rotary base: pair i of a head turns by p * rope_base**(-2i/HS)
+    norm: str = "rmsnorm"  # every norm (ln1, ln2, ln_f): "rmsnorm", or "layernorm" (a gain, no bias)
+    activation: str = "relu2"  # the MLP's: "relu2" (squared ReLU), or "gelu" (exact, erf form)
+    tie_embeddings: bool = False  # True: no lm_head; logits = ln_f(x) @ wte.T
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "ctx", "mlp_hidden"):
@@ -42,6 +47,20 @@ class ModelConfig:
                 hint="learned: absolute positions (SPEC's base model); rope: rotary positions",
             )
         _number(self, "rope_base", 1.0, math.inf, lo_open=True, hi_open=True)
+        for name, choices, hint in (
+            ("norm", NORMS, "rmsnorm: x / rms(x) * g (the default); layernorm: (x - mean) / std * g, no bias"),
+            ("activation", ACTIVATIONS, "relu2: relu(x)**2 (the default); gelu: 0.5 x (1 + erf(x / sqrt 2))"),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"ModelConfig.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}", hint=hint
+                )
+        if not isinstance(self.tie_embeddings, bool | np_bool()):
+            raise ConfigError(
+                f"ModelConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}",
+                hint="True: the lm_head is wte transposed (no lm_head parameter)",
+            )
+        object.__setattr__(self, "tie_embeddings", bool(self.tie_embeddings))
         if self.position == "rope" and self.head_size % 2:
             raise ConfigError(
                 f"rotary positions need an even head size, got d_model/n_head = {self.head_size}",
@@ -114,6 +133,13 @@ class TrainConfig:
 
 
 HINT = "see `fastchar train --help` for every option's range"
+
+
+def np_bool() -> type:
+    """numpy's bool type (a config read back from JSON or built from numpy values may hold one)."""
+    import numpy as np
+
+    return np.bool_
 NO_STEP_LIMIT = 10**9  # steps beside a time budget when none are asked for: the budget alone ends the run
 
 

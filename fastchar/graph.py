@@ -1,36 +1,83 @@
 """The network, once: ModelConfig -> an ordered list of ops, and every path built from that list.
 
-`forward_ops(cfg)` is the architecture of SPEC.md, one op per kernel call: each op names its kernel
-pair (`<kind>_forward` / `<kind>_backward`), the activation slot it writes, the slots it reads, the
-parameters it uses and its scalars. From that one list come
-- the parameter table (`param_specs`) and the activation arena (`act_specs`), with the constant
-  buffers some ops read (`fill_constants`);
+`forward_ops(cfg)` is the architecture (docs/architecture.md), one op per kernel call: each op names
+its kind, the activation slot it writes, the slots it reads, the parameters it uses and its scalars.
+What a *kind* is (its kernels, saved buffers, bindings, parameter init, decode lowering, test case,
+PyTorch reference) lives in its record in fastchar/ops.py; this module never branches on an op's
+kind. From the one op list come
+- the parameter table (`param_specs`: each op's weights in first-use order, shapes and init from
+  their records) and the activation arena (`act_specs`), with the constant buffers some ops read
+  (`fill_constants`);
 - the training plans: `training_plan` binds every op to an arena's views, in order for the forward
   and in reverse order for the backward (llm.c's gpt2_backward is gpt2_forward reversed);
+  `Plan.describe()` prints what runs and why, `Plan.timed()` wraps its own callables with a timer;
 - the one-position decode step of the Python KV cache (fastchar/sampler.py walks the same ops);
 - the compiled decode table (`decode_table`): opcodes, scratch offsets and parameter offsets found by
   name, which the compiled generation loops walk (fastchar/backends/numba_decode.py, csrc/_decode.pyx).
-A change to the architecture edits `block_ops` / `head_ops` and, for a new kind of op, adds a kernel
-pair (and a decode opcode). Nothing here computes; it only describes and binds.
+A change to the architecture edits `block_ops` / `head_ops`; a new kind of op is a record in
+fastchar/ops.py and its kernels. Nothing here computes; it only describes and binds.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastchar.config import ModelConfig
+from fastchar.ops import (  # noqa: F401  (the decode table's vocabulary, re-exported for the compiled loops)
+    CACHE_LINE,
+    IN,
+    IN2,
+    INIT_STD,
+    KEY,
+    LAYER,
+    NCOL,
+    NORM_EPS,
+    ONES,
+    OP_ATTENTION,
+    OP_EMBED,
+    OP_GELU,
+    OP_LAYERNORM,
+    OP_MATMUL,
+    OP_MATMUL_T,
+    OP_RELU2,
+    OP_RESIDUAL,
+    OP_RMSNORM,
+    OPC,
+    OPCODE_NAMES,
+    OUT,
+    POST,
+    POST_GELU,
+    POST_NAMES,
+    POST_NONE,
+    POST_RELU2,
+    POST_RESIDUAL,
+    POST_ROPE,
+    RECORDS,
+    ROWS,
+    ROWS_ALL,
+    ROWS_LAST,
+    ROWS_ONE,
+    TARGETS,
+    TOKENS,
+    W2,
+    K,
+    Lowering,
+    N,
+    Op,
+    W,
+    record,
+    saved_names,
+)
 
 Spec = list[tuple[str, tuple[int, ...]]]
 
-RMSNORM_EPS = 1e-5  # every RMSNorm of the model (SPEC); the only definition, compiled paths get it from here
-INIT_STD = 0.02  # SPEC's init: normal(0, 0.02), output projections 0.02 / sqrt(2L)
+RMSNORM_EPS = NORM_EPS  # the norms' eps (RMSNorm and LayerNorm); compiled paths get it from the ops
 DROPOUT_SITES = 3  # dropout sites per block: attention probabilities, the two residual branches
-KEY = "dropout-key"  # placeholder scalar of a dropout op, patched with the step's key before each call
-TOKENS, TARGETS = "tokens", "targets"  # the int32 (B, T) inputs
 # Dropout masks and keys hash with Chris Wellons' lowbias32 (every backend, fastchar/backends/reference.py)
 DROPOUT_GOLDEN = 0x9E3779B9  # spreads consecutive indices over the 32-bit range before hashing
 LOWBIAS32_MUL1 = 0x7FEB352D  # the two multipliers of lowbias32
@@ -48,48 +95,13 @@ def lowbias32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-@dataclass(frozen=True)
-class Op:
-    """One kernel call: `kind` names the pair `<kind>_forward` / `<kind>_backward`.
-
-    out: the activation slot written, width its last axis; inputs: slots read (or TOKENS/TARGETS);
-    weights: parameter names (or constant slots, see `act_specs`); saved: further slots the forward
-    fills for the backward (rstd, att, probs); scalars: trailing arguments (eps, dropout key and p);
-    site: the dropout site whose key goes into the KEY scalar (-1: none).
-    """
-
-    kind: str
-    out: str
-    width: int
-    inputs: tuple[str, ...]
-    weights: tuple[str, ...] = ()
-    saved: tuple[str, ...] = ()
-    scalars: tuple = ()
-    site: int = -1
-
-
 # --------------------------------------------------------------------------------------------
 # The architecture
 
 
-def param_specs(cfg: ModelConfig) -> Spec:
-    """The parameter table of SPEC.md, in buffer order (also the checkpoint layout)."""
-    V, C, T, H = cfg.vocab_size, cfg.d_model, cfg.ctx, cfg.mlp_hidden
-    specs: Spec = [("wte", (V, C))]
-    if cfg.position == "learned":
-        specs.append(("wpe", (T, C)))
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        specs += [
-            (p + "ln1.weight", (C,)),
-            (p + "attn.qkv", (C, 3 * C)),
-            (p + "attn.proj", (C, C)),
-            (p + "ln2.weight", (C,)),
-            (p + "mlp.fc", (C, H)),
-            (p + "mlp.proj", (H, C)),
-        ]
-    specs += [("ln_f.weight", (C,)), ("lm_head", (C, V))]
-    return specs
+def norm_op(cfg: ModelConfig, out: str, x: str, gain: str) -> Op:
+    """A norm of the model's kind (cfg.norm: "rmsnorm" or "layernorm") over x, with gain `gain`."""
+    return Op(cfg.norm, out, cfg.d_model, (x,), (gain,), saved_names(cfg.norm, out), (NORM_EPS,))
 
 
 def embedding_op(cfg: ModelConfig) -> Op:
@@ -99,31 +111,29 @@ def embedding_op(cfg: ModelConfig) -> Op:
 
 
 def block_ops(cfg: ModelConfig, i: int, x: str, dropout: bool) -> list[Op]:
-    """Block i on the residual stream x: x = x + attn(rmsnorm1(x)); x = x + mlp(rmsnorm2(x))."""
+    """Block i on the residual stream x: x = x + attn(norm1(x)); x = x + mlp(norm2(x))."""
     s, C, H, p = f"blocks.{i}.", cfg.d_model, cfg.mlp_hidden, cfg.dropout
+    out_std = INIT_STD / math.sqrt(2 * cfg.n_layer)  # the two output projections of a block
     rope = cfg.position == "rope"
     qkv = s + ("qkv_raw" if rope else "qkv")
-    ops = [
-        Op("rmsnorm", s + "ln1", C, (x,), (s + "ln1.weight",), (s + "ln1_rstd",), (RMSNORM_EPS,)),
-        Op("matmul", qkv, 3 * C, (s + "ln1",), (s + "attn.qkv",)),
-    ]
+    ops = [norm_op(cfg, s + "ln1", x, s + "ln1.weight"), Op("matmul", qkv, 3 * C, (s + "ln1",), (s + "attn.qkv",))]
     if rope:  # q and k of every head turned by their position; v copied
         ops.append(Op("rope", s + "qkv", 3 * C, (qkv,), ("rope.cos", "rope.sin")))
     if dropout:
         ops.append(Op("attention_dropout", s + "atty", C, (s + "qkv",), (), (s + "att",), (KEY, p), 3 * i))
     else:
         ops.append(Op("attention", s + "atty", C, (s + "qkv",), (), (s + "att",)))
-    ops.append(Op("matmul", s + "attproj", C, (s + "atty",), (s + "attn.proj",)))
+    ops.append(Op("matmul", s + "attproj", C, (s + "atty",), (s + "attn.proj",), std=out_std))
     branch = s + "attproj"
     if dropout:
         ops.append(Op("dropout", s + "attproj_drop", C, (branch,), (), (), (KEY, p), 3 * i + 1))
         branch = s + "attproj_drop"
     ops += [
         Op("residual", s + "res1", C, (x, branch)),
-        Op("rmsnorm", s + "ln2", C, (s + "res1",), (s + "ln2.weight",), (s + "ln2_rstd",), (RMSNORM_EPS,)),
+        norm_op(cfg, s + "ln2", s + "res1", s + "ln2.weight"),
         Op("matmul", s + "fch", H, (s + "ln2",), (s + "mlp.fc",)),
-        Op("relu2", s + "fch_act", H, (s + "fch",)),
-        Op("matmul", s + "fcproj", C, (s + "fch_act",), (s + "mlp.proj",)),
+        Op(cfg.activation, s + "fch_act", H, (s + "fch",)),
+        Op("matmul", s + "fcproj", C, (s + "fch_act",), (s + "mlp.proj",), std=out_std),
     ]
     branch = s + "fcproj"
     if dropout:
@@ -134,11 +144,13 @@ def block_ops(cfg: ModelConfig, i: int, x: str, dropout: bool) -> list[Op]:
 
 
 def head_ops(cfg: ModelConfig, x: str) -> list[Op]:
-    """The final RMSNorm and the untied lm_head."""
-    return [
-        Op("rmsnorm", "lnf", cfg.d_model, (x,), ("ln_f.weight",), ("lnf_rstd",), (RMSNORM_EPS,)),
-        Op("matmul", "logits", cfg.vocab_size, ("lnf",), ("lm_head",)),
-    ]
+    """The final norm and the lm_head: its own [C, V] matrix, or (tied) wte read transposed."""
+    head = (
+        Op("matmul_t", "logits", cfg.vocab_size, ("lnf",), ("wte",))
+        if cfg.tie_embeddings
+        else Op("matmul", "logits", cfg.vocab_size, ("lnf",), ("lm_head",))
+    )
+    return [norm_op(cfg, "lnf", x, "ln_f.weight"), head]
 
 
 def forward_ops(cfg: ModelConfig, dropout: bool = False) -> list[Op]:
@@ -157,19 +169,47 @@ def loss_op(cfg: ModelConfig) -> Op:
     return Op("crossentropy", "losses", 1, ("logits", TARGETS), (), ("probs",))
 
 
+def _widths(ops: list[Op]) -> dict[str, int]:
+    widths = {op.out: op.width for op in ops}
+    widths[TOKENS] = 1
+    return widths
+
+
+def param_inits(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], float | str]]:
+    """name -> (shape, init) of every parameter, in buffer order: each op's weights in first-use
+    order (a tied lm_head reuses wte), shapes and init ("ones", or the normal's std) from the ops'
+    records. Constant slots (graph.constant_specs) are not parameters."""
+    ops = forward_ops(cfg)
+    widths, constants = _widths(ops), {name for name, _ in constant_specs(cfg, cfg.ctx)}
+    table: dict[str, tuple[tuple[int, ...], float | str]] = {}
+    for op in ops:
+        for name, (shape, init) in zip(op.weights, record(op.kind).weights(op, cfg, widths), strict=True):
+            if name in table:
+                if table[name][0] != tuple(shape):
+                    raise AssertionError(f"{op.kind} reads {name} as {shape}, declared {table[name][0]}")
+            elif name not in constants:
+                table[name] = (tuple(shape), init)
+    return table
+
+
+def param_specs(cfg: ModelConfig) -> Spec:
+    """The parameter table (docs/architecture.md), in buffer order (also the checkpoint layout)."""
+    return [(name, shape) for name, (shape, _) in param_inits(cfg).items()]
+
+
+def init_std(name: str, cfg: ModelConfig) -> float | None:
+    """A parameter's init: None for ones (the norm gains), else the normal's std."""
+    init = param_inits(cfg)[name][1]
+    return None if init == ONES else float(init)
+
+
 # --------------------------------------------------------------------------------------------
 # Arenas
 
 
-def saved_shape(op: Op, cfg: ModelConfig, B: int, T: int) -> tuple[int, ...]:
-    """Shape of the buffers an op saves for its backward."""
-    if op.kind in ("rmsnorm",):
-        return (B, T)
-    if op.kind in ("attention", "attention_dropout"):
-        return (B, cfg.n_head, T, T)
-    if op.kind == "crossentropy":
-        return (B, T, cfg.vocab_size)
-    raise AssertionError(f"op kind {op.kind!r} saves nothing")
+def saved_shape(op: Op, cfg: ModelConfig, B: int, T: int, k: int = 0) -> tuple[int, ...]:
+    """Shape of the k-th buffer an op saves for its backward (its record's `saved`)."""
+    return tuple(record(op.kind).saved(cfg, B, T)[k])
 
 
 def constant_specs(cfg: ModelConfig, T: int) -> Spec:
@@ -188,7 +228,10 @@ def act_specs(cfg: ModelConfig, B: int, T: int, dropout: bool | None = None) -> 
     specs: Spec = []
     for op in [*forward_ops(cfg, dropout), loss_op(cfg)]:
         specs.append((op.out, (B, T) if op.width == 1 else (B, T, op.width)))
-        specs += [(name, saved_shape(op, cfg, B, T)) for name in op.saved]
+        shapes = record(op.kind).saved(cfg, B, T)
+        if len(shapes) != len(op.saved):
+            raise AssertionError(f"{op.kind} saves {len(shapes)} buffers, the op names {len(op.saved)}")
+        specs += [(name, tuple(shape)) for name, shape in zip(op.saved, shapes, strict=True)]
     return specs + constant_specs(cfg, T)
 
 
@@ -223,7 +266,8 @@ def fill_constants(acts: dict, cfg: ModelConfig, T: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Binding ops to kernels: forward arguments in the kernels' order (outputs, saved, inputs,
-# weights, scalars), backward arguments per kind (input grads, weight grads, dout, saved).
+# weights, scalars), backward arguments as each record binds them (input grads, weight grads,
+# dout, saved).
 
 
 class Views:
@@ -247,58 +291,80 @@ class Views:
         return self.grads[name] if name in self.grads else self.dacts[name]
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """(B, T, X) -> (B*T, X) view for the matmul kernels."""
-    return a.reshape(-1, a.shape[-1])
-
-
 def forward_args(op: Op, v: Views) -> list:
-    rows = _rows if op.kind == "matmul" else (lambda x: x)
-    return [
-        rows(v.a(op.out)),
-        *[v.a(s) for s in op.saved],
-        *[rows(v.a(i)) for i in op.inputs],
-        *[v.p(w) for w in op.weights],
-        *op.scalars,
-    ]
+    return record(op.kind).bind_forward(op, v)
 
 
 def backward_args(op: Op, v: Views) -> list:
-    a, d, p, g, i, w = v.a, v.d, v.p, v.g, op.inputs, op.weights
-    if op.kind == "embedding":
-        return [g(w[0]), g(w[1]), d(op.out), a(i[0])]
-    if op.kind == "rmsnorm":
-        return [d(i[0]), g(w[0]), d(op.out), a(i[0]), p(w[0]), a(op.saved[0])]
-    if op.kind == "matmul":
-        return [_rows(d(i[0])), g(w[0]), _rows(d(op.out)), _rows(a(i[0])), p(w[0])]
-    if op.kind == "rope":
-        return [d(i[0]), d(op.out), p(w[0]), p(w[1])]
-    if op.kind in ("attention", "attention_dropout"):
-        return [d(i[0]), d(op.saved[0]), d(op.out), a(i[0]), a(op.saved[0]), *op.scalars]
-    if op.kind == "dropout":
-        return [d(i[0]), d(op.out), *op.scalars]
-    if op.kind == "relu2":
-        return [d(i[0]), d(op.out), a(i[0])]
-    if op.kind == "residual":
-        return [d(i[0]), d(i[1]), d(op.out)]
-    if op.kind == "crossentropy":
-        return [d(i[0]), d(op.out), a(op.saved[0]), a(i[1])]
-    raise AssertionError(f"no backward binding for op kind {op.kind!r}")
+    rec = record(op.kind)
+    if rec.bind_backward is None:
+        raise AssertionError(f"the record of op kind {op.kind!r} binds no backward")
+    return rec.bind_backward(op, v)
 
 
 Call = tuple[Callable, list]
 KeySlot = tuple[list, int, int]  # (args, index of the KEY scalar, dropout site)
+Choice = Callable | tuple[Callable, str]  # a plan override: the kernel, or (kernel, why it was chosen)
+
+
+@dataclass
+class Step:
+    """What one call of a plan is: its phase, op, kernel name, function and why it was chosen."""
+
+    phase: str  # "forward", "loss" or "backward"
+    op: Op
+    kernel: str
+    fn: Callable
+    why: str
 
 
 @dataclass
 class Plan:
     """Kernel calls over fixed views: `forward` (token ids to logits), `loss`, and `backward` (the
-    loss's backward, then the forward reversed). `keys` lists the dropout-key slots to patch."""
+    loss's backward, then the forward reversed). `keys` lists the dropout-key slots to patch;
+    `steps` says what every call is (forward, loss, then backward order), for describe() and timed()."""
 
     forward: list[Call]
     loss: list[Call]
     backward: list[Call]
     keys: list[KeySlot]
+    steps: list[Step] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        """One line per call of a training step: phase, op (kind, output), kernel module.function, why."""
+        return [f"{s.phase:<8} {s.op.kind:<17} {s.op.out:<20} {function_name(s.fn):<52} {s.why}" for s in self.steps]
+
+    def timed(self, spent: dict[str, float], key: Callable[[Step], str] | None = None) -> None:
+        """Wrap every call of this plan (its own callables, in place) with a timer adding its
+        seconds to spent[key(step)] (default: the kernel's name)."""
+        key = key or (lambda s: s.kernel)
+        calls = [*self.forward, *self.loss, *self.backward]
+        wrapped = [(_timer(fn, key(s), spent), args) for (fn, args), s in zip(calls, self.steps, strict=True)]
+        nf, nl = len(self.forward), len(self.loss)
+        self.forward[:], self.loss[:], self.backward[:] = wrapped[:nf], wrapped[nf : nf + nl], wrapped[nf + nl :]
+
+
+def _timer(fn: Callable, name: str, spent: dict[str, float]) -> Callable:
+    clock = time.perf_counter
+
+    def call(*args):
+        t0 = clock()
+        fn(*args)
+        spent[name] = spent.get(name, 0.0) + clock() - t0
+
+    call.__wrapped__ = fn
+    return call
+
+
+def function_name(fn: Callable) -> str:
+    """module.function of a kernel (through functools.partial, with its keywords)."""
+    keywords = ""
+    while hasattr(fn, "func"):  # functools.partial
+        keywords = ", ".join(f"{k}={v!r}" for k, v in fn.keywords.items())
+        fn = fn.func
+    fn = getattr(fn, "__wrapped__", fn)
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
+    return f"{name}({keywords})" if keywords else name
 
 
 def _bind(fn: Callable, args: list, site: int, keys: list[KeySlot]) -> Call:
@@ -308,48 +374,59 @@ def _bind(fn: Callable, args: list, site: int, keys: list[KeySlot]) -> Call:
 
 
 def training_plan(
-    cfg: ModelConfig, kernels: object, views: Views, dropout: bool, overrides: dict[str, Callable] | None = None
+    cfg: ModelConfig,
+    kernels: object,
+    views: Views,
+    dropout: bool,
+    overrides: dict[str, Choice] | None = None,
 ) -> Plan:
     """The forward and backward of `forward_ops(cfg, dropout)` bound to one backend and one arena.
 
-    overrides: kernel name -> function replacing the backend's (the precision's matrix products,
-    see fastchar.backends.plan_kernels); every op of that kind calls it."""
+    overrides: kernel name -> function replacing the backend's, or (function, why it was chosen)
+    (the precision's matrix products, see fastchar.backends.plan_kernels); every op of that kind
+    calls it."""
     ops, loss = forward_ops(cfg, dropout), loss_op(cfg)
     overrides = overrides or {}
+    fallback = getattr(kernels, "fallback", frozenset())
+    backend = getattr(kernels, "name", "?")
+    steps: list[Step] = []
 
-    def kernel(name: str) -> Callable:
-        return overrides.get(name) or getattr(kernels, name)
+    def kernel(phase: str, op: Op, name: str) -> Callable:
+        choice = overrides.get(name)
+        if isinstance(choice, tuple):
+            fn, why = choice
+        elif choice is not None:
+            fn, why = choice, "plan override"
+        else:
+            fn = getattr(kernels, name)
+            why = f"{backend} declares no {name}: the reference's" if name in fallback else f"{backend}'s own kernel"
+        steps.append(Step(phase, op, name, fn, why))
+        return fn
 
     keys: list[KeySlot] = []
-    fwd = [_bind(kernel(op.kind + "_forward"), forward_args(op, views), op.site, keys) for op in ops]
+    fwd = [_bind(kernel("forward", op, record(op.kind).forward), forward_args(op, views), op.site, keys) for op in ops]
+    lss = [(kernel("loss", loss, record(loss.kind).forward), forward_args(loss, views))]
     bwd = [
-        _bind(kernel(op.kind + "_backward"), backward_args(op, views), op.site, keys) for op in reversed([*ops, loss])
+        _bind(kernel("backward", op, record(op.kind).backward), backward_args(op, views), op.site, keys)
+        for op in reversed([*ops, loss])
     ]
-    return Plan(fwd, [(kernel("crossentropy_forward"), forward_args(loss, views))], bwd, keys)
+    return Plan(fwd, lss, bwd, keys, steps)
 
 
 # --------------------------------------------------------------------------------------------
 # The compiled decode table: the decode step of forward_ops as rows of int64 a native driver walks.
-# Matrix products absorb the op after them where that saves a pass (relu2, the residual add), and
-# the qkv product, rope and attention form one stage (per head, q, k, v need no other head's
-# columns). Activation slots become rows of one float32 scratch (one buffer per slot name, shared by
-# the layers: S rows of the slot's width, each padded to a 64-byte line); weights are offsets into
-# the flat parameter buffer, looked up by name in the arena.
-
-OP_EMBED, OP_RMSNORM, OP_MATMUL, OP_ATTENTION, OP_RESIDUAL, OP_RELU2 = range(6)
-POST_NONE, POST_RELU2, POST_RESIDUAL, POST_ROPE = range(4)
-ROWS_ALL, ROWS_LAST, ROWS_ONE = range(3)  # every new row; only the last (read row M-1); one row (row 0)
-# columns of a table row
-OPC, OUT, IN, IN2, W, W2, K, N, POST, LAYER, ROWS = range(11)
-NCOL = 11
-CACHE_LINE = 16  # floats
+# Each op's record lowers it (fastchar/ops.py): matrix products absorb the op after them where that
+# saves a pass (an activation, the residual add), and the qkv product, rope and attention form one
+# stage (per head, q, k, v need no other head's columns). Activation slots become rows of one
+# float32 scratch (one buffer per slot name, shared by the layers: S rows of the slot's width, each
+# padded to a 64-byte line); weights are offsets into the flat parameter buffer, looked up by name.
 
 
 @dataclass
 class DecodeTable:
     """What a compiled generation loop needs besides the weights and the cache.
 
-    table (n, NCOL) int64; eps (n,) float64 (RMSNorm's eps per row); scratch_size floats;
+    table (n, NCOL) int64; eps (n,) float64 (the norms' eps per row); scratch_size floats;
     logits: scratch offset of the (V,) logits; inv_freq (HS/2,) float64 (empty without rope);
     slides: the cache slides one position per token (rope) instead of being refilled (learned).
     """
@@ -362,92 +439,31 @@ class DecodeTable:
     slides: bool
     slots: dict[str, tuple[int, int]]
 
-
-def _base(name: str) -> str:
-    """blocks.3.ln1 -> ln1: the layers share one decode buffer per slot name."""
-    return name.split(".", 2)[2] if name.startswith("blocks.") else name
+    def describe(self) -> list[str]:
+        """One line per row of a decode step: opcode (+ fused post-op), weights, K x N."""
+        lines = []
+        for r in self.table:
+            post = POST_NAMES[r[POST]]
+            name = OPCODE_NAMES[r[OPC]] + (f" + {post}" if post else "")
+            rows = ("all rows", "last row", "one row")[r[ROWS]]
+            lines.append(f"decode   {name:<24} K={r[K]:<5} N={r[N]:<5} {rows}")
+        return lines
 
 
 def decode_table(cfg: ModelConfig, offsets: dict[str, tuple[int, int]], window: int) -> DecodeTable:
     """Lower forward_ops(cfg) (no dropout) to the compiled decode table; offsets: the parameter
     arena's (start, stop) by name, so weights are found by name, never by position."""
     ops = forward_ops(cfg, dropout=False)
-    slots: dict[str, tuple[int, int]] = {}  # base name -> (scratch offset, width)
-    size = 0
-
-    def slot(name: str, width: int) -> int:
-        nonlocal size
-        base = _base(name)
-        if base not in slots:
-            slots[base] = (size, width)
-            size += -(-window * width // CACHE_LINE) * CACHE_LINE
-        return slots[base][0]
-
-    def weight(name: str) -> int:
-        return int(offsets[name][0]) if name in offsets else -1
-
-    rows: list[list[int]] = []
-    eps: list[float] = []
-    head = {op.out for op in head_ops(cfg, "x")}
-    last_rows: set[str] = set()  # slots that hold one row (the head's)
-    widths = {op.out: op.width for op in ops}
-    widths[TOKENS] = 1
-    consumed: set[int] = set()
-    layer = -1
-    for j, op in enumerate(ops):
-        if j in consumed:
-            continue
-        row = [0] * NCOL
-        row[OUT] = slot(op.out, op.width)
-        row[N] = op.width
-        row[W] = row[W2] = row[IN2] = -1
-        if op.inputs[0] != TOKENS:
-            row[IN] = slot(op.inputs[0], widths[op.inputs[0]])
-            row[K] = widths[op.inputs[0]]
-        if op.out in head:
-            row[ROWS] = ROWS_ONE if op.inputs[0] in last_rows else ROWS_LAST
-            last_rows.add(op.out)
-        nxt = ops[j + 1] if j + 1 < len(ops) else None
-        value = 0.0
-        if op.kind == "embedding":
-            row[OPC], row[W], row[W2] = OP_EMBED, weight(op.weights[0]), weight(op.weights[1])
-        elif op.kind == "rmsnorm":
-            row[OPC], row[W], value = OP_RMSNORM, weight(op.weights[0]), float(op.scalars[0])
-        elif op.kind == "matmul" and nxt is not None and nxt.inputs == (op.out,) and nxt.kind in ("rope", "attention"):
-            # qkv product [+ rope] + cache append + attention: one stage, split by heads
-            att = ops[j + 2] if nxt.kind == "rope" else nxt
-            consumed.update({j + 1, j + 2} if nxt.kind == "rope" else {j + 1})
-            layer += 1
-            row[OPC], row[W], row[LAYER] = OP_ATTENTION, weight(op.weights[0]), layer
-            row[IN2] = slot(att.inputs[0], 3 * cfg.d_model)  # the (rotated) q, k, v rows
-            row[OUT], row[N] = slot(att.out, att.width), att.width
-            row[POST] = POST_ROPE if nxt.kind == "rope" else POST_NONE
-        elif op.kind == "matmul":
-            row[OPC], row[W] = OP_MATMUL, weight(op.weights[0])
-            if nxt is not None and nxt.kind == "relu2" and nxt.inputs == (op.out,):
-                row[POST], row[OUT] = POST_RELU2, slot(nxt.out, nxt.width)
-                consumed.add(j + 1)
-            elif nxt is not None and nxt.kind == "residual" and nxt.inputs[1] == op.out:
-                row[POST], row[OUT] = POST_RESIDUAL, slot(nxt.out, nxt.width)
-                row[IN2] = slot(nxt.inputs[0], nxt.width)
-                consumed.add(j + 1)
-        elif op.kind == "residual":
-            row[OPC], row[IN2], row[K] = OP_RESIDUAL, slot(op.inputs[1], op.width), op.width
-        elif op.kind == "relu2":
-            row[OPC] = OP_RELU2
-        else:
-            raise AssertionError(f"op kind {op.kind!r} has no decode opcode")
-        rows.append(row)
-        eps.append(value)
-    logits = slots[_base(ops[-1].out)][0]
+    low = Lowering(offsets, window, _widths(ops), {op.out for op in head_ops(cfg, "x")})
+    j = 0
+    while j < len(ops):
+        rec = record(ops[j].kind)
+        if rec.lower is None:
+            raise AssertionError(f"op kind {ops[j].kind!r} has no decode lowering")
+        j += rec.lower(ops[j], j, ops, low)
+    logits = low.slots[ops[-1].out][0]
     inv_freq = rope_inv_freq(cfg) if cfg.position == "rope" else np.zeros(0)
     return DecodeTable(
-        np.array(rows, np.int64), np.array(eps, np.float64), size, logits, inv_freq, cfg.position == "rope", slots
-    )
-
-
-def init_std(name: str, cfg: ModelConfig) -> float | None:
-    """SPEC's init of a parameter: None for the norm gains (ones), else the normal's std."""
-    if name.endswith(".weight"):
-        return None
-    return INIT_STD / math.sqrt(2 * cfg.n_layer) if name.endswith(("attn.proj", "mlp.proj")) else INIT_STD
+        np.array(low.rows, np.int64), np.array(low.eps, np.float64), low.size, logits, inv_freq,
+        cfg.position == "rope", low.slots,
+    )  # fmt: skip

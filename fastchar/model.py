@@ -1,4 +1,4 @@
-"""Model: the character-level GPT of SPEC.md over flat arenas, orchestrating one backend's kernels.
+"""Model: the character-level GPT of docs/architecture.md over flat arenas, orchestrating one backend's kernels.
 
 Holds four parameter-shaped arenas (params, grads, adam_m, adam_v) and two activation arenas (acts,
 dacts) sized by the batch. The network itself is described once, in fastchar/graph.py (read
@@ -22,13 +22,15 @@ from fastchar.backends import get_backend, plan_kernels
 from fastchar.config import ModelConfig
 from fastchar.errors import InputError
 from fastchar.graph import (
+    INIT_STD,
+    ONES,
     TARGETS,
     TOKENS,
     U32,
     Views,
     fill_constants,
-    init_std,
     lowbias32,
+    param_inits,
     saved_slots,
     training_plan,
 )
@@ -50,7 +52,7 @@ class RunInfo:
 
 
 class Model:
-    """The base model of SPEC.md. `params[name]` and `grads[name]` are views into flat buffers."""
+    """The model of docs/architecture.md. `params[name]` and `grads[name]` are views into flat buffers."""
 
     def __init__(
         self,
@@ -105,14 +107,16 @@ class Model:
         return self.kernels.name
 
     def init_weights(self, seed: int) -> None:
-        """SPEC's init: normal(0, 0.02); output projections 0.02/sqrt(2L); norm gains ones."""
+        """Each parameter as its op's record says (graph.param_inits): normal(0, 0.02), output
+        projections 0.02/sqrt(2L), norm gains ones; drawn in buffer order from one seeded generator."""
         rng = np.random.default_rng(seed)
+        inits = param_inits(self.cfg)
         for name, view in self.params.items():
-            std = init_std(name, self.cfg)
-            if std is None:
+            init = inits[name][1] if name in inits else INIT_STD  # a tensor no op declares: the default
+            if init == ONES:
                 view[...] = 1.0
             else:
-                view[...] = rng.normal(0.0, std, size=view.shape)
+                view[...] = rng.normal(0.0, init, size=view.shape)
 
     def num_params(self) -> int:
         return int(self.params.flat.size)

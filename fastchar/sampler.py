@@ -40,6 +40,7 @@ seeded text is the same unless a uniform lands within that of a cdf boundary.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,11 +57,28 @@ from fastchar.graph import (
     rope_tables,
 )
 from fastchar.model import Model
+from fastchar.ops import record
 from fastchar.tokenizer import CharTokenizer
 
 # Characters per call of a compiled generation loop: big enough that the Python call (~10 us) is
 # noise, small enough that `stream` still hands out text as it is made.
 DECODE_CHUNK = 32
+
+
+@dataclass
+class DecodeStep:
+    """Where one decode step writes: the token's absolute position, its cache slot, the cache rows
+    it attends to, and the layer whose cache the next attention op uses."""
+
+    pos: int
+    slot: int
+    n_ctx: int
+    layer: int = 0
+
+
+def default_decode_step(kernels, op, args: list, cache: KVCache, step: DecodeStep) -> None:
+    """An op's decode step unless its record says otherwise: its forward kernel on one row."""
+    getattr(kernels, record(op.kind).forward)(*args)
 
 
 def aligned_zeros(n: int, align: int = 64) -> np.ndarray:
@@ -97,6 +115,7 @@ class KVCache:
         self._idx = np.zeros((1, 1), np.int32)
         views = Views(model.params, None, self.arena, None, {TOKENS: self._idx})
         self.ops = [(op, forward_args(op, views)) for op in forward_ops(cfg)]
+        self.steps = {op.kind: record(op.kind).decode_step or default_decode_step for op, _ in self.ops}
         self.tokens: list[int] = []
         self.pos = 0  # absolute position of the next token (rope keeps counting as the window slides)
 
@@ -120,19 +139,9 @@ class KVCache:
         if self.slides:
             cos, sin = rope_tables(cfg, np.array([pos]))
             a["rope.cos"][...], a["rope.sin"][...] = cos, sin
-        layer = 0
-        for op, args in self.ops:
-            if op.kind == "embedding" and op.weights[1] == "wpe":
-                k.embedding_forward(args[0], args[1], args[2], model.params["wpe"][pos : pos + 1])
-            elif op.kind == "attention":
-                qkv = a[op.inputs[0]][0]  # (1, 3C): q | k | v of the new position
-                C = cfg.d_model
-                a["k"][layer, 0, slot] = qkv[0, C : 2 * C]
-                a["v"][layer, 0, slot] = qkv[0, 2 * C :]
-                k.attention_decode(a[op.out][0], qkv[:, :C], a["k"][layer], a["v"][layer], n_ctx, cfg.n_head)
-                layer += 1
-            else:
-                getattr(k, op.kind + "_forward")(*args)
+        step = DecodeStep(pos, slot, n_ctx)
+        for op, args in self.ops:  # each op's record runs its decode step (fastchar/ops.py)
+            self.steps[op.kind](k, op, args, self, step)
         self.tokens = [*self.tokens[len(self.tokens) + 1 - n_ctx :], int(token)]
         self.pos += 1
         return a["logits"][0, 0]

@@ -18,32 +18,11 @@ from functools import cache
 from types import ModuleType, SimpleNamespace
 
 from fastchar.errors import FastcharError
+from fastchar.ops import KERNELS as _KERNELS
 
-KERNELS = (
-    "embedding_forward",
-    "embedding_backward",
-    "rmsnorm_forward",
-    "rmsnorm_backward",
-    "matmul_forward",
-    "matmul_backward",
-    "rope_forward",
-    "rope_backward",
-    "attention_forward",
-    "attention_backward",
-    "attention_decode",
-    "attention_dropout_forward",
-    "attention_dropout_backward",
-    "dropout_forward",
-    "dropout_backward",
-    "relu2_forward",
-    "relu2_backward",
-    "residual_forward",
-    "residual_backward",
-    "crossentropy_forward",
-    "crossentropy_backward",
-    "grad_norm",
-    "adamw_update",
-)
+# Every kernel name a backend defines, derived from the op records (fastchar/ops.py): each record
+# adds its forward/backward pair (and extras such as attention_decode, or the optimizer's kernels).
+KERNELS = _KERNELS
 
 MODULES = {"numpy": "reference", "numba": "numba_cpu", "cython": "cython_cpu"}
 

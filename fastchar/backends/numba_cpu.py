@@ -289,6 +289,78 @@ def rmsnorm_backward(
 
 
 # --------------------------------------------------------------------------------------------
+# LayerNorm (a gain, no bias)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def layernorm_forward(
+    out: np.ndarray, mean: np.ndarray, rstd: np.ndarray, inp: np.ndarray, weight: np.ndarray, eps: float
+) -> None:
+    """out = (inp - mean(inp)) / sqrt(var(inp) + eps) * weight over the last axis (biased variance).
+
+    out (B, T, C); mean, rstd (B, T) saved; inp (B, T, C); weight (C,).
+    """
+    B, T, C = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        s = np.float32(0.0)
+        for c in range(C):
+            s += inp[b, t, c]
+        m = s / np.float32(C)
+        ss = np.float32(0.0)
+        for c in range(C):
+            x = inp[b, t, c] - m
+            ss += x * x
+        rs = np.float32(1.0) / np.sqrt(ss / np.float32(C) + np.float32(eps))
+        mean[b, t] = m
+        rstd[b, t] = rs
+        for c in range(C):
+            out[b, t, c] = (inp[b, t, c] - m) * rs * weight[c]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def layernorm_backward(
+    dinp: np.ndarray,
+    dweight: np.ndarray,
+    dout: np.ndarray,
+    inp: np.ndarray,
+    weight: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+) -> None:
+    """dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight;
+    dweight += sum(dout * xhat). Accumulates.
+
+    dinp (B, T, C); dweight (C,); dout (B, T, C); inp (B, T, C); weight (C,); mean, rstd (B, T).
+    """
+    B, T, C = inp.shape
+    # dinp: rows are independent; two reductions over C, then the update.
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        m, s = mean[b, t], rstd[b, t]
+        sd = np.float32(0.0)
+        sdx = np.float32(0.0)
+        for c in range(C):
+            d = dout[b, t, c] * weight[c]
+            sd += d
+            sdx += d * (inp[b, t, c] - m) * s
+        sd /= np.float32(C)
+        sdx /= np.float32(C)
+        for c in range(C):
+            xhat = (inp[b, t, c] - m) * s
+            dinp[b, t, c] += s * (dout[b, t, c] * weight[c] - sd - xhat * sdx)
+    # dweight: a reduction over rows, split across threads by column blocks (race-free).
+    for blk in prange((C + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = blk * COL_BLOCK
+        c1 = min(C, c0 + COL_BLOCK)
+        for b in range(B):
+            for t in range(T):
+                m, s = mean[b, t], rstd[b, t]
+                for c in range(c0, c1):
+                    dweight[c] += dout[b, t, c] * (inp[b, t, c] - m) * s
+
+
+# --------------------------------------------------------------------------------------------
 # Matmul (BLAS)
 
 
@@ -346,6 +418,56 @@ def matmul_backward(
             c1 = min(OC, c0 + cols)
             if c1 > c0:
                 _gemm(_TRANS, _NOTRANS, IC, c1 - c0, N, inp, IC, dout[:, c0:], OC, _ONE, dweight[:, c0:], OC)
+
+
+@njit(cache=True, parallel=True)
+def matmul_t_forward(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
+    """out = inp @ weight.T (weight stored [out, in]: the tied lm_head reads wte).
+
+    out (N, OC); inp (N, IC); weight (OC, IC). C-contiguous float32.
+    """
+    N, IC = inp.shape
+    OC = weight.shape[0]
+    if N == 0 or OC == 0:
+        return
+    if IC == 0:
+        out[:] = 0.0
+        return
+    rows = (N + GEMM_TASKS - 1) // GEMM_TASKS
+    for task in prange(GEMM_TASKS):
+        r0 = task * rows
+        r1 = min(N, r0 + rows)
+        if r1 > r0:
+            _gemm(_NOTRANS, _TRANS, r1 - r0, OC, IC, inp[r0:], IC, weight, IC, _ZERO, out[r0:], OC)
+
+
+@njit(cache=True, parallel=True)
+def matmul_t_backward(
+    dinp: np.ndarray, dweight: np.ndarray, dout: np.ndarray, inp: np.ndarray, weight: np.ndarray
+) -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp. Accumulates.
+
+    dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC). C-contiguous.
+    """
+    N, IC = inp.shape
+    OC = weight.shape[0]
+    if N == 0 or OC == 0 or IC == 0:
+        return
+    # Tasks 0..GEMM_TASKS-1 own row blocks of dinp; the rest own row blocks of dweight (its output
+    # channels). No two tasks write the same element.
+    rows = (N + GEMM_TASKS - 1) // GEMM_TASKS
+    orows = (OC + GEMM_TASKS - 1) // GEMM_TASKS
+    for task in prange(2 * GEMM_TASKS):
+        if task < GEMM_TASKS:
+            r0 = task * rows
+            r1 = min(N, r0 + rows)
+            if r1 > r0:
+                _gemm(_NOTRANS, _NOTRANS, r1 - r0, IC, OC, dout[r0:], OC, weight, IC, _ONE, dinp[r0:], IC)
+        else:
+            o0 = (task - GEMM_TASKS) * orows
+            o1 = min(OC, o0 + orows)
+            if o1 > o0:
+                _gemm(_TRANS, _NOTRANS, o1 - o0, IC, N, dout[:, o0:], OC, inp, IC, _ONE, dweight[o0:], IC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,6 +859,40 @@ def relu2_backward(dinp: np.ndarray, dout: np.ndarray, inp: np.ndarray) -> None:
         b, t = r // T, r % T
         for j in range(H):
             dinp[b, t, j] += dout[b, t, j] * np.float32(2.0) * max(inp[b, t, j], np.float32(0.0))
+
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def gelu_forward(out: np.ndarray, inp: np.ndarray) -> None:
+    """out = 0.5 * inp * (1 + erf(inp / sqrt(2))), the exact GELU.
+
+    out (B, T, H); inp (B, T, H), H the MLP width.
+    """
+    B, T, H = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for j in range(H):
+            x = inp[b, t, j]
+            out[b, t, j] = np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.erf(x * np.float32(_SQRT_HALF))))
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def gelu_backward(dinp: np.ndarray, dout: np.ndarray, inp: np.ndarray) -> None:
+    """dinp += dout * (Phi(inp) + inp * phi(inp)), Phi the normal cdf, phi its density. Accumulates.
+
+    dinp (B, T, H); dout (B, T, H); inp (B, T, H).
+    """
+    B, T, H = inp.shape
+    for r in prange(B * T):
+        b, t = r // T, r % T
+        for j in range(H):
+            x = inp[b, t, j]
+            cdf = np.float32(0.5) * (np.float32(1.0) + np.float32(math.erf(x * np.float32(_SQRT_HALF))))
+            pdf = np.float32(_INV_SQRT_2PI) * np.float32(math.exp(np.float32(-0.5) * x * x))
+            dinp[b, t, j] += dout[b, t, j] * (cdf + x * pdf)
 
 
 @njit(cache=True, parallel=True)

@@ -58,7 +58,10 @@ _fc_sample = types.ExternalFunction(
 # The decode table's vocabulary, defined once in fastchar/graph.py (frozen into the compiled code)
 OP_EMBED, OP_RMSNORM, OP_MATMUL = graph.OP_EMBED, graph.OP_RMSNORM, graph.OP_MATMUL
 OP_ATTENTION, OP_RESIDUAL, OP_RELU2 = graph.OP_ATTENTION, graph.OP_RESIDUAL, graph.OP_RELU2
+OP_LAYERNORM, OP_GELU, OP_MATMUL_T = graph.OP_LAYERNORM, graph.OP_GELU, graph.OP_MATMUL_T
 POST_RELU2, POST_RESIDUAL, POST_ROPE = graph.POST_RELU2, graph.POST_RESIDUAL, graph.POST_ROPE
+POST_GELU = graph.POST_GELU
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2): GELU's erf argument
 ROWS_ALL, ROWS_LAST = graph.ROWS_ALL, graph.ROWS_LAST
 OPC, OUT, IN, IN2, W, W2 = graph.OPC, graph.OUT, graph.IN, graph.IN2, graph.W, graph.W2
 K, N, POST, LAYER, ROWS = graph.K, graph.N, graph.POST, graph.LAYER, graph.ROWS
@@ -129,6 +132,42 @@ def _rmsnorm(out, x, g, M, C, eps):
         s = np.float32(1.0) / np.sqrt(ss / np.float32(C) + eps)
         for c in range(C):
             out[m, c] = x[m, c] * s * g[c]
+
+
+@njit(cache=True, fastmath=True)
+def _layernorm(out, x, g, M, C, eps):
+    """out[:M] = (x - mean) / sqrt(var + eps) * g over the last axis (biased variance, no bias)."""
+    for m in range(M):
+        s = np.float32(0.0)
+        for c in range(C):
+            s += x[m, c]
+        mean = s / np.float32(C)
+        ss = np.float32(0.0)
+        for c in range(C):
+            d = x[m, c] - mean
+            ss += d * d
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(C) + eps)
+        for c in range(C):
+            out[m, c] = (x[m, c] - mean) * r * g[c]
+
+
+@njit(cache=True, fastmath=True)
+def _matmul_t(y, x, w, M, K, N):
+    """y[:M] = x[:M] @ w.T, w (N, K) stored [out, in] (a tied lm_head reading wte)."""
+    for m in range(M):
+        xr, yr = x[m], y[m]
+        for j in range(N):
+            wr = w[j]
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += xr[k] * wr[k]
+            yr[j] = acc
+
+
+@njit(cache=True, inline="always")
+def _gelu(x):
+    """The exact GELU, 0.5 x (1 + erf(x / sqrt(2))), in float32."""
+    return np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.erf(x * np.float32(_SQRT_HALF))))
 
 
 @njit(cache=True, fastmath=True)
@@ -212,6 +251,10 @@ def _forward_rows(tokens, n0, pos0, M, params, table, eps, inv_freq, n_head, kca
             xin = xin[M - 1 :]
         if op == OP_RMSNORM:
             _rmsnorm(out, xin, params[row[W] : row[W] + Nd], Mr, Nd, np.float32(eps[r]))
+        elif op == OP_LAYERNORM:
+            _layernorm(out, xin, params[row[W] : row[W] + Nd], Mr, Nd, np.float32(eps[r]))
+        elif op == OP_MATMUL_T:
+            _matmul_t(out, xin, params[row[W] : row[W] + Kd * Nd].reshape(Nd, Kd), Mr, Kd, Nd)
         elif op == OP_MATMUL:
             w = params[row[W] : row[W] + Kd * Nd].reshape(Kd, Nd)
             _matmul(out, xin, w, Mr, Kd, Nd)
@@ -220,6 +263,10 @@ def _forward_rows(tokens, n0, pos0, M, params, table, eps, inv_freq, n_head, kca
                     for j in range(Nd):
                         v = max(out[m, j], np.float32(0.0))
                         out[m, j] = v * v
+            elif row[POST] == POST_GELU:
+                for m in range(Mr):
+                    for j in range(Nd):
+                        out[m, j] = _gelu(out[m, j])
             elif row[POST] == POST_RESIDUAL:
                 x2 = _slot(scratch, row[IN2], Nd, S)
                 for m in range(Mr):
@@ -247,6 +294,10 @@ def _forward_rows(tokens, n0, pos0, M, params, table, eps, inv_freq, n_head, kca
                 for j in range(Nd):
                     v = max(xin[m, j], np.float32(0.0))
                     out[m, j] = v * v
+        elif op == OP_GELU:
+            for m in range(Mr):
+                for j in range(Nd):
+                    out[m, j] = _gelu(xin[m, j])
 
 
 @njit(cache=True)

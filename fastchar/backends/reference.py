@@ -18,6 +18,7 @@ computes the same hash, so one (key, p) gives the same mask everywhere, in forwa
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import erf
 
 from fastchar.graph import DROPOUT_GOLDEN, LOWBIAS32_MUL1, LOWBIAS32_MUL2, U32
 
@@ -68,6 +69,41 @@ def rmsnorm_backward(
     dinp += rstd[..., None] * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
 
 
+def layernorm_forward(
+    out: np.ndarray, mean: np.ndarray, rstd: np.ndarray, inp: np.ndarray, weight: np.ndarray, eps: float
+) -> None:
+    """out = (inp - mean(inp)) / sqrt(var(inp) + eps) * weight over the last axis (biased variance, no bias).
+
+    out (B, T, C); mean, rstd (B, T) saved (mean and 1/sqrt(var + eps)); inp (B, T, C); weight (C,).
+    """
+    mean[...] = np.mean(inp, axis=-1)
+    xc = inp - mean[..., None]
+    rstd[...] = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1) + eps)
+    out[...] = xc * rstd[..., None] * weight
+
+
+def layernorm_backward(
+    dinp: np.ndarray,
+    dweight: np.ndarray,
+    dout: np.ndarray,
+    inp: np.ndarray,
+    weight: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+) -> None:
+    """dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * weight,
+    xhat = (inp - mean) * rstd; dweight += sum(dout * xhat). Accumulates.
+
+    dinp (B, T, C); dweight (C,); dout (B, T, C); inp (B, T, C); weight (C,); mean, rstd (B, T).
+    """
+    xhat = (inp - mean[..., None]) * rstd[..., None]
+    dweight += np.sum(dout * xhat, axis=(0, 1))
+    dxhat = dout * weight
+    dinp += rstd[..., None] * (
+        dxhat - np.mean(dxhat, axis=-1, keepdims=True) - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
+    )
+
+
 def matmul_forward(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
     """out = inp @ weight (weights are stored [in, out]).
 
@@ -85,6 +121,25 @@ def matmul_backward(
     """
     dinp += dout @ weight.T
     dweight += inp.T @ dout
+
+
+def matmul_t_forward(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
+    """out = inp @ weight.T (weight stored [out, in]: the tied lm_head reads wte).
+
+    out (N, OC); inp (N, IC); weight (OC, IC).
+    """
+    np.matmul(inp, weight.T, out=out)
+
+
+def matmul_t_backward(
+    dinp: np.ndarray, dweight: np.ndarray, dout: np.ndarray, inp: np.ndarray, weight: np.ndarray
+) -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp. Accumulates.
+
+    dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC).
+    """
+    dinp += dout @ weight
+    dweight += dout.T @ inp
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
@@ -129,10 +184,36 @@ def matmul_backward_bf16(
     dweight += _bf16(inp).T @ dout
 
 
+def matmul_t_forward_bf16(out: np.ndarray, inp: np.ndarray, weight: np.ndarray) -> None:
+    """matmul_t_forward on bf16-rounded inputs, accumulated in out's precision.
+
+    out (N, OC); inp (N, IC); weight (OC, IC).
+    """
+    np.matmul(_bf16(inp), _bf16(weight).T, out=out)
+
+
+def matmul_t_backward_bf16(
+    dinp: np.ndarray, dweight: np.ndarray, dout: np.ndarray, inp: np.ndarray, weight: np.ndarray
+) -> None:
+    """matmul_t_backward with every operand of both products rounded to bf16. Accumulates.
+
+    dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC).
+    """
+    dout = _bf16(dout)
+    dinp += dout @ _bf16(weight)
+    dweight += dout.T @ _bf16(inp)
+
+
 def plan_kernels(precision: str, cfg: object) -> dict:
     """Plan hook (fastchar.backends.plan_kernels): bf16 matrix products by rounding their inputs."""
     if precision == "bf16":
-        return {"matmul_forward": matmul_forward_bf16, "matmul_backward": matmul_backward_bf16}
+        why = "precision bf16: products of bf16-rounded inputs (the reference)"
+        return {
+            "matmul_forward": (matmul_forward_bf16, why),
+            "matmul_backward": (matmul_backward_bf16, why),
+            "matmul_t_forward": (matmul_t_forward_bf16, why),
+            "matmul_t_backward": (matmul_t_backward_bf16, why),
+        }
     return {}
 
 
@@ -331,6 +412,28 @@ def relu2_backward(dinp: np.ndarray, dout: np.ndarray, inp: np.ndarray) -> None:
     dinp (B, T, H); dout (B, T, H); inp (B, T, H).
     """
     dinp += dout * 2 * np.maximum(inp, 0)
+
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def gelu_forward(out: np.ndarray, inp: np.ndarray) -> None:
+    """out = 0.5 * inp * (1 + erf(inp / sqrt(2))), the exact GELU (PyTorch's nn.GELU()).
+
+    out (B, T, H); inp (B, T, H), H the MLP width.
+    """
+    out[...] = 0.5 * inp * (1.0 + erf(inp * _SQRT_HALF))
+
+
+def gelu_backward(dinp: np.ndarray, dout: np.ndarray, inp: np.ndarray) -> None:
+    """dinp += dout * (Phi(inp) + inp * phi(inp)), Phi the normal cdf, phi its density. Accumulates.
+
+    dinp (B, T, H); dout (B, T, H); inp (B, T, H).
+    """
+    cdf = 0.5 * (1.0 + erf(inp * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * np.exp(-0.5 * inp * inp)
+    dinp += dout * (cdf + inp * pdf)
 
 
 def residual_forward(out: np.ndarray, inp1: np.ndarray, inp2: np.ndarray) -> None:
