@@ -259,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint or run folder (its best checkpoint); optional"
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument(
+        "--plan",
+        action="store_true",
+        help="list the kernel calls of a training step and of a decode step (op, kernel module.function, why "
+        "chosen) for the checkpoint's model, or the default model; --backend and --precision choose the plan",
+    )
+    _add_precision_flag(info, "precision of the listed plan: fp32 (default) or bf16")
     _add_runtime_flags(info)
     info.set_defaults(func=cmd_info)
 
@@ -589,7 +596,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             "vocabulary": "".join(model.tokenizer.chars) if model.tokenizer else None,
         }
     backends = available_backends()
-    report["backends"] = {"available": backends, "default": default_backend()}
+    report["backends"] = {"available": backends, "default": default_backend(), "fallback": _fallbacks(backends)}
+    if args.plan:
+        report["plan"] = _plan_report(args)
     report["threads"] = thread_report()
     report["build"] = _build_report()
     report["cpu"] = _cpu_features()
@@ -605,6 +614,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(_format_info(report))
     return 0
+
+
+def _fallbacks(backends: list[str]) -> dict[str, list[str]]:
+    """backend -> the kernels it declares missing (the reference's run instead)."""
+    from fastchar.backends import get_backend
+
+    return {name: sorted(get_backend(name).fallback) for name in backends}
+
+
+def _plan_report(args: argparse.Namespace) -> dict:
+    """The training step's and the decode step's calls for the checkpoint's model (or the default one)."""
+    from fastchar.model import Model, load
+    from fastchar.sampler import describe_decode
+
+    precision = args.precision or "fp32"
+    if args.checkpoint:
+        model = load(args.checkpoint, backend=args.backend or "auto", precision=precision)
+        batch = (model.train_cfg or {}).get("batch", DEFAULT_TRAIN.batch)
+    else:
+        model = Model(DEFAULT_MODEL, backend=args.backend or "auto", precision=precision)
+        batch = DEFAULT_TRAIN.batch
+    return {
+        "backend": model.backend,
+        "precision": precision,
+        "batch": batch,
+        "ctx": model.cfg.ctx,
+        "training": model.describe_plan(batch),
+        "decode": describe_decode(model),
+    }
 
 
 def _warn_build(requested: str, chosen: str) -> None:
@@ -650,6 +688,18 @@ def _format_info(report: dict) -> str:
             lines.append(f"  vocabulary ({len(ck['vocabulary'])}): {ck['vocabulary']!r}")
     b = report["backends"]
     lines.append(f"backends: {', '.join(b['available'])} (default: {b['default']})")
+    for name, missing in b.get("fallback", {}).items():
+        if missing:
+            lines.append(f"  {name} falls back to the reference for: {', '.join(missing)}")
+    plan = report.get("plan")
+    if plan:
+        lines.append(
+            f"training step ({plan['backend']}, {plan['precision']}, B={plan['batch']}, T={plan['ctx']}): "
+            f"{len(plan['training'])} calls"
+        )
+        lines += ["  " + line for line in plan["training"]]
+        lines.append(f"decode step ({plan['backend']}): {len(plan['decode'])} rows")
+        lines += ["  " + line for line in plan["decode"]]
     t = report["threads"]
     lines.append(f"cores: {t['cores']}")
     if "numba" in t:

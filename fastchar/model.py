@@ -27,6 +27,7 @@ from fastchar.graph import (
     TARGETS,
     TOKENS,
     U32,
+    Plan,
     Views,
     fill_constants,
     lowbias32,
@@ -174,6 +175,25 @@ class Model:
                 drop: training_plan(self.cfg, self.kernels, views, drop, self._plan_kernels) for drop in (False, True)
             }
         return self.acts
+
+    def plan(self, B: int, T: int | None = None, dropout: bool | None = None) -> Plan:
+        """The training plan a [B, T] batch runs (T defaults to ctx; dropout to cfg.dropout > 0):
+        `plan.describe()` lists its calls, `plan.timed(spent)` wraps them with a timer."""
+        T = self.cfg.ctx if T is None else T
+        self._ensure_acts(B, T)
+        return self._plans[self.cfg.dropout > 0 if dropout is None else dropout]
+
+    def describe_plan(self, B: int, T: int | None = None) -> list[str]:
+        """One line per call of a training step (forward, loss, backward, then the optimizer's two
+        kernels): op, kernel module.function, and why it was chosen."""
+        from fastchar.graph import function_name
+
+        lines = self.plan(B, T).describe()
+        for name in ("grad_norm", "adamw_update"):
+            fn = getattr(self.kernels, name)
+            why = f"{self.backend}'s own kernel" if name not in self.kernels.fallback else "the reference's"
+            lines.append(f"{'optimize':<8} {'optimizer':<17} {'(flat buffers)':<20} {function_name(fn):<52} {why}")
+        return lines
 
     def dropout_keys(self, counter: int) -> list[int]:
         """32-bit keys of the dropout masks of training step `counter`: three sites per layer."""

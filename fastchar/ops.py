@@ -215,6 +215,7 @@ EMBEDDING = OpKind(
     lower=_embedding_lower,
     decode_step=_embedding_step,
     case=_embedding_case,
+    decode_functions=("_forward_rows (inline)", "numba_decode._forward_rows (inline)"),
     torch=_embedding_torch,
 )
 
@@ -616,6 +617,7 @@ RELU2 = OpKind(
     post=POST_RELU2,
     case=_elementwise_case("relu2"),
     torch=_relu2_torch,
+    decode_functions=("inline", "inline"),
 )
 
 
@@ -658,6 +660,7 @@ RESIDUAL = OpKind(
     lower=_residual_lower,
     post=POST_RESIDUAL,
     case=_residual_case,
+    decode_functions=("inline", "inline"),
     torch=lambda m, op, args, *_: args[0] + args[1],
 )
 
@@ -727,6 +730,11 @@ RECORDS: dict[str, OpKind] = {
         OPTIMIZER,
     )  # fmt: skip
 }
+# which record a decode-table row runs (for describing a decode step)
+OPCODE_RECORD = {OP_EMBED: EMBEDDING, OP_RMSNORM: RMSNORM, OP_LAYERNORM: LAYERNORM, OP_MATMUL: MATMUL,
+                 OP_ATTENTION: ATTENTION, OP_RESIDUAL: RESIDUAL, OP_RELU2: RELU2, OP_GELU: GELU,
+                 OP_MATMUL_T: MATMUL_T}  # fmt: skip
+POST_RECORD = {POST_RELU2: RELU2, POST_GELU: GELU, POST_RESIDUAL: RESIDUAL, POST_ROPE: ROPE}
 NORMS = ("rmsnorm", "layernorm")  # ModelConfig.norm: the record of every norm of the model
 ACTIVATIONS = ("relu2", "gelu")  # ModelConfig.activation: the MLP's record
 KERNELS: tuple[str, ...] = tuple(name for rec in RECORDS.values() for name in rec.kernel_names)

@@ -400,6 +400,43 @@ def compiled_tokens(
         yield out[:n].copy()
 
 
+def describe_decode(model: Model, window: int | None = None) -> list[str]:
+    """One line per call of a decode step of `model`: the compiled loop's table rows (opcode, fused
+    post-op, the function that runs it and why), or the Python loop's kernel calls (KVCache)."""
+    from fastchar.graph import function_name
+    from fastchar.ops import OPCODE_NAMES, POST_NAMES, POST_RECORD
+
+    if compiled_loop(model) is None:
+        return [
+            f"decode   {op.kind:<17} {op.out:<20} "
+            f"{function_name(getattr(model.kernels, record(op.kind).forward)):<52} Python loop (KVCache)"
+            for op in forward_ops(model.cfg)
+        ]
+    from fastchar.ops import OPC, OPCODE_RECORD, POST, K, N
+
+    plan = decode_table(model.cfg, model.params.offsets, check_window(model, window))
+    column = 0 if model.backend == "cython" else 1
+    packed, why = False, "compiled loop"
+    if model.backend == "cython":
+        from fastchar import _cydecode
+
+        packed = _cydecode.packed_available(model.precision)
+        isa = "AVX-512F+BF16" if model.precision == "bf16" else "AVX-512F"
+        why = f"{model.precision} weights packed in 16-column panels ({isa})" if packed else "fp32, unpacked"
+    lines = []
+    for row in plan.table:
+        rec = OPCODE_RECORD[int(row[OPC])]
+        fn = rec.decode_functions[column] if rec.decode_functions else "inline"
+        post = POST_NAMES[int(row[POST])]
+        if post:
+            fn += " + " + POST_RECORD[int(row[POST])].decode_functions[column]
+        name = OPCODE_NAMES[int(row[OPC])] + (f"+{post}" if post else "")
+        product = rec.rows or rec.absorbs_product  # the products (x @ W, x @ W.T, the qkv stage)
+        lines.append(f"decode   {name:<17} K={int(row[K]):<4} N={int(row[N]):<5} {model.backend}: {fn:<44} "
+                     f"{why if product else 'compiled loop'}")  # fmt: skip
+    return lines
+
+
 class StopScan:
     """Cut one stream's new text at the first of the stop strings: feed() returns the text that is
     safe to hand out (nothing that could still turn out to start a stop string is released)."""

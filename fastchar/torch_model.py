@@ -127,5 +127,8 @@ def to_torch(model, dtype: torch.dtype | None = None) -> TorchGPT:
     if dtype is None:
         dtype = torch.float64 if np.dtype(model.dtype) == np.float64 else torch.float32
     module = TorchGPT(model.cfg).to(dtype)
+    if model.cfg.position == "rope":  # the rotary tables from float64, not from float32 buffers
+        cos, sin = graph.rope_tables(model.cfg, np.arange(model.cfg.ctx))
+        module.rope_cos, module.rope_sin = torch.from_numpy(cos).to(dtype), torch.from_numpy(sin).to(dtype)
     module.load_from(model.params)
     return module.eval()

@@ -323,6 +323,64 @@ def test_relu2(r):
     assert_grad("dinp", dinp, numeric_grad(loss, inp))
 
 
+def test_gelu(r):
+    """The exact GELU against its definition in plain Python (math.erf), then the backward."""
+    import math
+
+    inp = 2 * r.standard_normal((B, T, H))
+    g = r.standard_normal((B, T, H))
+    out = np.zeros_like(inp)
+
+    def loss() -> float:
+        ref.gelu_forward(out, inp)
+        return float(np.sum(out * g))
+
+    loss()
+    expected = [0.5 * x * (1 + math.erf(x / math.sqrt(2))) for x in inp.ravel()]
+    np.testing.assert_allclose(out.ravel(), expected, rtol=1e-14, atol=1e-15)
+    dinp = np.ones_like(inp)  # nonzero: backward accumulates
+    ref.gelu_backward(dinp, g, inp)
+    assert_grad("dinp", dinp - 1, numeric_grad(loss, inp))
+
+
+def test_layernorm(r):
+    """LayerNorm with a gain and no bias, biased variance: the definition, then both gradients."""
+    inp, weight = r.standard_normal((B, T, C)) + 0.7, r.standard_normal(C)
+    g = r.standard_normal((B, T, C))
+    out, mean, rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
+
+    def loss() -> float:
+        ref.layernorm_forward(out, mean, rstd, inp, weight, EPS)
+        return float(np.sum(out * g))
+
+    loss()
+    mu = inp.mean(-1, keepdims=True)
+    expected = (inp - mu) / np.sqrt(((inp - mu) ** 2).mean(-1, keepdims=True) + EPS) * weight
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    dinp, dweight = np.ones_like(inp), np.ones_like(weight)
+    ref.layernorm_backward(dinp, dweight, g, inp, weight, mean, rstd)
+    assert_grad("dinp", dinp - 1, numeric_grad(loss, inp))
+    assert_grad("dweight", dweight - 1, numeric_grad(loss, weight))
+
+
+def test_matmul_t(r):
+    """x @ W.T with W stored [out, in] (the tied head): both gradients."""
+    inp, weight = r.standard_normal((B * T, C)), r.standard_normal((V, C))
+    g = r.standard_normal((B * T, V))
+    out = np.zeros((B * T, V))
+
+    def loss() -> float:
+        ref.matmul_t_forward(out, inp, weight)
+        return float(np.sum(out * g))
+
+    loss()
+    np.testing.assert_allclose(out, inp @ weight.T, rtol=1e-13)
+    dinp, dweight = np.ones_like(inp), np.ones_like(weight)
+    ref.matmul_t_backward(dinp, dweight, g, inp, weight)
+    assert_grad("dinp", dinp - 1, numeric_grad(loss, inp))
+    assert_grad("dweight", dweight - 1, numeric_grad(loss, weight))
+
+
 def test_residual(r):
     a, b = r.standard_normal((B, T, C)), r.standard_normal((B, T, C))
     g = r.standard_normal((B, T, C))

@@ -43,7 +43,6 @@ def plan_kernels(precision: str, cfg: object) -> dict:
     FASTCHAR_GEMM=blas keeps the sgemm kernels for fp32 (for comparisons).
     """
     import os
-    from functools import partial
 
     from fastchar.errors import ConfigError
 
@@ -67,15 +66,9 @@ def plan_kernels(precision: str, cfg: object) -> dict:
                 f"precision 'bf16' is unavailable: {reason}",
                 hint="use precision='fp32' (`fastchar info` shows the CPU's AVX512_BF16 flag)",
             )
-        kernels = {
-            "matmul_forward": partial(_gemm.matmul_forward, precision="bf16"),
-            "matmul_backward": partial(_gemm.matmul_backward, precision="bf16"),
-        }
+        kernels = _gemm_products("bf16", "precision bf16: AVX512_BF16 packed products (vdpbf16ps), fp32 accumulation")
     elif _gemm.has_avx512f() and os.environ.get("FASTCHAR_GEMM", "") != "blas":
-        kernels = {
-            "matmul_forward": partial(_gemm.matmul_forward, precision="fp32"),
-            "matmul_backward": partial(_gemm.matmul_backward, precision="fp32"),
-        }
+        kernels = _gemm_products("fp32", "fp32 on AVX-512F: packed products (no BLAS)")
     else:
         kernels = {}
     from fastchar._blas_env import openblas_warning
@@ -85,7 +78,39 @@ def plan_kernels(precision: str, cfg: object) -> dict:
 
         warnings.warn(openblas_warning(), RuntimeWarning, stacklevel=3)
     if _gemm.attention_supported(cfg.d_model, cfg.n_head) and os.environ.get("FASTCHAR_GEMM", "") != "blas":
+        why = f"AVX-512F and head size {cfg.d_model // cfg.n_head} (a multiple of 16, at most 64)"
         for kind in ("attention", "attention_dropout"):
             for name in (kind + "_forward", kind + "_backward"):
-                kernels[name] = getattr(_gemm, name)
+                kernels[name] = (getattr(_gemm, name), why)
     return kernels
+
+
+def _gemm_products(precision: str, why: str) -> dict:
+    """The matrix products (x @ W and the tied head's x @ W.T, forward and backward) of fastchar._gemm."""
+    from functools import partial
+
+    from fastchar import _gemm
+
+    return {
+        "matmul_forward": (partial(_gemm.matmul_forward, precision=precision), why),
+        "matmul_backward": (partial(_gemm.matmul_backward, precision=precision), why),
+        "matmul_t_forward": (partial(matmul_t_forward_gemm, precision=precision), why),
+        "matmul_t_backward": (partial(matmul_t_backward_gemm, precision=precision), why),
+    }
+
+
+def matmul_t_forward_gemm(out, inp, weight, precision: str = "fp32") -> None:
+    """out = inp @ weight.T through fastchar._gemm. out (N, OC); inp (N, IC); weight (OC, IC)."""
+    from fastchar import _gemm
+
+    _gemm.gemm(out, inp, weight, False, True, 0.0, precision)
+
+
+def matmul_t_backward_gemm(dinp, dweight, dout, inp, weight, precision: str = "fp32") -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp through fastchar._gemm. Accumulates.
+
+    dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC)."""
+    from fastchar import _gemm
+
+    _gemm.gemm(dinp, dout, weight, False, False, 1.0, precision)
+    _gemm.gemm(dweight, dout, inp, True, False, 1.0, precision)
