@@ -5,6 +5,7 @@
     python -m benchmarks.bench_train --scaling       # tokens/s against d_model and B, 1 and 2 threads
     python -m benchmarks.bench_train --memory        # peak RSS of B = 64 and its growth over 1,000 steps
     python -m benchmarks.bench_train --quick         # a few steps of everything: proves it runs
+    python -m benchmarks.bench_train --breakdown     # only where a step goes, kernel by kernel
 
 A training step is batch + forward + backward + clip + AdamW; tokens/s = B * T / median step time.
 Every backend is first checked against the reference (loss of one batch). Appends one JSON line to
@@ -24,24 +25,13 @@ import numpy as np
 
 from benchmarks.common import append_record, isolated, machine, median_time, peak_rss_mib, rss_mib, table
 from fastchar import CharTokenizer, Model, ModelConfig, TrainConfig, generate
-from fastchar.backends import KERNELS, available_backends, default_backend
+from fastchar.backends import available_backends, default_backend
 from fastchar.data import TextDataset, find_corpus
 from fastchar.errors import DataError
+from fastchar.graph import function_name
 from fastchar.optim import AdamW, lr_at
 from fastchar.threads import set_threads
 
-FAMILIES = {
-    "embedding": "embedding",
-    "rmsnorm": "rmsnorm",
-    "matmul": "matmul",
-    "attention": "attention",
-    "relu2": "relu2",
-    "residual": "residual",
-    "crossentropy": "crossentropy",
-    "grad_norm": "adamw + norm",
-    "adamw": "adamw + norm",
-    "dropout": "dropout",
-}
 PROMPT = "ROMEO:"
 
 
@@ -100,24 +90,35 @@ def time_fastchar(
     return {"step_ms": step * 1e3, "tok_s": B * cfg.ctx / step}
 
 
-def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data) -> dict[str, float]:
-    """ms per step by kernel family, timing each kernel call; 'python + other' is the rest."""
-    model = Model(cfg, backend=backend, seed=0)
+def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data, precision: str = "fp32") -> dict[str, float]:
+    """ms per step by kernel, timed by wrapping the callables the training plan itself calls
+    (graph.Plan.timed), the optimizer's two kernels and zero_grad; 'python + other' is the rest.
+    Keys are "kernel  module.function"; the extra key "named %" is the share the kernels account for."""
+    model = Model(cfg, backend=backend, seed=0, precision=precision)
     spent: dict[str, float] = defaultdict(float)
+    names: dict[str, str] = {}
+
+    def key(step) -> str:
+        label = f"{step.kernel:<26} {function_name(step.fn)}"
+        names[step.kernel] = label
+        return label
+
+    model.plan(B).timed(spent, key)  # the calls a step makes, wrapped in place
     inner = model.kernels
 
-    def timed(name, fn):
-        family = next((v for k, v in FAMILIES.items() if name.startswith(k)), name)
-
+    def timed(label, fn):
         def call(*args):
             t0 = time.perf_counter()
             out = fn(*args)
-            spent[family] += time.perf_counter() - t0
+            spent[label] += time.perf_counter() - t0
             return out
 
         return call
 
-    model.kernels = SimpleNamespace(name=inner.name, **{k: timed(k, getattr(inner, k)) for k in KERNELS})
+    optimizer = {k: timed(f"{k:<26} {function_name(getattr(inner, k))}", getattr(inner, k))
+                 for k in ("grad_norm", "adamw_update")}  # fmt: skip
+    model.kernels = SimpleNamespace(**{**vars(inner), **optimizer})
+    model.zero_grad = timed(f"{'zero_grad':<26} numpy fill of the gradient arenas", model.zero_grad)
     tcfg = TrainConfig(batch=B, steps=10**6)
     opt = AdamW(model, tcfg)
     batches = make_batches(cfg, B, steps + 2, data)
@@ -129,9 +130,26 @@ def breakdown(backend: str, cfg: ModelConfig, B: int, steps: int, data) -> dict[
         fastchar_step(model, opt, tcfg, batches[i], i)
     total = time.perf_counter() - t0
     result = {k: v / steps * 1e3 for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
-    result["python + other"] = total / steps * 1e3 - sum(result.values())
+    named = sum(result.values())
+    result["python + other"] = total / steps * 1e3 - named
     result["total"] = total / steps * 1e3
+    result["named %"] = 100 * named / result["total"]
     return result
+
+
+def breakdown_report(args, cfg: ModelConfig, data, backends: list[str]) -> dict:
+    """--breakdown: where a step goes, kernel by kernel, for every backend, batch and precision."""
+    record: dict = {}
+    for B in args.batch:
+        for backend in backends:
+            for precision in ["fp32"] + (["bf16"] if _bf16_ok(backend) else []):
+                parts = breakdown(backend, cfg, B, max(2, args.steps // 2), data, precision)
+                record[f"{backend}/{precision}/B{B}"] = parts
+                rows = [[k, v, f"{100 * v / parts['total']:.1f} %"] for k, v in parts.items() if k != "named %"]
+                print(f"\n## Where a step goes: {backend}, {precision}, B = {B} (ms per step; "
+                      f"{parts['named %']:.1f} % in named kernels)\n")  # fmt: skip
+                print(table(["kernel  module.function", "ms", "share"], rows))
+    return record
 
 
 def time_sampling(backend: str, cfg: ModelConfig, tokenizer: CharTokenizer, n: int, repeats: int) -> float:
@@ -232,6 +250,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scaling", action="store_true", help="tokens/s against d_model and B, 1 and 2 threads")
     p.add_argument("--memory", action="store_true", help="peak RSS at B = 64 and growth over --memory-steps")
     p.add_argument("--memory-steps", type=int, default=1000)
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only where a step goes, kernel by kernel (the plan's own calls timed), every backend and precision",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps of everything; records nothing")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fastchar's products (default fp32)")
@@ -254,6 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_corpus(args.synthetic)
     tokenizer = data.tokenizer if data is not None else CharTokenizer(set(string.ascii_letters + " \n:,.!?'-;&$3"))
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size)
+    if args.breakdown:
+        print(f"machine: {machine(args.threads)}")
+        record = {"machine": machine(args.threads), "config": cfg.to_dict(), "steps": args.steps}
+        record["breakdown"] = breakdown_report(args, cfg, data, [b for b in backends if b != "numpy"] or backends)
+        if not (args.quick or args.no_record):
+            print(f"\nrecorded in {append_record('bench_train', record)}")
+        return record
     print(f"machine: {machine(args.threads)}")
     print(f"data: {'Tiny Shakespeare' if data is not None else 'synthetic'}; default backend: {default_backend()}")
     record: dict = {"machine": machine(args.threads), "config": cfg.to_dict(), "steps": args.steps, "train": {}}
@@ -293,9 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             parts = breakdown(backend, cfg, B, max(2, args.steps // 2), data)
             record["breakdown"][f"{backend}/B{B}"] = parts
-            rows += [[backend, k, v, f"{100 * v / parts['total']:.0f} %"] for k, v in parts.items()]
+            rows += [[backend, k, v, f"{100 * v / parts['total']:.0f} %"] for k, v in parts.items() if k != "named %"]
         print(f"\n## Where a step goes, B = {B} (ms per step)\n")
-        print(table(["backend", "family", "ms", "share"], rows))
+        print(table(["backend", "kernel  module.function", "ms", "share"], rows))
 
     # sampling
     rows = []
