@@ -378,7 +378,7 @@ MATMUL = OpKind(
     lower=_matmul_lower,
     case=_matmul_case,
     torch=lambda m, op, args, *_: args[0] @ m.p(op.weights[0]),
-    decode_functions=("fc_matmul / fc_matmul_packed[_bf16]", "numba_decode._matmul"),
+    decode_functions=("fc_matmul", "numba_decode._matmul"),
 )
 
 
@@ -413,7 +413,7 @@ MATMUL_T = OpKind(
     lower=_matmul_t_lower,
     case=_matmul_t_case,
     torch=lambda m, op, args, *_: args[0] @ m.p(op.weights[0]).T,
-    decode_functions=("fc_matmul_t / fc_matmul_packed[_bf16] (packed transposed)", "numba_decode._matmul_t"),
+    decode_functions=("fc_matmul_t", "numba_decode._matmul_t"),
 )
 
 

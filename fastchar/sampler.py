@@ -412,7 +412,7 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
             f"{function_name(getattr(model.kernels, record(op.kind).forward)):<52} Python loop (KVCache)"
             for op in forward_ops(model.cfg)
         ]
-    from fastchar.ops import OPC, OPCODE_RECORD, POST, K, N
+    from fastchar.ops import MATMUL, OPC, OPCODE_RECORD, POST, K, N
 
     plan = decode_table(model.cfg, model.params.offsets, check_window(model, window))
     column = 0 if model.backend == "cython" else 1
@@ -432,6 +432,12 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
             fn += " + " + POST_RECORD[int(row[POST])].decode_functions[column]
         name = OPCODE_NAMES[int(row[OPC])] + (f"+{post}" if post else "")
         product = rec.rows or rec.absorbs_product  # the products (x @ W, x @ W.T, the qkv stage)
+        if product:
+            chosen = "fc_matmul_packed" + ("_bf16" if model.precision == "bf16" else "") if packed else None
+            if rec.absorbs_product:
+                fn = f"{chosen or MATMUL.decode_functions[column]} (qkv) + {fn}"
+            elif chosen:
+                fn = chosen + (" + " + fn.split(" + ", 1)[1] if " + " in fn else "")
         lines.append(f"decode   {name:<17} K={int(row[K]):<4} N={int(row[N]):<5} {model.backend}: {fn:<44} "
                      f"{why if product else 'compiled loop'}")  # fmt: skip
     return lines
