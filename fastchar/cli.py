@@ -48,7 +48,7 @@ MODEL_HELP = {
     "ctx": f"context length T in characters (default {DEFAULT_MODEL.ctx})",
     "mlp_hidden": "MLP width (default 4 * d_model)",
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
-    "position": "positions: learned (an absolute table, SPEC's base model; the default) or rope (rotary)",
+    "position": "positions: learned (an absolute table; the default) or rope (rotary)",
     "rope_base": f"rotary base: pair i turns by p * base**(-2i/HS) (default {DEFAULT_MODEL.rope_base:g})",
     "norm": "every norm: rmsnorm (x / rms(x) * g; the default) or layernorm ((x - mean) / std * g, no bias)",
     "activation": "the MLP's activation: relu2 (relu(x)**2; the default) or gelu (exact, erf form)",
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model on a text file (default: Tiny Shakespeare)",
-        description="Train the model of SPEC.md on a UTF-8 text file and print a sample at the end. "
+        description="Train the model of docs/architecture.md on a UTF-8 text file and print a sample at the end. "
         "Without --data, Tiny Shakespeare is read from $FASTCHAR_DATA_DIR or data/, or downloaded once.",
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")

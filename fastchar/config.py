@@ -1,4 +1,4 @@
-"""Configuration dataclasses: the model's shape and the training recipe (defaults from SPEC.md).
+"""Configuration dataclasses: the model's shape and the training recipe (defaults: docs/architecture.md).
 
 Validation lives here too, so that bad values are rejected before any work starts.
 """
@@ -44,7 +44,7 @@ class ModelConfig:
         if self.position not in POSITIONS:
             raise ConfigError(
                 f"ModelConfig.position must be one of {', '.join(POSITIONS)}, got {self.position!r}",
-                hint="learned: absolute positions (SPEC's base model); rope: rotary positions",
+                hint="learned: absolute positions (the default); rope: rotary positions",
             )
         _number(self, "rope_base", 1.0, math.inf, lo_open=True, hi_open=True)
         for name, choices, hint in (
