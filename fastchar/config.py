@@ -140,6 +140,8 @@ def np_bool() -> type:
     import numpy as np
 
     return np.bool_
+
+
 NO_STEP_LIMIT = 10**9  # steps beside a time budget when none are asked for: the budget alone ends the run
 
 
