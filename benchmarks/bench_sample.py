@@ -2,7 +2,7 @@
 
 fastchar: `generate` on the model's backend (compiled loops: cython batches the streams in one decode
 step each; numba runs them one after another), temperature 0.8, optionally top-p. PyTorch: eager,
-the same network (benchmarks/torch_model.py) with a KV cache refilled like fastchar's, batch 1 and 64,
+the same network (fastchar/torch_model.py) with a KV cache refilled like fastchar's, batch 1 and 64,
 temperature only, in a child process (its OpenMP runtime and Numba's do not mix). chars/s counts
 every stream's new characters. Weights: a checkpoint (--checkpoint; a trained model's peaked
 distributions are what top-p sees in use) or the untrained base model.
@@ -43,7 +43,7 @@ def time_fastchar(model: Model, tok: CharTokenizer, streams: int, n: int, top_p:
 def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats: int, threads: int) -> float:
     import torch
 
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -179,7 +179,7 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
 
     import torch
 
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     torch.set_num_threads(threads)
     model = TorchGPT(cfg)
@@ -221,7 +221,7 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
 def time_torch_sampling(cfg, tokenizer, n, repeats, threads, cache: bool) -> float:
     import torch
 
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

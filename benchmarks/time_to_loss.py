@@ -70,7 +70,7 @@ def torch_setup(mcfg: ModelConfig, tcfg: TrainConfig, threads: int, mode: str):
 
     import torch
 
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     torch.set_num_threads(threads)
     model = TorchGPT(mcfg)

@@ -75,7 +75,7 @@ def test_ten_adamw_steps_match(backend_name):
 
 def test_torch_oracle():
     torch = pytest.importorskip("torch")
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     model = Model(CFG, backend="numpy", seed=0, dtype=np.float64)
     x, y = batch(CFG, 3, 2)

@@ -240,7 +240,7 @@ def test_torch_oracle_rope():
     """benchmarks/torch_model.py walks the same op list with PyTorch's functions: same logits and
     gradients as the reference on a rope model (float64)."""
     torch = pytest.importorskip("torch")
-    from benchmarks.torch_model import TorchGPT
+    from fastchar.torch_model import TorchGPT
 
     model = sharp(Model(ROPE, backend="numpy", seed=0, dtype=np.float64))
     r = np.random.default_rng(2)
