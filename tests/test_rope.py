@@ -237,7 +237,7 @@ def test_cli_trains_and_samples_a_rope_model(capsys, corpus, tmp_path):
 
 
 def test_torch_oracle_rope():
-    """benchmarks/torch_model.py walks the same op list with PyTorch's functions: same logits and
+    """fastchar/torch_model.py walks the same op list with PyTorch's functions: same logits and
     gradients as the reference on a rope model (float64)."""
     torch = pytest.importorskip("torch")
     from fastchar.torch_model import TorchGPT
