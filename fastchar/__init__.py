@@ -45,4 +45,25 @@ __all__ = [
     "set_threads",
     "stream",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, the version in
+    its pyproject.toml (the one place the version is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastchar")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))
+        except OSError:
+            found = None
+        return found[1] if found else "0+unknown"
+
+
+__version__ = _version()

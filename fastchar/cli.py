@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and sample a small character-level transformer on CPU cores, fast.",
         epilog="Run `fastchar COMMAND --help` for a command's options.",
     )
+    from fastchar import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastchar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
