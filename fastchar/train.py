@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastchar import runfolder
+from fastchar import portable, runfolder
 from fastchar.checkpoint import non_finite, save
 from fastchar.config import NO_STEP_LIMIT, TrainConfig
 from fastchar.data import TextDataset
@@ -213,8 +213,8 @@ class Trainer:
     def _record(self, record: dict) -> None:
         if not self.dist.is_root:
             return
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        with open(os.open(self.out / "metrics.jsonl", flags, 0o644), "a", encoding="utf-8") as f:
+        fd = portable.open_nofollow(self.out / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with open(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             self._tensorboard.record(record)
