@@ -67,7 +67,8 @@ TRAIN_HELP = {
     "eval_every": f"steps between evaluations and checkpoints (default {DEFAULT_TRAIN.eval_every})",
     "eval_batches": f"batches per split at each evaluation (default {DEFAULT_TRAIN.eval_batches})",
     "seed": f"seed for weights, batches and dropout (default {DEFAULT_TRAIN.seed})",
-    "out": f"run folder for checkpoints and metrics.jsonl (default {DEFAULT_TRAIN.out})",
+    "out": f"run folder for checkpoints and metrics.jsonl (default: {DEFAULT_TRAIN.out}, or {DEFAULT_TRAIN.out}-2, "
+    "-3, ... when that holds a run)",
     "time_budget": "stop after this many wall-clock seconds, evaluation included, stretching the schedule over "
     "them; the default step count does not apply (default: off)",
     "log_every": f"steps between log lines (default {DEFAULT_TRAIN.log_every})",
@@ -439,6 +440,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.root_only(check_writable, Path(train_cfg.out))
         dataset = _resume_data(args, meta, model.tokenizer)
     else:
+        _choose_out(train_args, args, dist)
         train_cfg = TrainConfig(**train_args)
         dist.root_only(check_writable, Path(train_cfg.out))
         if not args.overwrite:
@@ -478,6 +480,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stdout.write(ch)
         sys.stdout.write("\n")
     return 0
+
+
+def _choose_out(train_args: dict, args: argparse.Namespace, dist: World) -> None:
+    """Without --out (or `out` in --config), a new run gets a run folder of its own: runs/base, or
+    runs/base-2, -3, ... when that holds a run; said on stdout. --overwrite alone reuses runs/base."""
+    from fastchar.runfolder import next_free
+
+    if "out" in train_args or args.overwrite:
+        return
+    base = Path(DEFAULT_TRAIN.out)
+    out = dist.root_only(next_free, base)
+    train_args["out"] = str(out)
+    if dist.is_root:
+        why = "" if out == base else f"; {base} holds another run"
+        print(f"run folder: {out} (new{why}; choose one with --out DIR)", flush=True)
 
 
 def _check_ranks(expected: int | None, threads: int | None = None) -> World:

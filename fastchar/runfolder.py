@@ -76,6 +76,29 @@ def check_fresh(folder: Path, overwrite: bool = False) -> None:
         )
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether folder holds a run (its checkpoints, metrics or config) or one is starting there (the
+    lock's pid file), or is not a folder at all: a run without --out goes elsewhere."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return False
+    if not folder.is_dir():
+        return True
+    marks = ("metrics.jsonl", "config.toml", OWNER_NAME)
+    return bool(existing_checkpoints(folder)) or any((folder / m).exists() or (folder / m).is_symlink() for m in marks)
+
+
+def next_free(base: Path) -> Path:
+    """base if it holds no run, else the first of base-2, base-3, ... that holds none (runs without
+    --out never collide: the README's first command can be run twice)."""
+    base = Path(base)
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def clear_run(folder: Path) -> None:
     """Remove a previous run's checkpoints, metrics, curves and TensorBoard events (--overwrite).
 
