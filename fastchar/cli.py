@@ -467,7 +467,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(
         f"done: step {summary['step']} | train {summary['train_loss']:.4f} | val {summary['val_loss']:.4f} | "
-        f"best val {summary['best_val']:.4f} | {summary['tok_per_s']:,.0f} tok/s | {summary['elapsed']:.1f} s"
+        f"best val {summary['best_val']:.4f} | val acc {100 * summary['val_acc']:.1f} % | "
+        f"{summary['tok_per_s']:,.0f} tok/s | {summary['elapsed']:.1f} s"
     )
     print(f"checkpoints: {trainer.out / 'best'} (best val), {trainer.out / 'latest'}")
     if args.sample_chars:
@@ -598,6 +599,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "train": model.train_cfg,
             "step": model.train_state.get("step"),
             "best_val": model.train_state.get("best_val"),
+            "best_val_acc": model.train_state.get("best_val_acc"),  # next-character accuracy at best_val
+            "last_eval": model.train_state.get("last_eval"),  # losses and accuracies when it was saved
             "parameters": {"total": model.num_params(), "tensors": tensors},
             "vocabulary": "".join(model.tokenizer.chars) if model.tokenizer else None,
         }
@@ -652,7 +655,14 @@ def _format_info(report: dict) -> str:
     lines = []
     ck = report.get("checkpoint")
     if ck:
-        lines += [f"checkpoint: {ck['path']}", f"  step {ck['step']}, best val {ck['best_val']}"]
+        lines += [
+            f"checkpoint: {ck['path']}",
+            f"  step {ck['step']}, best val {_loss_acc(ck['best_val'], ck['best_val_acc'])}",
+        ]
+        if ck.get("last_eval"):
+            ev = ck["last_eval"]
+            lines.append(f"  evaluation at step {ck['step']}: train {_loss_acc(ev['train_loss'], ev['train_acc'])}, "
+                         f"val {_loss_acc(ev['val_loss'], ev['val_acc'])}")  # fmt: skip
         lines.append("  model: " + ", ".join(f"{k}={v}" for k, v in ck["model"].items()))
         if ck["train"]:
             lines.append("  train: " + ", ".join(f"{k}={v}" for k, v in ck["train"].items()))
@@ -715,6 +725,13 @@ def _format_info(report: dict) -> str:
                 use += " (disabled by FASTCHAR_DISABLE_BF16 / FASTCHAR_DISABLE_AVX512)"
             lines.append(f"cpu AVX512_BF16 (vdpbf16ps): {has}; bf16 matrix products {use}")
     return "\n".join(lines)
+
+
+def _loss_acc(loss: float | None, acc: float | None) -> str:
+    """`1.4600 (next-character accuracy 55.3 %)`; what a checkpoint lacks (older runs) is left out."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + (f" (next-character accuracy {100 * acc:.1f} %)" if acc is not None else "")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
