@@ -41,7 +41,6 @@ GENERIC_HINTS = {  # for errors raised without a hint of their own
 }
 
 MODEL_HELP = {
-    "vocab_size": "vocabulary size (default: the distinct characters of the text)",
     "d_model": f"residual width C (default {DEFAULT_MODEL.d_model})",
     "n_layer": f"transformer blocks L (default {DEFAULT_MODEL.n_layer})",
     "n_head": f"attention heads; must divide d_model (default {DEFAULT_MODEL.n_head})",
@@ -155,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue exactly from a checkpoint folder (e.g. runs/base/latest) or a run folder (its latest)",
     )
     train.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="fine-tune: start from the weights of a trained model (a checkpoint, or a run folder: its best) "
+        "with a fresh optimizer and schedule from step 0, on the text of --data, whose characters must be in the "
+        "model's vocabulary; the architecture is the checkpoint's",
+    )
+    train.add_argument(
         "--until", type=_number(int), metavar="STEP", help="stop after this step and save (resume later)"
     )
     train.add_argument(
@@ -179,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = train.add_argument_group("model (ModelConfig)")
     for f in dataclasses.fields(ModelConfig):
+        if f.name == "vocab_size":  # the text's distinct characters, never a choice
+            continue
         if f.name == "position":
             group.add_argument("--position", choices=POSITIONS, default=None, help=MODEL_HELP[f.name])
             continue
@@ -397,6 +405,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe == "list":
         print(recipes.listing())
         return 0
+    if args.init_from and args.resume:
+        raise ConfigError("--init-from starts a new run from trained weights; --resume continues a run",
+                          hint="pass one of them: --resume RUN to continue, --init-from RUN to fine-tune")  # fmt: skip
     if args.recipe:
         if args.resume:
             raise ConfigError("--recipe starts a new run; a resume continues with the run's own settings",
@@ -439,6 +450,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_memory(model.cfg, train_cfg.batch)
         dist.root_only(check_writable, Path(train_cfg.out))
         dataset = _resume_data(args, meta, model.tokenizer)
+    elif args.init_from:
+        model, dataset, train_cfg = _fine_tune(args, model_args, train_args, dist)
     else:
         _choose_out(train_args, args, dist)
         train_cfg = TrainConfig(**train_args)
@@ -481,6 +494,63 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stdout.write(ch)
         sys.stdout.write("\n")
     return 0
+
+
+FINE_TUNE_FREE = ("dropout",)  # model fields a fine-tuning run may change: they shape no weight
+
+
+def _fine_tune(args: argparse.Namespace, model_args: dict, train_args: dict, dist: World) -> tuple:
+    """(model, dataset, train config) of `--init-from`: the checkpoint's architecture and weights in a
+    new Model (fresh Adam moments, dropout counter and batch generator: step 0), the new text encoded
+    with the checkpoint's vocabulary, and a training config of its own (not the checkpoint's)."""
+    from fastchar.checkpoint import read
+    from fastchar.data import TextDataset, locate_corpus, read_text
+    from fastchar.errors import CheckpointError, DataError
+    from fastchar.model import Model
+    from fastchar.runfolder import check_fresh, check_memory
+    from fastchar.train import check_writable
+
+    stored = read(args.init_from, "best")
+    if stored.note:
+        print(f"checkpoint: {stored.note}", file=sys.stderr, flush=True)
+    if stored.tokenizer is None:
+        raise CheckpointError(
+            f"{stored.path} has no tokenizer.json", hint="fine-tune a checkpoint a training run wrote"
+        )
+    fixed = {k: v for k, v in model_args.items() if k not in FINE_TUNE_FREE}
+    mismatched = {k: (v, getattr(stored.cfg, k)) for k, v in fixed.items() if getattr(stored.cfg, k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
+        raise ConfigError(
+            f"--init-from {args.init_from}: the architecture is the checkpoint's; conflicting options: {details}",
+            hint="drop the model options (only --dropout may change when fine-tuning)",
+        )
+    cfg = dataclasses.replace(stored.cfg, **{k: v for k, v in model_args.items() if k in FINE_TUNE_FREE})
+    _choose_out(train_args, args, dist)
+    train_cfg = TrainConfig(**train_args)
+    dist.root_only(check_writable, Path(train_cfg.out))
+    if not args.overwrite:
+        dist.root_only(check_fresh, Path(train_cfg.out))
+    corpus, origin = locate_corpus(args.data)
+    if dist.is_root:
+        print(f"data: {corpus} ({origin})", flush=True)
+    missing = stored.tokenizer.unknown(read_text(corpus))
+    if missing:
+        raise DataError(
+            f"{corpus} has {len(missing)} character(s) that are not in the vocabulary of {stored.path}: "
+            f"{', '.join(repr(c) for c in missing[:40])}{' ...' if len(missing) > 40 else ''}",
+            hint="replace or remove those characters in the text, or train a new model on it without --init-from",
+        )
+    dataset = TextDataset(corpus, tokenizer=stored.tokenizer)
+    check_memory(cfg, train_cfg.batch)
+    model = Model(cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=args.precision or "fp32")
+    for name, weights in stored.weights.items():
+        model.params[name][...] = weights
+    step, best = stored.meta.get("state", {}).get("step"), stored.meta.get("state", {}).get("best_val")
+    if dist.is_root:
+        trained = f"step {step}" + (f", best val {best:.4f}" if best is not None else "")
+        print(f"init from: {stored.path} ({trained}); fresh optimizer and schedule from step 0", flush=True)
+    return model, dataset, train_cfg
 
 
 def _choose_out(train_args: dict, args: argparse.Namespace, dist: World) -> None:
