@@ -41,9 +41,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save_file
 
-from fastchar import portable
 from fastchar.config import ModelConfig
 from fastchar.errors import CheckpointError
+from fastchar.portable import has_folder_handles, open_nofollow
 from fastchar.schema import (
     FORMAT,
     MAX_JSON_BYTES,
@@ -200,7 +200,7 @@ def _open_in(dfd: int | None, name: str, folder: Path) -> int:
     no folder handles (dfd None: Windows), by path with portable.open_nofollow's checks."""
     try:
         if dfd is None:
-            return portable.open_nofollow(folder / name, os.O_RDONLY)
+            return open_nofollow(folder / name, os.O_RDONLY)
         return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         raise CheckpointError(
@@ -250,7 +250,7 @@ def _read_in(dfd: int | None, name: str, folder: Path, expected: int | None = No
 def _open_folder(folder: Path) -> tuple[int | None, os.stat_result]:
     """A handle on the folder and its identity; without folder handles (Windows), None and its stat."""
     try:
-        if not portable.has_folder_handles():
+        if not has_folder_handles():
             identity = os.stat(folder)
             if not stat.S_ISDIR(identity.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
