@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fastchar import recipes
+from fastchar import config_file, recipes
 from fastchar.config import NO_STEP_LIMIT, POSITIONS, ModelConfig, TrainConfig
 from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
@@ -29,6 +29,7 @@ DEFAULT_MODEL = ModelConfig()
 DEFAULT_TRAIN = TrainConfig()
 EXIT_ERROR = 1
 FLUSH_EVERY = 0.05  # seconds between flushes of a streamed sample
+SAMPLE_CHARS = 300  # characters `fastchar train` samples at the end
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 143, SIGHUP 129
 GENERIC_HINTS = {  # for errors raised without a hint of their own
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
     train.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="settings from a TOML file whose keys are these flags' names (d_model = 64 or d-model = 64); flags "
+        "given here override it. Every run writes its own as config.toml: --config runs/x/config.toml repeats it",
+    )
+    train.add_argument(
         "--recipe",
         metavar="NAME",
         help="a measured setting for a time budget: one-minute or ten-minutes (flags given beside it override "
@@ -176,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="expect N ranks: fastchar starts no processes, launch it as `mpiexec -n N fastchar train ...`",
     )
     train.add_argument(
-        "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
+        "--sample-chars",
+        type=_number(int),
+        default=None,
+        help=f"characters to sample at the end; 0: none (default {SAMPLE_CHARS})",
     )
     train.add_argument(
         "--overwrite",
@@ -205,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(_flag(f.name), type=_number(kind), default=None, help=TRAIN_HELP[f.name])
     _add_runtime_flags(train)
     _add_precision_flag(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, train_parser=train)
 
     sample = sub.add_parser(
         "sample",
@@ -401,6 +411,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
 
+    if args.config:  # flags given on the command line override the file
+        config_file.apply(args, config_file.read(args.config, args.train_parser))
+    if args.sample_chars is None:
+        args.sample_chars = SAMPLE_CHARS
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
     if args.recipe == "list":
         print(recipes.listing())
@@ -472,8 +486,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
+    files = {} if args.resume else {config_file.CONFIG_NAME: _config_text(args, model, dataset, train_cfg, dist)}
     trainer = Trainer(
-        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite, files=files
     )
     summary = trainer.train(until=args.until)
     if not dist.is_root:
@@ -494,6 +509,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stdout.write(ch)
         sys.stdout.write("\n")
     return 0
+
+
+def _config_text(args: argparse.Namespace, model: object, dataset: object, train_cfg: TrainConfig, dist: World) -> str:
+    """The resolved settings of a fresh run as TOML (its config.toml): the text, the weights it starts
+    from (--init-from), every model and training field that has a flag, the backend and precision in
+    use; the run folder is left out, so that a repeat goes to a new one."""
+    from fastchar import __version__
+
+    flags = config_file.flag_actions(args.train_parser)
+    settings: dict = {"data": str(Path(dataset.path).resolve())}
+    if args.init_from:
+        settings["init_from"] = str(Path(args.init_from_path).resolve())
+    settings.update({k: v for k, v in model.cfg.to_dict().items() if k in flags})
+    settings.update({k: v for k, v in train_cfg.to_dict().items() if k in flags and k != "out"})
+    settings.update(backend=model.backend, precision=model.precision, sample_chars=args.sample_chars)
+    if args.threads is not None:
+        settings["threads"] = args.threads
+    if args.tensorboard:
+        settings["tensorboard"] = True
+    if dist.size > 1:
+        settings["ranks"] = dist.size  # a repeat needs mpiexec -n N as well
+    comment = (
+        f"The settings of the fastchar {__version__} run in this folder. `fastchar train --config FILE` repeats it\n"
+        "(into a new run folder, or --out DIR); flags given beside --config override these values."
+    )
+    return config_file.dumps(settings, comment)
 
 
 FINE_TUNE_FREE = ("dropout",)  # model fields a fine-tuning run may change: they shape no weight
@@ -546,6 +587,7 @@ def _fine_tune(args: argparse.Namespace, model_args: dict, train_args: dict, dis
     model = Model(cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=args.precision or "fp32")
     for name, weights in stored.weights.items():
         model.params[name][...] = weights
+    args.init_from_path = stored.path  # recorded in the run's config.toml
     step, best = stored.meta.get("state", {}).get("step"), stored.meta.get("state", {}).get("best_val")
     if dist.is_root:
         trained = f"step {step}" + (f", best val {best:.4f}" if best is not None else "")

@@ -191,15 +191,8 @@ class RunLock:
             ) from None
         self.lock = lock
         _HELD.add(self)
-        owner = self.folder / OWNER_NAME
-        tmp = self.folder / f".{OWNER_NAME}.tmp-{os.getpid()}"
-        try:
-            fd = portable.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with open(fd, "w", encoding="ascii") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(tmp, owner)  # replaces a planted link itself, never its target
-        except OSError:
-            _remove(tmp)  # the pid is a courtesy to the next trainer; the lock is what counts
+        with contextlib.suppress(OSError):  # the pid is a courtesy to the next trainer; the lock is what counts
+            write_text(self.folder / OWNER_NAME, f"{os.getpid()}\n")
         return self
 
     def holder(self) -> str | None:
@@ -226,6 +219,20 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small UTF-8 file atomically (a temporary, then a rename that replaces a planted link
+    itself, never its target)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = portable.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def data_record(path: Path, text: str) -> dict:

@@ -84,8 +84,11 @@ class Trainer:
         curves: bool = True,
         overwrite: bool = False,
         dist: World | None = None,
+        files: dict[str, str] | None = None,
     ) -> None:
-        """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out."""
+        """overwrite: a fresh run may replace the checkpoints and metrics already in cfg.out.
+        files: name -> text of files to write into the run folder once it is locked and claimed
+        (the CLI's config.toml)."""
         if not isinstance(cfg, TrainConfig):
             raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}", hint="pass TrainConfig(...)")
         if tensorboard:
@@ -106,6 +109,7 @@ class Trainer:
         dataset.check_context(model.cfg.ctx)
         self.model, self.dataset, self.cfg = model, dataset, cfg
         self.overwrite = overwrite
+        self.files = dict(files or {})
         self.data = runfolder.data_record(dataset.path, dataset.text)
         self._owns_out = False
         self._signum = 0
@@ -273,6 +277,8 @@ class Trainer:
         self._lock = runfolder.RunLock(self.out).acquire()
         try:
             self._claim_out()
+            for name, text in self.files.items():
+                runfolder.write_text(self.out / name, text)
         except BaseException:
             self._lock.release()
             self._lock = None
