@@ -46,7 +46,28 @@ __all__ = [
     "stream",
     "to_torch",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, the version in
+    its pyproject.toml (the one place the version is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastchar")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"))
+        except OSError:
+            found = None
+        return found[1] if found else "0+unknown"
+
+
+__version__ = _version()
 
 
 def to_torch(model: Model, dtype: object = None) -> object:

@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 
 from fastchar.config import ModelConfig
 from fastchar.errors import CheckpointError
+from fastchar.portable import has_folder_handles, open_nofollow
 from fastchar.schema import (
     FORMAT,
     MAX_JSON_BYTES,
@@ -78,6 +79,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows opens no folder as a file; its renames need no fsync
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -192,8 +195,12 @@ def _locate(path: Path, quiet: bool = False) -> Path:
     )
 
 
-def _open_in(dfd: int, name: str, folder: Path) -> int:
+def _open_in(dfd: int | None, name: str, folder: Path) -> int:
+    """folder/name opened through the folder handle dfd, never through a link; where the system has
+    no folder handles (dfd None: Windows), by path with portable.open_nofollow's checks."""
     try:
+        if dfd is None:
+            return open_nofollow(folder / name, os.O_RDONLY)
         return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         raise CheckpointError(
@@ -210,7 +217,7 @@ def _open_in(dfd: int, name: str, folder: Path) -> int:
         ) from None
 
 
-def _read_in(dfd: int, name: str, folder: Path, expected: int | None = None) -> bytes:
+def _read_in(dfd: int | None, name: str, folder: Path, expected: int | None = None) -> bytes:
     """The bytes of folder/name, opened through the folder handle dfd, never through a link."""
     fd = _open_in(dfd, name, folder)
     try:
@@ -240,15 +247,25 @@ def _read_in(dfd: int, name: str, folder: Path, expected: int | None = None) -> 
     return data
 
 
-def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
+def _open_folder(folder: Path) -> tuple[int | None, os.stat_result]:
+    """A handle on the folder and its identity; without folder handles (Windows), None and its stat."""
     try:
+        if not has_folder_handles():
+            identity = os.stat(folder)
+            if not stat.S_ISDIR(identity.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+            return None, identity
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except NotADirectoryError:
         raise CheckpointError(f"{folder} is not a folder", hint="a checkpoint is a folder with meta.json") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint folder {folder} does not exist") from None
+    return dfd, os.fstat(dfd)
+
+
+def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
+    dfd, identity = _open_folder(folder)
     try:
-        identity = os.fstat(dfd)
         try:
             raw = _read_in(dfd, "meta.json", folder)
         except CheckpointError as exc:
@@ -266,9 +283,20 @@ def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
                     hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
                 )
             blobs[name] = data
+        if dfd is None and not _same_folder(folder, identity):  # files opened by path: all from one folder
+            raise CheckpointError(f"{folder} was replaced while being read")
         return meta, blobs, identity
     finally:
-        os.close(dfd)
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _same_folder(folder: Path, identity: os.stat_result) -> bool:
+    try:
+        now = os.stat(folder)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (identity.st_ino, identity.st_dev)
 
 
 def _swapped(requested: Path, folder: Path, identity: os.stat_result | None) -> bool:

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fastchar import recipes
+from fastchar import config_file, recipes
 from fastchar.config import ACTIVATIONS, NO_STEP_LIMIT, NORMS, POSITIONS, ModelConfig, TrainConfig
 from fastchar.distributed import World
 from fastchar.errors import ConfigError, FastcharError
@@ -29,6 +29,7 @@ DEFAULT_MODEL = ModelConfig()
 DEFAULT_TRAIN = TrainConfig()
 EXIT_ERROR = 1
 FLUSH_EVERY = 0.05  # seconds between flushes of a streamed sample
+SAMPLE_CHARS = 300  # characters `fastchar train` samples at the end
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 143, SIGHUP 129
 GENERIC_HINTS = {  # for errors raised without a hint of their own
@@ -41,7 +42,6 @@ GENERIC_HINTS = {  # for errors raised without a hint of their own
 }
 
 MODEL_HELP = {
-    "vocab_size": "vocabulary size (default: the distinct characters of the text)",
     "d_model": f"residual width C (default {DEFAULT_MODEL.d_model})",
     "n_layer": f"transformer blocks L (default {DEFAULT_MODEL.n_layer})",
     "n_head": f"attention heads; must divide d_model (default {DEFAULT_MODEL.n_head})",
@@ -71,7 +71,8 @@ TRAIN_HELP = {
     "eval_every": f"steps between evaluations and checkpoints (default {DEFAULT_TRAIN.eval_every})",
     "eval_batches": f"batches per split at each evaluation (default {DEFAULT_TRAIN.eval_batches})",
     "seed": f"seed for weights, batches and dropout (default {DEFAULT_TRAIN.seed})",
-    "out": f"run folder for checkpoints and metrics.jsonl (default {DEFAULT_TRAIN.out})",
+    "out": f"run folder for checkpoints and metrics.jsonl (default: {DEFAULT_TRAIN.out}, or {DEFAULT_TRAIN.out}-2, "
+    "-3, ... when that holds a run)",
     "time_budget": "stop after this many wall-clock seconds, evaluation included, stretching the schedule over "
     "them; the default step count does not apply (default: off)",
     "log_every": f"steps between log lines (default {DEFAULT_TRAIN.log_every})",
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and sample a small character-level transformer on CPU cores, fast.",
         epilog="Run `fastchar COMMAND --help` for a command's options.",
     )
+    from fastchar import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastchar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
@@ -144,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
     train.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="settings from a TOML file whose keys are these flags' names (d_model = 64 or d-model = 64); flags "
+        "given here override it. Every run writes its own as config.toml: --config runs/x/config.toml repeats it",
+    )
+    train.add_argument(
         "--recipe",
         metavar="NAME",
         help="a measured setting for a time budget: one-minute or ten-minutes (flags given beside it override "
@@ -153,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="DIR",
         help="continue exactly from a checkpoint folder (e.g. runs/base/latest) or a run folder (its latest)",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="fine-tune: start from the weights of a trained model (a checkpoint, or a run folder: its best) "
+        "with a fresh optimizer and schedule from step 0, on the text of --data, whose characters must be in the "
+        "model's vocabulary; the architecture is the checkpoint's",
     )
     train.add_argument(
         "--until", type=_number(int), metavar="STEP", help="stop after this step and save (resume later)"
@@ -170,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="expect N ranks: fastchar starts no processes, launch it as `mpiexec -n N fastchar train ...`",
     )
     train.add_argument(
-        "--sample-chars", type=_number(int), default=300, help="characters to sample at the end; 0: none (default 300)"
+        "--sample-chars",
+        type=_number(int),
+        default=None,
+        help=f"characters to sample at the end; 0: none (default {SAMPLE_CHARS})",
     )
     train.add_argument(
         "--overwrite",
@@ -179,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = train.add_argument_group("model (ModelConfig)")
     for f in dataclasses.fields(ModelConfig):
+        if f.name == "vocab_size":  # the text's distinct characters, never a choice
+            continue
         if f.name in CHOICES:
             group.add_argument(_flag(f.name), choices=CHOICES[f.name], default=None, help=MODEL_HELP[f.name])
             continue
@@ -200,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(_flag(f.name), type=_number(kind), default=None, help=TRAIN_HELP[f.name])
     _add_runtime_flags(train)
     _add_precision_flag(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, train_parser=train)
 
     sample = sub.add_parser(
         "sample",
@@ -403,10 +425,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.tensorboard_log import require_tensorboardx
     from fastchar.train import Trainer, check_writable
 
+    if args.config:  # flags given on the command line override the file
+        config_file.apply(args, config_file.read(args.config, args.train_parser))
+    if args.sample_chars is None:
+        args.sample_chars = SAMPLE_CHARS
     model_args, train_args = _given(args, ModelConfig), _given(args, TrainConfig)
     if args.recipe == "list":
         print(recipes.listing())
         return 0
+    if args.init_from and args.resume:
+        raise ConfigError("--init-from starts a new run from trained weights; --resume continues a run",
+                          hint="pass one of them: --resume RUN to continue, --init-from RUN to fine-tune")  # fmt: skip
     if args.recipe:
         if args.resume:
             raise ConfigError("--recipe starts a new run; a resume continues with the run's own settings",
@@ -449,7 +478,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_memory(model.cfg, train_cfg.batch)
         dist.root_only(check_writable, Path(train_cfg.out))
         dataset = _resume_data(args, meta, model.tokenizer)
+    elif args.init_from:
+        model, dataset, train_cfg = _fine_tune(args, model_args, train_args, dist)
     else:
+        _choose_out(train_args, args, dist)
         train_cfg = TrainConfig(**train_args)
         dist.root_only(check_writable, Path(train_cfg.out))
         if not args.overwrite:
@@ -468,15 +500,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
+    files = {} if args.resume else {config_file.CONFIG_NAME: _config_text(args, model, dataset, train_cfg, dist)}
     trainer = Trainer(
-        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite, files=files
     )
     summary = trainer.train(until=args.until)
     if not dist.is_root:
         return 0
     print(
         f"done: step {summary['step']} | train {summary['train_loss']:.4f} | val {summary['val_loss']:.4f} | "
-        f"best val {summary['best_val']:.4f} | {summary['tok_per_s']:,.0f} tok/s | {summary['elapsed']:.1f} s"
+        f"best val {summary['best_val']:.4f} | val acc {100 * summary['val_acc']:.1f} % | "
+        f"{summary['tok_per_s']:,.0f} tok/s | {summary['elapsed']:.1f} s"
     )
     print(f"checkpoints: {trainer.out / 'best'} (best val), {trainer.out / 'latest'}")
     if args.sample_chars:
@@ -489,6 +523,105 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stdout.write(ch)
         sys.stdout.write("\n")
     return 0
+
+
+def _config_text(args: argparse.Namespace, model: object, dataset: object, train_cfg: TrainConfig, dist: World) -> str:
+    """The resolved settings of a fresh run as TOML (its config.toml): the text, the weights it starts
+    from (--init-from), every model and training field that has a flag, the backend and precision in
+    use; the run folder is left out, so that a repeat goes to a new one."""
+    from fastchar import __version__
+
+    flags = config_file.flag_actions(args.train_parser)
+    settings: dict = {"data": str(Path(dataset.path).resolve())}
+    if args.init_from:
+        settings["init_from"] = str(Path(args.init_from_path).resolve())
+    settings.update({k: v for k, v in model.cfg.to_dict().items() if k in flags})
+    settings.update({k: v for k, v in train_cfg.to_dict().items() if k in flags and k != "out"})
+    settings.update(backend=model.backend, precision=model.precision, sample_chars=args.sample_chars)
+    if args.threads is not None:
+        settings["threads"] = args.threads
+    if args.tensorboard:
+        settings["tensorboard"] = True
+    if dist.size > 1:
+        settings["ranks"] = dist.size  # a repeat needs mpiexec -n N as well
+    comment = (
+        f"The settings of the fastchar {__version__} run in this folder. `fastchar train --config FILE` repeats it\n"
+        "(into a new run folder, or --out DIR); flags given beside --config override these values."
+    )
+    return config_file.dumps(settings, comment)
+
+
+FINE_TUNE_FREE = ("dropout",)  # model fields a fine-tuning run may change: they shape no weight
+
+
+def _fine_tune(args: argparse.Namespace, model_args: dict, train_args: dict, dist: World) -> tuple:
+    """(model, dataset, train config) of `--init-from`: the checkpoint's architecture and weights in a
+    new Model (fresh Adam moments, dropout counter and batch generator: step 0), the new text encoded
+    with the checkpoint's vocabulary, and a training config of its own (not the checkpoint's)."""
+    from fastchar.checkpoint import read
+    from fastchar.data import TextDataset, locate_corpus, read_text
+    from fastchar.errors import CheckpointError, DataError
+    from fastchar.model import Model
+    from fastchar.runfolder import check_fresh, check_memory
+    from fastchar.train import check_writable
+
+    stored = read(args.init_from, "best")
+    if stored.note:
+        print(f"checkpoint: {stored.note}", file=sys.stderr, flush=True)
+    if stored.tokenizer is None:
+        raise CheckpointError(
+            f"{stored.path} has no tokenizer.json", hint="fine-tune a checkpoint a training run wrote"
+        )
+    fixed = {k: v for k, v in model_args.items() if k not in FINE_TUNE_FREE}
+    mismatched = {k: (v, getattr(stored.cfg, k)) for k, v in fixed.items() if getattr(stored.cfg, k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
+        raise ConfigError(
+            f"--init-from {args.init_from}: the architecture is the checkpoint's; conflicting options: {details}",
+            hint="drop the model options (only --dropout may change when fine-tuning)",
+        )
+    cfg = dataclasses.replace(stored.cfg, **{k: v for k, v in model_args.items() if k in FINE_TUNE_FREE})
+    _choose_out(train_args, args, dist)
+    train_cfg = TrainConfig(**train_args)
+    dist.root_only(check_writable, Path(train_cfg.out))
+    if not args.overwrite:
+        dist.root_only(check_fresh, Path(train_cfg.out))
+    corpus, origin = locate_corpus(args.data)
+    if dist.is_root:
+        print(f"data: {corpus} ({origin})", flush=True)
+    missing = stored.tokenizer.unknown(read_text(corpus))
+    if missing:
+        raise DataError(
+            f"{corpus} has {len(missing)} character(s) that are not in the vocabulary of {stored.path}: "
+            f"{', '.join(repr(c) for c in missing[:40])}{' ...' if len(missing) > 40 else ''}",
+            hint="replace or remove those characters in the text, or train a new model on it without --init-from",
+        )
+    dataset = TextDataset(corpus, tokenizer=stored.tokenizer)
+    check_memory(cfg, train_cfg.batch)
+    model = Model(cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=args.precision or "fp32")
+    for name, weights in stored.weights.items():
+        model.params[name][...] = weights
+    args.init_from_path = stored.path  # recorded in the run's config.toml
+    step, best = stored.meta.get("state", {}).get("step"), stored.meta.get("state", {}).get("best_val")
+    if dist.is_root:
+        trained = f"step {step}" + (f", best val {best:.4f}" if best is not None else "")
+        print(f"init from: {stored.path} ({trained}); fresh optimizer and schedule from step 0", flush=True)
+    return model, dataset, train_cfg
+
+
+def _choose_out(train_args: dict, args: argparse.Namespace, dist: World) -> None:
+    """Without --out (or `out` in --config), a new run gets a run folder of its own: runs/base, or
+    runs/base-2, -3, ... when that holds a run; said on stdout. --overwrite alone reuses runs/base."""
+    from fastchar.runfolder import next_free
+
+    if "out" in train_args or args.overwrite:
+        return
+    base = Path(DEFAULT_TRAIN.out)
+    out = dist.root_only(next_free, base)
+    train_args["out"] = str(out)
+    if dist.is_root:
+        why = "" if out == base else f"; {base} holds another run"
+        print(f"run folder: {out} (new{why}; choose one with --out DIR)", flush=True)
 
 
 def _check_ranks(expected: int | None, threads: int | None = None) -> World:
@@ -592,6 +725,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "train": model.train_cfg,
             "step": model.train_state.get("step"),
             "best_val": model.train_state.get("best_val"),
+            "best_val_acc": model.train_state.get("best_val_acc"),  # next-character accuracy at best_val
+            "last_eval": model.train_state.get("last_eval"),  # losses and accuracies when it was saved
             "parameters": {"total": model.num_params(), "tensors": tensors},
             "vocabulary": "".join(model.tokenizer.chars) if model.tokenizer else None,
         }
@@ -677,7 +812,14 @@ def _format_info(report: dict) -> str:
     lines = []
     ck = report.get("checkpoint")
     if ck:
-        lines += [f"checkpoint: {ck['path']}", f"  step {ck['step']}, best val {ck['best_val']}"]
+        lines += [
+            f"checkpoint: {ck['path']}",
+            f"  step {ck['step']}, best val {_loss_acc(ck['best_val'], ck['best_val_acc'])}",
+        ]
+        if ck.get("last_eval"):
+            ev = ck["last_eval"]
+            lines.append(f"  evaluation at step {ck['step']}: train {_loss_acc(ev['train_loss'], ev['train_acc'])}, "
+                         f"val {_loss_acc(ev['val_loss'], ev['val_acc'])}")  # fmt: skip
         lines.append("  model: " + ", ".join(f"{k}={v}" for k, v in ck["model"].items()))
         if ck["train"]:
             lines.append("  train: " + ", ".join(f"{k}={v}" for k, v in ck["train"].items()))
@@ -752,6 +894,13 @@ def _format_info(report: dict) -> str:
                 use += " (disabled by FASTCHAR_DISABLE_BF16 / FASTCHAR_DISABLE_AVX512)"
             lines.append(f"cpu AVX512_BF16 (vdpbf16ps): {has}; bf16 matrix products {use}")
     return "\n".join(lines)
+
+
+def _loss_acc(loss: float | None, acc: float | None) -> str:
+    """`1.4600 (next-character accuracy 55.3 %)`; what a checkpoint lacks (older runs) is left out."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + (f" (next-character accuracy {100 * acc:.1f} %)" if acc is not None else "")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The run folder (`--out`): its lock, its leftovers, its write probe, and what a run will need.
 
-A training run owns its folder for as long as it runs: an advisory `fcntl.flock` on `.lock` (which
-holds the owner's pid, so a second trainer can name it). Once the lock is held, leftovers of
+A training run owns its folder for as long as it runs: an advisory lock on `.lock` through the
+`filelock` package (flock on POSIX, LockFileEx on Windows, a marker file where neither exists), with
+the owner's pid in `.lock.pid`, so a second trainer can name it. Once the lock is held, leftovers of
 interrupted saves are cleared: `.NAME.tmp-PID` folders whose process is gone, and `NAME.old` twins
 (restored as NAME when NAME itself is missing). Leaves out: checkpoint contents (checkpoint.py) and
 the training loop (train.py).
@@ -14,8 +15,6 @@ that refuses a run the machine cannot hold.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import math
 import os
@@ -24,11 +23,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fastchar import portable
 from fastchar.arena import act_specs, param_specs
 from fastchar.config import ModelConfig
 from fastchar.errors import ConfigError
 
 LOCK_NAME = ".lock"
+OWNER_NAME = ".lock.pid"  # the lock holder's pid: a lock file itself is unreadable to others on Windows
 CHECKPOINT_NAMES = ("best", "latest")
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 MIB = 2**20
@@ -75,6 +76,29 @@ def check_fresh(folder: Path, overwrite: bool = False) -> None:
         )
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether folder holds a run (its checkpoints, metrics or config) or one is starting there (the
+    lock's pid file), or is not a folder at all: a run without --out goes elsewhere."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return False
+    if not folder.is_dir():
+        return True
+    marks = ("metrics.jsonl", "config.toml", OWNER_NAME)
+    return bool(existing_checkpoints(folder)) or any((folder / m).exists() or (folder / m).is_symlink() for m in marks)
+
+
+def next_free(base: Path) -> Path:
+    """base if it holds no run, else the first of base-2, base-3, ... that holds none (runs without
+    --out never collide: the README's first command can be run twice)."""
+    base = Path(base)
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def clear_run(folder: Path) -> None:
     """Remove a previous run's checkpoints, metrics, curves and TensorBoard events (--overwrite).
 
@@ -91,13 +115,7 @@ def clear_run(folder: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+    return portable.pid_alive(pid)
 
 
 def clean_stale(folder: Path) -> list[Path]:
@@ -132,54 +150,89 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+_HELD: set[RunLock] = set()  # held locks stay alive (and held) until released or the process exits
+
+
 class RunLock:
     """An advisory lock on a run folder, held while a run trains in it (`with RunLock(folder):`).
 
-    The lock file `.lock` holds the owner's pid. Advisory: it stops a second fastchar trainer, not
-    other programs. The kernel drops it when the process dies, so a killed run never leaves it held.
+    `.lock` is the lock file (filelock.FileLock: flock on POSIX, LockFileEx on Windows, a soft marker
+    file where neither exists); `.lock.pid` names the owner's pid. Advisory: it stops a second
+    fastchar trainer, not other programs. The system drops the lock when the process dies, so a
+    killed run never leaves it held (the soft marker of a dead process is broken by filelock).
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.fd: int | None = None
+        self.lock: object | None = None  # the held filelock.FileLock (None: not held)
 
     def acquire(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
         path = self.folder / LOCK_NAME
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ConfigError(
+                f"cannot lock the run folder {self.folder}: {path} is not a regular file",
+                hint=f"remove {path} if it is not a regular file, or pass another --out DIR",
+            )
+        lock = FileLock(str(path), timeout=0, thread_local=False)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            lock.acquire()
+        except Timeout:
+            holder = self.holder() or "unknown"
+            raise ConfigError(
+                f"the run folder {self.folder} is in use by another fastchar run (process {holder})",
+                hint=f"wait for process {holder} to finish or stop it, or pass another --out DIR",
+            ) from None
         except OSError as exc:
             raise ConfigError(
                 f"cannot lock the run folder {self.folder}: {path} cannot be opened ({exc.strerror or exc})",
                 hint=f"remove {path} if it is not a regular file, or pass another --out DIR",
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(
-                f"the run folder {self.folder} is in use by another fastchar run (process {holder})",
-                hint=f"wait for process {holder} to finish or stop it, or pass another --out DIR",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self.fd = fd
+        self.lock = lock
+        _HELD.add(self)
+        with contextlib.suppress(OSError):  # the pid is a courtesy to the next trainer; the lock is what counts
+            write_text(self.folder / OWNER_NAME, f"{os.getpid()}\n")
         return self
 
+    def holder(self) -> str | None:
+        """The pid .lock.pid names (None if unreadable)."""
+        try:
+            fd = portable.open_nofollow(self.folder / OWNER_NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        with open(fd, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+        return text if text.isdigit() else None
+
     def release(self) -> None:
-        if self.fd is not None:
+        if self.lock is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
+                if self.holder() == str(os.getpid()):
+                    os.unlink(self.folder / OWNER_NAME)
+            self.lock.release()
+            _HELD.discard(self)
+            self.lock = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small UTF-8 file atomically (a temporary, then a rename that replaces a planted link
+    itself, never its target)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = portable.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def data_record(path: Path, text: str) -> dict:

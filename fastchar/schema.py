@@ -131,6 +131,12 @@ def validate_state(where: Path | str, state: Any) -> dict:
         _number(where, "state.best_val", state["best_val"])
     if "elapsed" in state:
         _number(where, "state.elapsed", state["elapsed"], 0.0)
+    if state.get("best_val_acc") is not None:
+        _number(where, "state.best_val_acc", state["best_val_acc"], 0.0, 1.0)
+    if state.get("last_eval") is not None:
+        last = _object(where, "state.last_eval", state["last_eval"])
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            _number(where, f"state.last_eval.{key}", last.get(key), 0.0, 1.0 if key.endswith("_acc") else math.inf)
     if "dropout_counter" in state:
         _int(where, "state.dropout_counter", state["dropout_counter"], 0, 2**64 - 1)
     if "rng" in state:

@@ -21,6 +21,8 @@ TAGS = {
     "loss": "loss/train",  # the training batch's loss at a log line
     "val_loss": "loss/val",  # evaluation: mean over eval_batches of the validation split
     "train_loss": "loss/train_eval",  # evaluation: the same on the training split
+    "val_acc": "accuracy/val",  # evaluation: next-character accuracy (argmax = target) on the validation split
+    "train_acc": "accuracy/train_eval",  # evaluation: the same on the training split
     "lr": "lr",
     "grad_norm": "grad_norm",  # global gradient norm before clipping
     "tok_per_s": "tok_per_s",  # training tokens per second since the previous log line

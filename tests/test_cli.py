@@ -37,8 +37,9 @@ def test_help(command):
         for flag in ["--recipe", "--data", "--out", "--resume", "--batch", "--steps", "--lr", "--min-lr", "--warmup",
                      "--weight-decay", "--betas", "--eps", "--grad-clip", "--eval-every", "--eval-batches",
                      "--seed", "--time-budget", "--d-model", "--n-layer", "--n-head", "--ctx",
-                     "--mlp-hidden", "--vocab-size", "--dropout", "--backend", "--threads"]:  # fmt: skip
+                     "--mlp-hidden", "--dropout", "--backend", "--threads", "--init-from"]:  # fmt: skip
             assert flag in result.stdout, flag
+        assert "--vocab-size" not in result.stdout, "the vocabulary is the text's, never a flag"
 
 
 def test_train_sample_info_session(capsys, corpus, tmp_path):
