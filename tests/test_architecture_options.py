@@ -363,3 +363,32 @@ def test_to_torch_logits_equal_fastchar(norm, activation, tied):
         logits, _ = fastchar.to_torch(rope)(torch.from_numpy(x))
     assert logits.dtype == torch.float64
     np.testing.assert_allclose(logits.numpy(), rope.logits, rtol=1e-10, atol=1e-12)
+
+
+# -- the plan, visible and timed --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", *compiled_backends()])
+def test_plan_describes_and_times_every_call(backend_name):
+    """describe() has one line per call, naming the function the plan really calls; timed() wraps
+    those very callables, so every call of a step is counted and the results do not change."""
+    cfg = config("layernorm", "gelu", True)
+    model = sharp(Model(cfg, backend=backend_name, seed=0))
+    x, y = batch(cfg, 2, 0)
+    plan = model.plan(2)
+    calls = [*plan.forward, *plan.loss, *plan.backward]
+    lines = plan.describe()
+    assert len(lines) == len(calls) == len(plan.steps)
+    for (fn, _), step, line in zip(calls, plan.steps, lines, strict=True):
+        assert fn is step.fn and step.kernel in (step.op.kind + "_forward", step.op.kind + "_backward")
+        assert step.op.kind in line and step.why in line
+    loss = model.forward(x, y)
+    model.backward()
+    grads = model.grads.flat.copy()
+    spent: dict[str, float] = {}
+    plan.timed(spent)
+    assert model.forward(x, y) == loss
+    model.backward()
+    np.testing.assert_array_equal(model.grads.flat, grads)
+    assert set(spent) == {s.kernel for s in plan.steps} and all(v > 0 for v in spent.values())
+    assert {"layernorm_forward", "gelu_backward", "matmul_t_forward", "matmul_t_backward"} <= set(spent)
