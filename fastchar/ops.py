@@ -171,10 +171,6 @@ def _f32(r: np.random.Generator, *shape: int) -> np.ndarray:
     return r.standard_normal(shape).astype(np.float32)
 
 
-def _default_step(k, op: Op, args: list, cache, step) -> None:
-    getattr(k, op.kind + "_forward")(*args)
-
-
 # --------------------------------------------------------------------------------------------
 # embedding
 
@@ -496,9 +492,10 @@ def _attention_step(k, op: Op, args: list, cache, step) -> None:
     step.layer += 1
 
 
-def _attention_torch(m, op, args, T, pos0, drop, cache):
-    """Causal attention over (B, T, 3C); with a cache {"k", "v", "length", "layer"}, the new rows are
-    appended to it and attend to everything cached."""
+def _attention_torch(m, op, args, T, pos0, drop, cache, dropout: bool = False):
+    """Causal attention over (B, T, 3C) (with dropout p = drop on the probabilities if `dropout`);
+    with a cache {"k", "v", "length", "layer"}, the new rows are appended to it and attend to
+    everything cached."""
     import torch
 
     qkv = args[0]
@@ -507,7 +504,7 @@ def _attention_torch(m, op, args, T, pos0, drop, cache):
     C = C3 // 3
     q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=-1))
     if cache is None:
-        p = drop if op.kind == "attention_dropout" else 0.0
+        p = drop if dropout else 0.0
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     else:
         n = cache["length"]
@@ -547,7 +544,7 @@ ATTENTION_DROPOUT = OpKind(
     saved=_attention_saved,
     bind_backward=_attention_backward,
     case=_attention_case,
-    torch=_attention_torch,
+    torch=lambda *a: _attention_torch(*a, dropout=True),
 )
 
 

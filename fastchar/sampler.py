@@ -19,8 +19,9 @@ cache is kept once the window (ctx) is full depends on the positions:
 `generate_tokens` (numba: fastchar/backends/numba_decode.py, cython: csrc/_decode.pyx) and the model
 is float32: they walk graph.decode_table (opcodes, scratch offsets, weights by name), one call per
 chunk of DECODE_CHUNK characters, with the same cache rule and the same uniforms drawn from the same
-Generator in the same order. Both compiled loops sample with one C routine (csrc/fc_sample.c);
-otherwise (the numpy reference, float64) the Python loop below (KVCache + sample_token) runs.
+Generator in the same order. Both compiled loops sample alike (csrc/fc_sample.c, and its Numba port
+in numba_decode, so the Numba loop needs no C build); otherwise (the numpy reference, float64) the
+Python loop below (KVCache + sample_token) runs.
 Many streams (`stream_many`; `generate`/`stream` with a list of prompts or num_samples): the Cython
 backend's `generate_batch` (batch_tokens) advances every running stream in one walk of the same
 table on one row per stream, each row attending to its own stream's cache; each stream keeps its own

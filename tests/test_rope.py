@@ -211,14 +211,28 @@ def test_an_added_tensor_cannot_shift_the_decoders_weights(monkeypatch, backend_
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 3, 0.5)])
 def test_compiled_sampler_probabilities_match_python(temperature, top_k, top_p):
-    cydecode = pytest.importorskip("fastchar._cydecode")  # the one compiled sampler (numba calls it too)
+    """The compiled samplers (fc_sample.c for Cython, its Numba port) against the Python one; the two
+    compiled ones agree exactly (the same float64 operations in the same order)."""
+    from fastchar.backends import numba_decode
+
+    cydecode = pytest.importorskip("fastchar._cydecode")
     r = np.random.default_rng(9)
+    V = 65
+    tmp, order = np.zeros(V), np.zeros(V, np.int32)
     for _ in range(50):
-        logits = (3 * r.standard_normal(65)).astype(np.float32)
-        logits[r.integers(0, 65, 4)] = logits[0]  # ties
+        logits = (3 * r.standard_normal(V)).astype(np.float32)
+        logits[r.integers(0, V, 4)] = logits[0]  # ties
         want = token_probs(logits, temperature, top_k or None, top_p)
         got = cydecode.token_probs(logits, temperature, top_k, top_p)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+        numba_probs = np.zeros(V)
+        numba_decode.token_probs(logits, V, temperature, top_k, top_p, numba_probs, tmp, order)
+        np.testing.assert_array_equal(numba_probs, got)
+        work = np.zeros(3 * V)
+        for u in (0.0, 0.3, 0.999):
+            cdf = np.cumsum(got)  # sequential, as the compiled samplers sum
+            want_id = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), V - 1)
+            assert numba_decode.sample(logits, V, temperature, top_k, top_p, u, work, order) == want_id
 
 
 def test_cli_trains_and_samples_a_rope_model(capsys, corpus, tmp_path):

@@ -134,18 +134,9 @@ def test_bad_sampling_options(model, kwargs, message):
 # The compiled generation loop against the Python loop
 
 
-def _has_c_sampler() -> bool:
-    """Numba's compiled loop samples with fc_sample from fastchar._cydecode (the C build)."""
-    try:
-        import fastchar._cydecode  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def loop_backends() -> list[str]:
-    """The compiled backends that have a compiled generation loop here (numba's needs the C build)."""
-    return [b for b in compiled_backends() if b == "cython" or _has_c_sampler()]
+    """The compiled backends: each has a compiled generation loop (numba's needs no C build)."""
+    return compiled_backends()
 
 
 @pytest.fixture(params=loop_backends())
@@ -219,4 +210,26 @@ def test_compiled_chunking_does_not_change_the_text(compiled_model):
 
 def test_compiled_loop_only_for_float32_compiled_backends(model):
     has_loop = compiled_loop(model) is not None
-    assert has_loop == (model.backend == "cython" or (model.backend == "numba" and _has_c_sampler()))
+    assert has_loop == (model.backend in ("cython", "numba"))
+
+
+def test_numba_loop_needs_no_c_build():
+    """With the C extensions unavailable, numba still has its compiled loop (its sampler is Numba's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('fastchar._cydecode', 'fastchar._cykernels', 'fastchar._gemm'):\n"
+        "    sys.modules[name] = None  # import fails, as without a C build\n"
+        "import numpy as np, fastchar\n"
+        "from fastchar.sampler import compiled_loop\n"
+        "m = fastchar.Model(fastchar.ModelConfig(vocab_size=11, d_model=24, n_layer=2, n_head=3, ctx=12,\n"
+        "                   mlp_hidden=48), backend='numba', seed=4)\n"
+        "assert compiled_loop(m) is not None\n"
+        "print(fastchar.generate(m, fastchar.CharTokenizer('abcdefghij\\n'), 'abc', 40, seed=1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    want = generate(Model(CFG, backend="numpy", seed=4), TOK, "abc", 40, seed=1)  # the Python loop
+    assert out.stdout.strip() == want.strip()

@@ -16,9 +16,8 @@ How it is fast:
   would pay for.
 - the attention softmax is numba_cpu's (its vectorisable expf).
 
-Sampling is the C routine fc_sample of csrc/fc_sample.c, which the Cython loop uses too: it is
-called by symbol name from the built extension fastchar._cydecode (so this loop needs that build;
-without it, importing this module fails and fastchar.sampler runs its Python loop).
+Sampling (`sample`, `token_probs`) is csrc/fc_sample.c, the Cython loop's sampler, line for line in
+Numba, so this loop needs no C build and draws what the Cython loop draws.
 Left out: batch > 1 and float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
@@ -26,34 +25,13 @@ from __future__ import annotations
 
 import math
 
-import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, types
+from numba import njit
 
 from fastchar import graph
 from fastchar.backends.numba_cpu import _softmax_unnormalised
 
-try:
-    from fastchar import _cydecode
-except ImportError as exc:
-    raise ImportError(f"the Numba generation loop samples with fastchar._cydecode's fc_sample ({exc})") from exc
-
-__all__ = ["generate_tokens"]
-
-llvm.load_library_permanently(_cydecode.__file__)  # resolves fc_sample by name, so the loop can be cached
-_fc_sample = types.ExternalFunction(
-    "fc_sample",
-    types.int64(
-        types.CPointer(types.float32),  # logits (V,)
-        types.int64,  # V
-        types.float64,  # temperature
-        types.int64,  # top_k
-        types.float64,  # top_p
-        types.float64,  # u
-        types.CPointer(types.float64),  # work (3V,)
-        types.CPointer(types.int32),  # order (V,)
-    ),
-)
+__all__ = ["generate_tokens", "sample", "token_probs"]
 
 # The decode table's vocabulary, defined once in fastchar/graph.py (frozen into the compiled code)
 OP_EMBED, OP_RMSNORM, OP_MATMUL = graph.OP_EMBED, graph.OP_RMSNORM, graph.OP_MATMUL
@@ -300,6 +278,140 @@ def _forward_rows(tokens, n0, pos0, M, params, table, eps, inv_freq, n_head, kca
                     out[m, j] = _gelu(xin[m, j])
 
 
+# --------------------------------------------------------------------------------------------
+# Sampling: csrc/fc_sample.c line for line (the Cython loop's sampler), in float64 with the same
+# sequential sums, so both compiled loops draw the same ids from the same uniforms.
+
+EXTRACT_MAX = 12  # top-p takes the most likely remaining id this many times at most, then sorts the rest
+
+
+@njit(cache=True)
+def _kth_largest(a, n, k):
+    """The k-th largest (k from 0) of a[:n], with multiplicity (Hoare's selection; reorders a)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = a[lo + (hi - lo) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@njit(cache=True)
+def token_probs(logits, V, temperature, top_k, top_p, probs, tmp, order):
+    """probs (V,) float64 = softmax(logits / temperature), then top-k (top_k <= 0 or >= V: off),
+    then top-p (top_p >= 1: off), as fc_token_probs; tmp (V,) float64 and order (V,) int32 scratch."""
+    for j in range(V):
+        probs[j] = np.float64(logits[j]) / temperature
+    if 0 < top_k < V:
+        for j in range(V):
+            tmp[j] = probs[j]
+        kth = _kth_largest(tmp, V, top_k - 1)
+        for j in range(V):
+            if not probs[j] >= kth:
+                probs[j] = -np.inf
+    mx = probs[0]
+    for j in range(1, V):
+        mx = probs[j] if probs[j] > mx else mx
+    total = 0.0
+    for j in range(V):
+        probs[j] = math.exp(probs[j] - mx)
+        total += probs[j]
+    for j in range(V):
+        probs[j] /= total
+    if top_p >= 1.0:
+        return
+    total = 0.0
+    for j in range(V):
+        tmp[j] = probs[j]  # -1 marks an id already taken
+        total += probs[j]
+    target = top_p * total
+    mass = 0.0
+    keep = V
+    i = 0
+    while i < V:
+        if i == EXTRACT_MAX:
+            # a flat distribution: sort the ids not taken yet (stable, descending) and go on
+            n = i
+            for j in range(V):
+                if tmp[j] < 0.0:
+                    continue
+                c = n
+                while c > i and probs[order[c - 1]] < probs[j]:
+                    order[c] = order[c - 1]
+                    c -= 1
+                order[c] = j
+                n += 1
+            while i < V:
+                mass += probs[order[i]]
+                if mass >= target:
+                    keep = i + 1
+                    break
+                i += 1
+            break
+        best, b = -1, -1.0
+        for j in range(V):
+            if tmp[j] > b:
+                b = tmp[j]
+                best = j
+        if best < 0:
+            break
+        order[i] = best
+        tmp[best] = -1.0
+        mass += probs[best]
+        if mass >= target:
+            keep = i + 1
+            break
+        i += 1
+    if keep == V:
+        return
+    total = 0.0
+    for j in range(keep):
+        total += probs[order[j]]
+    for j in range(V):
+        tmp[j] = 0.0
+    for j in range(keep):
+        tmp[order[j]] = probs[order[j]] / total
+    for j in range(V):
+        probs[j] = tmp[j]
+
+
+@njit(cache=True)
+def sample(logits, V, temperature, top_k, top_p, u, work, order):
+    """A token id from logits (V,), as fc_sample: greedy (lowest id on ties) at temperature 0, else
+    the first id whose cumulative probability exceeds u * total. work (3V,) float64, order (V,) int32."""
+    if temperature == 0.0:
+        best = 0
+        for j in range(1, V):
+            if logits[j] > logits[best]:
+                best = j
+        return best
+    probs, cdf, tmp = work[:V], work[V : 2 * V], work[2 * V : 3 * V]
+    token_probs(logits, V, temperature, top_k, top_p, probs, tmp, order)
+    cum = 0.0
+    for j in range(V):
+        cum += probs[j]
+        cdf[j] = cum
+    target = u * cdf[V - 1]
+    for j in range(V):
+        if cdf[j] > target:
+            return j
+    return V - 1
+
+
 @njit(cache=True)
 def generate_tokens(
     out: np.ndarray,
@@ -346,7 +458,7 @@ def generate_tokens(
         if logits_out.shape[0] > 0:
             logits_out[i, :] = logits
         u = uniforms[i] if temperature > 0 else 0.0
-        tok = _fc_sample(logits.ctypes, V, temperature, top_k, top_p, u, work.ctypes, order.ctypes)
+        tok = sample(logits, V, temperature, top_k, top_p, u, work, order)
         out[i] = tok
         if i + 1 == N and not advance_last:
             break
