@@ -481,13 +481,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.init_from:
         model, dataset, train_cfg = _fine_tune(args, model_args, train_args, dist)
     else:
-        _choose_out(train_args, args, dist)
+        chosen = _choose_out(train_args, args, dist)
         train_cfg = TrainConfig(**train_args)
         dist.root_only(check_writable, Path(train_cfg.out))
         if not args.overwrite:
             dist.root_only(check_fresh, Path(train_cfg.out))
         corpus, origin = locate_corpus(args.data)
         say(f"data: {corpus} ({origin})", flush=True)
+        if chosen:
+            say(chosen, flush=True)
         dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
@@ -581,14 +583,14 @@ def _fine_tune(args: argparse.Namespace, model_args: dict, train_args: dict, dis
             hint="drop the model options (only --dropout may change when fine-tuning)",
         )
     cfg = dataclasses.replace(stored.cfg, **{k: v for k, v in model_args.items() if k in FINE_TUNE_FREE})
-    _choose_out(train_args, args, dist)
+    chosen = _choose_out(train_args, args, dist)
     train_cfg = TrainConfig(**train_args)
     dist.root_only(check_writable, Path(train_cfg.out))
     if not args.overwrite:
         dist.root_only(check_fresh, Path(train_cfg.out))
     corpus, origin = locate_corpus(args.data)
     if dist.is_root:
-        print(f"data: {corpus} ({origin})", flush=True)
+        print(f"data: {corpus} ({origin})" + (f"\n{chosen}" if chosen else ""), flush=True)
     missing = stored.tokenizer.unknown(read_text(corpus))
     if missing:
         raise DataError(
@@ -609,19 +611,19 @@ def _fine_tune(args: argparse.Namespace, model_args: dict, train_args: dict, dis
     return model, dataset, train_cfg
 
 
-def _choose_out(train_args: dict, args: argparse.Namespace, dist: World) -> None:
+def _choose_out(train_args: dict, args: argparse.Namespace, dist: World) -> str:
     """Without --out (or `out` in --config), a new run gets a run folder of its own: runs/base, or
-    runs/base-2, -3, ... when that holds a run; said on stdout. --overwrite alone reuses runs/base."""
+    runs/base-2, -3, ... when that holds a run. --overwrite alone reuses runs/base. Returns the line
+    that says which ('' when --out chose)."""
     from fastchar.runfolder import next_free
 
     if "out" in train_args or args.overwrite:
-        return
+        return ""
     base = Path(DEFAULT_TRAIN.out)
     out = dist.root_only(next_free, base)
     train_args["out"] = str(out)
-    if dist.is_root:
-        why = "" if out == base else f"; {base} holds another run"
-        print(f"run folder: {out} (new{why}; choose one with --out DIR)", flush=True)
+    why = "" if out == base else f"; {base} holds another run"
+    return f"run folder: {out} (new{why}; choose one with --out DIR)"
 
 
 def _check_ranks(expected: int | None, threads: int | None = None) -> World:

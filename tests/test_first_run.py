@@ -253,7 +253,8 @@ def test_tensorboard_event_files_hold_the_metrics(capsys, tmp_path, corpus):
                          "10", "--sample-chars", "0", "--tensorboard", *TINY)  # fmt: skip
     assert code == 0, err
     scalars = read_event_scalars(out_dir)
-    assert set(scalars) == {"loss/train", "loss/val", "loss/train_eval", "lr", "grad_norm", "tok_per_s"}
+    assert set(scalars) == {"loss/train", "loss/val", "loss/train_eval", "lr", "grad_norm", "tok_per_s",
+                            "accuracy/val", "accuracy/train_eval"}  # fmt: skip
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     for field, tag in [("loss", "loss/train"), ("val_loss", "loss/val"), ("lr", "lr"), ("grad_norm", "grad_norm"),
                        ("tok_per_s", "tok_per_s")]:  # fmt: skip
