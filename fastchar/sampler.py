@@ -419,8 +419,8 @@ class DecodeBatch:
         self._temperature = np.zeros(B, np.float64)
         self._top_k = np.zeros(B, np.int64)
         self._top_p = np.ones(B, np.float64)
-        self._ubuf = np.zeros((B, DECODE_CHUNK), np.float64)  # each row's next uniforms
-        self._unext = np.zeros(B, np.int64)
+        self._ubuf: list[list[float]] = [[] for _ in range(B)]  # each row's next uniforms
+        self._unext = [0] * B
         if self._fn is None:
             return
         self._plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
@@ -485,13 +485,17 @@ class DecodeBatch:
         self._rngs[row] = None
         self._free.append(row)
 
-    def _next_uniforms(self, rows: np.ndarray) -> None:
-        """uniforms[row, 0] for each row that samples (temperature > 0): its generator's next value."""
-        for row in rows[self._unext[rows] >= DECODE_CHUNK]:
-            self._ubuf[row] = self._rngs[row].random(DECODE_CHUNK)
-            self._unext[row] = 0
-        self._uniforms[rows, 0] = self._ubuf[rows, self._unext[rows]]
-        self._unext[rows] += 1
+    def _next_uniforms(self, rows: list[int]) -> None:
+        """uniforms[row, 0] for each row that samples (temperature > 0): its generator's next value.
+        Plain Python on purpose: at a few rows, NumPy's fancy indexing costs more than the decode step."""
+        for row in rows:
+            if self._temperature[row] > 0:
+                i = self._unext[row]
+                if i == DECODE_CHUNK:
+                    self._ubuf[row] = self._rngs[row].random(DECODE_CHUNK).tolist()
+                    i = 0
+                self._uniforms[row, 0] = self._ubuf[row][i]
+                self._unext[row] = i + 1
 
     def step(self) -> tuple[np.ndarray, np.ndarray]:
         """One character for every running row: (rows (n,) int64, token ids (n,) int32)."""
@@ -500,7 +504,7 @@ class DecodeBatch:
             return rows, np.zeros(0, np.int32)
         if self._fn is None:
             return rows, np.array([int(np.ravel(next(self._serial[r]))[0]) for r in rows], np.int32)
-        self._next_uniforms(rows[self._temperature[rows] > 0])
+        self._next_uniforms(rows.tolist())
         model, plan, cfg = self.model, self._plan, self.model.cfg
         self._fn(
             self._out, self._tokens, self._state, self._n_feed, self.active, model.params.flat, plan.table, plan.eps,
