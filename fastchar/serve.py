@@ -285,10 +285,9 @@ class Engine:
     # -- the decode thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.threads is not None:  # OpenMP's thread count is per thread: set it in this one
-            from fastchar.threads import set_threads
+        from fastchar.threads import set_threads
 
-            set_threads(self.threads)
+        set_threads(self.threads)  # OpenMP's thread count is a per-thread setting: set it in this one
         try:
             while self._admit():
                 self._step()
