@@ -322,6 +322,23 @@ def test_a_signal_stops_the_server_process_cleanly(tmp_path, sig):
     assert f"stopped by {sig.name}" in err
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--max-streams", "0"], "--max-streams must be >= 1"),
+        (["--max-queue", "-1"], "--max-queue must be >= 0"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+    ],
+)
+def test_serve_command_line_errors(tmp_path, capsys, args, says):
+    from fastchar.cli import main
+
+    save(make_model(), tmp_path / "ck", TOK)
+    assert main(["serve", str(tmp_path / "ck"), *args]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {says}" in err and "hint:" in err
+
+
 def test_decode_batch_rows_joining_and_leaving_equal_generate(backend):
     model = make_model("learned", ctx=8, backend=backend)
     batch = DecodeBatch(model, 3)
