@@ -94,6 +94,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import httpx
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the untrained rope base model)")
     p.add_argument("--clients", type=int, default=64, help=f"concurrent streaming clients, at most {MAX_CLIENTS}")
@@ -123,13 +125,22 @@ def main(argv: list[str] | None = None) -> dict:
             want = generate(model, tok, PROMPT, 300, 0.8, None, 0.9, seed=0)[len(PROMPT) :]
             if check[0]["text"] != want:
                 raise RuntimeError("the server's text for seed 0 differs from fastchar.generate's")
+            before = httpx.get(f"{base}/health").json()
             runs = asyncio.run(all_clients(base, args.clients, args.chars, args.timeout))
+            after = httpx.get(f"{base}/health").json()
         finally:
             proc.terminate()
             proc.wait(30)
     total = sum(len(r["text"]) for r in runs)
     seconds = max(r["end"] for r in runs) - min(r["sent"] for r in runs)
     latency = [r["first"] - r["sent"] for r in runs if r["first"] is not None]
+    steps = after["steps"] - before["steps"]
+    decode = {
+        "steps": steps,
+        "rows_per_step": (after["characters"] - before["characters"]) / max(steps, 1),
+        "step_seconds": after["step_seconds"] - before["step_seconds"],
+        "loop_seconds": after["loop_seconds"] - before["loop_seconds"],
+    }
     res = {
         "cpu": cpu_model(),
         "threads": threads,
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "generate_num_samples_chars/s": reference,
         "share_of_generate": total / seconds / reference,
+        "decode_thread": decode,
     }
     print(
         f"# fastchar serve, {args.clients} streaming clients x {args.chars} characters, top-p 0.9, {args.precision}, "
@@ -157,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"generate(num_samples={args.clients}) in one process: {reference:,.0f} characters/s (long minus short run); "
         f"serve reaches {res['share_of_generate']:.1%} of it"
+    )
+    print(
+        f"decode thread: {steps:,} steps of {decode['rows_per_step']:.1f} rows on average; "
+        f"{decode['step_seconds']:.2f} s in the batched step, {decode['loop_seconds']:.2f} s in its Python around "
+        f"it, of {seconds:.2f} s"
     )
     if not args.quick:
         append_record("bench_serve", res)

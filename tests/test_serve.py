@@ -501,5 +501,5 @@ if __name__ == "__main__":  # python tests/test_serve.py CHECKPOINT docs/serve.p
     from fastchar import load
 
     trained = load(sys.argv[1], backend="auto")
-    with running(trained, max_streams=4) as base:
+    with running(trained, max_streams=4, model_id=Path(sys.argv[1]).resolve().name) as base:
         print(drive_page(base, "ROMEO:", seed=1, length=400, screenshot=Path(sys.argv[2]))["status"])
