@@ -222,7 +222,13 @@ class Engine:
         self._prompt_start = self.tokenizer.stoi.get("\n", 0)  # an empty prompt starts from a newline
         self._cv = threading.Condition()
         self._queue: deque[Stream] = deque()
-        self._rows: dict[int, Stream] = {}
+        self._row_stream: list[Stream | None] = [None] * max_streams  # the stream in each row of the batch
+        self._left = np.zeros(max_streams, np.int64)  # characters each row has still to make
+        self._scanning: set[int] = set()  # rows whose stream has stop strings
+        self._drop: list[Stream] = []  # running streams of cancelled jobs, to leave before the next step
+        self._running = 0
+        self._chars = np.array(self.tokenizer.chars, dtype=object)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop (set by submit)
         self._held = 0  # streams queued or running, cancelled ones not counted
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fastchar-decode", daemon=True)
@@ -234,7 +240,7 @@ class Engine:
     @property
     def running(self) -> int:
         """Streams in the batch now (read without the lock: a hint for pacing)."""
-        return len(self._rows)
+        return self._running
 
     def start(self) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -243,7 +249,7 @@ class Engine:
     def stats(self) -> dict:
         with self._cv:
             return {
-                "running": len(self._rows),
+                "running": self._running,
                 "queued": len(self._queue),
                 "max_streams": self.max_streams,
                 "max_queue": self.max_queue,
@@ -268,10 +274,11 @@ class Engine:
                 raise Busy("the server is shutting down")
             if self._held + k > self.max_streams + self.max_queue:
                 raise Busy(
-                    f"the server is busy: {len(self._rows)} streams running and {len(self._queue)} waiting "
+                    f"the server is busy: {self._running} streams running and {len(self._queue)} waiting "
                     f"(--max-streams {self.max_streams}, --max-queue {self.max_queue}); retry later"
                 )
             self._held += k
+            self.loop = loop
             self._queue.extend(streams)
             self._cv.notify()
         return job
@@ -286,8 +293,9 @@ class Engine:
             kept = deque(s for s in self._queue if s.job is not job)
             gone = len(self._queue) - len(kept)
             self._queue = kept
-            running = sum(1 for s in self._rows.values() if s.job is job)
-            self._held -= gone + running
+            running = [s for s in self._row_stream if s is not None and s.job is job]
+            self._drop.extend(running)
+            self._held -= gone + len(running)
             self._cv.notify()
 
     def stop(self) -> None:
@@ -315,16 +323,17 @@ class Engine:
         self._end_all("the server is shutting down")
 
     def _admit(self) -> bool:
-        """Drop cancelled rows, fill free rows from the queue, wait while nothing runs; False to stop."""
+        """Drop cancelled streams' rows, fill free rows from the queue, wait while nothing runs;
+        False to stop."""
         updates = []
         with self._cv:
             while True:
                 if self._stopping:
                     return False
-                for row, s in list(self._rows.items()):
-                    if s.job.cancelled:
-                        self.batch.remove_row(row)
-                        del self._rows[row]
+                for s in self._drop:
+                    if s.row >= 0 and self._row_stream[s.row] is s:
+                        self._free_row(s)
+                self._drop.clear()
                 while self._queue and self.batch.free_rows:
                     s = self._queue.popleft()
                     opt = s.job.options
@@ -333,8 +342,12 @@ class Engine:
                         updates.append((s.job, s.index, "", "length"))
                         continue
                     s.row = self.batch.add_row(s.ids, opt.temperature, opt.top_k, opt.top_p, s.rng)
-                    self._rows[s.row] = s
-                if self._rows:
+                    self._row_stream[s.row] = s
+                    self._left[s.row] = opt.max_tokens
+                    if s.scan is not None:
+                        self._scanning.add(s.row)
+                    self._running += 1
+                if self._running:
                     break
                 if updates:
                     self._post(updates)
@@ -343,69 +356,88 @@ class Engine:
         self._post(updates)
         return True
 
+    def _free_row(self, s: Stream) -> None:
+        self.batch.remove_row(s.row)
+        self._row_stream[s.row] = None
+        self._scanning.discard(s.row)
+        self._running -= 1
+        s.row = -1
+
     def _step(self) -> None:
+        """One character for every running stream; hand their text to the event loop. Per-stream
+        Python only for streams with stop strings and those that end: the decode thread's share of
+        the GIL stays small."""
         t0 = time.perf_counter()
         rows, tokens = self.batch.step()  # the GIL is released while it runs
         t1 = time.perf_counter()
         self.step_seconds += t1 - t0
-        chars = self.tokenizer.chars
-        updates = []
+        left = self._left
+        left[rows] -= 1
+        pieces = self._chars[tokens].tolist()
+        row_list = rows.tolist()
+        ends: dict[int, str] = {}  # position in rows -> finish_reason
         with self._cv:
             self.steps += 1
             self.chars += rows.size
-            for row, tok in zip(rows.tolist(), tokens.tolist(), strict=True):
-                s = self._rows[row]
-                if s.job.cancelled:
-                    continue
-                s.made += 1
-                piece, finish = chars[tok], None
-                if s.scan is not None:
-                    piece = s.scan.feed(piece)
-                    if s.scan.done:
-                        finish = "stop"
-                if finish is None and s.made >= s.job.options.max_tokens:
-                    finish = "length"
-                    if s.scan is not None:
-                        piece += s.scan.flush()
-                if finish is not None:
-                    self.batch.remove_row(row)
-                    del self._rows[row]
+            streams = [self._row_stream[r] for r in row_list]
+            if self._scanning:
+                for i, row in enumerate(row_list):
+                    if row in self._scanning:
+                        scan = streams[i].scan
+                        pieces[i] = scan.feed(pieces[i])
+                        if scan.done:
+                            ends[i] = "stop"
+                        elif left[row] <= 0:
+                            pieces[i] += scan.flush()
+            for i in np.flatnonzero(left[rows] <= 0).tolist():
+                ends.setdefault(i, "length")
+            for i in ends:
+                s = streams[i]
+                self._free_row(s)
+                if not s.job.cancelled:  # a cancelled job's streams left the count when it was cancelled
                     self._held -= 1
-                updates.append((s.job, s.index, piece, finish))
-        self._post(updates)
+        self._post([(streams, pieces, ends)])
         self.loop_seconds += time.perf_counter() - t1
 
     def _end_all(self, message: str) -> None:
         with self._cv:
             self._stopping = True
-            jobs = {id(s.job): s.job for s in [*self._queue, *self._rows.values()]}
+            running = [s for s in self._row_stream if s is not None]
+            jobs = {id(s.job): s.job for s in [*self._queue, *running]}
             self._queue.clear()
-            for row in list(self._rows):
-                self.batch.remove_row(row)
-            self._rows.clear()
+            for s in running:
+                self._free_row(s)
             self._held = 0
         for job in jobs.values():
             job.loop.call_soon_threadsafe(_fail, job, message)
 
-    @staticmethod
-    def _post(updates: list) -> None:
-        """Hand (job, choice, text, finish) updates to the event loops that wait for them (one call each)."""
-        by_loop: dict = {}
-        for u in updates:
-            by_loop.setdefault(u[0].loop, []).append(u)
-        for loop, items in by_loop.items():
+    def _post(self, updates: list) -> None:
+        """Hand updates to the event loop: (job, choice, text, finish) tuples, or (streams, texts,
+        {position: finish}) for a step."""
+        if updates:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                loop.call_soon_threadsafe(_deliver, items)
+                self.loop.call_soon_threadsafe(_deliver, updates)
 
 
 def _deliver(updates: list) -> None:
     """Event loop: append each update's text to its job and wake the job's response."""
-    for job, index, text, finish in updates:
-        if text:
-            job.texts[index].append(text)
-        if finish is not None:
-            job.finish[index] = finish
-        job.changed.set()
+    for update in updates:
+        if len(update) == 3:
+            streams, texts, ends = update
+            for i, (s, text) in enumerate(zip(streams, texts, strict=True)):
+                _deliver_one(s.job, s.index, text, ends.get(i))
+        else:
+            _deliver_one(*update)
+
+
+def _deliver_one(job: Job, index: int, text: str, finish: str | None) -> None:
+    if job.cancelled:
+        return
+    if text:
+        job.texts[index].append(text)
+    if finish is not None:
+        job.finish[index] = finish
+    job.changed.set()
 
 
 def _fail(job: Job, message: str) -> None:
