@@ -111,7 +111,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     texts: list[list[str]] = field(default_factory=list)  # per choice, pieces not yet sent
     finish: list[str | None] = field(default_factory=list)  # per choice: "length", "stop" or None
-    sent: list[int] = field(default_factory=list)  # characters already answered, per choice
     error: str | None = None
     cancelled: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -262,7 +261,7 @@ class Engine:
     def submit(self, options: Options, loop: asyncio.AbstractEventLoop) -> Job:
         """Queue a request's streams; Busy if they do not fit in the running rows and the queue."""
         k = len(options.prompts)
-        job = Job(options, loop, [[] for _ in range(k)], [None] * k, [0] * k)
+        job = Job(options, loop, [[] for _ in range(k)], [None] * k)
         rngs = [np.random.default_rng(options.seed)] if options.single else stream_rngs(options.seed, k)
         streams = []
         for i, (prompt, rng) in enumerate(zip(options.prompts, rngs, strict=True)):
@@ -570,7 +569,6 @@ async def _events(engine: Engine, job: Job, head: dict):
                 if pieces or ended:
                     text = "".join(pieces)
                     pieces.clear()
-                    job.sent[i] += len(text)
                     reported[i] = reported[i] or ended
                     choice = _choice(job, i, text) if ended else {**_choice(job, i, text), "finish_reason": None}
                     out.append(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n")
