@@ -1,43 +1,117 @@
-"""Sampling throughput: one stream, and N = 1, 8, 64 streams made together, beside PyTorch eager.
+"""Sampling throughput: one stream, and N = 1, 8, 64 streams made together, each as a fraction of the
+machine's limit, beside PyTorch eager.
 
 fastchar: `generate` on the model's backend (compiled loops: cython batches the streams in one decode
-step each; numba runs them one after another), temperature 0.8, optionally top-p. PyTorch: eager,
-the same network (fastchar/torch_model.py) with a KV cache refilled like fastchar's, batch 1 and 64,
-temperature only, in a child process (its OpenMP runtime and Numba's do not mix). chars/s counts
-every stream's new characters. Weights: a checkpoint (--checkpoint; a trained model's peaked
-distributions are what top-p sees in use) or the untrained base model.
+step each; numba runs them one after another), temperature 0.8, and top-p 0.9. Each figure is the
+long run minus the short run (n and n/4 characters per stream: the prompt, the packing of the
+weights and the thread start cancel out), median of --repeats, chars/s counting every stream's
+new characters. PyTorch: eager, the same network (fastchar/torch_model.py) with a KV cache
+refilled like fastchar's, batch 1 and 64, temperature only, in a child process (its OpenMP runtime
+and Numba's do not mix). Weights: a checkpoint (--checkpoint; a trained model's peaked
+distributions are what top-p sees in use) or the untrained base model (--position rope by default:
+no window refill).
 
-    python -m benchmarks.bench_sample [--checkpoint runs/base/best] [--backend cython] [--threads 1]
+The machine's limits come from benchmarks/peak.c (compiled here with gcc -march=native, or given
+with --peak-fp32 / --peak-bf16 / --bandwidth): a one-stream step reads every product weight once
+(3.2 MB in fp32, 1.6 MB in bf16 for the base model), so its limit is the read bandwidth of a buffer
+of that size on the threads used divided by that size ("of bandwidth"); many streams do
+matrix-matrix work bound by arithmetic, so their limit is the fp32 (or bf16) FMA peak divided by
+the useful FLOP per character, 2 x product weights + 4 L C S for attention over a full cache of S
+positions ("of peak").
+
+    python -m benchmarks.bench_sample [--checkpoint runs/base/best] [--backend cython] [--threads 2]
                                       [--precision fp32 bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
-from benchmarks.common import isolated, median_time
+from benchmarks.common import append_record, cpu_model, isolated, median_time
 from fastchar import Model, ModelConfig, generate, load, set_threads
+from fastchar.config import POSITIONS
+from fastchar.threads import cores
 from fastchar.tokenizer import CharTokenizer
 
 PROMPT = "ROMEO:"
+PEAK_C = Path(__file__).resolve().parent / "peak.c"
 
 
-def _model(checkpoint: str | None, backend: str, precision: str = "fp32") -> tuple[Model, CharTokenizer]:
+def _model(
+    checkpoint: str | None, backend: str, precision: str = "fp32", position: str = "rope"
+) -> tuple[Model, CharTokenizer]:
     if checkpoint:
         model = load(checkpoint, backend=backend, precision=precision)
         return model, model.tokenizer
     tok = CharTokenizer("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-    return Model(ModelConfig(vocab_size=tok.vocab_size), backend=backend, seed=0, precision=precision), tok
+    cfg = ModelConfig(vocab_size=tok.vocab_size, position=position)
+    return Model(cfg, backend=backend, seed=0, precision=precision), tok
+
+
+def product_weights(cfg: ModelConfig) -> int:
+    """Weights of the matrix products one character runs through (every layer's four, and the head)."""
+    per_layer = cfg.d_model * 3 * cfg.d_model + cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.mlp_hidden
+    return cfg.n_layer * per_layer + cfg.d_model * cfg.vocab_size
+
+
+def flop_per_char(cfg: ModelConfig) -> float:
+    """Useful FLOP of one character: 2 per product weight, plus q.k and p.v over a full cache of ctx positions."""
+    return 2.0 * product_weights(cfg) + 4.0 * cfg.n_layer * cfg.d_model * cfg.ctx
+
+
+def machine_limits(threads: int, buffers_mb: list[float]) -> dict:
+    """benchmarks/peak.c's fp32 and bf16 GFLOP/s on `threads` threads and its read GB/s for each
+    buffer size; {} without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "peak"
+        build = subprocess.run(
+            [gcc, "-O3", "-fopenmp", "-march=native", str(PEAK_C), "-o", str(exe)], capture_output=True, text=True
+        )
+        if build.returncode != 0:
+            print(f"note: benchmarks/peak.c did not build: {build.stderr.strip()[:200]}")
+            return {}
+        limits: dict = {}
+        out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout
+        last = [ln for ln in out.splitlines() if ln.startswith(f"{threads} thread")]
+        for key, pattern in (
+            ("fp32_gflops", r"fp32[^,]*?([\d.]+) GFLOP/s"),
+            ("bf16_gflops", r"bf16[^,]*?([\d.]+) GFLOP/s"),
+        ):
+            m = re.search(pattern, last[-1]) if last else None
+            if m and float(m.group(1)) > 0:
+                limits[key] = float(m.group(1))
+        for mb in buffers_mb:
+            out = subprocess.run([str(exe), "--bandwidth", f"{mb:.3f}", str(threads)], capture_output=True, text=True)
+            m = re.search(r"([\d.]+) GB/s", out.stdout)
+            if m:
+                limits[f"read_gbs_{mb:.2f}MB"] = float(m.group(1))
+        return limits
 
 
 def time_fastchar(model: Model, tok: CharTokenizer, streams: int, n: int, top_p: float | None, repeats: int) -> float:
-    """Aggregate chars/s of `streams` streams of n characters each (streams = 0: the single-prompt API)."""
+    """Aggregate chars/s of `streams` streams (streams = 0: the single-prompt API), the long run (n
+    characters per stream) minus the short run (n/4)."""
     kw = {} if streams == 0 else {"num_samples": streams}
-    run = lambda: generate(model, tok, PROMPT, n, top_p=top_p, seed=0, **kw)  # noqa: E731
-    run()  # warm-up: compile, caches, thread pool
-    return max(streams, 1) * n / median_time(run, repeats, warmup=0)
+    short = max(n // 4, 1)
+
+    def run(m: int) -> None:
+        generate(model, tok, PROMPT, m, top_p=top_p, seed=0, **kw)
+
+    run(short)  # warm-up: compile, caches, thread pool
+    t_long = median_time(lambda: run(n), repeats, warmup=0)
+    t_short = median_time(lambda: run(short), repeats, warmup=0)
+    return max(streams, 1) * (n - short) / max(t_long - t_short, 1e-9)
 
 
 def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats: int, threads: int) -> float:
@@ -57,40 +131,90 @@ def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the untrained base model)")
+    p.add_argument(
+        "--position", choices=POSITIONS, default="rope", help="the untrained model's positions (default rope)"
+    )
     p.add_argument("--backend", default="cython")
-    p.add_argument("--threads", type=int, default=1, help="threads (default 1: faster for one stream here)")
-    p.add_argument("--chars", type=int, default=20000, help="characters per stream for one stream (default 20000)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--chars", type=int, default=20000, help="characters of one stream (default 20000)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
-                   help="fastchar's decode products, one table each (bf16 needs AVX512_BF16)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32"],
+        help="fastchar's decode products, one table each (bf16 needs AVX512_BF16)",
+    )
+    p.add_argument("--peak-fp32", type=float, default=None, help="fp32 GFLOP/s (default: run benchmarks/peak.c)")
+    p.add_argument("--peak-bf16", type=float, default=None, help="bf16 GFLOP/s (default: run benchmarks/peak.c)")
+    p.add_argument("--bandwidth", type=float, default=None, help="read GB/s of the weights' size (default: peak.c)")
     p.add_argument("--quick", action="store_true", help="tiny run (tests)")
     args = p.parse_args(argv)
     if args.quick:
-        args.chars, args.repeats = 200, 1
-    set_threads(args.threads)
-    res: dict = {"backend": args.backend, "threads": args.threads, "checkpoint": args.checkpoint, "chars/s": {}}
-    rows = [("one stream, 500 chars from ROMEO: (Python API)", 0, 500)]
-    rows += [("one stream", 0, args.chars)]
-    rows += [(f"N = {n} streams, aggregate", n, max(args.chars // n, 200)) for n in (1, 8, 64)]
-    print(f"# Sampling, {args.backend}, {args.threads} thread(s); chars/s\n")
-    print(f"| {'run':48} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>12} |")
-    for precision in args.precision:
-        model, tok = _model(args.checkpoint, args.backend, precision)
+        args.chars, args.repeats = 400, 1
+    threads = set_threads(args.threads if args.threads is not None else cores())
+    res: dict = {
+        "backend": args.backend,
+        "threads": threads,
+        "checkpoint": args.checkpoint,
+        "cpu": cpu_model(),
+        "chars/s": {},
+    }
+    rows = [("one stream", 0, args.chars)]
+    rows += [(f"N = {n} streams, aggregate", n, max(args.chars // n, 400)) for n in (1, 8, 64)]
+    models = {
+        precision: _model(args.checkpoint, args.backend, precision, args.position) for precision in args.precision
+    }
+    cfg = next(iter(models.values()))[0].cfg
+    weights = product_weights(cfg)
+    flop = flop_per_char(cfg)
+    sizes = {"fp32": 4 * weights / 1e6, "bf16": 2 * weights / 1e6}  # MB of weights a one-stream step reads
+    limits = {} if args.quick else machine_limits(threads, [sizes[pr] for pr in args.precision])
+    peak = {"fp32": args.peak_fp32 or limits.get("fp32_gflops"), "bf16": args.peak_bf16 or limits.get("bf16_gflops")}
+    res.update(limits=limits, product_weights=weights, flop_per_char=flop)
+    print(f"# Sampling, {args.backend}, {threads} thread(s), {cpu_model()}; chars/s (long run minus short run)")
+    print(f"# model: {json.dumps(dataclasses.asdict(cfg))}")
+    print(
+        f"# useful work {flop / 1e6:.3f} MFLOP/char; weights read per one-stream step: "
+        + ", ".join(f"{sizes[pr]:.2f} MB ({pr})" for pr in args.precision)
+    )
+    for pr in args.precision:
+        bw = args.bandwidth or limits.get(f"read_gbs_{sizes[pr]:.2f}MB")
+        print(
+            f"# limits ({pr}): peak {peak[pr] or float('nan'):.0f} GFLOP/s -> {(peak[pr] or 0) * 1e9 / flop:,.0f} "
+            f"chars/s; read {bw or float('nan'):.1f} GB/s of {sizes[pr]:.2f} MB -> "
+            f"{(bw or 0) * 1e3 / sizes[pr]:,.0f} chars/s\n"
+        )
+    head = f"| {'run':30} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>10} | of bandwidth | of peak |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for precision, (model, tok) in models.items():
+        bw = args.bandwidth or limits.get(f"read_gbs_{sizes[precision]:.2f}MB")
+        bw_chars = bw * 1e3 / sizes[precision] if bw else None
+        peak_chars = peak[precision] * 1e9 / flop if peak[precision] else None
         for name, streams, n in rows:
             a = time_fastchar(model, tok, streams, n, None, args.repeats)
             b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
-            res["chars/s"][name if precision == "fp32" else f"{name}, bf16"] = {"temperature": a, "top_p_0.9": b}
-            print(f"| {name:48} | {precision:9} | {a:16,.0f} | {b:12,.0f} |")
+            f_bw = b / bw_chars if bw_chars else None
+            f_peak = b / peak_chars if peak_chars else None
+            key = name if precision == "fp32" else f"{name}, bf16"
+            res["chars/s"][key] = {"temperature": a, "top_p_0.9": b, "of_bandwidth": f_bw, "of_peak": f_peak}
+            fb = f"{f_bw:12.1%}" if f_bw is not None else f"{'n/a':>12}"
+            fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
+            print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
     if not args.no_torch:
+        model, tok = next(iter(models.values()))
         tokens = [int(t) for t in tok.encode(PROMPT)]
         for batch in (1, 64):
             n = max(200, (args.chars // 10) // batch) if not args.quick else 50
-            cps = isolated(time_torch, model.cfg, tokens, batch, n, args.repeats, args.threads)
+            cps = isolated(time_torch, model.cfg, tokens, batch, n, args.repeats, threads)
             name = f"PyTorch eager + KV cache, batch {batch}"
             res["chars/s"][name] = {"temperature": cps}
-            print(f"| {name:48} | fp32      | {cps:16,.0f} | {'':>12} |")
+            print(f"| {name:30} | fp32      | {cps:16,.0f} | {'':>10} | {'':>12} | {'':>7} |")
     res["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if not args.quick:
+        append_record("bench_sample", res)
     print("\n" + json.dumps(res))
     return res
 

@@ -1,6 +1,7 @@
 /* The machine's arithmetic limits: fp32 FMA and bf16 vdpbf16ps GFLOP/s from register-only loops.
  *
  *   gcc -O3 -fopenmp -march=native benchmarks/peak.c -o /tmp/peak && /tmp/peak 2
+ *   /tmp/peak --bandwidth 3.2 2      # read bandwidth of a 3.2 MB buffer on 2 threads (see read_bandwidth)
  *
  * Each thread runs 12 independent zmm accumulator chains (enough to cover the FMA latency on
  * two pipes) for a fixed count, reported as the median of 5 repeats. An FMA is 2 FLOP per fp32
@@ -10,6 +11,7 @@
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CHAINS 12
 #define ITERS 20000000L
@@ -58,7 +60,63 @@ static double gflops(int threads, int bf16) {
     return (double)threads * ITERS * CHAINS * (bf16 ? 64.0 : 32.0) / times[2] / 1e9;
 }
 
+/* Read bandwidth from cache: the bound of a one-stream decode step, which streams its weights
+ * (3.2 MB in fp32, 1.6 MB in bf16 for the base model) once per character, each thread its own share.
+ * `peak --bandwidth MB THREADS`: a buffer of MB megabytes (10^6 bytes) split in equal contiguous
+ * shares, one per thread (as the decode splits a product's columns); each thread sums its share
+ * REPS times with 8 independent vector accumulators (GCC vector extensions: whatever -march gives,
+ * 64-byte vectors split into what the ISA has); GB/s = bytes read / time, median of 5. */
+typedef float bw_vec __attribute__((vector_size(64)));
+#define BW_ACC 8
+
+static float read_share(const bw_vec *p, long n, int reps) {
+    bw_vec acc[BW_ACC] = {{0}};
+    for (int r = 0; r < reps; ++r)
+        for (long i = 0; i + BW_ACC <= n; i += BW_ACC)
+#pragma GCC unroll 8
+            for (int a = 0; a < BW_ACC; ++a) acc[a] += p[i + a];
+    float s = 0;
+    for (int a = 0; a < BW_ACC; ++a)
+        for (int j = 0; j < 16; ++j) s += acc[a][j];
+    return s;
+}
+
+static double read_bandwidth(int threads, double megabytes) {
+    long nvec = (long)(megabytes * 1e6 / sizeof(bw_vec)) / (threads * BW_ACC) * (threads * BW_ACC);
+    long share = nvec / threads;
+    int reps = (int)(4e9 / (nvec * sizeof(bw_vec))) + 1;  /* about 4 GB read per timing */
+    bw_vec *buf = aligned_alloc(64, nvec * sizeof(bw_vec));
+    double times[5];
+    volatile float sink = 0;
+    if (buf == NULL) return 0;
+#pragma omp parallel num_threads(threads)
+    {   /* each thread writes its own share first: its pages and lines start in its own cache */
+        int t = omp_get_thread_num();
+        for (long i = t * share; i < (t + 1) * share; ++i)
+            for (int j = 0; j < 16; ++j) buf[i][j] = (float)((i + j) % 7);
+    }
+    for (int r = 0; r < 5; ++r) {
+        double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+        {
+            float s = read_share(buf + omp_get_thread_num() * share, share, reps);
+#pragma omp atomic
+            sink += s;
+        }
+        times[r] = omp_get_wtime() - t0;
+    }
+    qsort(times, 5, sizeof(double), cmp);
+    free(buf);
+    return (double)nvec * sizeof(bw_vec) * reps / times[2] / 1e9;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--bandwidth") == 0) {
+        double mb = argc > 2 ? atof(argv[2]) : 3.2;
+        int threads = argc > 3 ? atoi(argv[3]) : 1;
+        printf("read bandwidth, %.2f MB buffer, %d thread(s): %.1f GB/s\n", mb, threads, read_bandwidth(threads, mb));
+        return 0;
+    }
     int threads = argc > 1 ? atoi(argv[1]) : 1;
     for (int t = 1; t <= threads; ++t)
         printf("%d thread(s): fp32 FMA %.0f GFLOP/s, bf16 vdpbf16ps %.0f GFLOP/s\n", t, gflops(t, 0), gflops(t, 1));

@@ -642,6 +642,10 @@ cdef struct Batch:
     double temperature
     double top_p
     Py_ssize_t top_k, V, N, B, logits_at
+    # per-stream sampling options (B,) each, or NULL: temperature, top_k and top_p for all
+    const double* row_temperature
+    const int64_t* row_top_k
+    const double* row_top_p
     bint advance_last
     bint slides
     double t_end
@@ -664,7 +668,8 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     """The body of generate_batch (main thread); tells the helpers to stop when done."""
     cdef Net* net = job.net
     cdef Py_ssize_t S = net.S, V = job.V, N = job.N, B = job.B
-    cdef Py_ssize_t i, j, b, m, M, n_keep, nc
+    cdef Py_ssize_t i, j, b, m, M, n_keep, nc, top_k
+    cdef double temperature, top_p
     cdef int tok
     cdef int* pt
     cdef int64_t* rstream = job.rows
@@ -684,8 +689,11 @@ cdef void _run_batch(Batch* job) noexcept nogil:
             if job.logits_out != NULL:
                 for j in range(V):
                     job.logits_out[(b * N + i) * V + j] = job.logits[b * V + j]
-            job.out[b * N + i] = <int>fc_sample(job.logits + b * V, V, job.temperature, job.top_k, job.top_p,
-                                                job.uniforms[b * N + i] if job.temperature > 0 else 0.0,
+            temperature, top_k, top_p = job.temperature, job.top_k, job.top_p
+            if job.row_temperature != NULL:
+                temperature, top_k, top_p = job.row_temperature[b], job.row_top_k[b], job.row_top_p[b]
+            job.out[b * N + i] = <int>fc_sample(job.logits + b * V, V, temperature, top_k, top_p,
+                                                job.uniforms[b * N + i] if temperature > 0 else 0.0,
                                                 job.work, job.order)
         if i + 1 == N and not job.advance_last:
             break
@@ -732,7 +740,8 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
                    float[:, :, :, ::1] kcache, float[:, :, :, ::1] vcache, float[::1] scratch,
                    Py_ssize_t logits_at, float[:, ::1] logits, double[::1] work, int32_t[::1] order,
                    double temperature, Py_ssize_t top_k, double top_p, const double[:, ::1] uniforms,
-                   bint advance_last, float[:, :, ::1] logits_out, object packed=None) -> None:
+                   bint advance_last, float[:, :, ::1] logits_out, object packed=None,
+                   object row_sampling=None) -> None:
     """Sample out.shape[1] tokens for each of B streams, advancing every running stream's cache
     together after each draw (after the last only if advance_last).
 
@@ -743,7 +752,11 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     top_p: as generate_tokens, but the table's scratch slots must hold max(S, B) rows; kcache,
     vcache (B, L, C, S) float32; logits (B, V) float32: each stream's next logits, kept between
     calls; uniforms (B, N) float64, row b from stream b's own generator; logits_out (B, N, V)
-    float32 receives each draw's logits, or (B, 0, V) to skip; packed: as generate_tokens.
+    float32 receives each draw's logits, or (B, 0, V) to skip; packed: as generate_tokens;
+    row_sampling: None (every stream samples with temperature, top_k, top_p), or (temperature (B,)
+    float64, top_k (B,) int64, top_p (B,) float64), stream b's own options (the server's streams
+    differ), with temperature, top_k and top_p above ignored (uniforms are then read for the streams
+    whose temperature is > 0).
     """
     cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
     cdef Py_ssize_t V = logits.shape[1], R = table.shape[0], Nn = out.shape[1], rows_cap = S if S > B else B
@@ -763,7 +776,18 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     for b in range(B):
         if state[b, 0] + n_feed[b] > S or (active[b] and state[b, 0] + n_feed[b] == 0 and Nn > 0):
             raise ValueError(f"stream {b}: need 0 < n_cache + n_feed <= S={S}")
-    if (temperature > 0 and (uniforms.shape[0] != B or uniforms.shape[1] < Nn)) or (
+    cdef const double[::1] row_t
+    cdef const int64_t[::1] row_k
+    cdef const double[::1] row_p
+    cdef bint draws = temperature > 0
+    if row_sampling is not None:
+        row_t, row_k, row_p = row_sampling
+        if row_t.shape[0] != B or row_k.shape[0] != B or row_p.shape[0] != B:
+            raise ValueError("row_sampling needs (temperature, top_k, top_p) arrays of one entry per stream")
+        draws = False
+        for b in range(B):
+            draws = draws or (active[b] and row_t[b] > 0)
+    if (draws and (uniforms.shape[0] != B or uniforms.shape[1] < Nn)) or (
             logits_out.shape[1] > 0 and (logits_out.shape[0] != B or logits_out.shape[1] < Nn)):
         raise ValueError("uniforms or logits_out is too small")
     if inv_freq.shape[0] > 0 and 2 * inv_freq.shape[0] * n_head != C:
@@ -801,7 +825,10 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     job.active = &active[0]
     job.logits = &logits[0, 0]
     job.logits_out = &logits_out[0, 0, 0] if logits_out.shape[1] > 0 else NULL
-    job.uniforms = &uniforms[0, 0] if temperature > 0 and Nn > 0 else NULL
+    job.uniforms = &uniforms[0, 0] if draws and Nn > 0 else NULL
+    job.row_temperature, job.row_top_k, job.row_top_p = NULL, NULL, NULL
+    if row_sampling is not None:
+        job.row_temperature, job.row_top_k, job.row_top_p = &row_t[0], &row_k[0], &row_p[0]
     job.work = &work[0]
     job.order = &order[0]
     job.rtok = &rtok_v[0]

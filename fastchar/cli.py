@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(sample)
     _add_precision_flag(sample, PRECISION_HELP + "; bf16 also decodes with bf16 products (weights packed to bf16)")
     sample.set_defaults(func=cmd_sample)
+    _add_serve_parser(sub)
 
     info = sub.add_parser(
         "info",
@@ -933,6 +934,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if code:
             return code
     return subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *rest], cwd=root).returncode
+
+
+# -- serve: an HTTP server over the batched decode (fastchar/serve.py) ------------------------
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="answer OpenAI-style completion requests over HTTP (needs the [serve] extra)",
+        description="Serve a checkpoint over HTTP: POST /v1/completions (OpenAI's completions shape, server-sent "
+        "events with stream=true), GET /v1/models, GET /health, and a page to try it at GET /. Every request's "
+        "streams join the running batched decode at the next character. Ctrl-C or SIGTERM stops it.",
+    )
+    serve.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (its best checkpoint) or a checkpoint folder"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=_number(int), default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--max-streams", type=_number(int), default=64, help="streams decoded together at most (default 64)"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_number(int),
+        default=None,
+        help="streams that may wait for a free one; beyond, requests get a 503 (default 4 x --max-streams)",
+    )
+    _add_runtime_flags(serve)
+    _add_precision_flag(serve, PRECISION_HELP + "; bf16 also decodes with bf16 products (weights packed to bf16)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fastchar.errors import CheckpointError
+    from fastchar.model import load
+    from fastchar.serve import _require_serve_extra, bound_port, make_server
+
+    _require_serve_extra()
+    if args.max_streams < 1:
+        raise ConfigError(f"--max-streams must be >= 1, got {args.max_streams}", hint="pass --max-streams 64")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}", hint="pass --max-queue 0 to refuse waits")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}", hint="pass --port 8000")
+    _setup_runtime(args)
+    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
+    _say_checkpoint(model)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{args.checkpoint} has no tokenizer.json", hint="serve a checkpoint a training run wrote"
+        )
+    name = Path(args.checkpoint).resolve().name
+    server = make_server(
+        model, args.host, args.port, args.max_streams, args.max_queue, model_id=name, threads=args.threads
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+
+    def started(srv: object) -> None:
+        print(
+            f"fastchar serve: {name} ({model.backend}, {model.precision}) on http://{host}:{bound_port(srv)}/ "
+            f"with at most {args.max_streams} streams at once; Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    server.on_started = started
+    server.run()
+    if not server.started:
+        raise FastcharError(
+            f"could not listen on {args.host}:{args.port}", hint="the port may be in use: pass another --port"
+        )
+    if server.stopped_by is not None:
+        print(f"fastchar serve: stopped by {signal.Signals(server.stopped_by).name}", file=sys.stderr, flush=True)
+    return 0
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -444,6 +444,131 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
     return lines
 
 
+class DecodeBatch:
+    """Streams that join and leave one running batched decode between steps (continuous batching).
+
+    `capacity` rows, each a stream: add_row starts one (its prompt is encoded alone at the next
+    step, then it takes part in every step), step() draws one character for every row and advances
+    all their caches together, remove_row ends one and frees its row for the next add_row. A row's
+    tokens equal compiled_tokens' (so generate's) for the same prompt, options and generator: it
+    takes its uniforms from its own generator in the same order (a block of DECODE_CHUNK at a time:
+    the same values as one draw per token), and the batched loop computes a row's values as alone.
+    Rows may use different temperatures, top-k and top-p. The weights are packed once, here.
+    Backends without a batched loop (numba, numpy) run each row's own loop (compiled_tokens or
+    python_tokens, one character a call): the same tokens, one row after another.
+    """
+
+    def __init__(self, model: Model, capacity: int, window: int | None = None) -> None:
+        if not isinstance(capacity, int | np.integer) or capacity < 1:
+            raise ConfigError(f"the batch needs a capacity >= 1, got {capacity}")
+        cfg = model.cfg
+        self.model, self.capacity, self.window = model, int(capacity), check_window(model, window)
+        self._fn = batch_loop(model)
+        B, S, V = self.capacity, self.window, cfg.vocab_size
+        self._free = list(range(B - 1, -1, -1))
+        self.active = np.zeros(B, np.int32)  # (B,) 1 for the rows running
+        self._serial: list[Iterator | None] = [None] * B
+        self._rngs: list[np.random.Generator | None] = [None] * B
+        self._temperature = np.zeros(B, np.float64)
+        self._top_k = np.zeros(B, np.int64)
+        self._top_p = np.ones(B, np.float64)
+        self._ubuf: list[list[float]] = [[] for _ in range(B)]  # each row's next uniforms
+        self._unext = [0] * B
+        if self._fn is None:
+            return
+        self._plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
+        self._packed = packed_weights(model, self._plan)
+        self._kcache = np.zeros((B, cfg.n_layer, cfg.d_model, S), np.float32)
+        self._vcache = np.zeros_like(self._kcache)
+        self._scratch = aligned_zeros(self._plan.scratch_size)
+        self._work = np.zeros(3 * V, np.float64)
+        self._order = np.zeros(V, np.int32)
+        self._tokens = np.zeros((B, S), np.int32)
+        self._state = np.zeros((B, 2), np.int64)
+        self._n_feed = np.zeros(B, np.int64)
+        self._logits = np.zeros((B, V), np.float32)
+        self._out = np.zeros((B, 1), np.int32)
+        self._uniforms = np.zeros((B, 1), np.float64)
+        self._no_logits = np.zeros((B, 0, V), np.float32)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The running rows (n,) int64, in row order."""
+        return np.flatnonzero(self.active)
+
+    def add_row(self, ids: list[int], temperature: float, top_k: int | None, top_p: float | None,
+                rng: np.random.Generator) -> int:  # fmt: skip
+        """Start a stream that continues ids (its last `window` tokens) and samples with these
+        options from rng; returns its row. Raises InputError when no row is free."""
+        check_sampling(temperature, top_k, top_p, 0)
+        V = self.model.cfg.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= V:
+            raise InputError(f"a row needs at least one token id in [0, {V})")
+        if not self._free:
+            raise InputError(f"all {self.capacity} rows of the batch are running")
+        row = self._free.pop()
+        prompt = [int(t) for t in ids[-self.window :]]
+        self._rngs[row] = rng
+        self._temperature[row] = temperature
+        self._top_k[row] = 0 if top_k is None else min(int(top_k), V)
+        self._top_p[row] = 1.0 if top_p is None else float(top_p)
+        self._unext[row] = DECODE_CHUNK  # drawn at the first step that needs one
+        if self._fn is None:
+            many = 1 << 62  # never the last token: every draw advances the cache, as in the batch
+            loop = compiled_tokens if compiled_loop(self.model) is not None else python_tokens
+            kw = {"chunk": 1} if loop is compiled_tokens else {}
+            self._serial[row] = iter(loop(self.model, prompt, many, temperature, top_k, top_p, rng, self.window, **kw))
+        else:
+            self._tokens[row, : len(prompt)] = prompt
+            self._state[row] = 0
+            self._n_feed[row] = len(prompt)
+        self.active[row] = 1
+        return row
+
+    def remove_row(self, row: int) -> None:
+        """End the stream in row (its row is free for the next add_row)."""
+        if not 0 <= row < self.capacity or not self.active[row]:
+            raise InputError(f"row {row} is not running")
+        self.active[row] = 0
+        self._serial[row] = None
+        self._rngs[row] = None
+        self._free.append(row)
+
+    def _next_uniforms(self, rows: list[int]) -> None:
+        """uniforms[row, 0] for each row that samples (temperature > 0): its generator's next value.
+        Plain Python on purpose: at a few rows, NumPy's fancy indexing costs more than the decode step."""
+        for row in rows:
+            if self._temperature[row] > 0:
+                i = self._unext[row]
+                if i == DECODE_CHUNK:
+                    self._ubuf[row] = self._rngs[row].random(DECODE_CHUNK).tolist()
+                    i = 0
+                self._uniforms[row, 0] = self._ubuf[row][i]
+                self._unext[row] = i + 1
+
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """One character for every running row: (rows (n,) int64, token ids (n,) int32)."""
+        rows = self.rows
+        if rows.size == 0:
+            return rows, np.zeros(0, np.int32)
+        if self._fn is None:
+            return rows, np.array([int(np.ravel(next(self._serial[r]))[0]) for r in rows], np.int32)
+        self._next_uniforms(rows.tolist())
+        model, plan, cfg = self.model, self._plan, self.model.cfg
+        self._fn(
+            self._out, self._tokens, self._state, self._n_feed, self.active, model.params.flat, plan.table, plan.eps,
+            plan.inv_freq, plan.slides, cfg.n_head, self._kcache, self._vcache, self._scratch, plan.logits,
+            self._logits, self._work, self._order, 1.0, 0, 1.0, self._uniforms, True, self._no_logits,
+            **self._packed, row_sampling=(self._temperature, self._top_k, self._top_p),
+        )  # fmt: skip
+        self._n_feed[rows] = 0
+        return rows, self._out[rows, 0].copy()
+
+
 class StopScan:
     """Cut one stream's new text at the first of the stop strings: feed() returns the text that is
     safe to hand out (nothing that could still turn out to start a stop string is released)."""

@@ -1,0 +1,684 @@
+"""`fastchar serve`: an HTTP server in the shape of OpenAI's completions API, with continuous batching.
+
+One decode thread owns the model and one `sampler.DecodeBatch` of --max-streams rows. Every
+request's streams (n per prompt) wait in a bounded FIFO queue, join the running batch at the next
+character as rows free up, and leave it as they finish (their length, a stop string, or a client
+that went away); one step draws a character for every running stream. A stream's text depends only
+on its prompt, options and seed, never on what else runs: with a string prompt and n = 1 it is
+`fastchar.generate(model, tokenizer, prompt, max_tokens, temperature, top_k, top_p, seed)`'s, and
+otherwise choice i is `generate(..., prompts, num_samples=n, seed=seed)[i]`'s (stream i draws from
+child i of SeedSequence(seed)).
+
+Routes: POST /v1/completions (prompt, max_tokens, temperature, top_p, top_k, n, stop, seed, stream;
+server-sent events `data: {...}` ... `data: [DONE]` when stream is true), GET /v1/models, GET /health,
+and GET /, a page to try the model in a browser.
+
+Built on uvicorn + starlette (the optional `[serve]` extra), not the standard library: uvicorn's
+HTTP/1.1 parsing (h11), keep-alive, graceful shutdown on SIGINT/SIGTERM and starlette's streaming
+responses, which notice a client that disconnects mid-stream and cancel the response (its streams
+leave the batch at once), are proven code; http.server would need a thread per connection, has no
+disconnect notice while a stream waits, and would mean writing that machinery here. No HTTP is
+parsed in this file.
+
+Not here: token ids as prompts, logprobs, echo, best_of, suffix (a 400 says so), authentication
+(it listens on 127.0.0.1 unless told otherwise), more than one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from fastchar.errors import ConfigError, FastcharError
+from fastchar.model import Model
+from fastchar.sampler import DecodeBatch, StopScan, stream_rngs
+
+MAX_TOKENS_DEFAULT = 16  # OpenAI's default
+MAX_TOKENS_LIMIT = 1_000_000  # characters per choice
+MAX_PROMPT_CHARS = 1_000_000  # only the last ctx characters condition the model
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+# Seconds between two events of one streamed response (text made meanwhile is sent together):
+# EVENT_GAP, plus EVENT_GAP_PER_STREAM for each running stream, so that the event loop's work (and the
+# clients') stays a small share of the cores the decode needs: 0.02 s alone, 0.1 s at 64 streams.
+EVENT_GAP = 0.02
+EVENT_GAP_PER_STREAM = 0.00125
+RETRY_AFTER = 1  # seconds, the 503's Retry-After
+SHUTDOWN_GRACE = 5  # seconds uvicorn waits for open responses after a signal (ours end at once)
+# The decode thread holds the GIL only between two batched steps, but waits for it after each: with
+# Python's default 5 ms switch interval a busy event loop delays every step by up to that much.
+SWITCH_INTERVAL = 0.0005
+UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None}  # accepted only at these values
+
+
+class RequestError(FastcharError):
+    """A bad request: answered with a 400 and this message."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Busy(FastcharError):
+    """The queue is full: answered with a 503."""
+
+
+@dataclass
+class Options:
+    """A checked completions request."""
+
+    prompts: list[str]  # one per choice, in choice order
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    single: bool  # a string prompt and n = 1: generate's single-prompt seeding (default_rng(seed))
+
+
+@dataclass
+class Stream:
+    """One choice of a request, as the decode thread sees it."""
+
+    job: Job
+    index: int
+    ids: list[int]
+    rng: np.random.Generator
+    scan: StopScan | None
+    made: int = 0
+    row: int = -1
+
+
+@dataclass
+class Job:
+    """One request: its streams' text and ends, filled in on the event loop (Engine._deliver)."""
+
+    options: Options
+    loop: asyncio.AbstractEventLoop
+    texts: list[list[str]] = field(default_factory=list)  # per choice, pieces not yet sent
+    finish: list[str | None] = field(default_factory=list)  # per choice: "length", "stop" or None
+    error: str | None = None
+    cancelled: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or all(f is not None for f in self.finish)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def parse_request(body: object, vocab: dict[str, int], max_streams: int) -> Options:
+    """The options of a completions request body (parsed JSON), or RequestError saying what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for key, default in UNSUPPORTED.items():
+        if body.get(key, default) not in (default, None, False) or (key == "best_of" and body.get(key, 1) != 1):
+            raise RequestError(f"{key!r} is not supported by this server", key)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise RequestError(
+            "'prompt' must be a string or a non-empty list of strings (token ids are not supported)", "prompt"
+        )
+    for p in prompts:
+        if len(p) > MAX_PROMPT_CHARS:
+            raise RequestError(f"a prompt has {len(p):,} characters; at most {MAX_PROMPT_CHARS:,}", "prompt")
+        unknown = sorted(set(p) - vocab.keys())
+        if unknown:
+            raise RequestError(
+                f"the prompt has characters the model's vocabulary lacks: {json.dumps(''.join(unknown))}", "prompt"
+            )
+    max_tokens = body.get("max_tokens", MAX_TOKENS_DEFAULT)
+    max_tokens = MAX_TOKENS_DEFAULT if max_tokens is None else max_tokens
+    if not _is_int(max_tokens) or not 0 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise RequestError(
+            f"'max_tokens' must be an integer in [0, {MAX_TOKENS_LIMIT}], got {max_tokens!r}", "max_tokens"
+        )
+    temperature = body.get("temperature", 1.0)
+    temperature = 1.0 if temperature is None else temperature
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(
+            f"'temperature' must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}", "temperature"
+        )
+    top_p = body.get("top_p")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise RequestError(f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p")
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise RequestError(f"'top_k' must be an integer >= 1, got {top_k!r}", "top_k")
+    n = body.get("n", 1)
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= max_streams:
+        raise RequestError(f"'n' must be an integer in [1, {max_streams}] (--max-streams), got {n!r}", "n")
+    if len(prompts) * n > max_streams:
+        raise RequestError(
+            f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} streams; this server runs at most "
+            f"{max_streams} (--max-streams)",
+            "n",
+        )
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(t, str) and t for t in stops):
+        raise RequestError(
+            f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them, got {stop!r}", "stop"
+        )
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise RequestError(f"'seed' must be an integer >= 0, got {seed!r}", "seed")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream")
+    choices = [p for p in prompts for _ in range(n)]  # generate's order: each prompt n times
+    single = isinstance(prompt, str) and n == 1
+    return Options(
+        choices,
+        max_tokens,
+        float(temperature),
+        top_k,
+        None if top_p is None else float(top_p),
+        stops,
+        seed,
+        stream,
+        single,
+    )
+
+
+class Engine:
+    """The decode thread and its admission: submit() queues a request's streams (or raises Busy),
+    cancel() takes them out, the thread runs DecodeBatch.step() while any stream runs."""
+
+    def __init__(self, model: Model, max_streams: int, max_queue: int, threads: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_streams = max_streams
+        self.max_queue = max_queue
+        self.threads = threads
+        self.batch = DecodeBatch(model, max_streams)
+        self._prompt_start = self.tokenizer.stoi.get("\n", 0)  # an empty prompt starts from a newline
+        self._cv = threading.Condition()
+        self._queue: deque[Stream] = deque()
+        self._row_stream: list[Stream | None] = [None] * max_streams  # the stream in each row of the batch
+        self._left = np.zeros(max_streams, np.int64)  # characters each row has still to make
+        self._scanning: set[int] = set()  # rows whose stream has stop strings
+        self._drop: list[Stream] = []  # running streams of cancelled jobs, to leave before the next step
+        self._running = 0
+        self._chars = np.array(self.tokenizer.chars, dtype=object)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop (set by submit)
+        self._held = 0  # streams queued or running, cancelled ones not counted
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fastchar-decode", daemon=True)
+        self.steps = 0
+        self.chars = 0
+        self.step_seconds = 0.0  # in DecodeBatch.step (the compiled batched loop)
+        self.loop_seconds = 0.0  # in the decode thread's own Python around it (text, stop strings, hand-over)
+
+    @property
+    def running(self) -> int:
+        """Streams in the batch now (read without the lock: a hint for pacing)."""
+        return self._running
+
+    def start(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        self._thread.start()
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {
+                "running": self._running,
+                "queued": len(self._queue),
+                "max_streams": self.max_streams,
+                "max_queue": self.max_queue,
+                "steps": self.steps,
+                "characters": self.chars,
+                "step_seconds": round(self.step_seconds, 6),
+                "loop_seconds": round(self.loop_seconds, 6),
+            }
+
+    def submit(self, options: Options, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue a request's streams; Busy if they do not fit in the running rows and the queue."""
+        k = len(options.prompts)
+        job = Job(options, loop, [[] for _ in range(k)], [None] * k)
+        rngs = [np.random.default_rng(options.seed)] if options.single else stream_rngs(options.seed, k)
+        streams = []
+        for i, (prompt, rng) in enumerate(zip(options.prompts, rngs, strict=True)):
+            ids = [int(t) for t in self.tokenizer.encode(prompt)] if prompt else [self._prompt_start]
+            scan = StopScan(options.stop) if options.stop else None
+            streams.append(Stream(job, i, ids, rng, scan))
+        with self._cv:
+            if self._stopping:
+                raise Busy("the server is shutting down")
+            if self._held + k > self.max_streams + self.max_queue:
+                raise Busy(
+                    f"the server is busy: {self._running} streams running and {len(self._queue)} waiting "
+                    f"(--max-streams {self.max_streams}, --max-queue {self.max_queue}); retry later"
+                )
+            self._held += k
+            self.loop = loop
+            self._queue.extend(streams)
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: its queued streams leave now, its running ones before the next step."""
+        with self._cv:
+            if job.cancelled or job.done:
+                job.cancelled = True
+                return
+            job.cancelled = True
+            kept = deque(s for s in self._queue if s.job is not job)
+            gone = len(self._queue) - len(kept)
+            self._queue = kept
+            running = [s for s in self._row_stream if s is not None and s.job is job]
+            self._drop.extend(running)
+            self._held -= gone + len(running)
+            self._cv.notify()
+
+    def stop(self) -> None:
+        """End every stream (their responses end with an error event) and the decode thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # -- the decode thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        from fastchar.threads import set_threads
+
+        set_threads(self.threads)  # OpenMP's thread count is a per-thread setting: set it in this one
+        try:
+            while self._admit():
+                self._step()
+        except Exception as exc:  # noqa: BLE001 (every waiting client gets the message, then the thread ends)
+            print(f"error: the decode thread stopped: {exc!r}", file=sys.stderr, flush=True)
+            self._end_all(f"the decode thread stopped: {exc}")
+            return
+        self._end_all("the server is shutting down")
+
+    def _admit(self) -> bool:
+        """Drop cancelled streams' rows, fill free rows from the queue, wait while nothing runs;
+        False to stop."""
+        updates = []
+        with self._cv:
+            while True:
+                if self._stopping:
+                    return False
+                for s in self._drop:
+                    if s.row >= 0 and self._row_stream[s.row] is s:
+                        self._free_row(s)
+                self._drop.clear()
+                while self._queue and self.batch.free_rows:
+                    s = self._queue.popleft()
+                    opt = s.job.options
+                    if opt.max_tokens == 0:
+                        self._held -= 1
+                        updates.append((s.job, s.index, "", "length"))
+                        continue
+                    s.row = self.batch.add_row(s.ids, opt.temperature, opt.top_k, opt.top_p, s.rng)
+                    self._row_stream[s.row] = s
+                    self._left[s.row] = opt.max_tokens
+                    if s.scan is not None:
+                        self._scanning.add(s.row)
+                    self._running += 1
+                if self._running:
+                    break
+                if updates:
+                    self._post(updates)
+                    updates = []
+                self._cv.wait()
+        self._post(updates)
+        return True
+
+    def _free_row(self, s: Stream) -> None:
+        self.batch.remove_row(s.row)
+        self._row_stream[s.row] = None
+        self._scanning.discard(s.row)
+        self._running -= 1
+        s.row = -1
+
+    def _step(self) -> None:
+        """One character for every running stream; hand their text to the event loop. Per-stream
+        Python only for streams with stop strings and those that end: the decode thread's share of
+        the GIL stays small."""
+        t0 = time.perf_counter()
+        rows, tokens = self.batch.step()  # the GIL is released while it runs
+        t1 = time.perf_counter()
+        self.step_seconds += t1 - t0
+        left = self._left
+        left[rows] -= 1
+        pieces = self._chars[tokens].tolist()
+        row_list = rows.tolist()
+        ends: dict[int, str] = {}  # position in rows -> finish_reason
+        with self._cv:
+            self.steps += 1
+            self.chars += rows.size
+            streams = [self._row_stream[r] for r in row_list]
+            if self._scanning:
+                for i, row in enumerate(row_list):
+                    if row in self._scanning:
+                        scan = streams[i].scan
+                        pieces[i] = scan.feed(pieces[i])
+                        if scan.done:
+                            ends[i] = "stop"
+                        elif left[row] <= 0:
+                            pieces[i] += scan.flush()
+            for i in np.flatnonzero(left[rows] <= 0).tolist():
+                ends.setdefault(i, "length")
+            for i in ends:
+                s = streams[i]
+                self._free_row(s)
+                if not s.job.cancelled:  # a cancelled job's streams left the count when it was cancelled
+                    self._held -= 1
+        self._post([(streams, pieces, ends)])
+        self.loop_seconds += time.perf_counter() - t1
+
+    def _end_all(self, message: str) -> None:
+        with self._cv:
+            self._stopping = True
+            running = [s for s in self._row_stream if s is not None]
+            jobs = {id(s.job): s.job for s in [*self._queue, *running]}
+            self._queue.clear()
+            for s in running:
+                self._free_row(s)
+            self._held = 0
+        for job in jobs.values():
+            job.loop.call_soon_threadsafe(_fail, job, message)
+
+    def _post(self, updates: list) -> None:
+        """Hand updates to the event loop: (job, choice, text, finish) tuples, or (streams, texts,
+        {position: finish}) for a step."""
+        if updates:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                self.loop.call_soon_threadsafe(_deliver, updates)
+
+
+def _deliver(updates: list) -> None:
+    """Event loop: append each update's text to its job and wake the job's response."""
+    for update in updates:
+        if len(update) == 3:
+            streams, texts, ends = update
+            for i, (s, text) in enumerate(zip(streams, texts, strict=True)):
+                _deliver_one(s.job, s.index, text, ends.get(i))
+        else:
+            _deliver_one(*update)
+
+
+def _deliver_one(job: Job, index: int, text: str, finish: str | None) -> None:
+    if job.cancelled:
+        return
+    if text:
+        job.texts[index].append(text)
+    if finish is not None:
+        job.finish[index] = finish
+    job.changed.set()
+
+
+def _fail(job: Job, message: str) -> None:
+    job.error = message
+    job.changed.set()
+
+
+# -- the HTTP side ---------------------------------------------------------------------------------
+
+
+def _require_serve_extra() -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"`fastchar serve` needs uvicorn and starlette ({exc.name} is missing)",
+            hint="pip install 'fastchar[serve]'",
+        ) from None
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def page_html() -> str:
+    """The page at GET / (fastchar/serve_page.html)."""
+    return resources.files("fastchar").joinpath("serve_page.html").read_text(encoding="utf-8")
+
+
+def build_app(engine: Engine, model_id: str):
+    """The starlette application: the four routes over engine (started and stopped with the app)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    vocab = engine.tokenizer.stoi
+    html = page_html()
+    created = int(time.time())
+
+    async def home(request: Request):
+        return HTMLResponse(html)
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", **engine.stats()})
+
+    async def models(request: Request):
+        cfg = engine.model.cfg
+        card = {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "fastchar",
+            "ctx": cfg.ctx,
+            "vocabulary": "".join(engine.tokenizer.chars),
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def completions(request: Request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
+        try:
+            options = parse_request(body, vocab, engine.max_streams)
+            job = engine.submit(options, asyncio.get_running_loop())
+        except RequestError as exc:
+            return _error(400, str(exc), "invalid_request_error", exc.param)
+        except Busy as exc:
+            return _error(503, str(exc), "server_busy", headers={"Retry-After": str(RETRY_AFTER)})
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_id,
+        }
+        if options.stream:
+            return StreamingResponse(
+                _events(engine, job, head),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await _whole(engine, job, head, request)
+
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    routes = [
+        Route("/", home, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def _choice(job: Job, i: int, text: str) -> dict:
+    return {"text": text, "index": i, "logprobs": None, "finish_reason": job.finish[i]}
+
+
+async def _events(engine: Engine, job: Job, head: dict):
+    """Server-sent events: each choice's new text as it is made (one event per choice every EVENT_GAP,
+    longer with more streams), its finish_reason on its last event, then [DONE]. A client that
+    disconnects cancels this generator (starlette), and its streams leave the batch."""
+    reported = [False] * len(job.finish)
+    try:
+        while True:
+            await job.changed.wait()
+            job.changed.clear()
+            if job.error is not None:
+                yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
+                return
+            out = []
+            for i, pieces in enumerate(job.texts):
+                ended = job.finish[i] is not None and not reported[i]
+                if pieces or ended:
+                    text = "".join(pieces)
+                    pieces.clear()
+                    reported[i] = reported[i] or ended
+                    choice = _choice(job, i, text) if ended else {**_choice(job, i, text), "finish_reason": None}
+                    out.append(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n")
+            if job.done:
+                yield "".join(out) + "data: [DONE]\n\n"
+                return
+            if out:
+                yield "".join(out)
+            await asyncio.sleep(EVENT_GAP + EVENT_GAP_PER_STREAM * engine.running)  # let text gather
+    finally:
+        engine.cancel(job)
+
+
+async def _whole(engine: Engine, job: Job, head: dict, request) -> object:
+    """The whole answer once every choice has finished; a client that disconnects first cancels it."""
+    from starlette.responses import JSONResponse
+
+    async def finished() -> None:
+        while not job.done:
+            await job.changed.wait()
+            job.changed.clear()
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    wait, watch = asyncio.ensure_future(finished()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([wait, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (wait, watch):
+            task.cancel()
+        engine.cancel(job)
+    if not job.done:
+        return _error(499, "the client closed the connection", "client_closed")
+    if job.error is not None:
+        return _error(503, job.error, "server_error")
+    texts = ["".join(p) for p in job.texts]
+    made = sum(len(t) for t in texts)
+    prompt_chars = sum(len(p) for p in job.options.prompts)
+    usage = {"prompt_tokens": prompt_chars, "completion_tokens": made, "total_tokens": prompt_chars + made}
+    return JSONResponse({**head, "choices": [_choice(job, i, t) for i, t in enumerate(texts)], "usage": usage})
+
+
+def _uvicorn_server(app, host: str, port: int, log_level: str = "info"):
+    """A uvicorn Server that ends every stream at the first SIGINT/SIGTERM and does not re-raise the
+    signal afterwards (stopped_by records it: the command exits 0 after a clean stop)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by: int | None = None
+        engine: Engine | None = None
+        on_started = None
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            self.stopped_by = self.stopped_by or sig
+            super().handle_exit(sig, frame)
+            if self.engine is not None:
+                self.engine.stop()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.on_started is not None and self.started:
+                self.on_started(self)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE
+    )
+    return Server(config)
+
+
+def bound_port(server) -> int:
+    """The port a started uvicorn server listens on (for --port 0)."""
+    return server.servers[0].sockets[0].getsockname()[1]
+
+
+def make_server(
+    model: Model,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_streams: int = 64,
+    max_queue: int | None = None,
+    model_id: str = "fastchar",
+    threads: int | None = None,
+    log_level: str = "info",
+):
+    """A uvicorn server for model (not started: .run() blocks, or serve it from a thread in tests)."""
+    _require_serve_extra()
+    if model.tokenizer is None:
+        raise ConfigError("the model has no tokenizer", hint="serve a checkpoint a training run wrote")
+    if not _is_int(max_streams) or max_streams < 1:
+        raise ConfigError(f"--max-streams must be an integer >= 1, got {max_streams!r}")
+    max_queue = 4 * max_streams if max_queue is None else max_queue
+    if not _is_int(max_queue) or max_queue < 0:
+        raise ConfigError(f"--max-queue must be an integer >= 0, got {max_queue!r}")
+    if not _is_int(port) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port!r}")
+    engine = Engine(model, max_streams, max_queue, threads)
+    server = _uvicorn_server(build_app(engine, model_id), host, port, log_level)
+    server.engine = engine
+    return server
