@@ -323,6 +323,17 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                 out[c] = _gelu(xin[c])
 
 
+cdef inline Py_ssize_t _refill(int* tokens, Py_ssize_t n_cache, Py_ssize_t S, int tok) noexcept nogil:
+    """The refill rule of a full learned-position cache (KVCache.advance in fastchar/sampler.py):
+    keep the newest S//2 - 1 of the n_cache tokens, then tok, moved to the front of tokens, to be
+    re-encoded from position 0. Returns how many tokens that is (the cache's new length)."""
+    cdef Py_ssize_t j, n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
+    for j in range(n_keep):
+        tokens[j] = tokens[n_cache - n_keep + j]
+    tokens[n_keep] = tok
+    return n_keep + 1
+
+
 cdef struct Loop:
     # one generate_tokens call; see there. n_cache and pos are updated on return.
     Net* net
@@ -352,7 +363,7 @@ cdef void _run(Loop* job) noexcept nogil:
     cdef Net* net = job.net
     cdef Py_ssize_t S = net.S, V = job.V, N = job.N, n_cache = job.n_cache
     cdef int64_t pos = job.pos
-    cdef Py_ssize_t i, j, n_keep
+    cdef Py_ssize_t i, j
     cdef int tok
     cdef int* pt = job.tokens
     cdef double u
@@ -370,14 +381,9 @@ cdef void _run(Loop* job) noexcept nogil:
         if i + 1 == N and not job.advance_last:
             break
         if n_cache >= S and not job.slides:
-            # KVCache.advance, learned positions: keep the newest S//2 - 1 tokens plus this one,
-            # re-encoded from position 0
-            n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
-            for j in range(n_keep):
-                pt[j] = pt[n_cache - n_keep + j]
-            pt[n_keep] = tok
-            _forward_rows(net, pt, 0, 0, n_keep + 1)
-            n_cache = n_keep + 1
+            # learned positions, full: the refill rule, re-encoded from position 0
+            n_cache = _refill(pt, n_cache, S, tok)
+            _forward_rows(net, pt, 0, 0, n_cache)
             pos = n_cache
         else:
             # one position; a full rotary cache slides (the new row overwrites the oldest)
@@ -668,7 +674,7 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     """The body of generate_batch (main thread); tells the helpers to stop when done."""
     cdef Net* net = job.net
     cdef Py_ssize_t S = net.S, V = job.V, N = job.N, B = job.B
-    cdef Py_ssize_t i, j, b, m, M, n_keep, nc, top_k
+    cdef Py_ssize_t i, j, b, m, M, nc, top_k
     cdef double temperature, top_p
     cdef int tok
     cdef int* pt
@@ -705,14 +711,11 @@ cdef void _run_batch(Batch* job) noexcept nogil:
             pt = job.tokens + b * S
             nc = job.state[2 * b]
             if nc >= S and not job.slides:
-                # learned positions, full: the newest S//2 - 1 tokens plus this one, from position 0
-                n_keep = S // 2 - 1 if S // 2 - 1 > 0 else 0
-                for j in range(n_keep):
-                    pt[j] = pt[nc - n_keep + j]
-                pt[n_keep] = tok
-                _encode_one(job, b, pt, 0, 0, n_keep + 1)
-                job.state[2 * b] = n_keep + 1
-                job.state[2 * b + 1] = n_keep + 1
+                # learned positions, full: the refill rule, re-encoded from position 0
+                nc = _refill(pt, nc, S, tok)
+                _encode_one(job, b, pt, 0, 0, nc)
+                job.state[2 * b] = nc
+                job.state[2 * b + 1] = nc
                 continue
             if nc < S:
                 pt[nc] = tok

@@ -392,3 +392,25 @@ def test_plan_describes_and_times_every_call(backend_name):
     np.testing.assert_array_equal(model.grads.flat, grads)
     assert set(spent) == {s.kernel for s in plan.steps} and all(v > 0 for v in spent.values())
     assert {"layernorm_forward", "gelu_backward", "matmul_t_forward", "matmul_t_backward"} <= set(spent)
+
+
+def test_tied_head_bf16_products_match_the_bf16_reference():
+    """precision bf16 rounds the tied head's products too: Cython's AVX512_BF16 products (matmul and
+    matmul_t) against the numpy bf16 reference, as tests/test_precision.py bounds the untied model."""
+    if "cython" not in compiled_backends():
+        pytest.skip("the bf16 products are the Cython backend's")
+    cfg = config("layernorm", "gelu", True)
+    try:
+        fast = sharp(Model(cfg, backend="cython", seed=1, precision="bf16"))
+    except ConfigError:
+        pytest.skip("this CPU has no AVX512_BF16")
+    ref = sharp(Model(cfg, backend="numpy", seed=1, precision="bf16"))
+    fp32 = sharp(Model(cfg, backend="numpy", seed=1))
+    x, y = batch(cfg, 3, 2)
+    losses = [m.forward(x, y) for m in (fast, ref, fp32)]
+    for m in (fast, ref, fp32):
+        m.backward()
+    assert abs(losses[0] - losses[1]) < 1e-3 and losses[1] != losses[2], losses
+    rel = float(np.max(np.abs(fast.grads["wte"] - ref.grads["wte"]))) / float(np.max(np.abs(ref.grads["wte"])))
+    assert rel < 1e-2, f"wte gradient differs from the bf16 reference by {rel:.3g} of its largest entry"
+    assert not np.array_equal(ref.grads["wte"], fp32.grads["wte"]), "the reference rounded the tied products"

@@ -413,6 +413,18 @@ def sample(logits, V, temperature, top_k, top_p, u, work, order):
 
 
 @njit(cache=True)
+def _refill(tokens, n_cache, S, tok):
+    """The refill rule of a full learned-position cache (KVCache.advance in fastchar/sampler.py):
+    keep the newest S//2 - 1 of the n_cache tokens, then tok, moved to the front of tokens, to be
+    re-encoded from position 0. Returns how many tokens that is."""
+    n_keep = max(S // 2 - 1, 0)
+    for j in range(n_keep):
+        tokens[j] = tokens[n_cache - n_keep + j]
+    tokens[n_keep] = tok
+    return n_keep + 1
+
+
+@njit(cache=True)
 def generate_tokens(
     out: np.ndarray,
     tokens: np.ndarray,
@@ -463,15 +475,10 @@ def generate_tokens(
         if i + 1 == N and not advance_last:
             break
         if n_cache >= S and not slides:
-            # KVCache.advance, learned positions: keep the newest S//2 - 1 tokens plus this one,
-            # re-encoded from position 0
-            n_keep = max(S // 2 - 1, 0)
-            for j in range(n_keep):
-                tokens[j] = tokens[n_cache - n_keep + j]
-            tokens[n_keep] = tok
-            _forward_rows(tokens, 0, 0, n_keep + 1, params, table, eps, inv_freq, n_head,
+            # learned positions, full: the refill rule, re-encoded from position 0
+            n_cache = _refill(tokens, n_cache, S, tok)
+            _forward_rows(tokens, 0, 0, n_cache, params, table, eps, inv_freq, n_head,
                           kcache, vcache, scratch, scores)  # fmt: skip
-            n_cache = n_keep + 1
             pos = n_cache
         else:
             # one position; a full rotary cache slides (the new row overwrites the oldest)
