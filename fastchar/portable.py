@@ -43,11 +43,13 @@ def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int
             return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode) if flags & os.O_CREAT else os.open(path, flags)
         except FileExistsError:
             return open_nofollow(path, flags & ~os.O_EXCL, mode)
-    fd = os.open(path, flags & ~os.O_CREAT, mode)
+    fd = os.open(path, flags & ~(os.O_CREAT | os.O_TRUNC), mode)  # truncated only once checked
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         os.close(fd)
         raise OSError(errno.ELOOP, "was replaced while being opened", os.fspath(path))
+    if flags & os.O_TRUNC:
+        os.ftruncate(fd, 0)
     return fd
 
 

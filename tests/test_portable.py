@@ -136,6 +136,9 @@ def test_open_nofollow_fallback(windows_like_os, tmp_path):
     fresh = tmp_path / "fresh"
     os.close(portable.open_nofollow(fresh, os.O_WRONLY | os.O_CREAT))
     assert fresh.is_file()
+    fresh.write_text("old contents")
+    os.close(portable.open_nofollow(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+    assert fresh.read_text() == ""
 
 
 def test_open_nofollow_fallback_refuses_a_file_swapped_after_the_check(windows_like_os, tmp_path, monkeypatch):
@@ -147,6 +150,9 @@ def test_open_nofollow_fallback_refuses_a_file_swapped_after_the_check(windows_l
     with pytest.raises(OSError) as info:  # what lstat saw is not what open opened: a swap in between
         portable.open_nofollow(a, os.O_RDONLY)
     assert info.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as info:
+        portable.open_nofollow(a, os.O_WRONLY | os.O_TRUNC)
+    assert info.value.errno == errno.ELOOP and a.read_text() == "a", "nothing truncated before the check"
 
 
 def test_checkpoint_reads_without_folder_handles(windows_like_os, capsys, corpus, tmp_path):
