@@ -19,6 +19,7 @@ from fastchar.errors import (
     InputError,
     TrainingDiverged,
 )
+from fastchar.export import export_onnx
 from fastchar.model import Model
 from fastchar.sampler import KVCache, generate, stream
 from fastchar.threads import set_threads
@@ -39,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "export_onnx",
     "find_corpus",
     "generate",
     "load",

@@ -1,4 +1,4 @@
-"""The `fastchar` command: train, sample, info, plot and bench (also `python -m fastchar`).
+"""The `fastchar` command: train, sample, info, plot, bench and export (also `python -m fastchar`).
 
 Every option is checked before any work starts. Errors a user can cause print one line on stderr
 (`error: ...`, then a `hint: ...`) and exit with status 1; a malformed command line (an unknown
@@ -317,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to bench_train (see its --help)")
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     bench.set_defaults(func=cmd_bench)
+
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's forward pass as an ONNX file",
+        description="Write a trained model as an ONNX graph: input `tokens` int64 [batch, T] (T at most the "
+        "model's context), output `logits` float32 [batch, T, vocab], the vocabulary in the metadata under "
+        '`fastchar.vocabulary`. Needs the onnx package: pip install "fastchar[export]".',
+    )
+    export.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="checkpoint folder, or a run folder (its best checkpoint)"
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="file format (default onnx)")
+    export.add_argument(
+        "-o", "--output", metavar="FILE", default="model.onnx", help="file to write (default model.onnx)"
+    )
+    export.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -1009,6 +1026,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if server.stopped_by is not None:
         print(f"fastchar serve: stopped by {signal.Signals(server.stopped_by).name}", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastchar.errors import CheckpointError
+    from fastchar.export import OPSET, export, require_onnx
+    from fastchar.model import load
+
+    require_onnx()  # before the checkpoint is read
+    model = load(args.checkpoint, backend="numpy")
+    _say_checkpoint(model)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{args.checkpoint} has no tokenizer.json", hint="export a checkpoint a training run wrote"
+        )
+    if (model.checkpoint_meta or {}).get("precision") == "bf16":
+        _note("the run computed with bf16 products; the export holds its fp32 weights and computes in fp32")
+    path = export(model, args.output, args.format)
+    cfg = model.cfg
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, ONNX opset {OPSET}): tokens int64 [batch, T <= {cfg.ctx}] -> "
+          f"logits float32 [batch, T, {cfg.vocab_size}]")  # fmt: skip
     return 0
 
 

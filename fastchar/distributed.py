@@ -280,7 +280,7 @@ class MPIWorld(World):
                         f"rank {rank} ({self.hosts[rank]}) and rank 0 ({self.hosts[0]}) differ in {what}: "
                         + ", ".join(f"{k}: {theirs.get(k)!r} against {everyone[0].get(k)!r}" for k in differ)[:800],
                         hint="every rank needs the same fastchar version, Python environment, options and data "
-                        "file (see the README: Several processes and machines)",
+                        "file (see docs/distributed.md)",
                     )
                 )
 

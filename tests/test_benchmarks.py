@@ -14,6 +14,7 @@ def test_bench_kernels_quick(capsys):
     assert "| kernel | backend |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole benchmark run, end to end
 def test_bench_train_quick(capsys):
     best = default_backend()
     record = bench_train.main(["--quick", "--synthetic", "--no-torch", "--scaling", "--memory", "--backends", best])
@@ -46,6 +47,7 @@ def test_bench_attention_quick(capsys):
     assert "base" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole benchmark run, end to end
 def test_time_to_loss_runs_a_recipe(capsys, monkeypatch, corpus):
     from benchmarks import time_to_loss
 
@@ -66,6 +68,7 @@ def test_time_to_loss_runs_a_recipe(capsys, monkeypatch, corpus):
     assert "## Time to validation loss (recipe one-minute, budget 3 s" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole benchmark run, end to end
 def test_recipe_sweep_runs_a_candidate(capsys):
     from benchmarks import recipe_sweep
 
@@ -97,6 +100,7 @@ def test_recipe_sweep_evaluates_a_checkpoint_on_the_fixed_sample(capsys, monkeyp
     assert 0 < value < 4.2 and "on the fixed val sample (50 x 64 sequences of 16, seed 12345)" in line, line
 
 
+@pytest.mark.slow  # a whole benchmark run, end to end
 def test_bench_sample_quick(capsys):
     from benchmarks import bench_sample
     from fastchar import _cydecode

@@ -50,7 +50,7 @@ def _mpi_ready() -> str:
 _why = _mpi_ready()
 if _why and os.environ.get("FASTCHAR_REQUIRE_MPI") == "1":
     raise RuntimeError(f"FASTCHAR_REQUIRE_MPI=1 but {_why}")
-pytestmark = pytest.mark.skipif(bool(_why), reason=_why)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_why), reason=_why)]  # slow: launches mpiexec
 
 
 def env(**extra: str) -> dict:

@@ -36,6 +36,7 @@ print("LOSS", loss)
 """
 
 
+@pytest.mark.slow  # compiles every kernel cold in a fresh process
 def test_unwritable_cache_falls_back_with_a_warning(tmp_path: Path) -> None:
     root = tmp_path / "site"
     pkg = root / "fastchar"

@@ -1,8 +1,8 @@
 """A wheel built from this checkout, installed into a fresh venv, trains from another folder with no
 network and no FASTCHAR_DATA_DIR: the shipped corpus is package data.
 
-Building the wheel compiles both Cython extensions (about 15 s on 2 cores); the README's first
-command, 2000 steps of the base model, is marked slow. Nothing is downloaded: the wheel
+Building the wheel compiles both Cython extensions (about 15 s on 2 cores) and the README's first
+command trains 2000 steps of the base model, so the whole file is marked slow (`pytest -m slow`). Nothing is downloaded: the wheel
 is built with --no-build-isolation from this environment, installed with --no-deps --no-index, and
 the venv reaches this environment's packages (numpy, numba, ...) through a .pth file written after
 the install, so pip never sees this environment's own fastchar.
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh venv
 
 
 def _run(argv: list, **kwargs) -> subprocess.CompletedProcess:

@@ -133,7 +133,7 @@ def available_backends() -> list[str]:
     return names
 
 
-# Measured by benchmarks/bench_train.py on the project's 2-core machines (see README): the first
+# Measured by benchmarks/bench_train.py on the project's 2-core machines (see docs/performance.md): the first
 # available entry of this list is the default.
 PREFERENCE = ("cython", "numba", "numpy")
 
@@ -150,7 +150,7 @@ def default_backend() -> str:
 def _outpaced(name: str, available: list[str]) -> bool:
     """A Cython build without OpenMP (see setup.py) runs one thread; given more, numba is faster.
 
-    Base model, B = 12, 2 cores: numba on 2 threads ~28,400 tok/s (README), cython on 1 thread
+    Base model, B = 12, 2 cores: numba on 2 threads ~28,400 tok/s (docs/performance.md), cython on 1 thread
     ~19,700 (clang build without OpenMP, measured on a busy machine).
     """
     if name != "cython" or "numba" not in available:
