@@ -162,8 +162,9 @@ def is_tied(b: Builder, op: Op) -> bool:
     return op.weights[0] == "wte" and b.params["wte"].shape == (op.width, b.cfg.d_model)
 
 
+@lowers("matmul_t")
 def lower_tied_head(b: Builder, op: Op) -> None:
-    """logits = x @ wte.T (no lm_head parameter): (B, T, C) -> (B, T, V)."""
+    """x @ W.T for a weight stored [out, in]: the tied head, logits = x @ wte.T (no lm_head parameter): (B, T, C) -> (B, T, V)."""
     wte_t = b.node("Transpose", [b.weight(op.weights[0])], perm=[1, 0])
     b.node("MatMul", [op.inputs[0], wte_t], out=op.out)
 
