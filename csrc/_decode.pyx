@@ -33,14 +33,13 @@ Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
 from cython.parallel cimport parallel
-from libc.math cimport erff
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport free
 
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_idle, fc_layernorm, fc_matmul,
+from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -54,12 +53,6 @@ cdef int OP_ATTENTION = _graph.OP_ATTENTION, OP_RESIDUAL = _graph.OP_RESIDUAL, O
 cdef int OP_LAYERNORM = _graph.OP_LAYERNORM, OP_GELU = _graph.OP_GELU, OP_MATMUL_T = _graph.OP_MATMUL_T
 cdef int POST_NONE = _graph.POST_NONE, POST_RELU2 = _graph.POST_RELU2, POST_RESIDUAL = _graph.POST_RESIDUAL, POST_ROPE = _graph.POST_ROPE
 cdef int POST_GELU = _graph.POST_GELU
-cdef float SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2): GELU's erf argument
-
-
-cdef inline float _gelu(float x) noexcept nogil:
-    """The exact GELU, 0.5 x (1 + erf(x / sqrt(2))), as gelu_forward."""
-    return <float>0.5 * x * (<float>1.0 + erff(x * SQRT_HALF))
 cdef int ROWS_ALL = _graph.ROWS_ALL, ROWS_LAST = _graph.ROWS_LAST
 cdef int OPC = _graph.OPC, OUT = _graph.OUT, IN = _graph.IN, IN2 = _graph.IN2, W = _graph.W, W2 = _graph.W2
 cdef int K = _graph.K, N = _graph.N, POST = _graph.POST, LAYER = _graph.LAYER, ROWS = _graph.ROWS
@@ -204,7 +197,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     elif net.post == POST_GELU:
         for m in range(M):
             for j in range(m * Nd + j0, m * Nd + j1):
-                y[j] = _gelu(y[j])
+                y[j] = fc_gelu(y[j])
 
 
 cdef void _stage(Net* net) noexcept nogil:
@@ -320,7 +313,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                 out[c] = v * v
         elif row[OPC] == OP_GELU:
             for c in range(Mr * Nd):
-                out[c] = _gelu(xin[c])
+                out[c] = fc_gelu(xin[c])
 
 
 cdef inline Py_ssize_t _refill(int* tokens, Py_ssize_t n_cache, Py_ssize_t S, int tok) noexcept nogil:

@@ -18,10 +18,10 @@ _dropout_threshold(p) (fastchar/backends/reference.py), so every backend draws t
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport erff, expf, logf, sqrt, sqrtf
+from libc.math cimport expf, logf, sqrt, sqrtf
 from scipy.linalg.cython_blas cimport sgemm
 
-from fc cimport fc_dropout_hash, fc_expf  # csrc/fc_math.h
+from fc cimport fc_dropout_hash, fc_expf, fc_gelu, fc_gelu_grad  # csrc/fc_math.h
 
 from fastchar.backends.reference import _dropout_threshold
 
@@ -41,10 +41,6 @@ cdef enum:
     DECODE_PARALLEL_MIN = 65536
     # Floats per (HS, T) stack scratch of one attention head (2 of them in backward: 32 KiB).
     ATT_SCRATCH = 4096
-
-
-cdef double SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2), GELU's erf argument
-cdef double INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the normal density's factor
 
 
 # Matrix products: our OpenMP threads split each product into single-threaded sgemm calls (BLAS
@@ -1105,7 +1101,7 @@ def relu2_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout,
 cdef inline void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        out[i] = <float>0.5 * x[i] * (<float>1.0 + erff(x[i] * <float>SQRT_HALF))
+        out[i] = fc_gelu(x[i])
 
 
 def gelu_forward(float[:, :, ::1] out, const float[:, :, ::1] inp) -> None:
@@ -1125,12 +1121,8 @@ def gelu_forward(float[:, :, ::1] out, const float[:, :, ::1] inp) -> None:
 
 cdef inline void _gelu_backward_chunk(float* dx, const float* dy, const float* x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float xi, cdf, pdf
     for i in range(n):
-        xi = x[i]
-        cdf = <float>0.5 * (<float>1.0 + erff(xi * <float>SQRT_HALF))
-        pdf = <float>INV_SQRT_2PI * expf(<float>-0.5 * xi * xi)
-        dx[i] = dx[i] + dy[i] * (cdf + xi * pdf)
+        dx[i] = dx[i] + dy[i] * fc_gelu_grad(x[i])
 
 
 def gelu_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const float[:, :, ::1] inp) -> None:

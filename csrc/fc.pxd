@@ -4,6 +4,9 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 
 cdef extern from "fc_math.h" nogil:
     float fc_expf(float x) noexcept
+    float fc_erff(float x) noexcept
+    float fc_gelu(float x) noexcept
+    float fc_gelu_grad(float x) noexcept
     unsigned int fc_dropout_hash(long long i, unsigned int key) noexcept
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from fastchar import graph
-from fastchar.backends.numba_cpu import _softmax_unnormalised
+from fastchar.backends.numba_cpu import _gelu, _softmax_unnormalised
 
 __all__ = ["generate_tokens", "sample", "token_probs"]
 
@@ -39,7 +39,6 @@ OP_ATTENTION, OP_RESIDUAL, OP_RELU2 = graph.OP_ATTENTION, graph.OP_RESIDUAL, gra
 OP_LAYERNORM, OP_GELU, OP_MATMUL_T = graph.OP_LAYERNORM, graph.OP_GELU, graph.OP_MATMUL_T
 POST_RELU2, POST_RESIDUAL, POST_ROPE = graph.POST_RELU2, graph.POST_RESIDUAL, graph.POST_ROPE
 POST_GELU = graph.POST_GELU
-_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2): GELU's erf argument
 ROWS_ALL, ROWS_LAST = graph.ROWS_ALL, graph.ROWS_LAST
 OPC, OUT, IN, IN2, W, W2 = graph.OPC, graph.OUT, graph.IN, graph.IN2, graph.W, graph.W2
 K, N, POST, LAYER, ROWS = graph.K, graph.N, graph.POST, graph.LAYER, graph.ROWS
@@ -140,12 +139,6 @@ def _matmul_t(y, x, w, M, K, N):
             for k in range(K):
                 acc += xr[k] * wr[k]
             yr[j] = acc
-
-
-@njit(cache=True, inline="always")
-def _gelu(x):
-    """The exact GELU, 0.5 x (1 + erf(x / sqrt(2))), in float32."""
-    return np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.erf(x * np.float32(_SQRT_HALF))))
 
 
 @njit(cache=True, fastmath=True)
