@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -430,14 +431,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if model.tokenizer is None:
             raise CheckpointError(f"{folder} has no tokenizer.json", hint="resume a checkpoint a training run wrote")
         # A resume writes where the user says, or next to the checkpoint: never where meta.json says.
-        out = train_args.get("out") or str(folder.resolve().parent)
+        # The folder the user named (its parent), not where a symbolic link on the way leads.
+        out = train_args.get("out") or os.path.dirname(os.path.abspath(folder))
         train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args, "out": out})
         check_memory(model.cfg, train_cfg.batch)
-        dist.root_only(check_writable, Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out), False)
         dataset = _resume_data(args, meta, model.tokenizer)
     else:
         train_cfg = TrainConfig(**train_args)
-        dist.root_only(check_writable, Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out), False)
         if not args.overwrite:
             dist.root_only(check_fresh, Path(train_cfg.out))
         corpus, origin = locate_corpus(args.data)
@@ -451,12 +453,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision = args.precision or "fp32"
         model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=precision)
     _warn_build(args.backend or "auto", model.backend)
+    trainer = Trainer(  # checks the text against the model before anything is printed or created
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
+    )
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
-    trainer = Trainer(
-        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite
-    )
     summary = trainer.train(until=args.until)
     if not dist.is_root:
         return 0

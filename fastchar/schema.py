@@ -131,6 +131,8 @@ def validate_state(where: Path | str, state: Any) -> dict:
         _number(where, "state.best_val", state["best_val"])
     if "elapsed" in state:
         _number(where, "state.elapsed", state["elapsed"], 0.0)
+    if "run_id" in state:
+        _text(where, "state.run_id", state["run_id"])
     if "dropout_counter" in state:
         _int(where, "state.dropout_counter", state["dropout_counter"], 0, 2**64 - 1)
     if "rng" in state:

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,6 +122,8 @@ class Trainer:
         state = self.dist.bcast(model.train_state or {})  # rank 0's state and weights on every rank
         self.dist.bcast_(model.params.flat, model.adam_m.flat, model.adam_v.flat)
         self.step = int(state.get("step", 0))
+        self._resumed_id = state.get("run_id")  # None for a fresh run, or a checkpoint older than run ids
+        self.run_id = str(self._resumed_id or uuid.uuid4().hex)  # one run keeps its id through every resume
         self.best_val = float(state.get("best_val", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.rng = np.random.default_rng(cfg.seed)
@@ -197,6 +200,7 @@ class Trainer:
             "best_val": self.best_val if math.isfinite(self.best_val) else None,
             "elapsed": elapsed,
             "dropout_counter": self.model.dropout_counter,
+            "run_id": self.run_id,
         }
 
     def save(self, name: str, elapsed: float) -> Path:
@@ -220,18 +224,40 @@ class Trainer:
             self._tensorboard.record(record)
 
     def _claim_out(self) -> None:
-        """Check the run folder may hold this run; clear its leftovers (under the run's lock)."""
+        """Check the run folder may hold this run; clear its leftovers (under the run's lock).
+
+        A fresh run may not replace another run's checkpoints (unless overwrite); a resume may replace
+        only checkpoints of its own run: the same run id, recorded at the run's start."""
         runfolder.clean_stale(self.out)
         if self._owns_out:
             return
         source = getattr(self.model, "checkpoint_path", None)
-        resuming_here = source is not None and Path(source).resolve().parent == self.out.resolve()
-        if not resuming_here:
+        if source is None:
             if self.overwrite:
                 runfolder.clear_run(self.out)
             else:
                 runfolder.check_fresh(self.out, overwrite=False)
+        else:
+            foreign = [p for p in runfolder.existing_checkpoints(self.out) if not self._same_run(p, Path(source))]
+            if foreign and self.overwrite:
+                runfolder.clear_run(self.out)
+            elif foreign:
+                names = " and ".join(p.name for p in foreign)
+                raise ConfigError(
+                    f"{self.out} holds checkpoints of another run ({names}); resuming {source} there would "
+                    "replace them",
+                    hint="pass --out DIR (a new folder) for the resumed run, or --overwrite to replace them",
+                )
         self._owns_out = True
+
+    def _same_run(self, checkpoint: Path, source: Path) -> bool:
+        """Whether checkpoint (in the run folder) belongs to the run being resumed from source."""
+        theirs = runfolder.recorded_run_id(checkpoint)
+        if theirs is not None or self._resumed_id is not None:
+            return theirs == self._resumed_id
+        # checkpoints older than run ids: only the run folder the checkpoint itself sits in, by name
+        here = Path(os.path.abspath(source)).parent == Path(os.path.abspath(self.out))
+        return here and source.name.removesuffix(".old") in runfolder.CHECKPOINT_NAMES
 
     def _last_good(self) -> Path | None:
         """A finite checkpoint to name in hints: this run's latest, else the one it resumed from."""
