@@ -59,6 +59,10 @@ class Interrupted(FastcharError):
         self.signum = int(signum)
 
 
+class EvalStopped(Exception):
+    """A stop signal arrived during an evaluation: it ends between two batches (the run saves and stops)."""
+
+
 class Killed(KeyboardInterrupt):
     """A second stop signal: stop at once, without saving."""
 
@@ -177,21 +181,58 @@ class Trainer:
         self.step += 1
         return loss, norm
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss over cfg.eval_batches fixed random batches of each split."""
-        result = {}
-        self.model.eval()  # no dropout
-        for split in ("train", "val"):
-            rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
-            total = 0.0
-            for i in range(self.cfg.eval_batches):
-                x, y = self.dataset.get_batch(split, self.cfg.batch, self.model.cfg.ctx, rng)
-                if i % self.dist.size == self.dist.rank:  # the ranks share the batches out
-                    total += self.model.forward(x, y)
-            result[split] = total
-        totals = self.dist.sum_scalars([result["train"], result["val"]])
-        self.model.train()
-        return {split: total / self.cfg.eval_batches for split, total in zip(result, totals, strict=True)}
+    def evaluate(self, budget_check: bool = False) -> dict[str, float]:
+        """Mean loss over cfg.eval_batches fixed random batches of each split.
+
+        Each batch holds ranks x batch sequences from one generator and rank r evaluates rows
+        [r*B, (r+1)*B), so N ranks evaluate exactly the sequences one process of batch N*B does. A stop
+        signal (seen by any rank) ends it between two batches with EvalStopped. budget_check: after
+        three batches, refuse (ConfigError) an evaluation the time budget cannot afford.
+        """
+        model, dist, B, n = self.model, self.dist, self.cfg.batch, self.cfg.eval_batches
+        result, times = {}, []
+        model.eval()  # no dropout
+        try:
+            for split in ("train", "val"):
+                rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
+                total = 0.0
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    x, y = self.dataset.get_batch(split, dist.size * B, model.cfg.ctx, rng)
+                    first = dist.rank * B
+                    total += model.forward(x[first : first + B], y[first : first + B])
+                    times.append(time.perf_counter() - t0)
+                    if self._stop_seen():
+                        raise EvalStopped
+                    if budget_check and len(times) == min(3, n):
+                        self._check_eval_fits(min(times))
+                result[split] = total
+        finally:
+            model.train()
+        totals = dist.sum_scalars([result["train"], result["val"]])
+        return {split: total / (n * dist.size) for split, total in zip(result, totals, strict=True)}
+
+    def _stop_seen(self) -> bool:
+        """Whether a stop signal arrived (on any rank: every rank asks at the same batch)."""
+        if self.dist.size == 1:
+            return self._stop_requested
+        return self.dist.sum_scalars([float(self._stop_requested)])[0] > 0
+
+    def _check_eval_fits(self, batch_seconds: float) -> None:
+        """Refuse a time budget that two evaluations (the first and the last) would take half of."""
+        cfg = self.cfg
+        per_eval = self.dist.from_root(2 * cfg.eval_batches * batch_seconds)  # rank 0's clock for all ranks
+        if cfg.time_budget <= 0 or 2 * per_eval <= cfg.time_budget / 2:
+            return
+        fits = int(cfg.time_budget / 2 / 2 / (2 * batch_seconds))
+        raise mark_collective(
+            ConfigError(
+                f"one evaluation ({cfg.eval_batches} batches of each split) takes about {per_eval:.1f} s and a run "
+                f"evaluates at its start and end: more than half of --time-budget {cfg.time_budget:g} s",
+                hint=(f"lower --eval-batches to {fits} or less, or raise --time-budget" if fits >= 1
+                      else "raise --time-budget or choose a smaller model or --batch"),
+            )
+        )  # fmt: skip
 
     def state(self, elapsed: float) -> dict:
         return {
@@ -269,7 +310,11 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, until: int | None = None) -> dict:
-        """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
+        """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict.
+
+        A run with nothing left to train (already at `until` or cfg.steps, or past its time budget)
+        is refused with a ConfigError before anything is evaluated or written."""
+        self._check_work_left(until)
         self._lock: runfolder.RunLock | None = None
         self.dist.root_only(self._open_out)  # rank 0 owns the folder: probe, lock, leftovers, overwrite
         try:
@@ -278,6 +323,25 @@ class Trainer:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+    def _check_work_left(self, until: int | None) -> None:
+        cfg, step = self.cfg, self.step
+        if until is not None and until <= step:
+            raise mark_collective(ConfigError(
+                f"the run is already at step {step}, past --until {until}; nothing was changed",
+                hint=f"pass --until N with N > {step}, or leave --until out to train to step {cfg.steps}",
+            ))  # fmt: skip
+        if step >= cfg.steps:
+            raise mark_collective(ConfigError(
+                f"the run already ended: it is at step {step} of {cfg.steps}; nothing was changed",
+                hint=f"pass --steps N with N > {step} to train further (the schedule is stretched to N)",
+            ))  # fmt: skip
+        if cfg.time_budget > 0 and self.elapsed_before >= cfg.time_budget:
+            raise mark_collective(ConfigError(
+                f"the run already used its time budget ({self.elapsed_before:.1f} s of {cfg.time_budget:g} s); "
+                "nothing was changed",
+                hint="pass a larger --time-budget to train further",
+            ))  # fmt: skip
 
     def _open_out(self) -> None:
         """Probe and lock the run folder, then claim it (rank 0 only; the lock is held until the end)."""
@@ -323,13 +387,15 @@ class Trainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - start
 
-        if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
-            t0 = time.perf_counter()
-            losses = self.evaluate()
-            self._eval_seconds = EVAL_MARGIN * (time.perf_counter() - t0)
-            self._emit(bar, f"eval step {0:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}")
-            self._record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()})
+        first_step = self.step
         try:
+            if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
+                t0 = time.perf_counter()
+                losses = self.evaluate(budget_check=True) if cfg.time_budget > 0 else self.evaluate()
+                self._eval_seconds = EVAL_MARGIN * (time.perf_counter() - t0)
+                self._emit(bar, f"eval step {0:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}")
+                record = {"step": 0, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed": elapsed()}
+                self._record(record)
             while self.step < last:
                 dist.context = f"at step {self.step + 1}"
                 # when a final evaluation after one more step would end; one clock for all ranks
@@ -362,10 +428,18 @@ class Trainer:
                     summary = self._evaluate_and_save(bar, elapsed())
                 if self._stop_requested if dist.size == 1 else self._stop_agreed:  # ranks stop at one step
                     self._interrupted(self.save("latest", elapsed()))
+            if self.step == first_step:  # the budget left no room for a step: nothing to evaluate or save
+                raise mark_collective(ConfigError(
+                    f"no training step fit in --time-budget {cfg.time_budget:g} s after the first evaluation "
+                    f"({self._eval_seconds / EVAL_MARGIN:.1f} s)",
+                    hint="raise --time-budget, or lower --eval-batches",
+                ))  # fmt: skip
             if self.step % cfg.eval_every != 0 or not summary:
                 summary = self._evaluate_and_save(bar, elapsed())
             if dist.size == 1 and self._stop_requested:  # a signal during the final evaluation
                 self._interrupted(self.out / "latest")  # latest was just saved
+        except EvalStopped:  # a stop signal during an evaluation: save the weights as they are
+            self._interrupted(self.save("latest", elapsed()))
         except TrainingDiverged as exc:  # every rank sees the same global loss and norm
             mark_collective(exc)
             good = self._last_good()

@@ -1,0 +1,261 @@
+"""What a second adversarial run found (issue 23), one test per numbered case, plus a fuzz test of
+the command line and of generate/stream.
+
+Every test here failed before the fix it is named after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, TextDataset, generate, load, runfolder, stream
+from fastchar.cli import main
+from fastchar.errors import FastcharError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "4", "--ctx", "16", "--batch", "4",
+        "--eval-batches", "2", "--log-every", "5", "--sample-chars", "0"]  # fmt: skip
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, pattern, status=1):
+    assert code == status, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("usage:", "note:", "warning:", "checkpoint:"))]
+    assert lines[0].startswith("error: ") and pattern in lines[0], err
+    assert any(line.startswith("hint: ") for line in lines[1:]), f"no hint line in: {err}"
+
+
+def train(capsys, corpus, out, *extra, steps=10, eval_every=5, backend="numpy"):
+    return run(capsys, "train", "--data", corpus, "--out", out, "--steps", steps, "--eval-every", eval_every,
+               "--backend", backend, *TINY, *extra)  # fmt: skip
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under folder -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def cli_env() -> dict:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def run_dir(capsys, corpus, tmp_path):
+    """A finished tiny run: tmp_path/run/{best,latest} at step 10."""
+    code, _, err = train(capsys, corpus, tmp_path / "run")
+    assert code == 0, err
+    return tmp_path / "run"
+
+
+# -- 1. a resume never replaces another run's checkpoints -----------------------------------------
+
+
+def test_01_resume_never_replaces_another_runs_best(capsys, corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(capsys, corpus, a)[0] == 0
+    assert train(capsys, corpus, b, "--seed", "1")[0] == 0
+    shutil.copytree(b / "latest", a / "other")  # run B's checkpoint copied beside run A's
+    before = tree(a / "best") | {"metrics": (a / "metrics.jsonl").read_bytes()}
+    code, _, err = run(capsys, "train", "--resume", a / "other", "--steps", "15", "--backend", "numpy",
+                       "--sample-chars", "0")  # fmt: skip
+    assert_clean_error(code, err, "another run")
+    assert "--out" in err
+    assert tree(a / "best") | {"metrics": (a / "metrics.jsonl").read_bytes()} == before
+    # pointed elsewhere, it continues
+    code, _, err = run(capsys, "train", "--resume", a / "other", "--steps", "15", "--backend", "numpy",
+                       "--sample-chars", "0", "--out", tmp_path / "b2")  # fmt: skip
+    assert code == 0, err
+    assert tree(a / "best") == {k: v for k, v in before.items() if k != "metrics"}
+
+
+def test_01_resume_through_a_symlink_writes_where_the_user_pointed(capsys, corpus, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    assert train(capsys, corpus, elsewhere)[0] == 0
+    shutil.copytree(elsewhere / "latest", tmp_path / "x")
+    kept = tree(elsewhere)
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / "latest").symlink_to(tmp_path / "x")
+    code, _, err = run(capsys, "train", "--resume", r, "--steps", "15", "--backend", "numpy", "--sample-chars", "0")
+    assert code == 0, err
+    assert tree(elsewhere) == kept, "nothing is written where the link leads"
+    assert (r / "latest" / "meta.json").is_file() and not (r / "latest").is_symlink()
+    assert json.loads((r / "latest" / "meta.json").read_text())["state"]["step"] == 15
+    assert (tmp_path / "x" / "meta.json").is_file(), "the link's target is left as it was"
+    assert not (r / "latest.old").exists() and not (r / "latest.old").is_symlink()
+
+
+# -- 2. clearing leftovers removes only what fastchar made --------------------------------------
+
+
+def test_02_clearing_leftovers_keeps_user_files_and_survives_impossible_pids(capsys, corpus, tmp_path):
+    out = tmp_path / "work"
+    out.mkdir()
+    pid = dead_pid()
+    mine = out / f".notes.tmp-{pid}"  # a user's file that merely looks like a temporary
+    mine.write_text("precious")
+    user_dir = out / f".latest.tmp-{pid}"  # the right name, but not what a save writes
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("precious")
+    huge = out / ".best.tmp-99999999999999999999"
+    huge.mkdir()
+    (huge / "model.safetensors").write_bytes(b"x")
+    stale = out / f".best.tmp-{pid}"  # what an interrupted save leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x")
+    code, _, err = train(capsys, corpus, out)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert mine.read_text() == "precious" and (user_dir / "thesis.tex").read_text() == "precious"
+    assert not stale.exists() and not huge.exists()
+
+
+# -- 3. validate first, create the folder after -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, text, pattern",
+    [
+        (["--dropout", "1.5"], None, "dropout"),
+        ([], "ab" * 10, "too short"),
+        (["--n-head", "5"], None, "divisible"),
+    ],
+)
+def test_03_an_error_leaves_no_out_folder_and_data_errors_come_first(capsys, corpus, tmp_path, extra, text, pattern):
+    if text is not None:
+        corpus = tmp_path / "short.txt"
+        corpus.write_text(text)
+    out = tmp_path / "new" / "run"
+    code, stdout, err = train(capsys, corpus, out, *extra)
+    assert_clean_error(code, err, pattern)
+    assert not out.exists() and not out.parent.exists()
+    assert "model:" not in stdout and "train:" not in stdout
+
+
+# -- 4. absurd model sizes are refused at once ------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", ["1000000000", "3000000"])
+def test_04_huge_layer_counts_are_refused_at_once(capsys, corpus, tmp_path, layers):
+    t0 = time.perf_counter()
+    code, _, err = train(capsys, corpus, tmp_path / "run", "--n-layer", layers)
+    assert_clean_error(code, err, "needs about")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_04_the_memory_estimate_is_arithmetic_and_exact():
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layer=3, n_head=4, ctx=16, mlp_hidden=128)
+    model = Model(cfg, backend="numpy")
+    assert runfolder.param_count(cfg) == model.params.flat.size
+    from fastchar.arena import act_specs
+
+    per_seq = sum(math.prod(s) for _, s in act_specs(cfg, 1, cfg.ctx)) * 4
+    assert runfolder.training_bytes(cfg, 4)[1] == int(per_seq * (2 + runfolder.TEMPORARY_FRACTION))
+
+
+# -- 5. a FIFO in a checkpoint -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["meta.json", "tokenizer.json"])
+def test_05_a_fifo_in_a_checkpoint_is_refused_without_hanging(run_dir, name):
+    best = run_dir / "best"
+    (best / name).unlink()
+    os.mkfifo(best / name)
+    for argv in (["info", str(best)], ["sample", "--checkpoint", str(best), "--max-new-tokens", "5"]):
+        proc = subprocess.run([sys.executable, "-m", "fastchar", *argv], capture_output=True, text=True,
+                              env=cli_env(), timeout=60)  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- 6. a stop signal during an evaluation ----------------------------------------------------------
+
+
+def test_06_sigterm_during_an_evaluation_stops_between_batches(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", "-m", "fastchar", "train", "--data", str(corpus), "--out", str(out), "--steps", "50",
+           "--backend", "numpy", *TINY, "--batch", "64", "--eval-batches", "10000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    for line in proc.stdout:
+        if line.startswith("training"):  # the step-0 evaluation (about a minute here) starts now
+            break
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert time.perf_counter() - t0 < 15, "the evaluation was not cut short"
+    assert "by SIGTERM" in err and "Traceback" not in err
+    assert load(out / "latest").train_state["step"] == 0
+
+
+def test_06_eval_batches_are_bounded(capsys, corpus, tmp_path):
+    code, _, err = train(capsys, corpus, tmp_path / "run", "--eval-batches", "10000000")
+    assert_clean_error(code, err, "eval_batches")
+    assert not (tmp_path / "run").exists()
+
+
+# -- 7. time budgets and runs that trained nothing ---------------------------------------------------
+
+
+def test_07_an_evaluation_longer_than_the_budget_is_refused_at_once(capsys, corpus, tmp_path):
+    t0 = time.perf_counter()
+    code, _, err = train(capsys, corpus, tmp_path / "run", "--time-budget", "2", "--batch", "64",
+                         "--eval-batches", "5000")  # fmt: skip
+    assert_clean_error(code, err, "--time-budget")
+    assert "--eval-batches" in err
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_07_a_run_that_trains_nothing_does_not_report_success(capsys, corpus, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = train(capsys, corpus, out, "--time-budget", "1", steps=100000, eval_every=100000)
+    assert code == 0, err
+    before = tree(out)
+    used = load(out / "latest").train_state["elapsed"]
+    code, stdout, err = run(capsys, "train", "--resume", out, "--time-budget", used / 2, "--backend", "numpy",
+                            "--sample-chars", "0")  # fmt: skip
+    assert_clean_error(code, err, "time budget")
+    assert "done:" not in stdout and "eval step" not in stdout
+    assert tree(out) == before, "nothing re-evaluated, saved or appended"
+
+
+# -- 15. --until before the run's step --------------------------------------------------------------
+
+
+def test_15_until_before_the_runs_step_changes_nothing(capsys, run_dir):
+    before = tree(run_dir)
+    code, stdout, err = run(capsys, "train", "--resume", run_dir, "--until", "3", "--backend", "numpy",
+                            "--sample-chars", "0")  # fmt: skip
+    assert_clean_error(code, err, "already at step 10")
+    assert "eval step" not in stdout and "done:" not in stdout
+    assert tree(run_dir) == before
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--backend", "numpy", "--sample-chars", "0")
+    assert_clean_error(code, err, "step 10 of 10")  # a finished run has nothing left to train either
+    assert tree(run_dir) == before
