@@ -41,6 +41,16 @@ GENERIC_HINTS = {  # for errors raised without a hint of their own
     "TrainingDiverged": "lower --lr or raise --warmup",
 }
 
+PYTHON_TO_FLAGS = (  # how a hint written for the Python API reads on the command line
+    ("precision='fp32'", "--precision fp32"),
+    ("backend='cython'", "--backend cython"),
+    ("'numpy' (the bf16 reference)", "--backend numpy (the bf16 reference)"),
+)
+MEMORY_HINTS = {
+    "train": "lower --batch or choose a smaller model; `free -m` shows the memory available",
+    "sample": "lower --num-samples or --max-new-tokens; `free -m` shows the memory available",
+}
+
 MODEL_HELP = {
     "vocab_size": "vocabulary size (default: the distinct characters of the text)",
     "d_model": f"residual width C (default {DEFAULT_MODEL.d_model})",
@@ -345,7 +355,7 @@ def _resume_precision(args: argparse.Namespace, meta: dict) -> str:
 def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
     """The training text of a resumed run: --data, else the file the run recorded (checked by size
     and sha256), else Tiny Shakespeare. Its characters must be the checkpoint's vocabulary."""
-    from fastchar.data import TextDataset, locate_corpus, read_text
+    from fastchar.data import TextDataset, check_corpus_memory, locate_corpus, read_text
     from fastchar.errors import DataError
     from fastchar.runfolder import data_record
 
@@ -360,6 +370,7 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
     else:
         path, origin = locate_corpus(args.data)
     print(f"data: {path} ({origin})", flush=True)
+    check_corpus_memory(path)
     text = read_text(path)
     if sorted(set(text)) != list(tokenizer.chars):
         extra = sorted(set(text) - set(tokenizer.chars))
@@ -383,7 +394,7 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import read_meta, resolve
-    from fastchar.data import TextDataset, locate_corpus
+    from fastchar.data import TextDataset, check_corpus_memory, locate_corpus
     from fastchar.errors import CheckpointError
     from fastchar.model import Model, load
     from fastchar.runfolder import check_fresh, check_memory
@@ -422,7 +433,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder, meta = read_meta(folder)
         model = load(folder, backend=_resume_backend(args, meta), precision=_resume_precision(args, meta))
         model.checkpoint_note = note
-        _say_checkpoint(model)
+        if dist.is_root:  # one note, not one per rank
+            _say_checkpoint(model)
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
             details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
@@ -444,6 +456,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.root_only(check_fresh, Path(train_cfg.out))
         corpus, origin = locate_corpus(args.data)
         say(f"data: {corpus} ({origin})", flush=True)
+        check_corpus_memory(corpus)
         dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
@@ -500,18 +513,20 @@ def _check_ranks(expected: int | None, threads: int | None = None) -> World:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from fastchar.data import read_text
+    from fastchar.data import read_prompt
     from fastchar.errors import CheckpointError
     from fastchar.model import load
-    from fastchar.sampler import check_sampling, check_seed, generate, stream
+    from fastchar.sampler import MAX_STREAMS, check_sampling, check_seed, check_stop, generate, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     check_seed(args.seed)
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}", hint="pass --num-samples 1 or more")
+    if not 1 <= args.num_samples <= MAX_STREAMS:
+        raise ConfigError(f"--num-samples must be in [1, {MAX_STREAMS:,}], got {args.num_samples}",
+                          hint=f"pass --num-samples {MAX_STREAMS} or less (run several times for more)")  # fmt: skip
+    stop = check_stop([t.replace("\\n", "\n") for t in args.stop or []])  # a typed \n is a newline: --stop '\n\n'
     if args.ctx is not None and args.ctx < 1:
         raise ConfigError(f"--ctx must be >= 1, got {args.ctx}", hint="leave --ctx out to use the model's context")
-    prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
     if _check_ranks(None).size > 1:
         from fastchar.distributed import mark_collective
@@ -533,7 +548,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if prompt is None:
         prompt = _start_prompt(model.tokenizer)
     model.tokenizer.encode(prompt)  # names unknown characters before anything is printed
-    stop = [t.replace("\\n", "\n") for t in args.stop or []]  # a typed \n is a newline: --stop '\n\n'
+    for text in stop:
+        if unknown := model.tokenizer.unknown(text):
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            print(f"warning: --stop {text!r} can never match: the model has no {shown} in its vocabulary",
+                  file=sys.stderr)  # fmt: skip
     if args.num_samples == 1:
         sys.stdout.write(prompt)
         shown = time.monotonic()
@@ -753,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_ERROR
     except MemoryError as exc:
-        exc.hint = "lower --batch or choose a smaller model; `free -m` shows the memory available"
+        exc.hint = MEMORY_HINTS.get(args.command, "`free -m` shows the memory available")
         _report(exc, args, message=f"out of memory: {exc}" if str(exc) else "out of memory")
         return EXIT_ERROR
     except OSError as exc:  # a full disk, a permission denied: name the file, keep it short
@@ -779,6 +798,10 @@ def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR
     hint = getattr(exc, "hint", "") or next(
         (h for cls, h in GENERIC_HINTS.items() if cls in [c.__name__ for c in type(exc).__mro__]), ""
     )
+    command = getattr(args, "command", None) or "COMMAND"
+    hint = hint.replace("COMMAND", command)
+    for python, flag in PYTHON_TO_FLAGS:  # hints written for the Python API, said as options
+        hint = hint.replace(python, flag)
     print(_hint(" ".join(hint.split("\n")) if hint else "run `fastchar --help`"), file=sys.stderr)
     _end_other_ranks(exc, code)
 

@@ -30,6 +30,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "ctx", "mlp_hidden"):
             _positive_int(self, name)
+        if self.vocab_size < 2:  # one character leaves nothing to predict (and degenerate kernel shapes)
+            raise ConfigError(f"ModelConfig.vocab_size must be at least 2, got {self.vocab_size}",
+                              hint="train on a text with at least two distinct characters")  # fmt: skip
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})",

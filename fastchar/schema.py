@@ -220,6 +220,8 @@ def validate_tokenizer(data: Any, where: Path | str, vocab_size: int) -> list[st
         )
     if len(set(chars)) != len(chars):
         raise CheckpointError(f"{where}: chars holds a character more than once", hint=HINT)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
+        raise CheckpointError(f"{where}: chars holds a lone surrogate, which is not a character", hint=HINT)
     return list(chars)
 
 

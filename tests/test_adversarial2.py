@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,6 @@ import pytest
 
 from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, TextDataset, generate, load, runfolder, stream
 from fastchar.cli import main
-from fastchar.errors import FastcharError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "4", "--ctx", "16", "--batch", "4",
@@ -259,3 +257,190 @@ def test_15_until_before_the_runs_step_changes_nothing(capsys, run_dir):
     code, _, err = run(capsys, "train", "--resume", run_dir, "--backend", "numpy", "--sample-chars", "0")
     assert_clean_error(code, err, "step 10 of 10")  # a finished run has nothing left to train either
     assert tree(run_dir) == before
+
+
+# -- 8. sizes that scale with the corpus or the request -----------------------------------------------
+
+
+def test_08_the_corpus_is_held_compactly(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 40_000)  # 1.8 MB
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        ds = TextDataset(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ds.splits["train"].dtype == np.uint8
+    assert peak < 6 * size, f"{peak / size:.1f} bytes per character"
+
+
+def test_08_a_corpus_too_large_for_memory_is_refused_before_reading(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "big.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * 40_000)
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: 2 * runfolder.MIB)
+    code, _, err = train(capsys, path, tmp_path / "run")
+    assert_clean_error(code, err, "big.txt")
+    assert "--batch" not in err and "shorter text" in err
+
+
+def test_08_num_samples_is_bounded_and_estimated(capsys, run_dir, monkeypatch):
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--num-samples", "1000000", "--max-new-tokens", "5")
+    assert_clean_error(code, err, "--num-samples")
+    assert time.perf_counter() - t0 < 5
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: runfolder.MIB)
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--num-samples", "5000", "--max-new-tokens", "5",
+                       "--backend", "cython")  # fmt: skip
+    assert_clean_error(code, err, "need about")
+    assert "--num-samples" in err and "--batch" not in err
+
+
+# -- 9. a lone surrogate in tokenizer.json --------------------------------------------------------------
+
+
+def rewrite_file(ckpt: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and record its new size and sha256 in meta.json (a forged checkpoint)."""
+    import hashlib
+
+    (ckpt / name).write_bytes(data)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_09_a_lone_surrogate_in_the_tokenizer_is_refused(capsys, run_dir):
+    best = run_dir / "best"
+    chars = json.loads((best / "tokenizer.json").read_text())["chars"]
+    forged = json.dumps({"type": "char", "chars": "\ud800" + chars[1:]})  # ascii-escaped: \\ud800
+    rewrite_file(best, "tokenizer.json", forged.encode())
+    code, out, err = run(capsys, "sample", "--checkpoint", best, "--max-new-tokens", "50", "--temperature", "2",
+                         "--prompt", chars[1])  # fmt: skip
+    assert_clean_error(code, err, "surrogate")
+    with pytest.raises(ValueError):
+        CharTokenizer("a\ud800")
+
+
+# -- 10. one distinct character ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+def test_10_a_text_with_one_distinct_character(capsys, tmp_path, backend):
+    path = tmp_path / "a.txt"
+    path.write_text("a" * 5000)
+    code, _, err = train(capsys, path, tmp_path / "run", backend=backend)
+    assert_clean_error(code, err, "one distinct character")
+    with pytest.raises(ConfigError):
+        ModelConfig(vocab_size=1)
+
+
+# -- 11. fastchar plot ----------------------------------------------------------------------------------
+
+
+def test_11_plot_survives_odd_metrics_and_names(capsys, run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 11, "loss": Infinity, "elapsed": 1.0}\n{"step": 1e999, "loss": 2.0, "elapsed": 1.0}\n')
+        f.write('{"step": 12, "loss": 2.0, "elapsed": 1e999}\n')
+    f = tmp_path / "noext"
+    code, _, err = run(capsys, "plot", run_dir, "-o", f)
+    assert code == 0, err
+    assert f.read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    code, _, err = run(capsys, "plot", run_dir, "-o", tmp_path / "out.txt")
+    assert_clean_error(code, err, "out.txt")
+    assert not (tmp_path / "out.txt").exists()
+    metrics.write_bytes(b"\xff\xfe garbage \x80\n")
+    code, _, err = run(capsys, "plot", run_dir, "-o", tmp_path / "x.png")
+    assert_clean_error(code, err, "no loss records")
+    metrics.write_bytes(b"")
+    code, _, err = run(capsys, "plot", run_dir, "-o", tmp_path / "y.png")
+    assert_clean_error(code, err, "no loss records")
+    assert not (tmp_path / "y.png").exists()
+
+
+# -- 14. prompt files and data paths -----------------------------------------------------------------
+
+
+def test_14_prompt_file_and_data_path_messages(capsys, run_dir, tmp_path):
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--prompt-file", tmp_path / "nope.txt")
+    assert_clean_error(code, err, "prompt file")
+    assert "training text" not in err and "--data" not in err
+    r, w = os.pipe()
+    os.write(w, b"th")
+    os.close(w)
+    try:
+        code, out, err = run(capsys, "sample", "--checkpoint", run_dir, "--prompt-file", f"/dev/fd/{r}",
+                             "--max-new-tokens", "5", "--seed", "0")  # fmt: skip
+    finally:
+        os.close(r)
+    assert code == 0, err
+    assert out.startswith("th")
+    code, _, err = train(capsys, tmp_path, tmp_path / "run2")
+    assert_clean_error(code, err, "is a folder")
+    os.mkfifo(tmp_path / "fifo")
+    code, _, err = train(capsys, tmp_path / "fifo", tmp_path / "run2")
+    assert_clean_error(code, err, "not a regular file")
+
+
+# -- 16. smaller ones ---------------------------------------------------------------------------------
+
+
+def test_16_empty_stop_is_refused_before_loading(capsys, tmp_path):
+    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path / "missing", "--stop", "")
+    assert_clean_error(code, err, "stop strings must be non-empty")
+    assert "--stop" in err
+    assert "COMMAND" not in err
+
+
+def test_16_a_stop_string_outside_the_vocabulary_is_warned_about(capsys, run_dir):
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--stop", "\u00e9t\u00e9", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert any(line.startswith("warning:") and "--stop" in line for line in err.splitlines()), err
+
+
+def test_16_the_bf16_hint_speaks_command_line(capsys, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCHAR_DISABLE_BF16", "1")
+    code, _, err = train(capsys, corpus, tmp_path / "run", "--precision", "bf16", backend="cython")
+    assert_clean_error(code, err, "bf16")
+    assert "precision='fp32'" not in err and "--precision fp32" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_16_a_bom_is_not_a_vocabulary_character(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeff".encode() + b"abcabc" * 50)
+    assert TextDataset(path).tokenizer.chars == ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tok = CharTokenizer("abcdefgh\n")
+    return Model(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layer=1, n_head=2, ctx=8, mlp_hidden=32),
+                 backend="numpy"), tok  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": "0.8"},
+        {"ctx": 1.5},
+        {"prompt": None},
+        {"max_new_tokens": True},
+        {"stop": {"a": 1}},
+        {"top_k": True},
+        {"top_p": "0.5"},
+        {"num_samples": True},
+    ],
+)
+def test_16_python_api_types_are_checked_at_the_call(tiny_model, kwargs):
+    model, tok = tiny_model
+    args = {"prompt": "ab", "max_new_tokens": 3} | kwargs
+    with pytest.raises(ConfigError):
+        generate(model, tok, **args)
+    with pytest.raises(ConfigError):
+        stream(model, tok, **args)  # not at the first next()
