@@ -187,7 +187,7 @@ class Trainer:
         Each batch holds ranks x batch sequences from one generator and rank r evaluates rows
         [r*B, (r+1)*B), so N ranks evaluate exactly the sequences one process of batch N*B does. A stop
         signal (seen by any rank) ends it between two batches with EvalStopped. budget_check: after
-        three batches, refuse (ConfigError) an evaluation the time budget cannot afford.
+        three batches, refuse (ConfigError) evaluations that alone would use up the time budget.
         """
         model, dist, B, n = self.model, self.dist, self.cfg.batch, self.cfg.eval_batches
         result, times = {}, []
@@ -204,8 +204,8 @@ class Trainer:
                     times.append(time.perf_counter() - t0)
                     if self._stop_seen():
                         raise EvalStopped
-                    if budget_check and len(times) == min(3, n):
-                        self._check_eval_fits(min(times))
+                    if budget_check and len(times) == 3 and n > 3:  # the first batch may be a cold start
+                        self._check_eval_fits(min(times[1:]))
                 result[split] = total
         finally:
             model.train()
@@ -219,16 +219,16 @@ class Trainer:
         return self.dist.sum_scalars([float(self._stop_requested)])[0] > 0
 
     def _check_eval_fits(self, batch_seconds: float) -> None:
-        """Refuse a time budget that two evaluations (the first and the last) would take half of."""
+        """Refuse a time budget that two evaluations (the first and the last) would use up."""
         cfg = self.cfg
         per_eval = self.dist.from_root(2 * cfg.eval_batches * batch_seconds)  # rank 0's clock for all ranks
-        if cfg.time_budget <= 0 or 2 * per_eval <= cfg.time_budget / 2:
+        if cfg.time_budget <= 0 or 2 * per_eval <= cfg.time_budget:
             return
-        fits = int(cfg.time_budget / 2 / 2 / (2 * batch_seconds))
+        fits = int(cfg.time_budget / 2 / 2 / (2 * batch_seconds))  # two evaluations in half the budget
         raise mark_collective(
             ConfigError(
                 f"one evaluation ({cfg.eval_batches} batches of each split) takes about {per_eval:.1f} s and a run "
-                f"evaluates at its start and end: more than half of --time-budget {cfg.time_budget:g} s",
+                f"evaluates at its start and end: more than --time-budget {cfg.time_budget:g} s",
                 hint=(f"lower --eval-batches to {fits} or less, or raise --time-budget" if fits >= 1
                       else "raise --time-budget or choose a smaller model or --batch"),
             )
