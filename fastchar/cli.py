@@ -41,6 +41,7 @@ GENERIC_HINTS = {  # for errors raised without a hint of their own
     "TrainingDiverged": "lower --lr or raise --warmup",
 }
 
+RANK_OWN_OPTIONS = ("func", "threads", "debug")  # options the ranks of one job may set differently
 PYTHON_TO_FLAGS = (  # how a hint written for the Python API reads on the command line
     ("precision='fp32'", "--precision fp32"),
     ("backend='cython'", "--backend cython"),
@@ -425,6 +426,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     _setup_runtime(args)
     dist = _check_ranks(args.ranks, args.threads)
+    if dist.size > 1:  # every rank must start from the same command line (--threads may differ per host)
+        dist.check_same("the command line", {k: v for k, v in vars(args).items() if k not in RANK_OWN_OPTIONS})
     say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.tensorboard:
         require_tensorboardx()

@@ -199,11 +199,11 @@ def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     """Reject sampling options outside their ranges before any work starts."""
     if not _is_real(temperature) or not temperature >= 0:
-        raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+        raise ConfigError(f"temperature must be >= 0 (0 means greedy) and a finite number, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-        raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        raise ConfigError(f"top_p must be in (0, 1] (a number), got {top_p!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 

@@ -314,6 +314,8 @@ class Trainer:
 
         A run with nothing left to train (already at `until` or cfg.steps, or past its time budget)
         is refused with a ConfigError before anything is evaluated or written."""
+        if self.dist.size > 1:  # ranks stopping at different steps would wait for each other forever
+            self.dist.check_same("train()", {"until": until})
         self._check_work_left(until)
         self._lock: runfolder.RunLock | None = None
         self.dist.root_only(self._open_out)  # rank 0 owns the folder: probe, lock, leftovers, overwrite

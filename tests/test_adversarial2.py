@@ -444,3 +444,72 @@ def test_16_python_api_types_are_checked_at_the_call(tiny_model, kwargs):
         generate(model, tok, **args)
     with pytest.raises(ConfigError):
         stream(model, tok, **args)  # not at the first next()
+
+
+# -- 12, 13, 16. MPI -------------------------------------------------------------------------------
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _have_mpi() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return _mpiexec() is not None
+
+
+needs_mpi = pytest.mark.skipif(not _have_mpi() and os.environ.get("FASTCHAR_REQUIRE_MPI") != "1",
+                               reason="mpi4py or mpiexec missing")  # fmt: skip
+
+
+def mpi_env() -> dict:
+    return {**cli_env(), "FASTCHAR_MPI_TIMEOUT": "10"}
+
+
+@needs_mpi
+def test_12_ranks_started_with_different_options_are_named(corpus, tmp_path):
+    train_ = [sys.executable, "-m", "fastchar", "train", "--data", str(corpus), "--out", str(tmp_path / "run"),
+              "--backend", "numpy", *TINY, "--steps", "10"]  # fmt: skip
+    cmd = [_mpiexec(), "-n", "1", *train_, "--until", "3", ":", "-n", "1", *train_, "--until", "5"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "differ in" in proc.stderr and "until" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "out of memory" not in proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+@needs_mpi
+def test_13_validation_loss_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
+    script = ROOT / "tests" / "mpi_train.py"
+    common = [str(script), "--corpus", str(corpus), "--backend", "numpy", "--dtype", "float64", "--steps", "2"]
+    two = subprocess.run([_mpiexec(), "-n", "2", sys.executable, *common, "--batch", "4", "--out",
+                          str(tmp_path / "o2"), "--dump", str(tmp_path / "d2")], capture_output=True, text=True,
+                         env=mpi_env(), timeout=180)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    one = subprocess.run([sys.executable, *common, "--batch", "8", "--out", str(tmp_path / "o1"), "--dump",
+                          str(tmp_path / "d1")], capture_output=True, text=True, env=mpi_env(), timeout=180)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+
+    def vals(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r}
+
+    a, b = vals(tmp_path / "o2"), vals(tmp_path / "o1")
+    assert sorted(a) == sorted(b) == [0, 2]
+    for step in a:
+        np.testing.assert_allclose(a[step], b[step], rtol=1e-12, err_msg=f"step {step}")
+
+
+@needs_mpi
+def test_16_one_checkpoint_note_under_mpiexec(capsys, run_dir):
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "fastchar", "train", "--resume", str(run_dir), "--steps", "12",
+           "--sample-chars", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("checkpoint:") == 1, proc.stderr
