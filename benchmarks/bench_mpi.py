@@ -4,7 +4,7 @@
     python -m benchmarks.bench_mpi --tcp            # ... and 2 ranks over TCP on 127.0.0.1 (MPICH)
     python -m benchmarks.bench_mpi --quick          # a few steps: proves it runs
 
-Each configuration trains the base model of SPEC.md on Tiny Shakespeare through the Trainer's own
+Each configuration trains the base model on Tiny Shakespeare through the Trainer's own
 step (the global batch drawn once, split over the ranks, one in-place Allreduce of the gradient
 buffer, clip, AdamW) in a fresh process group: `python -m benchmarks.bench_mpi --worker ...` alone,
 or under `mpiexec -n 2`. tokens/s = global batch * T / median step time. It also times the bare

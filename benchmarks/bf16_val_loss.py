@@ -3,7 +3,7 @@
     python -m benchmarks.bf16_val_loss                 # 2,000 steps, B = 12, base model, backend cython
     python -m benchmarks.bf16_val_loss --steps 200     # a shorter check
 
-Trains the base model twice from the same seed on Tiny Shakespeare (SPEC's recipe, TrainConfig
+Trains the base model twice from the same seed on Tiny Shakespeare (the default recipe, TrainConfig
 defaults), once with precision="fp32" and once with "bf16", and prints both final validation losses,
 their difference and whether it is within --tolerance (issue 10: 0.02). Exits 1 when it is not.
 Appends one JSON line to benchmarks/results/bf16_val_loss.jsonl (unless --no-record).

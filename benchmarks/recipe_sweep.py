@@ -40,7 +40,7 @@ def lr(batch: int, rate: float, warmup: int = 50) -> dict:
 # name: (model fields over BASE, train fields[, precision]), per budget. The recipes themselves are candidates too.
 CANDIDATES = {
     60: {
-        # round 1: SPEC's shape, batch and learning rate; rotary positions; smaller shapes
+        # round 1: the base model's shape, batch and learning rate; rotary positions; smaller shapes
         "b16-lr2e-3": ({}, lr(16, 2e-3)),
         "b32-lr2e-3": ({}, lr(32, 2e-3)),
         "b32-lr3e-3": ({}, lr(32, 3e-3)),

@@ -4,7 +4,7 @@ identical model and recipe, one after the other.
 
     python -m benchmarks.time_to_loss --recipe ten-minutes --plot ten.png   # fastchar's recipe, both systems
     python -m benchmarks.time_to_loss --recipe one-minute --torch-mode eager
-    python -m benchmarks.time_to_loss --budget 120 --batch 12   # SPEC's model, a shorter run
+    python -m benchmarks.time_to_loss --budget 120 --batch 12   # the base model, a shorter run
 
 The clock includes evaluation, for both systems: a target counts as reached at the first
 evaluation that sees it. The cosine schedule is stretched over the budget (TrainConfig.time_budget).

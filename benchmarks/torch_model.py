@@ -24,7 +24,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half on q and k of every head (SPEC); qkv (B, T, 3C), cos/sin (T, HS/2)."""
+    """Rotate-half on q and k of every head (docs/architecture.md); qkv (B, T, 3C), cos/sin (T, HS/2)."""
     B, T, C3 = qkv.shape
     half = cos.shape[-1]
     qk, v = qkv[..., : 2 * C3 // 3], qkv[..., 2 * C3 // 3 :]

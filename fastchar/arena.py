@@ -1,7 +1,7 @@
 """Arena: one flat buffer per role (params, grads, Adam moments, activations) with named views.
 
 The tables come from the network's description (fastchar/graph.py) and are re-exported here:
-`param_specs` is the parameter table of SPEC.md (names, shapes, order, [in, out] orientation; also
+`param_specs` is the parameter table of docs/architecture.md (names, shapes, order, [in, out] orientation; also
 the checkpoint layout), `act_specs` every activation a training step keeps, so memory is counted in
 one place. Nothing here computes.
 """

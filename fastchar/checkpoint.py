@@ -1,6 +1,6 @@
 """Checkpoint folders: tensors in safetensors (NumPy API), everything else in JSON.
 
-A folder holds model.safetensors (the parameters by SPEC name), optimizer.safetensors (Adam's m and
+A folder holds model.safetensors (the parameters by name), optimizer.safetensors (Adam's m and
 v as flat buffers), tokenizer.json and meta.json (configs, training state, the backend, precision
 and training text of the run, and the size and sha256 of every other file, so truncation and
 corruption are caught and named).

@@ -60,7 +60,7 @@ MODEL_HELP = {
     "ctx": f"context length T in characters (default {DEFAULT_MODEL.ctx})",
     "mlp_hidden": "MLP width (default 4 * d_model)",
     "dropout": f"dropout on attention and residual branches, training only (default {DEFAULT_MODEL.dropout})",
-    "position": "positions: learned (an absolute table, SPEC's base model; the default) or rope (rotary)",
+    "position": "positions: learned (an absolute table, as in the base model; the default) or rope (rotary)",
     "rope_base": f"rotary base: pair i turns by p * base**(-2i/HS) (default {DEFAULT_MODEL.rope_base:g})",
 }
 TRAIN_HELP = {
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model on a text file (default: Tiny Shakespeare)",
-        description="Train the model of SPEC.md on a UTF-8 text file and print a sample at the end. "
+        description="Train the model described in docs/architecture.md on a UTF-8 text file and print a sample at the end. "
         "Without --data, Tiny Shakespeare is read from $FASTCHAR_DATA_DIR or data/, or downloaded once.",
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")

@@ -1,4 +1,4 @@
-"""Configuration dataclasses: the model's shape and the training recipe (defaults from SPEC.md).
+"""Configuration dataclasses: the model's shape and the training recipe (defaults: the base model of docs/architecture.md).
 
 Validation lives here too, so that bad values are rejected before any work starts.
 """
@@ -42,7 +42,7 @@ class ModelConfig:
         if self.position not in POSITIONS:
             raise ConfigError(
                 f"ModelConfig.position must be one of {', '.join(POSITIONS)}, got {self.position!r}",
-                hint="learned: absolute positions (SPEC's base model); rope: rotary positions",
+                hint="learned: absolute positions (the base model's); rope: rotary positions",
             )
         _number(self, "rope_base", 1.0, math.inf, lo_open=True, hi_open=True)
         if self.position == "rope" and self.head_size % 2:

@@ -1,6 +1,6 @@
 """The network, once: ModelConfig -> an ordered list of ops, and every path built from that list.
 
-`forward_ops(cfg)` is the architecture of SPEC.md, one op per kernel call: each op names its kernel
+`forward_ops(cfg)` is the architecture (docs/architecture.md), one op per kernel call: each op names its kernel
 pair (`<kind>_forward` / `<kind>_backward`), the activation slot it writes, the slots it reads, the
 parameters it uses and its scalars. From that one list come
 - the parameter table (`param_specs`) and the activation arena (`act_specs`), with the constant
@@ -26,8 +26,8 @@ from fastchar.config import ModelConfig
 
 Spec = list[tuple[str, tuple[int, ...]]]
 
-RMSNORM_EPS = 1e-5  # every RMSNorm of the model (SPEC); the only definition, compiled paths get it from here
-INIT_STD = 0.02  # SPEC's init: normal(0, 0.02), output projections 0.02 / sqrt(2L)
+RMSNORM_EPS = 1e-5  # every RMSNorm of the model; the only definition, compiled paths get it from here
+INIT_STD = 0.02  # the base model's init: normal(0, 0.02), output projections 0.02 / sqrt(2L)
 DROPOUT_SITES = 3  # dropout sites per block: attention probabilities, the two residual branches
 KEY = "dropout-key"  # placeholder scalar of a dropout op, patched with the step's key before each call
 TOKENS, TARGETS = "tokens", "targets"  # the int32 (B, T) inputs
@@ -73,7 +73,7 @@ class Op:
 
 
 def param_specs(cfg: ModelConfig) -> Spec:
-    """The parameter table of SPEC.md, in buffer order (also the checkpoint layout)."""
+    """The parameter table (docs/architecture.md), in buffer order (also the checkpoint layout)."""
     V, C, T, H = cfg.vocab_size, cfg.d_model, cfg.ctx, cfg.mlp_hidden
     specs: Spec = [("wte", (V, C))]
     if cfg.position == "learned":
@@ -447,7 +447,7 @@ def decode_table(cfg: ModelConfig, offsets: dict[str, tuple[int, int]], window: 
 
 
 def init_std(name: str, cfg: ModelConfig) -> float | None:
-    """SPEC's init of a parameter: None for the norm gains (ones), else the normal's std."""
+    """The base model's init of a parameter: None for the norm gains (ones), else the normal's std."""
     if name.endswith(".weight"):
         return None
     return INIT_STD / math.sqrt(2 * cfg.n_layer) if name.endswith(("attn.proj", "mlp.proj")) else INIT_STD

@@ -1,4 +1,4 @@
-"""Model: the character-level GPT of SPEC.md over flat arenas, orchestrating one backend's kernels.
+"""Model: the character-level GPT (docs/architecture.md) over flat arenas, orchestrating one backend's kernels.
 
 Holds four parameter-shaped arenas (params, grads, adam_m, adam_v) and two activation arenas (acts,
 dacts) sized by the batch. The network itself is described once, in fastchar/graph.py (read
@@ -50,7 +50,7 @@ class RunInfo:
 
 
 class Model:
-    """The base model of SPEC.md. `params[name]` and `grads[name]` are views into flat buffers."""
+    """The model of docs/architecture.md. `params[name]` and `grads[name]` are views into flat buffers."""
 
     def __init__(
         self,
@@ -105,7 +105,7 @@ class Model:
         return self.kernels.name
 
     def init_weights(self, seed: int) -> None:
-        """SPEC's init: normal(0, 0.02); output projections 0.02/sqrt(2L); norm gains ones."""
+        """The base model's init: normal(0, 0.02); output projections 0.02/sqrt(2L); norm gains ones."""
         rng = np.random.default_rng(seed)
         for name, view in self.params.items():
             std = init_std(name, self.cfg)

@@ -52,7 +52,7 @@ RECIPES = {
         ),
         Recipe(
             "ten-minutes",
-            "600 s: SPEC's width with rotary positions, context 128, batch 8, dropout 0.1, bf16 products "
+            "600 s: the base model's width with rotary positions, context 128, batch 8, dropout 0.1, bf16 products "
             "(fp32 without AVX512_BF16)",
             model={"d_model": 128, "n_layer": 4, "n_head": 8, "ctx": 128, "position": "rope", "dropout": 0.1},
             train={

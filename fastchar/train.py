@@ -1,4 +1,4 @@
-"""Trainer: the training loop of SPEC.md with timing, evaluation, logs and checkpoints.
+"""Trainer: the training loop with timing, evaluation, logs and checkpoints.
 
 Each step draws a seeded batch, runs forward and backward over its micro-batches (grad_accum),
 sums the gradients over the ranks when launched under mpiexec (see distributed.py: rank 0 alone

@@ -513,3 +513,18 @@ def test_16_one_checkpoint_note_under_mpiexec(capsys, run_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("checkpoint:") == 1, proc.stderr
+
+
+# -- 17. no citation of files the repository does not hold ------------------------------------------
+
+
+def test_17_help_and_docstrings_cite_no_missing_file(capsys):
+    for command in ([], ["train"], ["sample"], ["info"], ["plot"], ["bench"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert "SPEC" not in out and "ANCHORS" not in out, command
+    missing = ("SPEC.md", "ANCHORS.md", "SPEC's", "(SPEC)")
+    for path in [*ROOT.glob("fastchar/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("csrc/*.p*")]:
+        text = path.read_text(encoding="utf-8")
+        assert not [m for m in missing if m in text], path

@@ -142,7 +142,7 @@ def rope_tables(n: int, HS: int, base: float = 10000.0) -> tuple[np.ndarray, np.
 
 
 def test_rope(r):
-    """SPEC's rotate-half rule element by element, then the backward against finite differences."""
+    """The rotate-half rule element by element, then the backward against finite differences."""
     HS = C // NH
     inp = r.standard_normal((B, T, 3 * C))
     cos, sin = rope_tables(T + 2, HS)
