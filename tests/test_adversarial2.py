@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, TextDataset, generate, load, runfolder, stream
 from fastchar.cli import main
+from fastchar.errors import FastcharError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "4", "--ctx", "16", "--batch", "4",
@@ -36,7 +38,9 @@ def run(capsys, *argv):
 def assert_clean_error(code, err, pattern, status=1):
     assert code == status, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("usage:", "note:", "warning:", "checkpoint:"))]
+    lines = [
+        line for line in err.strip().splitlines() if not line.startswith(("usage:", "note:", "warning:", "checkpoint:"))
+    ]
     assert lines[0].startswith("error: ") and pattern in lines[0], err
     assert any(line.startswith("hint: ") for line in lines[1:]), f"no hint line in: {err}"
 
@@ -493,7 +497,8 @@ def test_13_validation_loss_does_not_depend_on_the_number_of_ranks(corpus, tmp_p
                          env=mpi_env(), timeout=180)  # fmt: skip
     assert two.returncode == 0, two.stderr
     one = subprocess.run([sys.executable, *common, "--batch", "8", "--out", str(tmp_path / "o1"), "--dump",
-                          str(tmp_path / "d1")], capture_output=True, text=True, env=mpi_env(), timeout=180)  # fmt: skip
+                          str(tmp_path / "d1")], capture_output=True, text=True, env=mpi_env(),
+                         timeout=180)  # fmt: skip
     assert one.returncode == 0, one.stderr
 
     def vals(out):
@@ -528,3 +533,163 @@ def test_17_help_and_docstrings_cite_no_missing_file(capsys):
     for path in [*ROOT.glob("fastchar/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("csrc/*.p*")]:
         text = path.read_text(encoding="utf-8")
         assert not [m for m in missing if m in text], path
+
+
+# -- fuzz: the command line, generate and stream -----------------------------------------------------
+
+INTS = ["0", "1", "2", "3", "-1", "7", "1000000000", "99999999999999999999999", "1.5", "abc", "", "1e3", "0x10",
+        "nan", "\u0663"]  # fmt: skip
+FLOATS = ["0", "0.5", "1", "-1", "1e-300", "1e300", "nan", "inf", "-inf", "1e999", "-0", "abc", "", "0.1", "2"]
+TEXTS = ["", "th", "a", "\n", "zz\u00e9", "\ud800", "\x00", "-x", "--help", "\\n", "x" * 300]
+MODEL_FLAGS = {"--d-model": ["8", "16", "12", "0", "-8", "1000000000", "abc"],
+               "--n-layer": ["1", "2", "0", "1000000000", "3000000", "-1"],
+               "--n-head": ["1", "2", "4", "3", "0", "-2", "1000000"],
+               "--ctx": ["4", "8", "16", "0", "100000000", "-1"],
+               "--mlp-hidden": ["8", "32", "0", "1000000000000"],
+               "--dropout": ["0", "0.1", "1", "1.5", "-0.1", "nan"],
+               "--position": ["learned", "rope", "bogus"],
+               "--rope-base": ["10000", "1", "0", "-1", "1e308", "inf"]}  # fmt: skip
+TRAIN_FLAGS = {"--batch": INTS, "--grad-accum": INTS, "--steps": INTS, "--lr": FLOATS, "--min-lr": FLOATS,
+               "--warmup": INTS, "--weight-decay": FLOATS, "--eps": FLOATS, "--grad-clip": FLOATS,
+               "--eval-every": INTS, "--eval-batches": INTS, "--seed": INTS, "--time-budget": FLOATS,
+               "--log-every": INTS, "--until": INTS, "--sample-chars": INTS, "--ranks": INTS,
+               "--recipe": ["one-minute", "ten-minutes", "bogus", ""], "--precision": ["fp32", "bf16", "fp16"],
+               "--backend": ["numpy", "cython", "auto", "bogus", ""],
+               "--threads": ["1", "2", "0", "-1", "1000000000"],
+               "--vocab-size": INTS, "--betas": None}  # fmt: skip
+SAMPLE_FLAGS = {"--max-new-tokens": ["0", "1", "5", "20", "-1", "abc", "1.5"], "--temperature": FLOATS,
+                "--top-k": INTS, "--top-p": FLOATS, "--seed": INTS, "--num-samples": ["1", "2", "3", *INTS[3:]],
+                "--ctx": INTS, "--stop": TEXTS, "--prompt": TEXTS, "--precision": ["fp32", "bf16", "x"],
+                "--backend": ["numpy", "cython", "numba", "bogus"],
+                "--threads": ["1", "2", "0", "-1", "1000000000"]}  # fmt: skip
+
+
+class Reached(Exception):
+    """Training would start: every check of the command line passed."""
+
+
+def _fuzz_argv(rnd: random.Random, corpus: Path, ckpt: Path, tmp: Path) -> list[str]:
+    command = rnd.choice(["train", "train", "train", "sample", "sample", "info", "plot", "bogus"])
+    if command == "train":
+        argv = ["train", "--out", str(tmp / rnd.choice(["a", "b", "run/x", "."]))]
+        argv += rnd.choice([["--data", str(corpus)], ["--data", str(tmp / "nope")], ["--data", str(tmp)],
+                            ["--resume", str(ckpt)], ["--resume", str(tmp / "nope")], []])  # fmt: skip
+        flags = {**MODEL_FLAGS, **TRAIN_FLAGS}
+        for flag in rnd.sample(sorted(flags), rnd.randint(0, 6)):
+            if flag == "--betas":
+                argv += [flag, rnd.choice(FLOATS), rnd.choice(FLOATS)]
+            else:
+                argv += [flag, rnd.choice(flags[flag])]
+        argv += rnd.choice([[], ["--overwrite"], ["--tensorboard"]])
+        if "--steps" not in argv and "--recipe" not in argv and "--time-budget" not in argv:
+            argv += ["--steps", "3"]
+        return argv
+    if command == "sample":
+        argv = ["sample", "--checkpoint", rnd.choice([str(ckpt), str(ckpt.parent), str(tmp / "nope")])]
+        for flag in rnd.sample(sorted(SAMPLE_FLAGS), rnd.randint(0, 6)):
+            argv += [flag, rnd.choice(SAMPLE_FLAGS[flag])]
+        if "--max-new-tokens" not in argv:
+            argv += ["--max-new-tokens", "10"]
+        return argv
+    if command == "info":
+        return [
+            "info",
+            *rnd.choice([[], [str(ckpt)], [str(tmp / "nope")], [str(corpus)]]),
+            *rnd.choice([[], ["--json"]]),
+        ]
+    if command == "plot":
+        return ["plot", rnd.choice([str(ckpt.parent), str(tmp / "nope"), str(corpus)]), "-o",
+                str(tmp / rnd.choice(["c.png", "c", "c.txt", "c.PDF", "sub/c.svg", ".hidden"]))]  # fmt: skip
+    return [rnd.choice(["bogus", "", "--version", "-x", "train"]), *rnd.choice([[], ["--bogus"], ["x"]])]
+
+
+def test_fuzz_the_command_line_finds_no_traceback(capsys, run_dir, corpus, tmp_path, monkeypatch):
+    """300 seeded random command lines, in-process: each ends in a status (0, 1, 2, via SystemExit or a
+    return) or reaches the start of training; none raises anything else or prints a traceback."""
+    import fastchar.train
+    from fastchar.threads import set_threads
+
+    def reached(self, until=None):
+        raise Reached
+
+    monkeypatch.setattr(fastchar.train.Trainer, "train", reached)
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: 400 * runfolder.MIB)  # big models are refused
+    rnd = random.Random(23)
+    counts = {"ok": 0, "error": 0, "usage": 0, "training": 0}
+    failures = []
+    for _ in range(300):
+        argv = _fuzz_argv(rnd, corpus, run_dir / "best", tmp_path)
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except Reached:
+            code = "training"
+        except Exception as exc:  # noqa: BLE001 (what the fuzz looks for)
+            failures.append(f"{argv}: {type(exc).__name__}: {exc}")
+            continue
+        finally:
+            out, err = capsys.readouterr()
+        if "Traceback" in err:
+            failures.append(f"{argv}: traceback in {err}")
+        key = {0: "ok", 1: "error", 2: "usage", None: "ok", "training": "training"}.get(code)
+        if key is None:
+            failures.append(f"{argv}: status {code!r}")
+        else:
+            counts[key] += 1
+    set_threads(None)
+    print(f"fuzz: {counts}")
+    assert not failures, "\n".join(failures[:10])
+    assert all(counts.values()), counts  # every outcome was reached at least once
+
+
+API_VALUES = {
+    "prompt": ["ab", "", "zz\u00e9", None, 5, ["ab", "c"], [], ["a", 3], b"ab", ("a", "b"), "a" * 100],
+    "max_new_tokens": [0, 1, 5, -1, True, 2.5, "5", None, np.int64(3)],
+    "temperature": [0, 0.8, -1, math.nan, math.inf, "0.8", None, True, 1e308, 1e-308, np.float32(0.5)],
+    "top_k": [None, 0, 1, 5, 10**30, -1, True, 2.5, "3"],
+    "top_p": [None, 0, 1, 0.5, 1.5, math.nan, "0.5", True, 1e-300],
+    "seed": [None, 0, -1, 2**64, 2**200, True, 1.5, "0"],
+    "ctx": [None, 0, 1, 8, 9, 10**9, 1.5, True, "8"],
+    "num_samples": [None, 1, 3, 0, -1, True, 10**30, 2.5],
+    "stop": [None, "", "a", ["a", ""], {"a": 1}, ["ab"], 5, ("a",), [None], "\ud800"],
+}
+
+
+API_VALID = {"prompt": ["ab", "", ["ab", "c"], "a" * 100], "max_new_tokens": [0, 1, 5, np.int64(3)],
+             "temperature": [0, 0.8, 1e308, 1e-308, np.float32(0.5)], "top_k": [None, 1, 5, 10**30],
+             "top_p": [None, 1, 0.5, 1e-300], "seed": [None, 0, 2**64, 2**200], "ctx": [None, 1, 8],
+             "num_samples": [None, 1, 3], "stop": [None, "a", ["ab"], ("a",)]}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
+def test_fuzz_generate_and_stream_raise_only_fastchar_errors(backend):
+    """400 seeded random calls per backend with wrong types and extreme values: each returns text or
+    raises a FastcharError (ConfigError, InputError), at the call, never anything else."""
+    tok = CharTokenizer("abcdefgh\n")
+    model = Model(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layer=1, n_head=2, ctx=8, mlp_hidden=32),
+                  backend=backend)  # fmt: skip
+    rnd = random.Random(2323)
+    counts = {"text": 0, "error": 0}
+    failures = []
+    for i in range(400):
+        kwargs = {k: rnd.choice(v if rnd.random() < 0.15 else API_VALID[k]) for k, v in API_VALUES.items()
+                  if k == "prompt" or rnd.random() < 0.5}  # fmt: skip
+        kwargs.setdefault("max_new_tokens", 4)
+        use_stream = i % 2 == 1
+        try:
+            if use_stream:
+                it = stream(model, tok, **kwargs)
+                pieces = list(it)
+                assert all(isinstance(p, str | tuple) for p in pieces)
+            else:
+                text = generate(model, tok, **kwargs)
+                assert isinstance(text, str | list)
+            counts["text"] += 1
+        except FastcharError:
+            counts["error"] += 1
+        except Exception as exc:  # noqa: BLE001 (what the fuzz looks for)
+            failures.append(f"{'stream' if use_stream else 'generate'}({kwargs}): {type(exc).__name__}: {exc}")
+    print(f"fuzz {backend}: {counts}")
+    assert not failures, "\n".join(failures[:10])
+    assert counts["text"] and counts["error"]
