@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model on a text file (default: Tiny Shakespeare)",
-        description="Train the model described in docs/architecture.md on a UTF-8 text file and print a sample at the end. "
-        "Without --data, Tiny Shakespeare is read from $FASTCHAR_DATA_DIR or data/, or downloaded once.",
+        description="Train the model described in docs/architecture.md on a UTF-8 text file and print a sample at "
+        "the end. Without --data, Tiny Shakespeare is read from $FASTCHAR_DATA_DIR or data/, or downloaded once.",
     )
     train.add_argument("--data", metavar="FILE", help="UTF-8 training text (default: Tiny Shakespeare)")
     train.add_argument(
@@ -426,8 +426,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     _setup_runtime(args)
     dist = _check_ranks(args.ranks, args.threads)
-    if dist.size > 1:  # every rank must start from the same command line (--threads may differ per host)
-        dist.check_same("the command line", {k: v for k, v in vars(args).items() if k not in RANK_OWN_OPTIONS})
+    if dist.size > 1:  # every rank must start from the same command line (--threads may differ per host);
+        # the model and training options are compared with the run's other facts (Trainer), by their config names
+        configs = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+        options = {k: v for k, v in vars(args).items() if k not in RANK_OWN_OPTIONS and k not in configs}
+        dist.check_same("the command line", options)
     say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.tensorboard:
         require_tensorboardx()

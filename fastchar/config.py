@@ -1,4 +1,4 @@
-"""Configuration dataclasses: the model's shape and the training recipe (defaults: the base model of docs/architecture.md).
+"""Configuration dataclasses: the model's shape (defaults: docs/architecture.md's base model) and the training recipe.
 
 Validation lives here too, so that bad values are rejected before any work starts.
 """
