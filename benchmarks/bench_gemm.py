@@ -12,7 +12,7 @@ OpenBLAS runs in child processes that import only NumPy and SciPy, because OpenB
 OPENBLAS_CORETYPE once, when it loads: one child with the variable removed (the CPU's own kernels,
 "SkylakeX" on an AVX-512 CPU; threadpoolctl's reported architecture is printed), one with
 OPENBLAS_CORETYPE=Haswell. Each call is one sgemm threaded by OpenBLAS (threadpoolctl limit).
-Peaks (ANCHORS.md, per core): bf16 vdpbf16ps ~488 GFLOP/s, fp32 FMA ~245 GFLOP/s.
+Peaks (per core; benchmarks/peak.c measures them on any machine): bf16 vdpbf16ps ~488 GFLOP/s, fp32 FMA ~245 GFLOP/s.
 """
 
 from __future__ import annotations

@@ -162,16 +162,24 @@ def save(
         raise
     old = path.with_name(path.name + ".old")
     try:
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        if path.exists() or path.is_symlink():  # a link is replaced by the folder, never written through
+            _discard(old)
             os.rename(path, old)
         os.rename(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failure(path, exc) from None
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
     return path
+
+
+def _discard(path: Path) -> None:
+    """Remove path: a link or file itself (never what a link points to), or a folder and its contents."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -199,9 +207,12 @@ def _open_in(dfd: int | None, name: str, folder: Path) -> int:
     """folder/name opened through the folder handle dfd, never through a link; where the system has
     no folder handles (dfd None: Windows), by path with portable.open_nofollow's checks."""
     try:
+        # O_NONBLOCK: a FIFO planted in the folder opens at once (and is refused as not a regular
+        # file) instead of waiting forever for a writer; reads of regular files do not change
+        nonblock = getattr(os, "O_NONBLOCK", 0)  # Windows has no FIFOs and no flag
         if dfd is None:
-            return open_nofollow(folder / name, os.O_RDONLY)
-        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            return open_nofollow(folder / name, os.O_RDONLY | nonblock)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | nonblock | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         raise CheckpointError(
             f"{folder / name} is missing", hint="the checkpoint is incomplete; use another one"
@@ -347,7 +358,8 @@ def resolve(path: str | Path, want: str = "best") -> tuple[Path, str | None]:
     if want not in RUN_CHECKPOINTS:
         raise ValueError(f"want must be one of {RUN_CHECKPOINTS}, got {want!r}")
     path = Path(path)
-    if not path.is_dir() or (path / "meta.json").is_file() or path.with_name(path.name + ".old").is_dir():
+    meta = os.path.lexists(path / "meta.json")  # of any type: read_checkpoint names what is wrong with it
+    if not path.is_dir() or meta or path.with_name(path.name + ".old").is_dir():
         return path, None  # a checkpoint, or one a concurrent save is swapping (read_checkpoint waits)
     other = next(name for name in RUN_CHECKPOINTS if name != want)
     for name in (want, other):

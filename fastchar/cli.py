@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -39,6 +40,17 @@ GENERIC_HINTS = {  # for errors raised without a hint of their own
     "InputError": "use only characters the model was trained on (see `fastchar info CHECKPOINT`)",
     "BackendError": "`fastchar info` lists the backends available on this machine",
     "TrainingDiverged": "lower --lr or raise --warmup",
+}
+
+RANK_OWN_OPTIONS = ("func", "threads", "debug")  # options the ranks of one job may set differently
+PYTHON_TO_FLAGS = (  # how a hint written for the Python API reads on the command line
+    ("precision='fp32'", "--precision fp32"),
+    ("backend='cython'", "--backend cython"),
+    ("'numpy' (the bf16 reference)", "--backend numpy (the bf16 reference)"),
+)
+MEMORY_HINTS = {
+    "train": "lower --batch or choose a smaller model; `free -m` shows the memory available",
+    "sample": "lower --num-samples or --max-new-tokens; `free -m` shows the memory available",
 }
 
 MODEL_HELP = {
@@ -398,7 +410,7 @@ def _resume_precision(args: argparse.Namespace, meta: dict) -> str:
 def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
     """The training text of a resumed run: --data, else the file the run recorded (checked by size
     and sha256), else Tiny Shakespeare. Its characters must be the checkpoint's vocabulary."""
-    from fastchar.data import TextDataset, locate_corpus, read_text
+    from fastchar.data import TextDataset, check_corpus_memory, locate_corpus, read_text
     from fastchar.errors import DataError
     from fastchar.runfolder import data_record
 
@@ -413,6 +425,7 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
     else:
         path, origin = locate_corpus(args.data)
     print(f"data: {path} ({origin})", flush=True)
+    check_corpus_memory(path)
     text = read_text(path)
     if sorted(set(text)) != list(tokenizer.chars):
         extra = sorted(set(text) - set(tokenizer.chars))
@@ -436,7 +449,7 @@ def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> obj
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastchar.checkpoint import read_meta, resolve
-    from fastchar.data import TextDataset, locate_corpus
+    from fastchar.data import TextDataset, check_corpus_memory, locate_corpus
     from fastchar.errors import CheckpointError
     from fastchar.model import Model, load
     from fastchar.runfolder import check_fresh, check_memory
@@ -474,6 +487,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     _setup_runtime(args)
     dist = _check_ranks(args.ranks, args.threads)
+    if dist.size > 1:  # every rank must start from the same command line (--threads may differ per host);
+        # the model and training options are compared with the run's other facts (Trainer), by their config names
+        configs = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+        options = {k: v for k, v in vars(args).items() if k not in RANK_OWN_OPTIONS and k not in configs}
+        dist.check_same("the command line", options)
     say = print if dist.is_root else (lambda *a, **k: None)  # rank 0 alone prints
     if args.tensorboard:
         require_tensorboardx()
@@ -482,7 +500,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder, meta = read_meta(folder)
         model = load(folder, backend=_resume_backend(args, meta), precision=_resume_precision(args, meta))
         model.checkpoint_note = note
-        _say_checkpoint(model)
+        if dist.is_root:  # one note, not one per rank
+            _say_checkpoint(model)
         mismatched = {k: (v, getattr(model.cfg, k)) for k, v in model_args.items() if getattr(model.cfg, k) != v}
         if mismatched:
             details = ", ".join(f"{k}={v} but the checkpoint has {old}" for k, (v, old) in mismatched.items())
@@ -491,23 +510,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         if model.tokenizer is None:
             raise CheckpointError(f"{folder} has no tokenizer.json", hint="resume a checkpoint a training run wrote")
         # A resume writes where the user says, or next to the checkpoint: never where meta.json says.
-        out = train_args.get("out") or str(folder.resolve().parent)
+        # The folder the user named (its parent), not where a symbolic link on the way leads.
+        out = train_args.get("out") or os.path.dirname(os.path.abspath(folder))
         train_cfg = TrainConfig.from_dict({**(model.train_cfg or {}), **train_args, "out": out})
         check_memory(model.cfg, train_cfg.batch)
-        dist.root_only(check_writable, Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out), False)
         dataset = _resume_data(args, meta, model.tokenizer)
     elif args.init_from:
         model, dataset, train_cfg = _fine_tune(args, model_args, train_args, dist)
     else:
         chosen = _choose_out(train_args, args, dist)
         train_cfg = TrainConfig(**train_args)
-        dist.root_only(check_writable, Path(train_cfg.out))
+        dist.root_only(check_writable, Path(train_cfg.out), False)
         if not args.overwrite:
             dist.root_only(check_fresh, Path(train_cfg.out))
         corpus, origin = locate_corpus(args.data)
         say(f"data: {corpus} ({origin})", flush=True)
         if chosen:
             say(chosen, flush=True)
+        check_corpus_memory(corpus)
         dataset = TextDataset(corpus)
         model_args.setdefault("vocab_size", dataset.vocab_size)
         if "mlp_hidden" not in model_args and "d_model" in model_args:
@@ -517,13 +538,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision = args.precision or "fp32"
         model = Model(model_cfg, backend=args.backend or "auto", seed=train_cfg.seed, precision=precision)
     _warn_build(args.backend or "auto", model.backend)
+    files = {} if args.resume else {config_file.CONFIG_NAME: _config_text(args, model, dataset, train_cfg, dist)}
+    trainer = Trainer(  # checks the text against the model before anything is printed or created
+        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite, files=files
+    )
     say(f"text: {len(dataset):,} characters, vocabulary {dataset.vocab_size}")
     say(f"model: {json.dumps(model.cfg.to_dict())}")
     say(f"train: {json.dumps(train_cfg.to_dict())}")
-    files = {} if args.resume else {config_file.CONFIG_NAME: _config_text(args, model, dataset, train_cfg, dist)}
-    trainer = Trainer(
-        model, dataset, train_cfg, tensorboard=args.tensorboard and dist.is_root, overwrite=args.overwrite, files=files
-    )
     summary = trainer.train(until=args.until)
     if not dist.is_root:
         return 0
@@ -665,18 +686,20 @@ def _check_ranks(expected: int | None, threads: int | None = None) -> World:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from fastchar.data import read_text
+    from fastchar.data import read_prompt
     from fastchar.errors import CheckpointError
     from fastchar.model import load
-    from fastchar.sampler import check_sampling, check_seed, generate, stream
+    from fastchar.sampler import MAX_STREAMS, check_sampling, check_seed, check_stop, generate, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     check_seed(args.seed)
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}", hint="pass --num-samples 1 or more")
+    if not 1 <= args.num_samples <= MAX_STREAMS:
+        raise ConfigError(f"--num-samples must be in [1, {MAX_STREAMS:,}], got {args.num_samples}",
+                          hint=f"pass --num-samples {MAX_STREAMS} or less (run several times for more)")  # fmt: skip
+    stop = check_stop([t.replace("\\n", "\n") for t in args.stop or []])  # a typed \n is a newline: --stop '\n\n'
     if args.ctx is not None and args.ctx < 1:
         raise ConfigError(f"--ctx must be >= 1, got {args.ctx}", hint="leave --ctx out to use the model's context")
-    prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     _setup_runtime(args)
     if _check_ranks(None).size > 1:
         from fastchar.distributed import mark_collective
@@ -698,7 +721,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if prompt is None:
         prompt = _start_prompt(model.tokenizer)
     model.tokenizer.encode(prompt)  # names unknown characters before anything is printed
-    stop = [t.replace("\\n", "\n") for t in args.stop or []]  # a typed \n is a newline: --stop '\n\n'
+    for text in stop:
+        if unknown := model.tokenizer.unknown(text):
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            print(f"warning: --stop {text!r} can never match: the model has no {shown} in its vocabulary",
+                  file=sys.stderr)  # fmt: skip
     if args.num_samples == 1:
         sys.stdout.write(prompt)
         shown = time.monotonic()
@@ -1075,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_ERROR
     except MemoryError as exc:
-        exc.hint = "lower --batch or choose a smaller model; `free -m` shows the memory available"
+        exc.hint = MEMORY_HINTS.get(args.command, "`free -m` shows the memory available")
         _report(exc, args, message=f"out of memory: {exc}" if str(exc) else "out of memory")
         return EXIT_ERROR
     except OSError as exc:  # a full disk, a permission denied: name the file, keep it short
@@ -1101,6 +1128,10 @@ def _report(exc: BaseException, args: argparse.Namespace, code: int = EXIT_ERROR
     hint = getattr(exc, "hint", "") or next(
         (h for cls, h in GENERIC_HINTS.items() if cls in [c.__name__ for c in type(exc).__mro__]), ""
     )
+    command = getattr(args, "command", None) or "COMMAND"
+    hint = hint.replace("COMMAND", command)
+    for python, flag in PYTHON_TO_FLAGS:  # hints written for the Python API, said as options
+        hint = hint.replace(python, flag)
     print(_hint(" ".join(hint.split("\n")) if hint else "run `fastchar --help`"), file=sys.stderr)
     _end_other_ranks(exc, code)
 

@@ -35,6 +35,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "ctx", "mlp_hidden"):
             _positive_int(self, name)
+        if self.vocab_size < 2:  # one character leaves nothing to predict (and degenerate kernel shapes)
+            raise ConfigError(f"ModelConfig.vocab_size must be at least 2, got {self.vocab_size}",
+                              hint="train on a text with at least two distinct characters")  # fmt: skip
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})",
@@ -110,6 +113,11 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
         for name in ("batch", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
             _positive_int(self, name)
+        if self.eval_batches > MAX_EVAL_BATCHES:  # a stop signal waits for one batch, but the run for all
+            raise ConfigError(
+                f"TrainConfig.eval_batches must be at most {MAX_EVAL_BATCHES:,}, got {self.eval_batches:,}",
+                hint=f"pass --eval-batches {MAX_EVAL_BATCHES} or less (the default is 20)",
+            )
         _number(self, "lr", 0.0, math.inf, lo_open=True)
         _number(self, "min_lr", 0.0, self.lr)
         _int(self, "warmup", 0)
@@ -142,6 +150,7 @@ def np_bool() -> type:
     return np.bool_
 
 
+MAX_EVAL_BATCHES = 10_000  # batches per split at one evaluation: 20 by default, 64 in the one-minute recipe
 NO_STEP_LIMIT = 10**9  # steps beside a time budget when none are asked for: the budget alone ends the run
 
 

@@ -30,11 +30,26 @@ SHIPPED_CORPUS = Path(__file__).resolve().parent / "corpora" / (SHAKESPEARE_NAME
 VAL_FRACTION = 0.1
 
 
+BOM = "\ufeff"  # a UTF-8 byte order mark some editors put first: not part of the text
+
+
+def _check_file(path: Path, what: str, hint: str) -> None:
+    """A DataError unless path is a regular file, saying what it is instead."""
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file", hint=hint)
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist", hint=hint)
+    if not path.is_file():
+        raise DataError(
+            f"{what} {path} is not a regular file (a pipe or a device)",
+            hint="save the text to a file first, then pass that file",
+        )
+
+
 def read_bytes(path: str | Path) -> bytes:
     """The bytes of path, decompressed in memory if its name ends in .xz."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"training text {path} does not exist", hint="pass an existing file with --data FILE")
+    _check_file(path, "training text", "pass an existing file with --data FILE")
     raw = path.read_bytes()
     if path.suffix == ".xz":
         try:
@@ -46,10 +61,8 @@ def read_bytes(path: str | Path) -> bytes:
     return raw
 
 
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of path (.xz decompressed); errors name the file and, for bad bytes, the line and byte."""
-    path = Path(path)
-    raw = read_bytes(path)
+def _decode(raw: bytes, path: Path) -> str:
+    """raw as UTF-8 without a leading byte order mark; bad bytes are named by line and byte."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -58,9 +71,61 @@ def read_text(path: str | Path) -> str:
             f"{path} is not valid UTF-8: byte {exc.start} (line {line}) is {raw[exc.start : exc.start + 1]!r}",
             hint="convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`",
         ) from None
+    return text.removeprefix(BOM)
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of path (.xz decompressed); errors name the file and, for bad bytes, the line and byte."""
+    path = Path(path)
+    text = _decode(read_bytes(path), path)
     if not text:
         raise DataError(f"training text {path} is empty", hint="pass a file with some text in it")
     return text
+
+
+def read_prompt(path: str | Path) -> str:
+    """The UTF-8 text of a prompt file (--prompt-file); a pipe such as <(printf X) is read as well."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"prompt file {path} is a folder, not a file", hint="pass a text file with --prompt-file FILE")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPT_BYTES + 1)
+    except FileNotFoundError:
+        raise DataError(f"prompt file {path} does not exist", hint="check the path given to --prompt-file") from None
+    except OSError as exc:
+        raise DataError(f"prompt file {path} cannot be read ({exc.strerror or exc})",
+                        hint="check the path given to --prompt-file and its permissions") from None  # fmt: skip
+    if len(raw) > MAX_PROMPT_BYTES:
+        raise DataError(f"prompt file {path} is larger than {MAX_PROMPT_BYTES // 2**20} MiB",
+                        hint="a prompt longer than the model's context is cut to it anyway: pass its end")  # fmt: skip
+    return _decode(raw, path)
+
+
+MAX_PROMPT_BYTES = 64 * 2**20
+# bytes of memory per byte of training text while it is read, encoded and fingerprinted (the raw
+# bytes, the str, the ids, the encoder's chunks, the UTF-8 copy hashed for checkpoints); TextDataset
+# alone peaks at 2.4 for an ASCII text (tests/test_adversarial2.py, case 8)
+CORPUS_BYTES_PER_BYTE = 4
+
+
+def check_corpus_memory(path: str | Path, available: int | None = None) -> int:
+    """Refuse a training text too large to read and encode in the memory available now; returns
+    the estimate in bytes (from the file's size, before anything is read)."""
+    from fastchar.runfolder import MIB, available_bytes
+
+    path = Path(path)
+    _check_file(path, "training text", "pass an existing file with --data FILE")
+    size = path.stat().st_size * (8 if path.suffix == ".xz" else 1)  # xz text compresses ~3-8x
+    need = size * CORPUS_BYTES_PER_BYTE
+    available = available_bytes() if available is None else available
+    if available is not None and need > available:
+        raise DataError(
+            f"reading the training text {path} ({size / MIB:,.0f} MiB) needs about {need / MIB:,.0f} MiB "
+            f"but only {available / MIB:,.0f} MiB is available",
+            hint="use a shorter text (e.g. `head -c 100M in.txt > part.txt`), or free memory (`free -m`)",
+        )
+    return need
 
 
 class TextDataset:
@@ -78,7 +143,12 @@ class TextDataset:
         self.path = Path(source)
         self.text = read_text(self.path)
         self.tokenizer = tokenizer or CharTokenizer.from_text(self.text)
-        ids = self.tokenizer.encode(self.text).astype(self.tokenizer.dtype())
+        if self.tokenizer.vocab_size < 2:
+            raise DataError(
+                f"{self.path} has only one distinct character ({self.text[0]!r}); there is nothing to predict",
+                hint="pass a text with at least two distinct characters",
+            )
+        ids = self.tokenizer.encode(self.text, dtype=self.tokenizer.dtype())  # 1-2 bytes per character
         n_train = int(len(ids) * (1 - val_fraction))
         self.splits = {"train": ids[:n_train], "val": ids[n_train:]}
 
@@ -128,8 +198,7 @@ def locate_corpus(data: str | Path | None = None, download: bool = True) -> tupl
     """(path, where it came from) of the training text, in the order of find_corpus."""
     if data is not None:
         path = Path(data)
-        if not path.is_file():
-            raise DataError(f"training text {path} does not exist", hint="check the path given to --data")
+        _check_file(path, "training text", "check the path given to --data")
         return path, "--data"
     candidates = []
     if os.environ.get("FASTCHAR_DATA_DIR"):

@@ -164,7 +164,8 @@ def is_tied(b: Builder, op: Op) -> bool:
 
 @lowers("matmul_t")
 def lower_tied_head(b: Builder, op: Op) -> None:
-    """x @ W.T for a weight stored [out, in]: the tied head, logits = x @ wte.T (no lm_head parameter): (B, T, C) -> (B, T, V)."""
+    """x @ W.T for a weight stored [out, in]: the tied head, logits = x @ wte.T (no lm_head
+    parameter): (B, T, C) -> (B, T, V)."""
     wte_t = b.node("Transpose", [b.weight(op.weights[0])], perm=[1, 0])
     b.node("MatMul", [op.inputs[0], wte_t], out=op.out)
 

@@ -10,6 +10,7 @@ touches pyplot's global state or needs a display. Nothing here trains or reads c
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -60,14 +61,22 @@ def read_metrics(run: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     writing) are skipped.
     """
     curves: dict[str, list[tuple[int, float, float]]] = {"train": [], "val": [], "eval_train": []}
-    for line in metrics_path(run).read_text(encoding="utf-8").splitlines():
+    path = metrics_path(run)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc})", hint="check its permissions") from None
+    for line in raw.decode("utf-8", errors="replace").splitlines():  # a bad byte spoils its line only
         try:
             record = json.loads(line)
             step, seconds = int(record["step"]), float(record["elapsed"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+            continue
+        if not math.isfinite(seconds):
             continue
         for key, curve in (("loss", "train"), ("val_loss", "val"), ("train_loss", "eval_train")):
-            if isinstance(record.get(key), (int, float)):
+            value = record.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 points = curves[curve]
                 while points and points[-1][0] >= step:  # a resumed run starts again from its checkpoint
                     points.pop()
@@ -101,8 +110,15 @@ def plot_runs(
 
     if not runs:
         raise DataError("no run folder to plot", hint="pass one or more run folders, e.g. runs/base")
+    out = Path(out)
+    fmt = image_format(out, FigureCanvasAgg)
     names = list(names) if names is not None else run_names(runs)
     data = [read_metrics(run) for run in runs]
+    for run, curves in zip(runs, data, strict=True):
+        if not curves["train"] and not curves["val"]:
+            raise DataError(
+                f"{metrics_path(run)} holds no loss records", hint="plot a run that trained at least one evaluation"
+            )
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     by_step, by_time = fig.subplots(1, 2, sharey=True)
@@ -122,15 +138,27 @@ def plot_runs(
         ax.grid(alpha=0.3)
     by_time.legend(fontsize="small", loc="upper right")
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
     try:
-        fig.savefig(tmp)
+        fig.savefig(tmp, format=fmt)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def image_format(out: Path, canvas: type) -> str:
+    """The image format out's extension names (png when it has none); a DataError for one matplotlib
+    cannot write."""
+    formats = canvas.get_supported_filetypes()
+    fmt = out.suffix[1:].lower() or "png"
+    if fmt not in formats:
+        raise DataError(
+            f"cannot write the image {out}: {out.suffix!r} is not an image format matplotlib writes",
+            hint=f"name the file with one of {', '.join('.' + f for f in sorted(formats))} (or none: PNG)",
+        )
+    return fmt
 
 
 def write_run_curves(run: str | Path) -> Path | None:

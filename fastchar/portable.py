@@ -66,7 +66,7 @@ def pid_alive(pid: int) -> bool:
         return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a pid no process can have
         return False
     except PermissionError:  # alive, owned by someone else
         return True
@@ -76,6 +76,8 @@ def pid_alive(pid: int) -> bool:
 def _windows_pid_alive(pid: int) -> bool:  # pragma: no cover - Windows only
     import ctypes
 
+    if not 0 < pid < 2**32:  # a pid no process can have (OpenProcess takes a DWORD)
+        return False
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:

@@ -15,11 +15,14 @@ that refuses a run the machine cannot hold.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -31,16 +34,27 @@ from fastchar.errors import ConfigError
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.pid"  # the lock holder's pid: a lock file itself is unreadable to others on Windows
 CHECKPOINT_NAMES = ("best", "latest")
-TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+# what an interrupted checkpoint save leaves (checkpoint.save): .best.tmp-PID or .latest.tmp-PID, a folder
+TEMP_PATTERN = re.compile(r"^\.(?P<name>best|latest)\.tmp-(?P<pid>\d+)$")
+# the files a save writes into it; a folder holding anything else is not fastchar's and stays
+SAVE_FILES = frozenset({"model.safetensors", "optimizer.safetensors", "tokenizer.json", "meta.json"})
 MIB = 2**20
+MAX_META_BYTES = 64 * MIB  # as checkpoint reads: a meta.json larger than this is not one a run wrote
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, keep: bool = True) -> None:
     """Fail early, before any work, if folder cannot be created or written.
 
     The probe is a `tempfile.mkstemp` file: a fresh random name created with O_EXCL, so a planted
-    file or symlink is never opened, truncated or followed.
+    file or symlink is never opened, truncated or followed. keep=False removes again the folders the
+    probe created, so that a check made before the run's other checks leaves nothing behind.
     """
+    folder = Path(folder)
+    created = []  # the folders this probe makes, outermost last
+    for parent in (folder, *folder.parents):
+        if parent.exists() or parent.is_symlink():
+            break
+        created.append(parent)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
@@ -51,6 +65,11 @@ def check_writable(folder: Path) -> None:
             f"the output folder {folder} is not writable ({exc.strerror or exc})",
             hint="pass a folder you can write to with --out DIR",
         ) from None
+    finally:
+        if not keep:
+            for made in created:
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
 
 def existing_checkpoints(folder: Path) -> list[Path]:
@@ -62,6 +81,26 @@ def existing_checkpoints(folder: Path) -> list[Path]:
                 found.append(candidate)
                 break
     return found
+
+
+def recorded_run_id(checkpoint: Path) -> str | None:
+    """The run id a checkpoint's meta.json records (None: none, or unreadable). Read without
+    following a link to meta.json and without blocking on anything but a regular file."""
+    try:
+        fd = os.open(checkpoint / "meta.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_META_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            run_id = json.loads(f.read()).get("state", {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+    return run_id if isinstance(run_id, str) else None
 
 
 def check_fresh(folder: Path, overwrite: bool = False) -> None:
@@ -121,16 +160,17 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale(folder: Path) -> list[Path]:
     """Remove what interrupted saves left in folder; returns the paths removed or restored.
 
-    `.NAME.tmp-PID` of a process that no longer runs is removed. `NAME.old` is restored as NAME when
-    NAME is missing (a kill between the two renames of a save) and removed otherwise.
+    `.best.tmp-PID` / `.latest.tmp-PID` folders of a process that no longer runs, holding nothing but
+    the files a save writes, are removed; anything else is left alone. `NAME.old` is restored as NAME
+    when NAME is missing (a kill between the two renames of a save) and removed otherwise.
     """
     touched = []
     if not folder.is_dir():
         return touched
     for entry in sorted(folder.iterdir()):
         match = TEMP_PATTERN.match(entry.name)
-        if match and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
-            _remove(entry)
+        if match and _save_leftover(entry) and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
             touched.append(entry)
     for name in CHECKPOINT_NAMES:
         path, old = folder / name, folder / f"{name}.old"
@@ -143,11 +183,14 @@ def clean_stale(folder: Path) -> list[Path]:
     return touched
 
 
-def _remove(entry: Path) -> None:
+def _save_leftover(entry: Path) -> bool:
+    """Whether entry is a folder (not a link) holding only files a checkpoint save writes."""
     if entry.is_symlink() or not entry.is_dir():
-        entry.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(entry, ignore_errors=True)
+        return False
+    try:
+        return all(p.name in SAVE_FILES and p.is_file() and not p.is_symlink() for p in entry.iterdir())
+    except OSError:
+        return False
 
 
 _HELD: set[RunLock] = set()  # held locks stay alive (and held) until released or the process exits
@@ -231,7 +274,8 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
         raise
 
 
@@ -250,16 +294,25 @@ BASE_BYTES = 200 * MIB
 TEMPORARY_FRACTION = 0.25
 
 
+def _per_layer(size_of, cfg: ModelConfig) -> int:
+    """size_of(cfg) computed from one- and two-layer tables: every block has the same entries, so the
+    size is linear in n_layer; no table of n_layer entries is ever built (an absurd --n-layer is
+    refused at once, not after building millions of entries)."""
+    one = size_of(dataclasses.replace(cfg, n_layer=1))
+    two = size_of(dataclasses.replace(cfg, n_layer=2))
+    return one + (cfg.n_layer - 1) * (two - one)
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of cfg, from the parameter table (nothing is allocated)."""
-    return sum(math.prod(shape) for _, shape in param_specs(cfg))
+    return _per_layer(lambda c: sum(math.prod(shape) for _, shape in param_specs(c)), cfg)
 
 
 def training_bytes(cfg: ModelConfig, batch: int, itemsize: int = 4) -> tuple[int, int]:
     """(fixed, per sequence) bytes a training run needs: 4 parameter-shaped arenas and the decay
     mask, then activations and their gradients (2 arenas of act_specs) per sequence of the batch."""
     fixed = 4 * param_count(cfg) * itemsize + param_count(cfg) + BASE_BYTES
-    per_seq = sum(math.prod(shape) for _, shape in act_specs(cfg, 1, cfg.ctx)) * itemsize
+    per_seq = _per_layer(lambda c: sum(math.prod(shape) for _, shape in act_specs(c, 1, c.ctx)), cfg) * itemsize
     return fixed, int(per_seq * (2 + TEMPORARY_FRACTION))
 
 

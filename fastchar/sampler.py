@@ -89,9 +89,28 @@ def aligned_zeros(n: int, align: int = 64) -> np.ndarray:
     return raw[start : start + n]
 
 
+MAX_STREAMS = 10_000  # samples generated together (num_samples x prompts); each keeps its own KV cache
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite real number (Python or NumPy), not a bool or a string."""
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+        and (bool(np.isfinite(value)))
+    )
+
+
 def check_window(model: Model, window: int | None) -> int:
     """The context window (default: the model's ctx), checked to be in [1, ctx]."""
     window = model.cfg.ctx if window is None else window
+    if not _is_int(window):
+        raise ConfigError(f"the context window (ctx) must be an integer, got {window!r}")
     if not 1 <= window <= model.cfg.ctx:
         raise ConfigError(f"the context window must be in [1, {model.cfg.ctx}], got {window}")
     return window
@@ -189,14 +208,14 @@ def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     """Reject sampling options outside their ranges before any work starts."""
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
-        raise ConfigError(f"top_k must be an integer >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if not _is_real(temperature) or not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0 (0 means greedy) and a finite number, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1] (a number), got {top_p!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 def check_seed(seed: object) -> None:
@@ -604,10 +623,14 @@ class StopScan:
 
 def check_stop(stop: str | list[str] | None) -> list[str]:
     """The stop strings as a list, each non-empty."""
+    if stop is not None and not isinstance(stop, str | list | tuple):
+        raise ConfigError(f"stop must be a string or a list of strings, got {type(stop).__name__}",
+                          hint="pass stop='\\n\\n' or stop=['.', '!']")  # fmt: skip
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     for t in stops:
         if not isinstance(t, str) or not t:
-            raise ConfigError(f"stop strings must be non-empty strings, got {t!r}")
+            raise ConfigError(f"stop strings must be non-empty strings, got {t!r}",
+                              hint="pass a non-empty --stop TEXT")  # fmt: skip
     return stops
 
 
@@ -618,6 +641,10 @@ def _prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
 
 def _check(model: Model, tokenizer: CharTokenizer, temperature: float, top_k: int | None, top_p: float | None,
            max_new_tokens: int, seed: object) -> None:  # fmt: skip
+    if not isinstance(model, Model) or not isinstance(tokenizer, CharTokenizer):
+        kinds = f"{type(model).__name__} and {type(tokenizer).__name__}"
+        raise ConfigError(f"expected a Model and a CharTokenizer, got {kinds}",
+                          hint="pass model and model.tokenizer (fastchar.load)")  # fmt: skip
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     check_seed(seed)
     if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -649,14 +676,34 @@ def _one_stream(
 
 def prompt_list(prompt: str | list[str], num_samples: int | None) -> list[str] | None:
     """The streams' prompts (each prompt num_samples times), or None for the single-prompt API."""
-    if num_samples is not None and (not isinstance(num_samples, int | np.integer) or num_samples < 1):
-        raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples}")
+    if num_samples is not None and (not _is_int(num_samples) or not 1 <= num_samples <= MAX_STREAMS):
+        raise ConfigError(f"num_samples must be an integer in [1, {MAX_STREAMS:,}], got {num_samples!r}",
+                          hint=f"pass --num-samples {MAX_STREAMS} or less (run several times for more)")  # fmt: skip
     if isinstance(prompt, str):
         return None if num_samples is None else [prompt] * int(num_samples)
-    prompts = list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError("prompt must be a string or a non-empty list of strings")
-    return [p for p in prompts for _ in range(1 if num_samples is None else int(num_samples))]
+    if not isinstance(prompt, list | tuple) or not prompt or not all(isinstance(p, str) for p in prompt):
+        raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    if len(prompt) * (1 if num_samples is None else int(num_samples)) > MAX_STREAMS:
+        raise ConfigError(f"at most {MAX_STREAMS:,} streams (prompts x num_samples) are generated together",
+                          hint="split the prompts into several calls")  # fmt: skip
+    return [p for p in prompt for _ in range(1 if num_samples is None else int(num_samples))]
+
+
+def check_streams_memory(model: Model, n: int, window: int, available: int | None = None) -> None:
+    """Refuse n streams in one batched decode whose caches exceed the memory available now."""
+    from fastchar.runfolder import MIB, available_bytes
+
+    cfg = model.cfg
+    per_stream = 4 * (2 * cfg.n_layer * cfg.d_model * window + 2 * cfg.vocab_size + window) + 64
+    need = n * per_stream
+    available = available_bytes() if available is None else available
+    if available is not None and need > available:
+        fits = available // per_stream
+        raise ConfigError(
+            f"{n:,} samples together need about {need / MIB:,.0f} MiB (a KV cache each) but only "
+            f"{available / MIB:,.0f} MiB is available",
+            hint=f"lower --num-samples to {fits:,} or less" if fits >= 1 else "free some memory (`free -m`)",
+        )
 
 
 def stream_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
@@ -678,11 +725,31 @@ def stream_many(
 ) -> Iterator[tuple[int, str]]:
     """(i, new text) pieces of len(prompts) streams as they are made; stream i continues prompts[i]
     with its own generator (stream_rngs). With a batched loop (cython) every step advances all
-    running streams at once; otherwise the streams run one after another."""
+    running streams at once; otherwise the streams run one after another. The options are checked
+    at the call, before the first piece is asked for."""
     _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens, seed)
     stops = check_stop(stop)
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
     window = check_window(model, ctx)
+    if batch_loop(model) is not None:
+        check_streams_memory(model, len(prompts), window)
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    return _stream_many(model, tokenizer, prompts, ids, max_new_tokens, temperature, top_k, top_p, seed, window,
+                        stops)  # fmt: skip
+
+
+def _stream_many(
+    model: Model,
+    tokenizer: CharTokenizer,
+    prompts: list[str],
+    ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    window: int,
+    stops: list[str],
+) -> Iterator[tuple[int, str]]:
     rngs = stream_rngs(seed, len(prompts))
     scans = [StopScan(stops) for _ in prompts]
     if batch_loop(model) is None:
@@ -749,11 +816,27 @@ def _stream_one(
     ctx: int | None,
     stop: str | list[str] | None,
 ) -> Iterator[str]:
+    """One stream's characters; the options are checked here, at the call, not at the first next()."""
     _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens, seed)
     stops = check_stop(stop)
     ids = _prompt_ids(tokenizer, prompt)
-    rng = np.random.default_rng(seed)
     window = check_window(model, ctx)
+    return _one_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, window, stops)
+
+
+def _one_text(
+    model: Model,
+    tokenizer: CharTokenizer,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    window: int,
+    stops: list[str],
+) -> Iterator[str]:
+    rng = np.random.default_rng(seed)
     scan = StopScan(stops) if stops else None
     for piece in _one_stream(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
         if scan is not None:

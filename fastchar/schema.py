@@ -137,6 +137,8 @@ def validate_state(where: Path | str, state: Any) -> dict:
         last = _object(where, "state.last_eval", state["last_eval"])
         for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
             _number(where, f"state.last_eval.{key}", last.get(key), 0.0, 1.0 if key.endswith("_acc") else math.inf)
+    if "run_id" in state:
+        _text(where, "state.run_id", state["run_id"])
     if "dropout_counter" in state:
         _int(where, "state.dropout_counter", state["dropout_counter"], 0, 2**64 - 1)
     if "rng" in state:
@@ -224,6 +226,8 @@ def validate_tokenizer(data: Any, where: Path | str, vocab_size: int) -> list[st
         )
     if len(set(chars)) != len(chars):
         raise CheckpointError(f"{where}: chars holds a character more than once", hint=HINT)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
+        raise CheckpointError(f"{where}: chars holds a lone surrogate, which is not a character", hint=HINT)
     return list(chars)
 
 

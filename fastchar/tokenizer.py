@@ -14,6 +14,9 @@ import numpy.typing as npt
 
 from fastchar.errors import InputError
 
+SURROGATES = (0xD800, 0xDFFF)  # UTF-16 halves: a str may hold them, UTF-8 text never does
+ENCODE_CHUNK = 1 << 16  # characters encoded at a time: the temporaries stay under 1 MiB
+
 
 class CharTokenizer:
     """Maps characters to ids 0..V-1 in code-point order and back."""
@@ -23,8 +26,11 @@ class CharTokenizer:
         chars = set(chars)
         if not chars:
             raise InputError("a tokenizer needs at least one character")
-        if any(len(c) != 1 for c in chars):
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
             raise InputError("a tokenizer's vocabulary must be single characters")
+        surrogates = sorted(c for c in chars if SURROGATES[0] <= ord(c) <= SURROGATES[1])
+        if surrogates:  # not characters: they cannot be written out as UTF-8
+            raise InputError(f"a tokenizer's vocabulary holds a lone surrogate ({surrogates[0]!r}), not a character")
         self.chars = sorted(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
@@ -45,8 +51,10 @@ class CharTokenizer:
         """Characters of text that the vocabulary lacks, sorted."""
         return sorted(set(text) - self.stoi.keys())
 
-    def encode(self, text: str) -> npt.NDArray[np.int32]:
-        """text -> ids (len(text),) int32; names any character the vocabulary lacks."""
+    def encode(self, text: str, dtype: npt.DTypeLike = np.int32) -> npt.NDArray[np.int32]:
+        """text -> ids (len(text),) int32 (or dtype); names any character the vocabulary lacks.
+
+        Encoded ENCODE_CHUNK characters at a time, so a large text costs its ids and under 1 MiB more."""
         missing = self.unknown(text)
         if missing:
             shown = ", ".join(repr(c) for c in missing[:20])
@@ -55,8 +63,11 @@ class CharTokenizer:
                 f"the text has {len(missing)} character(s) the vocabulary lacks: {shown}{more}",
                 hint="use only characters the model was trained on (see `fastchar info CHECKPOINT`)",
             )
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        return np.searchsorted(self._codes, codes).astype(np.int32)
+        ids = np.empty(len(text), dtype)
+        for start in range(0, len(text), ENCODE_CHUNK):
+            codes = np.frombuffer(text[start : start + ENCODE_CHUNK].encode("utf-32-le"), dtype=np.uint32)
+            ids[start : start + codes.size] = np.searchsorted(self._codes, codes)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[int(i)] for i in ids)

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class Interrupted(FastcharError):
     def __init__(self, message: str, hint: str = "", signum: int = signal.SIGINT) -> None:
         super().__init__(message, hint)
         self.signum = int(signum)
+
+
+class EvalStopped(Exception):
+    """A stop signal arrived during an evaluation: it ends between two batches (the run saves and stops)."""
 
 
 class Killed(KeyboardInterrupt):
@@ -125,6 +130,8 @@ class Trainer:
         state = self.dist.bcast(model.train_state or {})  # rank 0's state and weights on every rank
         self.dist.bcast_(model.params.flat, model.adam_m.flat, model.adam_v.flat)
         self.step = int(state.get("step", 0))
+        self._resumed_id = state.get("run_id")  # None for a fresh run, or a checkpoint older than run ids
+        self.run_id = str(self._resumed_id or uuid.uuid4().hex)  # one run keeps its id through every resume
         self.best_val = float(state.get("best_val", math.inf))
         self.best_val_acc: float | None = state.get("best_val_acc")  # next-character accuracy at best_val
         self.last_eval: dict | None = state.get("last_eval")  # the last evaluation's losses and accuracies
@@ -180,31 +187,68 @@ class Trainer:
         self.step += 1
         return loss, norm
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, budget_check: bool = False) -> dict[str, float]:
         """Mean loss and next-character accuracy over cfg.eval_batches fixed random batches of each
-        split: {"train", "val"} losses and {"train_acc", "val_acc"} fractions of the B*T positions
-        whose most likely character (argmax of the logits) is the target. Under mpiexec the ranks
-        share the batches out and both sums (losses, correct counts) are summed over the ranks."""
-        sums, correct = {}, {}
-        self.model.eval()  # no dropout
-        for split in ("train", "val"):
-            rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
-            total, hits = 0.0, 0
-            for i in range(self.cfg.eval_batches):
-                x, y = self.dataset.get_batch(split, self.cfg.batch, self.model.cfg.ctx, rng)
-                if i % self.dist.size == self.dist.rank:  # the ranks share the batches out
-                    total += self.model.forward(x, y)
-                    hits += int(np.count_nonzero(self.model.logits.argmax(axis=-1) == y))
-            sums[split], correct[split] = total, hits
-        totals = self.dist.sum_scalars([sums["train"], sums["val"], correct["train"], correct["val"]])
-        self.model.train()
-        positions = self.cfg.eval_batches * self.cfg.batch * self.model.cfg.ctx
+        split: {"train", "val"} losses and {"train_acc", "val_acc"} fractions of the positions whose
+        most likely character (argmax of the logits) is the target.
+
+        Each batch holds ranks x batch sequences from one generator and rank r evaluates rows
+        [r*B, (r+1)*B), so N ranks evaluate exactly the sequences one process of batch N*B does. A stop
+        signal (seen by any rank) ends it between two batches with EvalStopped. budget_check: after
+        three batches, refuse (ConfigError) evaluations that alone would use up the time budget.
+        """
+        model, dist, B, n = self.model, self.dist, self.cfg.batch, self.cfg.eval_batches
+        result, correct, times = {}, {}, []
+        model.eval()  # no dropout
+        try:
+            for split in ("train", "val"):
+                rng = np.random.default_rng([EVAL_SEED, self.cfg.seed])
+                total, hits = 0.0, 0
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    x, y = self.dataset.get_batch(split, dist.size * B, model.cfg.ctx, rng)
+                    first = dist.rank * B
+                    mine = y[first : first + B]
+                    total += model.forward(x[first : first + B], mine)
+                    hits += int(np.count_nonzero(model.logits.argmax(axis=-1) == mine))
+                    times.append(time.perf_counter() - t0)
+                    if self._stop_seen():
+                        raise EvalStopped
+                    if budget_check and len(times) == 3 and n > 3:  # the first batch may be a cold start
+                        self._check_eval_fits(min(times[1:]))
+                result[split], correct[split] = total, hits
+        finally:
+            model.train()
+        totals = dist.sum_scalars([result["train"], result["val"], correct["train"], correct["val"]])
+        positions = n * dist.size * B * model.cfg.ctx
         return {
-            "train": totals[0] / self.cfg.eval_batches,
-            "val": totals[1] / self.cfg.eval_batches,
+            "train": totals[0] / (n * dist.size),
+            "val": totals[1] / (n * dist.size),
             "train_acc": totals[2] / positions,
             "val_acc": totals[3] / positions,
         }
+
+    def _stop_seen(self) -> bool:
+        """Whether a stop signal arrived (on any rank: every rank asks at the same batch)."""
+        if self.dist.size == 1:
+            return self._stop_requested
+        return self.dist.sum_scalars([float(self._stop_requested)])[0] > 0
+
+    def _check_eval_fits(self, batch_seconds: float) -> None:
+        """Refuse a time budget that two evaluations (the first and the last) would use up."""
+        cfg = self.cfg
+        per_eval = self.dist.from_root(2 * cfg.eval_batches * batch_seconds)  # rank 0's clock for all ranks
+        if cfg.time_budget <= 0 or 2 * per_eval <= cfg.time_budget:
+            return
+        fits = int(cfg.time_budget / 2 / 2 / (2 * batch_seconds))  # two evaluations in half the budget
+        raise mark_collective(
+            ConfigError(
+                f"one evaluation ({cfg.eval_batches} batches of each split) takes about {per_eval:.1f} s and a run "
+                f"evaluates at its start and end: more than --time-budget {cfg.time_budget:g} s",
+                hint=(f"lower --eval-batches to {fits} or less, or raise --time-budget" if fits >= 1
+                      else "raise --time-budget or choose a smaller model or --batch"),
+            )
+        )  # fmt: skip
 
     def state(self, elapsed: float) -> dict:
         return {
@@ -215,6 +259,7 @@ class Trainer:
             "last_eval": self.last_eval,
             "elapsed": elapsed,
             "dropout_counter": self.model.dropout_counter,
+            "run_id": self.run_id,
         }
 
     def save(self, name: str, elapsed: float) -> Path:
@@ -238,18 +283,40 @@ class Trainer:
             self._tensorboard.record(record)
 
     def _claim_out(self) -> None:
-        """Check the run folder may hold this run; clear its leftovers (under the run's lock)."""
+        """Check the run folder may hold this run; clear its leftovers (under the run's lock).
+
+        A fresh run may not replace another run's checkpoints (unless overwrite); a resume may replace
+        only checkpoints of its own run: the same run id, recorded at the run's start."""
         runfolder.clean_stale(self.out)
         if self._owns_out:
             return
         source = getattr(self.model, "checkpoint_path", None)
-        resuming_here = source is not None and Path(source).resolve().parent == self.out.resolve()
-        if not resuming_here:
+        if source is None:
             if self.overwrite:
                 runfolder.clear_run(self.out)
             else:
                 runfolder.check_fresh(self.out, overwrite=False)
+        else:
+            foreign = [p for p in runfolder.existing_checkpoints(self.out) if not self._same_run(p, Path(source))]
+            if foreign and self.overwrite:
+                runfolder.clear_run(self.out)
+            elif foreign:
+                names = " and ".join(p.name for p in foreign)
+                raise ConfigError(
+                    f"{self.out} holds checkpoints of another run ({names}); resuming {source} there would "
+                    "replace them",
+                    hint="pass --out DIR (a new folder) for the resumed run, or --overwrite to replace them",
+                )
         self._owns_out = True
+
+    def _same_run(self, checkpoint: Path, source: Path) -> bool:
+        """Whether checkpoint (in the run folder) belongs to the run being resumed from source."""
+        theirs = runfolder.recorded_run_id(checkpoint)
+        if theirs is not None or self._resumed_id is not None:
+            return theirs == self._resumed_id
+        # checkpoints older than run ids: only the run folder the checkpoint itself sits in, by name
+        here = Path(os.path.abspath(source)).parent == Path(os.path.abspath(self.out))
+        return here and source.name.removesuffix(".old") in runfolder.CHECKPOINT_NAMES
 
     def _last_good(self) -> Path | None:
         """A finite checkpoint to name in hints: this run's latest, else the one it resumed from."""
@@ -261,7 +328,13 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, until: int | None = None) -> dict:
-        """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict."""
+        """Train to cfg.steps (or the time budget, or step `until`); returns a summary dict.
+
+        A run with nothing left to train (already at `until` or cfg.steps, or past its time budget)
+        is refused with a ConfigError before anything is evaluated or written."""
+        if self.dist.size > 1:  # ranks stopping at different steps would wait for each other forever
+            self.dist.check_same("train()", {"until": until})
+        self._check_work_left(until)
         self._lock: runfolder.RunLock | None = None
         self.dist.root_only(self._open_out)  # rank 0 owns the folder: probe, lock, leftovers, overwrite
         try:
@@ -270,6 +343,25 @@ class Trainer:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+    def _check_work_left(self, until: int | None) -> None:
+        cfg, step = self.cfg, self.step
+        if until is not None and until <= step:
+            raise mark_collective(ConfigError(
+                f"the run is already at step {step}, past --until {until}; nothing was changed",
+                hint=f"pass --until N with N > {step}, or leave --until out to train to step {cfg.steps}",
+            ))  # fmt: skip
+        if step >= cfg.steps:
+            raise mark_collective(ConfigError(
+                f"the run already ended: it is at step {step} of {cfg.steps}; nothing was changed",
+                hint=f"pass --steps N with N > {step} to train further (the schedule is stretched to N)",
+            ))  # fmt: skip
+        if cfg.time_budget > 0 and self.elapsed_before >= cfg.time_budget:
+            raise mark_collective(ConfigError(
+                f"the run already used its time budget ({self.elapsed_before:.1f} s of {cfg.time_budget:g} s); "
+                "nothing was changed",
+                hint="pass a larger --time-budget to train further",
+            ))  # fmt: skip
 
     def _open_out(self) -> None:
         """Probe and lock the run folder, then claim it (rank 0 only; the lock is held until the end)."""
@@ -317,14 +409,15 @@ class Trainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - start
 
-        if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
-            t0 = time.perf_counter()
-            losses = self.evaluate()
-            self._eval_seconds = EVAL_MARGIN * (time.perf_counter() - t0)
-            self.last_eval = _eval_record(losses)
-            self._emit(bar, f"eval step {0:>6} | {_eval_text(losses)}")
-            self._record({"step": 0, **self.last_eval, "elapsed": elapsed()})
+        first_step = self.step
         try:
+            if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
+                t0 = time.perf_counter()
+                losses = self.evaluate(budget_check=True) if cfg.time_budget > 0 else self.evaluate()
+                self._eval_seconds = EVAL_MARGIN * (time.perf_counter() - t0)
+                self.last_eval = _eval_record(losses)
+                self._emit(bar, f"eval step {0:>6} | {_eval_text(losses)}")
+                self._record({"step": 0, **self.last_eval, "elapsed": elapsed()})
             while self.step < last:
                 dist.context = f"at step {self.step + 1}"
                 # when a final evaluation after one more step would end; one clock for all ranks
@@ -357,10 +450,18 @@ class Trainer:
                     summary = self._evaluate_and_save(bar, elapsed())
                 if self._stop_requested if dist.size == 1 else self._stop_agreed:  # ranks stop at one step
                     self._interrupted(self.save("latest", elapsed()))
+            if self.step == first_step:  # the budget left no room for a step: nothing to evaluate or save
+                raise mark_collective(ConfigError(
+                    f"no training step fit in --time-budget {cfg.time_budget:g} s after the first evaluation "
+                    f"({self._eval_seconds / EVAL_MARGIN:.1f} s)",
+                    hint="raise --time-budget, or lower --eval-batches",
+                ))  # fmt: skip
             if self.step % cfg.eval_every != 0 or not summary:
                 summary = self._evaluate_and_save(bar, elapsed())
             if dist.size == 1 and self._stop_requested:  # a signal during the final evaluation
                 self._interrupted(self.out / "latest")  # latest was just saved
+        except EvalStopped:  # a stop signal during an evaluation: save the weights as they are
+            self._interrupted(self.save("latest", elapsed()))
         except TrainingDiverged as exc:  # every rank sees the same global loss and norm
             mark_collective(exc)
             good = self._last_good()

@@ -147,7 +147,8 @@ def test_03_resume_keeps_the_runs_data_and_backend(capsys, tmp_path, corpus):
     assert meta["data"] == {"path": str(data.resolve()), "bytes": len(text.encode()),
                             "sha256": hashlib.sha256(text.encode()).hexdigest()}  # fmt: skip
     assert meta["backend"] == "numba" and meta["precision"] == "fp32"
-    resume = ["train", "--resume", tmp_path / "run" / "latest", "--until", "10", "--sample-chars", "0"]
+    # --steps 30: a run at its last step has nothing left to train (issue 23, case 15)
+    resume = ["train", "--resume", tmp_path / "run" / "latest", "--steps", "30", "--until", "10", "--sample-chars", "0"]
     code, out, err = run(capsys, *resume)  # no --data, no --backend
     assert code == 0, err
     assert f"data: {data.resolve()}" in out and "backend numba" in out
