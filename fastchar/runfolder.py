@@ -87,7 +87,7 @@ def recorded_run_id(checkpoint: Path) -> str | None:
     """The run id a checkpoint's meta.json records (None: none, or unreadable). Read without
     following a link to meta.json and without blocking on anything but a regular file."""
     try:
-        fd = os.open(checkpoint / "meta.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = portable.open_nofollow(checkpoint / "meta.json", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
     try:
