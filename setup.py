@@ -40,8 +40,9 @@ from setuptools.command.build_ext import build_ext
 # The extensions, one line each: (module, sources). Headers and .pxd files live in csrc/.
 EXTENSIONS = [
     ("fastchar._cykernels", ["csrc/_kernels.pyx"]),
-    ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c"]),
-    ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c"]),  # packed bf16/fp32 products
+    ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c", "csrc/fc_isa.c"]),
+    # packed bf16/fp32 products and attention, compiled per instruction-set path (csrc/fc_each_isa.h)
+    ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c", "csrc/fc_isa.c"]),
 ]
 INCLUDE_DIRS = ["csrc"]
 BUILD_INFO = "_build_info.json"  # written into the fastchar package, next to the extensions

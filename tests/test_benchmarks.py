@@ -26,12 +26,12 @@ def test_bench_train_quick(capsys):
 
 def test_bench_gemm_quick(capsys):
     from benchmarks import bench_gemm
-    from fastchar import _gemm
+    from fastchar import _gemm, isa
 
     result = bench_gemm.main(["--quick", "--models", "base", "--threads", "1", "--no-openblas"])
-    want = [p for p, ok in (("bf16", _gemm.has_avx512bf16()), ("fp32", _gemm.has_avx512f())) if ok]
-    for precision in want:
-        assert result["gflops"][f"base/qkv/fwd/{precision}"] > 0
+    want = (["bf16"] if _gemm.has_avx512bf16() else []) + [f"fp32_{p}" for p in isa.runnable() if p != "generic"]
+    for column in want:
+        assert result["gflops"][f"base/qkv/fwd/{column}"] > 0
     assert "base     qkv      fwd" in capsys.readouterr().out
 
 
