@@ -230,6 +230,7 @@ static void FC_N(attention_heads)(int backward, float *o, const float *dout, flo
                                   long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;
     int bad = 0;
+    (void)nthreads; /* without OpenMP */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
 #endif
