@@ -7,6 +7,9 @@ The build detects rather than assumes, and never strands an install:
 - OpenMP only when a test program including <omp.h> compiles and links (Apple clang: Homebrew's
   libomp, found through `brew --prefix libomp` or FASTCHAR_LIBOMP_PREFIX); without it the kernels
   build anyway and run on one thread, with a warning here and in `fastchar info`;
+- the vector kernels are compiled once per instruction set inside their own .c files (AVX-512, AVX2 +
+  FMA, NEON: csrc/fc_each_isa.h switches each on for those functions only) and chosen at run time,
+  so no -march flag is needed and the build runs on any CPU of its architecture;
 - an extension that does not compile is left out with a one-line warning: fastchar then runs on
   Numba and the NumPy reference. fastchar/_build_info.json records the compiler, the flags and each
   failure's reason, for `fastchar info` and for the error of `--backend cython`.

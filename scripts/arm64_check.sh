@@ -35,23 +35,28 @@ if [ ! -x "$ROOT/opt/v/bin/python" ]; then
     cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
     cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"  # pip's TLS
     mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-    chroot "$ROOT" /bin/bash -c 'export PIP_CERT=/etc/ssl/certs/ca-certificates.crt;
-        python3 -m venv /opt/v && /opt/v/bin/pip install -q numpy scipy numba Cython pytest hypothesis'
+    chroot "$ROOT" /bin/bash -c 'python3 -m venv /opt/v'
 fi
+# the project's dependencies (pyproject.toml) and what the build and the tests need
+deps=$(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+chroot "$ROOT" /bin/bash -c "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt;
+    /opt/v/bin/pip install -q $deps Cython setuptools pytest hypothesis"
 echo "arm64_check: root ready after $((SECONDS - start)) s"
 
 # ---- this checkout into the root, the build and the tests -----------------------------------------
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 trap 'umount "$ROOT/proc" 2>/dev/null || true' EXIT
-rm -rf "$ROOT/src/fastchar"
-mkdir -p "$ROOT/src/fastchar"
+mkdir -p "$ROOT/src/fastchar"  # kept between runs: setuptools rebuilds only what changed (minutes here)
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$ROOT/src/fastchar"
-cp -r ../shared "$ROOT/src/" 2>/dev/null || true  # the corpus some tests read (../shared/data)
+if [ -n "${FASTCHAR_DATA_DIR:-}" ]; then  # the corpus some tests read
+    mkdir -p "$ROOT/src/data" && cp -r "$FASTCHAR_DATA_DIR/." "$ROOT/src/data/"
+fi
 chroot "$ROOT" /bin/bash -c "
     set -euo pipefail
     cd /src/fastchar
     uname -m
     export FASTCHAR_REQUIRE_BACKENDS=cython
+    [ -d /src/data ] && export FASTCHAR_DATA_DIR=/src/data
     t=\$SECONDS
     /opt/v/bin/python setup.py -q build_ext --inplace
     echo \"arm64_check: C build took \$((SECONDS - t)) s\"
