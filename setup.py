@@ -7,6 +7,9 @@ The build detects rather than assumes, and never strands an install:
 - OpenMP only when a test program including <omp.h> compiles and links (Apple clang: Homebrew's
   libomp, found through `brew --prefix libomp` or FASTCHAR_LIBOMP_PREFIX); without it the kernels
   build anyway and run on one thread, with a warning here and in `fastchar info`;
+- the vector kernels are compiled once per instruction set inside their own .c files (AVX-512, AVX2 +
+  FMA, NEON: csrc/fc_each_isa.h switches each on for those functions only) and chosen at run time,
+  so no -march flag is needed and the build runs on any CPU of its architecture;
 - an extension that does not compile is left out with a one-line warning: fastchar then runs on
   Numba and the NumPy reference. fastchar/_build_info.json records the compiler, the flags and each
   failure's reason, for `fastchar info` and for the error of `--backend cython`.
@@ -40,8 +43,9 @@ from setuptools.command.build_ext import build_ext
 # The extensions, one line each: (module, sources). Headers and .pxd files live in csrc/.
 EXTENSIONS = [
     ("fastchar._cykernels", ["csrc/_kernels.pyx"]),
-    ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c"]),
-    ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c"]),  # packed bf16/fp32 products
+    ("fastchar._cydecode", ["csrc/_decode.pyx", "csrc/fc_decode.c", "csrc/fc_sample.c", "csrc/fc_isa.c"]),
+    # packed bf16/fp32 products and attention, compiled per instruction-set path (csrc/fc_each_isa.h)
+    ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c", "csrc/fc_isa.c"]),
 ]
 INCLUDE_DIRS = ["csrc"]
 BUILD_INFO = "_build_info.json"  # written into the fastchar package, next to the extensions

@@ -1,5 +1,6 @@
 """Causal attention forward and backward: the Cython backend's kernels against fastchar._gemm's
-AVX-512 ones (csrc/attention.c), at the four training shapes. Outputs are checked first.
+vectorised ones (csrc/attention.c) on every instruction-set path this CPU runs (avx512, avx2, neon),
+at the four training shapes. Outputs are checked first, on each path.
 
     flock /tmp/fastchar-bench.lock python -m benchmarks.bench_attention              # 2 threads, wall
     python -m benchmarks.bench_attention --threads 1 --clock cpu                     # 1 thread, CPU time
@@ -12,6 +13,7 @@ neighbours).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
@@ -31,9 +33,9 @@ def best_time(fn, repeats: int, clock) -> float:
 
 
 def measure(name: str, threads: int, repeats: int, clock) -> dict:
-    """{kernel: {"ms", "gflops"}} at one shape, after checking the AVX-512 forward against the reference."""
+    """{kernel: {"ms", "gflops"}} at one shape, after checking each path's forward against the reference."""
     from fastchar import _cykernels as cy
-    from fastchar import _gemm
+    from fastchar import _gemm, isa
     from fastchar.backends import reference as ref
 
     B, T, C, NH = SHAPES[name]
@@ -44,18 +46,23 @@ def measure(name: str, threads: int, repeats: int, clock) -> dict:
     dqkv, datt = np.zeros_like(qkv), np.zeros_like(att)
     want_out, want_att = np.zeros_like(out), np.zeros_like(att)
     ref.attention_forward(want_out, want_att, qkv)
-    _gemm.attention_forward(out, att, qkv, threads)
-    if not (np.allclose(out, want_out, rtol=1e-4, atol=1e-5) and np.allclose(att, want_att, atol=1e-6)):
-        raise SystemExit(f"AVX-512 attention_forward disagrees with the reference at {name}")
+    paths = [p for p in isa.runnable() if p != "generic"]
+    for path in paths:
+        with isa.force(path):
+            _gemm.attention_forward(out, att, qkv, threads)
+        if not (np.allclose(out, want_out, rtol=1e-4, atol=1e-5) and np.allclose(att, want_att, atol=1e-6)):
+            raise SystemExit(f"{path} attention_forward disagrees with the reference at {name}")
     fl = 2.0 * B * T * T * C
+    runs = [("cython fwd", None, lambda: cy.attention_forward(out, att, qkv), fl)]
+    runs += [(f"{p} fwd", p, lambda: _gemm.attention_forward(out, att, qkv, threads), fl) for p in paths]
+    runs += [("cython bwd", None, lambda: cy.attention_backward(dqkv, datt, dout, qkv, att), 2 * fl)]
+    runs += [
+        (f"{p} bwd", p, lambda: _gemm.attention_backward(dqkv, datt, dout, qkv, att, threads), 2 * fl) for p in paths
+    ]
     row = {}
-    for label, fn, f in (
-        ("cython fwd", lambda: cy.attention_forward(out, att, qkv), fl),
-        ("avx512 fwd", lambda: _gemm.attention_forward(out, att, qkv, threads), fl),
-        ("cython bwd", lambda: cy.attention_backward(dqkv, datt, dout, qkv, att), 2 * fl),
-        ("avx512 bwd", lambda: _gemm.attention_backward(dqkv, datt, dout, qkv, att, threads), 2 * fl),
-    ):
-        t = best_time(fn, repeats, clock)
+    for label, path, fn, f in runs:
+        with isa.force(path) if path else contextlib.nullcontext():
+            t = best_time(fn, repeats, clock)
         row[label] = {"ms": t * 1e3, "gflops": f / t / 1e9}
     return row
 
@@ -75,10 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     cy.set_openmp_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"threads {args.threads}, clock {args.clock}; GFLOP/s (ms per call)")
-    print(f"{'shape':8} {'cython fwd':>18} {'avx512 fwd':>18} {'cython bwd':>18} {'avx512 bwd':>18}")
     results = {}
     for name in args.shapes:
         results[name] = measure(name, args.threads, args.repeats, clock)
+        if len(results) == 1:
+            print(f"{'shape':8} " + " ".join(f"{k:>18}" for k in results[name]))
         print(f"{name:8} " + " ".join(f"{v['gflops']:6.0f} ({v['ms']:7.3f} ms)" for v in results[name].values()))
     return results
 

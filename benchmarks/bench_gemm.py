@@ -1,5 +1,6 @@
-"""The three matrix products of a linear layer at the real shapes: fastchar._gemm (bf16 and fp32)
-against OpenBLAS sgemm with its AVX-512 (SkylakeX) kernels and with OPENBLAS_CORETYPE=Haswell.
+"""The three matrix products of a linear layer at the real shapes: fastchar._gemm (bf16, and fp32 on
+every instruction-set path this CPU runs: fp32_avx512, fp32_avx2, fp32_neon) against OpenBLAS sgemm
+with the CPU's own kernels (SkylakeX on an AVX-512 CPU) and with OPENBLAS_CORETYPE=Haswell (AVX2).
 
     flock /tmp/fastchar-bench.lock python -m benchmarks.bench_gemm            # all shapes, 2 threads
     python -m benchmarks.bench_gemm --models base --threads 1 --quick
@@ -104,24 +105,30 @@ def run_fastchar(models: list[str], threads: int, min_seconds: float, repeats: i
 
     out = {}
     rng = np.random.default_rng(0)
-    precisions = [p for p, ok in (("bf16", _gemm.has_avx512bf16()), ("fp32", _gemm.has_avx512f())) if ok]
+    from fastchar import isa
+
+    # (column, precision, path): bf16 on the avx512 path, fp32 on every vector path of this CPU
+    runs = [("bf16", "bf16", "avx512")] if _gemm.has_avx512bf16() else []
+    runs += [(f"fp32_{path}", "fp32", path) for path in isa.runnable() if path != "generic"]
     for m, layer, prod, N, IC, OC in cases(models):
         c, a, b = operands(prod, N, IC, OC, rng)
         _, _, K, ta, tb = product_args(prod, N, IC, OC)
         want = reference(a, b, ta, tb)
         scale = np.abs(a.T if ta else a).astype(np.float64) @ np.abs(b.T if tb else b)
-        for prec in precisions:
-            _gemm.gemm(c, a, b, ta, tb, 0.0, prec, threads)
+        for col, prec, path in runs:
+            with isa.force(path):
+                _gemm.gemm(c, a, b, ta, tb, 0.0, prec, threads)
             tol = 1e-2 if prec == "bf16" else 1e-5  # relative to sum |a||b|: bf16 rounds inputs to 8 bits
             err = float(np.max(np.abs(c - want) / (scale + 1e-30)))
             if err > tol:
-                raise SystemExit(f"fastchar {prec} {m}/{layer}/{prod} disagrees with NumPy: {err:.2e}")
-            t = time_call(
-                lambda c=c, a=a, b=b, ta=ta, tb=tb, p=prec: _gemm.gemm(c, a, b, ta, tb, 0.0, p, threads),
-                min_seconds,
-                repeats,
-            )
-            out[f"{m}/{layer}/{prod}/{prec}"] = t
+                raise SystemExit(f"fastchar {col} {m}/{layer}/{prod} disagrees with NumPy: {err:.2e}")
+            with isa.force(path):
+                t = time_call(
+                    lambda c=c, a=a, b=b, ta=ta, tb=tb, p=prec: _gemm.gemm(c, a, b, ta, tb, 0.0, p, threads),
+                    min_seconds,
+                    repeats,
+                )
+            out[f"{m}/{layer}/{prod}/{col}"] = t
     return out
 
 
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
             times.update({k.replace("/sgemm", f"/sgemm_{label}"): v for k, v in res["times"].items()})
 
     peak = {k: v * args.threads for k, v in PEAK_PER_CORE.items()}
-    cols = ["bf16", "fp32", "sgemm_skx", "sgemm_hsw"]
+    cols = [c for c in ("bf16", "fp32_avx512", "fp32_avx2", "fp32_neon") if any(k.endswith("/" + c) for k in times)]
+    cols += ["sgemm_skx", "sgemm_hsw"]
     print(f"threads {args.threads}, clock {args.clock}")
     print(f"OpenBLAS architecture: no coretype {arch.get('skx')}, OPENBLAS_CORETYPE=Haswell {arch.get('hsw')}")
     print(f"GFLOP/s (bf16 % of {peak['bf16']:.0f}, fp32 % of {peak['fp32']:.0f})")

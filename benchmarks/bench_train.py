@@ -361,18 +361,33 @@ SHAPES = {"base": (12, 64, 128, 4, 8), "wide": (12, 64, 256, 4, 8), "long": (16,
 
 def shapes_report(args) -> dict:
     """fastchar fp32 and bf16 against PyTorch eager fp32 and bf16 autocast (and torch.compile) at the
-    shapes of SHAPES, side by side with ratios; appends one JSON line (unless --no-record/--quick)."""
+    shapes of SHAPES, side by side with ratios and each figure's fraction of this machine's measured
+    peak (benchmarks/peak.c: fp32 for fp32 figures, bf16 for bf16 ones; FLOP per token as in
+    flop_per_token). With FASTCHAR_ISA set, PyTorch is held to the same instruction set
+    (fastchar.isa.torch_env: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and the peak
+    is that instruction set's. Appends one JSON line (unless --no-record/--quick)."""
+    import os
+
+    from fastchar import isa
+
     names = list(SHAPES) if "all" in args.shapes else args.shapes
     data = load_corpus(args.synthetic)
     vocab = data.vocab_size if data is not None else 65
     backend = (args.backends or [default_backend()])[0]
+    sel = isa.selection()
+    if sel.forced:
+        os.environ.update(isa.torch_env(sel.path))  # read by the spawned PyTorch processes as they start
     precisions = ["fp32"] + (["bf16"] if _bf16_ok(backend) else [])
     torch_ok = torch_available() and not args.no_torch
-    record: dict = {"machine": machine(args.threads), "backend": backend, "steps": args.steps, "shapes": {}}
-    rows = []
+    peak = machine_peak(args.threads, sel.path)
+    record: dict = {"machine": {**machine(args.threads), **cpu_ids()}, "backend": backend, "steps": args.steps,
+                    "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {}, "peak_gflops": peak,
+                    "shapes": {}}  # fmt: skip
+    rows, summary = [], []
     for name in names:
         B, T, C, L, NH = SHAPES[name]
         cfg = ModelConfig(vocab_size=vocab, ctx=T, d_model=C, n_layer=L, n_head=NH, mlp_hidden=4 * C)
+        flop = flop_per_token(cfg)
         res: dict = {}
         for prec in precisions:
             res[f"fastchar {prec}"] = time_fastchar(backend, cfg, B, args.steps, args.warmup, data, prec)
@@ -382,17 +397,94 @@ def shapes_report(args) -> dict:
             res["torch eager bf16 autocast"] = isolated(time_torch, *common, "eager", False, True)
             if args.compile:
                 res["torch.compile fp32"] = isolated(time_torch, *common, "compile")
-        record["shapes"][name] = {"shape": [B, T, C, L, NH], **res}
+        for sys_name, r in res.items():
+            limit = peak.get("bf16" if "bf16" in sys_name else "fp32")
+            r["peak_fraction"] = r["tok_s"] * flop / (limit * 1e9) if limit else None
+        record["shapes"][name] = {"shape": [B, T, C, L, NH], "flop_per_token": flop, **res}
         for sys_name, r in res.items():
             ref = res.get("torch eager bf16 autocast" if "bf16" in sys_name else "torch eager fp32", {}).get("tok_s")
-            rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"],
+            frac = f"{100 * r['peak_fraction']:.0f} %" if r["peak_fraction"] is not None else "-"
+            rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"], frac,
                          f"{r['tok_s'] / ref:.2f}x" if ref else "-"])  # fmt: skip
+        ours = {k: v["tok_s"] for k, v in res.items() if k.startswith("fastchar")}
+        theirs = {k: v["tok_s"] for k, v in res.items() if k.startswith("torch")}
+        if theirs:
+            best, rival = max(ours, key=ours.get), max(theirs, key=theirs.get)
+            ratio = ours[best] / theirs[rival]
+            record["shapes"][name]["best_ratio"] = ratio
+            summary.append([name, best, ours[best], rival, theirs[rival], f"{ratio:.2f}x"])
+    ids = cpu_ids()
     print(f"\n## Training throughput at issue 10's shapes (backend {backend}, tokens/s, median step)\n")
-    print(table(["shape", "B,T,C,L,NH", "system", "tok/s", "ms/step", "vs torch eager same precision"], rows))
+    print(
+        f"machine: {record['machine']['cpu']} (family {ids['cpu_family']}, model {ids['cpu_model_number']}), "
+        f"{args.threads} threads; kernel path {sel.path}"
+        + (
+            f" (FASTCHAR_ISA; PyTorch held to it: {' '.join(f'{k}={v}' for k, v in isa.torch_env(sel.path).items())})"
+            if sel.forced
+            else ""
+        )  # fmt: skip
+    )
+    limits = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items() if v and k in ("fp32", "bf16"))
+    print(f"peak ({peak.get('isa', '-')}, {args.threads} threads, benchmarks/peak.c): {limits or 'not measured'}\n")
+    print(
+        table(["shape", "B,T,C,L,NH", "system", "tok/s", "ms/step", "of peak", "vs torch eager same precision"], rows)
+    )
+    if summary:
+        print("\n## fastchar's best against PyTorch's best\n")
+        print(table(["shape", "fastchar", "tok/s", "PyTorch", "tok/s", "ratio"], summary))
     if not (args.quick or args.no_record):
         path = append_record("bench_train", record)
         print(f"\nrecorded in {path}")
     return record
+
+
+def flop_per_token(cfg: ModelConfig) -> float:
+    """Training FLOP per token: 6 x the product weights (forward 2, backward 4) plus 12 L T C for
+    attention (forward q k^T and att v: 4 T C per token per layer, backward twice that)."""
+    L, C, T = cfg.n_layer, cfg.d_model, cfg.ctx
+    weights = L * (C * 3 * C + C * C + 2 * C * cfg.mlp_hidden) + C * cfg.vocab_size
+    return 6.0 * weights + 12.0 * L * T * C
+
+
+def cpu_ids() -> dict:
+    """lscpu's CPU family and model numbers, from /proc/cpuinfo (empty strings elsewhere)."""
+    ids = {"cpu_family": "", "cpu_model_number": ""}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "cpu family" and not ids["cpu_family"]:
+                    ids["cpu_family"] = value.strip()
+                elif key == "model" and not ids["cpu_model_number"]:
+                    ids["cpu_model_number"] = value.strip()
+    except OSError:
+        pass
+    return ids
+
+
+def machine_peak(threads: int, path: str) -> dict:
+    """{"isa", "fp32", "bf16"} GFLOP/s of benchmarks/peak.c at `threads` threads for the instruction set
+    of path ("avx512" or "avx2"; other paths: {}), compiled here with cc (or $CC); {} if that fails."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if path not in ("avx512", "avx2"):
+        return {}
+    source = Path(__file__).with_name("peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "peak")
+        cc = os.environ.get("CC", "cc")
+        try:
+            subprocess.run([cc, "-O3", "-fopenmp", str(source), "-o", exe], check=True, capture_output=True)
+            out = subprocess.run([exe, str(threads), path], check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"peak: benchmarks/peak.c did not run ({exc}); no fraction of peak")
+            return {}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _bf16_ok(backend: str) -> bool:

@@ -479,10 +479,10 @@ cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py
 
 
 def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32") -> tuple:
-    """The decode table's matrix products' weights packed for the AVX-512 products: (packed (n,)
+    """The decode table's matrix products' weights packed for the vector products: (packed (n,)
     float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
-    without a product, precision), or empty arrays when this CPU cannot (no AVX-512F, or no
-    AVX512_BF16 for "bf16", or FASTCHAR_DISABLE_AVX512 set): the loops then read params in fp32.
+    without a product, precision), or empty arrays when the path in use has none (the generic path,
+    or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
     Pack once per generation and pass as `packed` to generate_tokens / generate_batch; the weights
     are read as they are now."""
     import numpy as np
@@ -853,7 +853,7 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
 
     cdef Py_ssize_t M = x.shape[0], Kd = x.shape[1], Nd = w.shape[1]
     if not packed_available(precision):
-        raise RuntimeError(f"this CPU has no packed {precision} product (or FASTCHAR_DISABLE_AVX512 is set)")
+        raise RuntimeError(f"no packed {precision} product on this path (the generic path has none; bf16 needs avx512)")
     if w.shape[0] != Kd or y.shape[0] != M or y.shape[1] != Nd or not 0 <= j0 <= j1 <= Nd or M == 0 or Kd == 0:
         raise ValueError("need y (M, N), x (M, K), w (K, N), 0 <= j0 <= j1 <= N, M, K > 0")
     cdef uint32_t[::1] pk
@@ -869,5 +869,21 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
 
 
 def packed_available(str precision="fp32") -> bool:
-    """Whether the decode loops use a packed AVX-512 product of this precision here."""
+    """Whether the decode loops use a packed product of this precision on the path in use."""
     return bool(fc_packed_bf16_ok() if precision == "bf16" else fc_packed_ok())
+
+
+from fc_isa cimport fc_isa_compiled, fc_isa_cpu, fc_isa_cpu_bf16, fc_isa_set  # noqa: E402
+
+
+def _set_isa(int code, bint bf16) -> None:
+    fc_isa_set(code, bf16)
+
+
+def _cpu_probe() -> tuple:
+    return fc_isa_cpu(), bool(fc_isa_cpu_bf16()), tuple(c for c in range(4) if fc_isa_compiled(c))
+
+
+from fastchar import isa as _isa  # noqa: E402  (last: the module is complete when the path is set)
+
+_isa.attach(_set_isa, _cpu_probe())

@@ -1,10 +1,10 @@
 # cython: language_level=3
-"""fastchar._gemm: packed matrix products in bf16 (AVX512_BF16) and fp32 (AVX-512F), from csrc/gemm_bf16.c,
-and causal attention vectorised for AVX-512F, from csrc/attention.c.
+"""fastchar._gemm: packed matrix products in bf16 (AVX512_BF16) and fp32 (AVX-512, AVX2 + FMA, NEON), from
+csrc/gemm_bf16.c, and causal attention vectorised on the same paths, from csrc/attention.c.
 
-The C engine picks its ISA at run time (cpuid), so this module imports on every CPU; the products
-raise ConfigError where the CPU (or FASTCHAR_DISABLE_BF16=1 / FASTCHAR_DISABLE_AVX512=1) rules
-them out. "bf16" rounds both operands to bfloat16 (round to nearest even) and accumulates in fp32;
+The kernels are compiled for every path and run the one fastchar.isa chose (it is handed to the C
+code as this module loads), so this module imports on every CPU; the products raise ConfigError
+where the path in use (the generic one, FASTCHAR_DISABLE_BF16=1 for bf16) has none. "bf16" rounds both operands to bfloat16 (round to nearest even) and accumulates in fp32;
 "fp32" is an ordinary fp32 product. Outputs are written in place, never allocated.
 
 Letters: N rows (B*T), IC/OC in/out channels; M, K general product sizes.
@@ -19,6 +19,8 @@ from fastchar.errors import ConfigError
 
 from attention cimport fc_att_dropout, fc_attention_backward, fc_attention_forward
 
+from attention cimport fc_attention_available
+from fc_isa cimport FC_ISA_AVX2, FC_ISA_AVX512, fc_isa, fc_isa_bf16, fc_isa_compiled, fc_isa_cpu, fc_isa_cpu_bf16, fc_isa_set
 from gemm_bf16 cimport (
     FC_BF16,
     FC_F32,
@@ -27,42 +29,54 @@ from gemm_bf16 cimport (
     FC_GEMM_OK,
     FC_GEMM_UNSUPPORTED,
     fc_gemm,
-    fc_gemm_cpu_has_avx512bf16,
-    fc_gemm_cpu_has_avx512f,
-    fc_gemm_has_avx512bf16,
-    fc_gemm_has_avx512f,
+    fc_gemm_available,
 )
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def has_avx512bf16() -> bool:
-    """True when the bf16 products can run: the CPU has AVX512_BF16 and FASTCHAR_DISABLE_BF16 is unset."""
-    return bool(fc_gemm_has_avx512bf16())
+    """True when the bf16 products can run: the avx512 path with AVX512_BF16, FASTCHAR_DISABLE_BF16 unset."""
+    return bool(fc_gemm_available(FC_BF16))
 
 
-def has_avx512f() -> bool:
-    """True when the fp32 products can run: the CPU has AVX-512 F/VL/BW/DQ and FMA."""
-    return bool(fc_gemm_has_avx512f())
+def has_fp32() -> bool:
+    """True when the packed fp32 products run on the path in use (every path but the generic one)."""
+    return bool(fc_gemm_available(FC_F32))
 
 
 def cpu_features() -> dict:
-    """What the hardware offers, ignoring the FASTCHAR_DISABLE_* switches."""
-    return {"avx512f": bool(fc_gemm_cpu_has_avx512f()), "avx512_bf16": bool(fc_gemm_cpu_has_avx512bf16())}
+    """What the hardware offers, whatever path is in use."""
+    best = fc_isa_cpu()
+    return {"avx512f": best == FC_ISA_AVX512, "avx2": best in (FC_ISA_AVX2, FC_ISA_AVX512),
+            "avx512_bf16": bool(fc_isa_cpu_bf16())}
+
+
+def isa_in_use() -> tuple:
+    """(path code, bf16) as the C code holds them (fastchar.isa.CODES)."""
+    return fc_isa(), bool(fc_isa_bf16())
+
+
+def _set_isa(int code, bint bf16) -> None:
+    fc_isa_set(code, bf16)
+
+
+def _cpu_probe() -> tuple:
+    return fc_isa_cpu(), bool(fc_isa_cpu_bf16()), tuple(c for c in range(4) if fc_isa_compiled(c))
 
 
 cdef int _precision_code(str precision) except -1:
     if precision == "bf16":
-        if not fc_gemm_has_avx512bf16():
-            reason = ("disabled by FASTCHAR_DISABLE_BF16/FASTCHAR_DISABLE_AVX512" if fc_gemm_cpu_has_avx512bf16()
+        if not fc_gemm_available(FC_BF16):
+            reason = ("turned off (FASTCHAR_DISABLE_BF16, or a path below avx512)" if fc_isa_cpu_bf16()
                       else "this CPU has no AVX512_BF16 (vdpbf16ps)")
             raise ConfigError(f"bf16 matrix products are unavailable: {reason}",
                               hint="use precision='fp32' (run `fastchar info` to see the CPU's features)")
         return FC_BF16
     if precision == "fp32":
-        if not fc_gemm_has_avx512f():
-            raise ConfigError("the packed fp32 matrix product needs AVX-512 (F, VL, BW, DQ) and FMA",
-                              hint="use the BLAS-backed kernels (fastchar's cython backend) on this CPU")
+        if not fc_gemm_available(FC_F32):
+            raise ConfigError("the packed fp32 matrix product does not run on the generic path",
+                              hint="use the BLAS-backed kernels (fastchar's cython backend) on this path")
         return FC_F32
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -121,14 +135,14 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::
 
 
 def attention_supported(int C, int NH) -> bool:
-    """True when attention_forward/backward run here: AVX-512F, and HS = C / NH a multiple of 16, <= 64."""
-    return bool(fc_gemm_has_avx512f()) and C % NH == 0 and (C // NH) % 16 == 0 and C // NH <= 64
+    """True when attention_forward/backward run here: a vector path, and HS = C / NH a multiple of 16, <= 64."""
+    return bool(fc_attention_available(C, NH))
 
 
 cdef int _check_attention(int rc, long C, long NH) except -1:
     if rc == FC_GEMM_UNSUPPORTED:
-        raise ConfigError(f"the AVX-512 attention kernel does not handle C={C}, NH={NH} on this CPU",
-                          hint="it needs AVX-512F and a head size C/NH that is a multiple of 16 and at most 64; "
+        raise ConfigError(f"the vectorised attention kernel does not handle C={C}, NH={NH} on this path",
+                          hint="it needs a vector path (not generic) and a head size C/NH that is a multiple of 16 and at most 64; "
                           "use the backend's attention kernel (see attention_supported)")
     return _check(rc)
 
@@ -205,3 +219,8 @@ cdef _attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const 
         rc = fc_attention_backward(&dqkv[0, 0, 0], &datt[0, 0, 0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
                                    &att[0, 0, 0, 0], B, T, C, NH, drop, threads)
     _check_attention(rc, C, NH)
+
+
+from fastchar import isa as _isa  # noqa: E402  (last: the module is complete when the path is set)
+
+_isa.attach(_set_isa, _cpu_probe())

@@ -1,4 +1,4 @@
-# Declarations of csrc/attention.h (AVX-512 causal attention) for Cython modules.
+# Declarations of csrc/attention.h (vectorised causal attention) for Cython modules.
 # A module that cimports this must compile csrc/attention.c and csrc/gemm_bf16.c too.
 
 cdef extern from "attention.h" nogil:
@@ -6,6 +6,7 @@ cdef extern from "attention.h" nogil:
         unsigned int key
         unsigned int thr
         float dscale
+    int fc_attention_available(long C, long NH)
     int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
                              const fc_att_dropout *drop, int nthreads)
     int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,

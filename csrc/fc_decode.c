@@ -1,11 +1,13 @@
-/* See fc_decode.h. The matrix product and attention are compiled three times (x86-64-v4 / v3 /
-   baseline, GCC's target_clones; the loader picks one for the CPU), because the extension itself is
-   built for the baseline ISA: SSE2 without FMA would run them several times slower. */
+/* See fc_decode.h. The packed products and the attention are compiled once per vector path
+   (decode_body.h through fc_each_isa.h: AVX-512, AVX2 + FMA, NEON) and run on the path
+   fastchar/isa.py chose (fc_isa()); the generic path runs fc_matmul and the baseline attention. The
+   bf16 products are AVX512_BF16 intrinsics (vdpbf16ps has no portable spelling). */
 #include "fc_decode.h"
 
 #include <math.h>
 #include <string.h>
 
+#include "fc_isa.h"
 #include "fc_math.h"
 
 /* ifunc-based clones: GCC on x86-64 Linux (macOS has no ifunc; ARM needs none). Not clang: clang 14
@@ -21,7 +23,6 @@
    input channels per pass over an output row; output rows in blocks of four, so each weight
    element loaded feeds four rows. Every output element is computed the same way whatever the
    slice, so splitting the columns across threads changes no value. */
-FC_CLONES
 void fc_matmul(float *restrict y, const float *restrict x, const float *restrict w, ptrdiff_t M, ptrdiff_t K,
                ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t ldw) {
     ptrdiff_t K4 = K - K % 4, m = 0, i, j;
@@ -105,83 +106,18 @@ void fc_pack16_bf16(uint32_t *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptr
                 dst[(p * K2 + k) * 16 + l] = p * 16 + l < N ? bf16_pair(w + p * 16 + l, 2 * k, K, ldw) : 0u;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef FC_BUILD_X86
 #include <immintrin.h>
-#include <stdlib.h>
-#include <string.h>
 
-int fc_packed_ok(void) {
-    const char *off = getenv("FASTCHAR_DISABLE_AVX512");
-    __builtin_cpu_init();
-    if (off != NULL && off[0] != '\0' && strcmp(off, "0") != 0) return 0;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-}
+#define FC_TBF16 __attribute__((target("avx512f,avx512bf16,fma")))
 
-#define FC_T512 __attribute__((target("avx512f,fma")))
-
-/* MR rows x NP panels of y (masks: each panel's columns to store), one accumulator per (row, panel):
-   acc = fma(x[r, k], w[k, panel], acc) for k = 0..K-1. Constant MR, NP: the compiler unrolls both. */
-FC_T512 static inline __attribute__((always_inline)) void tile(float *y, ptrdiff_t ldy, const float *x, ptrdiff_t K,
-                                                               const float *wp, const __mmask16 *mask, int MR,
-                                                               int NP) {
-    __m512 acc[8][4];
-    ptrdiff_t k;
-    int r, q;
-    for (r = 0; r < MR; r++)
-        for (q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
-    for (k = 0; k < K; k++) {
-        __m512 w[4];
-        for (q = 0; q < NP; q++) w[q] = _mm512_loadu_ps(wp + (q * K + k) * 16);
-        for (r = 0; r < MR; r++) {
-            __m512 a = _mm512_set1_ps(x[r * K + k]);
-            for (q = 0; q < NP; q++) acc[r][q] = _mm512_fmadd_ps(a, w[q], acc[r][q]);
-        }
-    }
-    for (r = 0; r < MR; r++)
-        for (q = 0; q < NP; q++) _mm512_mask_storeu_ps(y + r * ldy + q * 16, mask[q], acc[r][q]);
-}
-
-/* Panels p..p+NP-1 for all M rows: 8 rows at a time (the panels stay in L1 across the row blocks),
-   then 4, then 1. */
-FC_T512 static inline __attribute__((always_inline)) void panels(float *y, const float *x, const float *wp,
-                                                                 ptrdiff_t M, ptrdiff_t K, ptrdiff_t ldy,
-                                                                 const __mmask16 *mask, int NP) {
-    ptrdiff_t m = 0;
-    for (; m + 8 <= M; m += 8) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 8, NP);
-    for (; m + 4 <= M; m += 4) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 4, NP);
-    for (; m < M; m++) tile(y + m * ldy, ldy, x + m * K, K, wp, mask, 1, NP);
-}
-
-static inline __mmask16 lanes(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t j1) {
+FC_TBF16 static inline __mmask16 lanes(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t j1) {
     ptrdiff_t lo = j0 > p * 16 ? j0 - p * 16 : 0, hi = j1 < p * 16 + 16 ? j1 - p * 16 : 16;
     return hi <= lo ? 0 : (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
-FC_T512 void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
-                              ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
-    ptrdiff_t p, p1 = (j1 + 15) / 16, q;
-    __mmask16 mask[4];
-    (void)N;
-    /* one row (a single stream): 4 panels in flight hide the FMA latency; more rows: 2 per tile */
-    int np = M < 4 ? 4 : 2;
-    for (p = j0 / 16; p < p1; p += np) {
-        int n = p1 - p < np ? (int)(p1 - p) : np;
-        for (q = 0; q < n; q++) mask[q] = lanes(p + q, j0, j1);
-        float *yp = y + p * 16;
-        const float *w = wp + p * 16 * K;
-        if (n == 4) panels(yp, x, w, M, K, ldy, mask, 4);
-        else if (n == 3) panels(yp, x, w, M, K, ldy, mask, 3);
-        else if (n == 2) panels(yp, x, w, M, K, ldy, mask, 2);
-        else panels(yp, x, w, M, K, ldy, mask, 1);
-    }
-}
-int fc_packed_bf16_ok(void) {
-    const char *off = getenv("FASTCHAR_DISABLE_BF16");
-    if (off != NULL && off[0] != '\0' && strcmp(off, "0") != 0) return 0;
-    return fc_packed_ok() && __builtin_cpu_supports("avx512bf16");
-}
+int fc_packed_bf16_ok(void) { return fc_isa_bf16(); }
 
-#define FC_TBF16 __attribute__((target("avx512f,avx512bf16,fma")))
 
 /* As tile, with bf16 pairs: acc = vdpbf16ps(acc, xw[r, p], w[p, panel]) for p = 0..K2-1. */
 FC_TBF16 static inline __attribute__((always_inline)) void tile_bf16(float *y, ptrdiff_t ldy, const uint32_t *xw,
@@ -246,68 +182,53 @@ FC_TBF16 void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp
     }
 }
 #else
-int fc_packed_ok(void) { return 0; }
 int fc_packed_bf16_ok(void) { return 0; }
 void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
                            ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
     (void)y, (void)x, (void)wp, (void)M, (void)K, (void)N, (void)ldy, (void)j0, (void)j1, (void)xw;
 }
-void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
-                      ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
-    (void)y, (void)x, (void)wp, (void)M, (void)K, (void)N, (void)ldy, (void)j0, (void)j1;
-}
 #endif
 
-/* out[m] = softmax(q[m] K^T / sqrt(HS)) V over the first n = min(n0 + m + 1, S) cache rows, for
-   heads h0..h1-1 (keys already cached; out's other columns are left alone). A full cache (a ring,
-   rotary positions) is attended whole, in slot order. out (M, C); qkv (M, 3C), q first; kt, vt
-   (C, S) with time last, so every inner loop runs over contiguous rows; scores (S,) scratch. */
-FC_CLONES
-void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt,
-                  const float *restrict vt, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head,
-                  ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
-    ptrdiff_t HS = C / n_head, m, h, c, t, n;
-    float scale = 1.0f / sqrtf((float)HS);
-    for (m = 0; m < M; m++) {
-        const float *q = qkv + m * 3 * C;
-        n = n0 + m + 1 < S ? n0 + m + 1 : S;
-        for (h = h0; h < h1; h++) {
-            float mx, tot = 0.0f, inv;
-            /* 16 positions at a time, summed over the head's channels in registers (the score row
-               is written once, not once per channel) */
-            for (t = 0; t + 16 <= n; t += 16) {
-                float acc[16] = {0};
-                ptrdiff_t j;
-                for (c = h * HS; c < h * HS + HS; c++) {
-                    const float *krow = kt + c * S + t;
-                    float qc = q[c] * scale;
-                    for (j = 0; j < 16; j++) acc[j] += qc * krow[j];
-                }
-                for (j = 0; j < 16; j++) scores[t + j] = acc[j];
-            }
-            for (; t < n; t++) {  /* the last n % 16 positions: the same sums, one at a time */
-                float a = 0.0f;
-                for (c = h * HS; c < h * HS + HS; c++) a += q[c] * scale * kt[c * S + t];
-                scores[t] = a;
-            }
-            mx = scores[0];
-            for (t = 1; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
-            for (t = 0; t < n; t++) {
-                scores[t] = fc_expf(scores[t] - mx);
-                tot += scores[t];
-            }
-            inv = 1.0f / tot;
-            for (c = h * HS; c < h * HS + HS; c++) {
-                const float *vrow = vt + c * S;
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a;
-                ptrdiff_t n8 = n - n % 8, j;
-                for (t = 0; t < n8; t += 8)
-                    for (j = 0; j < 8; j++) acc[j] += scores[t + j] * vrow[t + j];
-                a = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-                for (; t < n; t++) a += scores[t] * vrow[t];
-                out[m * C + c] = a * inv;
-            }
-        }
+/* The decode attention (decode_attention_body.h) once for the generic path; the vector paths'
+   copies come with their products below. */
+#define FC_N(name) name##_generic
+#include "decode_attention_body.h"
+#undef FC_N
+
+#if defined(FC_BUILD_X86) || defined(FC_BUILD_NEON)
+#define FC_BODY "decode_body.h"
+#include "fc_each_isa.h"
+#endif
+
+void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt, const float *restrict vt,
+                  ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1,
+                  float *restrict scores) {
+    switch (fc_isa()) {
+#ifdef FC_BUILD_X86
+    case FC_ISA_AVX512: attention_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_AVX2: attention_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+#endif
+#ifdef FC_BUILD_NEON
+    case FC_ISA_NEON: attention_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+#endif
+    default: attention_generic(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores);
+    }
+}
+
+int fc_packed_ok(void) { return fc_isa() != FC_ISA_GENERIC; }
+
+void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
+                      ptrdiff_t j0, ptrdiff_t j1) {
+    (void)N;
+    switch (fc_isa()) {
+#ifdef FC_BUILD_X86
+    case FC_ISA_AVX512: matmul_packed_avx512(y, x, wp, M, K, ldy, j0, j1); return;
+    case FC_ISA_AVX2: matmul_packed_avx2(y, x, wp, M, K, ldy, j0, j1); return;
+#endif
+#ifdef FC_BUILD_NEON
+    case FC_ISA_NEON: matmul_packed_neon(y, x, wp, M, K, ldy, j0, j1); return;
+#endif
+    default: (void)y, (void)x, (void)wp, (void)M, (void)K, (void)ldy, (void)j0, (void)j1;
     }
 }
 

@@ -88,11 +88,12 @@ static inline void fc_idle(long *spins) {
 static inline void fc_set_quit(fc_team *t) { __atomic_store_n(&t->quit, 1, __ATOMIC_RELEASE); }
 static inline int fc_quitting(fc_team *t) { return __atomic_load_n(&t->quit, __ATOMIC_ACQUIRE); }
 
-/* Weights packed for the AVX-512 product: a (K, N) matrix as ceil(N/16) panels of 16 columns, each
-   panel [K][16] floats, zero-padded past column N. fc_packed_size is the floats it takes. */
+/* Weights packed for the vector products (every path: 16 columns are 1, 2 or 4 registers): a (K, N)
+   matrix as ceil(N/16) panels of 16 columns, each panel [K][16] floats, zero-padded past column N.
+   fc_packed_size is the floats it takes. */
 ptrdiff_t fc_packed_size(ptrdiff_t K, ptrdiff_t N);
 void fc_pack16(float *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw);
-/* 1 if this CPU runs fc_matmul_packed (AVX-512F and FMA) and FASTCHAR_DISABLE_AVX512 is unset. */
+/* 1 if the path in use (fc_isa(): avx512, avx2 or neon) runs fc_matmul_packed; 0 on the generic path. */
 int fc_packed_ok(void);
 /* y[:M, j0:j1] = x[:M] @ w[:, j0:j1] with w packed by fc_pack16 (N its column count); y row stride
    ldy, x (M, K) rows contiguous. Every output element is one fused multiply-add chain over k = 0..K-1

@@ -1,31 +1,31 @@
-/* Packed matrix products: bf16 (AVX512_BF16) and fp32 (AVX-512F). See gemm_bf16.h for the API.
+/* Packed matrix products: fp32 on every vector path, bf16 on AVX512_BF16. See gemm_bf16.h for the API.
  *
  * Structure (the GotoBLAS / BLIS layering, written for fastchar's shapes):
  *   for each column block jc of C (NC wide)            -- B block stays in L2
  *     for each depth block pc (KC deep)
- *       pack B[pc.., jc..] into NR-wide panels          -- threads share this, one barrier
+ *       pack B[pc.., jc..] into nr-wide panels          -- threads share this, one barrier
  *       for each row chunk (<= MC rows), dynamically    -- A chunk stays in L2
- *         pack A into MR-wide panels                      scheduled between the threads
- *         for each B panel (L1), for each A panel: one MR x NR register tile
+ *         pack A into MR-row panels                       scheduled between the threads
+ *         for each B panel (L1), for each A panel: one MR x nr register tile
  *
- * A panel holds W "lanes" (rows of op(A), or columns of op(B)) and stores, for each depth step p,
- * the W lanes side by side: [p][W] 32-bit words. In fp32 a word is one float, depth step = 1 k.
- * In bf16 a word is a pair of bf16 (k = 2p in the low half, 2p+1 in the high half), which is what
- * vdpbf16ps consumes: lane j of acc += a.lo * b[j].lo + a.hi * b[j].hi. The micro-kernel
- * broadcasts A's word of row r and multiplies it with NV vectors of 16 B words, so an 8 x 48 tile
- * keeps 24 accumulators in registers (of 32) and issues 24 vdpbf16ps per 11 loads.
+ * The driver below is plain C; an engine supplies the packing and the register tiles:
+ *   fp32  gemm_f32_body.h, written once over the vector width and compiled for AVX-512, AVX2 + FMA
+ *         and NEON by fc_each_isa.h (engine_f32_avx512, _avx2, _neon);
+ *   bf16  AVX512_BF16 intrinsics below (vdpbf16ps has no portable spelling), x86-64 only.
+ * The path is the one fastchar/isa.py chose (fc_isa(), fc_isa_bf16()); without one fc_gemm returns
+ * FC_GEMM_UNSUPPORTED and the caller keeps its BLAS kernels.
  *
+ * bf16 panels hold W "lanes" (rows of op(A), or columns of op(B)) and store, for each depth step p,
+ * the W lanes side by side: [p][W] 32-bit words, a word a pair of bf16 (k = 2p in the low half,
+ * 2p+1 in the high half), which is what vdpbf16ps consumes: lane j of acc += a.lo * b[j].lo +
+ * a.hi * b[j].hi. The micro-kernel broadcasts A's word of row r and multiplies it with NV vectors
+ * of 16 B words, so an 8 x 48 tile keeps 24 accumulators in registers (of 32).
  * Packing reads the source in one of two layouts and writes the same panel:
  *   k-major    lane l, depth k at src[k*ld + l] (B, or A^T): contiguous 16-lane loads of rows k,
  *              k+1; vcvtne2ps2bf16 rounds both, vpermw interleaves them into pairs.
- *   lane-major lane l, depth k at src[l*ld + k] (A, or B^T): a bf16 pair is 8 adjacent bytes,
- *              so one 64-bit gather fetches one pair for 8 lanes, and one vcvtne2ps2bf16 turns
- *              two gathers into 16 words.
+ *   lane-major lane l, depth k at src[l*ld + k] (A, or B^T): 8 rows x 32 floats rounded to pairs,
+ *              then an 8 x 16 transpose in registers.
  * Rounding is the CPU's (round to nearest even); odd depth and ragged edges are zero-padded.
- *
- * Every AVX-512 function carries a target attribute and is only called after cpuid said yes, so
- * the file builds without -march flags on gcc and clang, and to stubs on non-x86 compilers (or with
- * -DFC_GEMM_NO_X86, which is how that path is compiled and checked on x86).
  */
 #include "gemm_bf16.h"
 
@@ -33,80 +33,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fc_isa.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* Environment switches, read on every query (cheap next to a matrix product). */
-static int env_is_set(const char *name) {
-    const char *v = getenv(name);
-    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FC_GEMM_NO_X86)
-#define FC_HAVE_X86 1
-#include <cpuid.h>
-#include <immintrin.h>
-
-#define FC_T_F32 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
-#define FC_T_BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,avx512bf16")))
-#define FC_INLINE static inline __attribute__((always_inline))
-
-/* ---- CPU detection (cpuid + xgetbv: the OS must save the opmask and zmm state) ---- */
-
-static int cpu_flags = -1; /* bit 0: AVX-512 F/VL/BW/DQ + FMA usable, bit 1: AVX512_BF16 too */
-
-static int detect_cpu(void) {
-    unsigned a, b, c, d;
-    int flags = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1;
-    if (!osxsave) return 0;
-    unsigned xlo, xhi;
-    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
-    /* XCR0: SSE (1), AVX (2), opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7) */
-    if ((xlo & 0xE6u) != 0xE6u) return 0;
-    if (__get_cpuid_max(0, NULL) < 7) return 0;
-    __cpuid_count(7, 0, a, b, c, d);
-    unsigned max_sub = a;
-    int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
-    if (f && dq && bw && vl && fma) flags |= 1;
-    if ((flags & 1) && max_sub >= 1) {
-        __cpuid_count(7, 1, a, b, c, d);
-        if ((a >> 5) & 1) flags |= 2;
-    }
-    return flags;
-}
-
-static int cpu(void) {
-    if (cpu_flags < 0) cpu_flags = detect_cpu(); /* idempotent; a race only repeats the cpuid */
-    return cpu_flags;
-}
-
-int fc_gemm_cpu_has_avx512f(void) { return cpu() & 1; }
-int fc_gemm_cpu_has_avx512bf16(void) { return (cpu() >> 1) & 1; }
-
-#else /* not x86-64: no engine, every query says no */
-int fc_gemm_cpu_has_avx512f(void) { return 0; }
-int fc_gemm_cpu_has_avx512bf16(void) { return 0; }
-#endif
-
-int fc_gemm_has_avx512f(void) { return fc_gemm_cpu_has_avx512f() && !env_is_set("FASTCHAR_DISABLE_AVX512"); }
-int fc_gemm_has_avx512bf16(void) {
-    return fc_gemm_has_avx512f() && fc_gemm_cpu_has_avx512bf16() && !env_is_set("FASTCHAR_DISABLE_BF16");
-}
-
-#ifdef FC_HAVE_X86
-
-/* ---- Blocking. MR rows x NR columns per register tile; KC depth (elements) per packed block. ---- */
+/* ---- Blocking. MR rows x nr columns per register tile; KC depth (elements) per packed block. ---- */
 enum {
-    MR = 8,    /* one 64-bit gather fetches a bf16 pair for 8 rows */
-    NV = 3,    /* at most 3 16-float vectors per tile row (NR = 48: 24 accumulators of 32 registers) */
     KC_BF16 = 512, /* 256 pair-words per packed block (measured best of 128..768 words) */
     KC_F32 = 256,  /* the same 256 words in fp32 */
-    MC = 192,  /* rows of A per packed chunk (MC x KC words = 192 KiB at most) */
+    MC = 192,  /* rows of A per packed chunk (MC x KC words = 192 KiB at most); a multiple of every MR */
     MCHUNK_MIN = 64, /* fewest rows per chunk handed to a thread */
-    NC = 768,  /* columns of B per packed block */
+    NC = 768,  /* columns of B per packed block; a multiple of every nr */
 };
 
 typedef uint32_t word;
@@ -114,7 +53,32 @@ typedef uint32_t word;
 static inline long cdiv(long a, long b) { return (a + b - 1) / b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
 
-/* ---- Packing ---- */
+/* ukr(kp, a panel, b panel, c, ldc, m rows, n cols to store, beta, nr): one register tile. */
+typedef void (*ukr_fn)(long, const word *, const word *, float *, long, int, int, float, int);
+/* pack(src, ld, kc, w lanes, W lanes per panel, dst, panel stride): lanes 0..w-1 (zero-padded to a
+ * multiple of W) of depth 0..kc-1, lane l into panel l / W. */
+typedef void (*pack_fn)(const float *, long, long, long, int, word *, long);
+
+typedef struct {
+    int kstep; /* depth elements per word: 2 (bf16 pair) or 1 (fp32) */
+    long kc;   /* depth elements per packed block */
+    int mr, vl, nv; /* rows per tile, floats per vector, most vectors per tile row */
+    pack_fn pack_b_k, pack_b_l; /* B from a k-major (B) or lane-major (W^T) source */
+    pack_fn pack_a_k, pack_a_l; /* A from a k-major (A^T) or lane-major (A) source */
+    ukr_fn ukr_k[4], ukr_l[4];  /* by vectors per panel, for the A panels of pack_a_k / pack_a_l */
+} engine;
+
+#define FC_BODY "gemm_f32_body.h"
+#include "fc_each_isa.h"
+
+#ifdef FC_BUILD_X86
+#include <immintrin.h>
+
+#define FC_T_BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,avx512bf16")))
+#define FC_INLINE static inline __attribute__((always_inline))
+enum { MR = 8, NV = 3 }; /* the bf16 tile: 8 x 48 */
+
+/* ---- bf16 packing (AVX512_BF16 intrinsics) ---- */
 
 /* vpermw index: output word j = (first[j], second[j]) from [first(16 bf16) | second(16 bf16)] */
 FC_T_BF16 FC_INLINE __m512i pair_interleave_index(void) {
@@ -122,7 +86,7 @@ FC_T_BF16 FC_INLINE __m512i pair_interleave_index(void) {
                             19, 3, 18, 2, 17, 1, 16, 0);
 }
 
-FC_INLINE __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+FC_T_BF16 FC_INLINE __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 /* Every pack writes lanes 0..w-1 (zero-padded to a multiple of W) of depth 0..kc-1: lane l goes to
  * panel l / W (panels ps words apart), column l % W; depth step p of a panel starts at word p * W.
@@ -203,66 +167,7 @@ FC_T_BF16 static void pack_bf16_lanemajor(const float *src, long ld, long kc, lo
     }
 }
 
-FC_T_F32 static void pack_f32_kmajor(const float *src, long ld, long kc, long w, int W, word *dst, long ps) {
-    long lanes = cdiv(w, W) * W;
-    for (long l = 0; l < lanes; l += 16) {
-        word *d0 = dst + (l / W) * ps + l % W, *d1 = dst + ((l + 8) / W) * ps + (l + 8) % W;
-        int two = l + 8 < lanes, whole = two && d1 == d0 + 8;
-        __mmask16 m = lanes16(w - l);
-        for (long k = 0; k < kc; ++k) {
-            __m512 x = _mm512_maskz_loadu_ps(m, src + k * ld + l);
-            if (whole) {
-                _mm512_storeu_ps((float *)(d0 + k * W), x);
-            } else {
-                _mm256_storeu_ps((float *)(d0 + k * W), _mm512_castps512_ps256(x));
-                if (two) _mm256_storeu_ps((float *)(d1 + k * W), _mm512_extractf32x8_ps(x, 1));
-            }
-        }
-    }
-}
-
-/* fp32 words are floats; the transpose needs no AVX512_BF16 instruction, so it is compiled twice. */
-FC_T_F32 FC_INLINE void transpose8x16_store_f32(const __m512i R[8], word *dst, long W, int np) {
-    __m512i lo[4], hi[4], X[4], Y[4];
-    for (int i = 0; i < 4; ++i) {
-        lo[i] = _mm512_unpacklo_epi32(R[2 * i], R[2 * i + 1]);
-        hi[i] = _mm512_unpackhi_epi32(R[2 * i], R[2 * i + 1]);
-    }
-    X[0] = _mm512_unpacklo_epi64(lo[0], lo[1]), X[1] = _mm512_unpackhi_epi64(lo[0], lo[1]);
-    X[2] = _mm512_unpacklo_epi64(hi[0], hi[1]), X[3] = _mm512_unpackhi_epi64(hi[0], hi[1]);
-    Y[0] = _mm512_unpacklo_epi64(lo[2], lo[3]), Y[1] = _mm512_unpackhi_epi64(lo[2], lo[3]);
-    Y[2] = _mm512_unpacklo_epi64(hi[2], hi[3]), Y[3] = _mm512_unpackhi_epi64(hi[2], hi[3]);
-    const __m512i i01 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-    const __m512i i23 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-    for (int q = 0; q < 4; ++q) {
-        __m512i o01 = _mm512_permutex2var_epi32(X[q], i01, Y[q]);
-        __m512i o23 = _mm512_permutex2var_epi32(X[q], i23, Y[q]);
-        if (q < np) _mm256_storeu_si256((__m256i *)(dst + q * W), _mm512_castsi512_si256(o01));
-        if (4 + q < np) _mm256_storeu_si256((__m256i *)(dst + (4 + q) * W), _mm512_extracti64x4_epi64(o01, 1));
-        if (8 + q < np) _mm256_storeu_si256((__m256i *)(dst + (8 + q) * W), _mm512_castsi512_si256(o23));
-        if (12 + q < np) _mm256_storeu_si256((__m256i *)(dst + (12 + q) * W), _mm512_extracti64x4_epi64(o23, 1));
-    }
-}
-
-FC_T_F32 static void pack_f32_lanemajor(const float *src, long ld, long kc, long w, int W, word *dst, long ps) {
-    long lanes = cdiv(w, W) * W;
-    for (long l = 0; l < lanes; l += 8) {
-        const float *base = src + l * ld;
-        word *d = dst + (l / W) * ps + l % W;
-        for (long k0 = 0; k0 < kc; k0 += 16) {
-            __mmask16 m = lanes16(kc - k0);
-            __m512i R[8];
-            for (int r = 0; r < 8; ++r) {
-                _mm_prefetch((const char *)(base + r * ld + k0 + 64), _MM_HINT_T0); /* 4 lines ahead */
-                R[r] = l + r < w ? _mm512_castps_si512(_mm512_maskz_loadu_ps(m, base + r * ld + k0))
-                                 : _mm512_setzero_si512();
-            }
-            transpose8x16_store_f32(R, d + k0 * W, W, (int)lmin(16, kc - k0));
-        }
-    }
-}
-
-/* ---- Micro-kernels: C[m, n] (= or +=) A panel (MR x kp words) x B panel (kp x nr words) ---- */
+/* ---- bf16 micro-kernel ---- */
 
 /* Write the MR x (16*nv) accumulator tile: C = acc (beta == 0) or C = beta*C + acc; m rows, n cols. */
 #define STORE_TILE(nv)                                                                          \
@@ -303,55 +208,20 @@ FC_T_BF16 FC_INLINE void ukr_bf16(const int nv, long kp, const word *a, const wo
     STORE_TILE(nv);
 }
 
-FC_T_F32 FC_INLINE void ukr_f32(const int nv, long kp, const word *a_, const word *b_, float *c, long ldc, int m,
-                                int n, float beta, int nr) {
-    const float *a = (const float *)a_, *b = (const float *)b_;
-    __m512 s[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 3
-        for (int v = 0; v < nv; ++v) s[r][v] = _mm512_setzero_ps();
-    for (long p = 0; p < kp; ++p) {
-        __m512 bw[NV];
-#pragma GCC unroll 3
-        for (int v = 0; v < nv; ++v) bw[v] = _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-            __m512 av = _mm512_set1_ps(a[r]);
-#pragma GCC unroll 3
-            for (int v = 0; v < nv; ++v) s[r][v] = _mm512_fmadd_ps(av, bw[v], s[r][v]);
-        }
-        a += MR;
-        b += nr;
+
+#define DEF_UKR(name, nv)                                                                                 \
+    FC_T_BF16 static void name(long kp, const word *a, const word *b, float *c, long ldc, int m, int n, float beta, \
+                               int nr) {                                                                  \
+        ukr_bf16(nv, kp, a, b, c, ldc, m, n, beta, nr);                                                   \
     }
-    STORE_TILE(nv);
-}
+DEF_UKR(ukr_bf16_1, 1)
+DEF_UKR(ukr_bf16_2, 2)
+DEF_UKR(ukr_bf16_3, 3)
 
-typedef void (*ukr_fn)(long, const word *, const word *, float *, long, int, int, float, int);
-typedef void (*pack_fn)(const float *, long, long, long, int, word *, long);
-
-#define DEF_UKR(name, body, target, nv)                                                                  \
-    target static void name(long kp, const word *a, const word *b, float *c, long ldc, int m, int n, float beta, int nr) { \
-        body(nv, kp, a, b, c, ldc, m, n, beta, nr);                                                          \
-    }
-DEF_UKR(ukr_bf16_1, ukr_bf16, FC_T_BF16, 1)
-DEF_UKR(ukr_bf16_2, ukr_bf16, FC_T_BF16, 2)
-DEF_UKR(ukr_bf16_3, ukr_bf16, FC_T_BF16, 3)
-DEF_UKR(ukr_f32_1, ukr_f32, FC_T_F32, 1)
-DEF_UKR(ukr_f32_2, ukr_f32, FC_T_F32, 2)
-DEF_UKR(ukr_f32_3, ukr_f32, FC_T_F32, 3)
-
-typedef struct {
-    int kstep; /* depth elements per word: 2 (bf16 pair) or 1 (fp32) */
-    long kc;   /* depth elements per packed block */
-    pack_fn kmajor, lanemajor;
-    ukr_fn ukr[NV + 1]; /* by the number of 16-column vectors a (possibly ragged) panel needs */
-} engine;
-
-static const engine ENGINE_BF16 = {2, KC_BF16, pack_bf16_kmajor, pack_bf16_lanemajor,
+static const engine ENGINE_BF16 = {2, KC_BF16, MR, 16, NV, pack_bf16_kmajor, pack_bf16_lanemajor, pack_bf16_kmajor,
+                                   pack_bf16_lanemajor, {NULL, ukr_bf16_1, ukr_bf16_2, ukr_bf16_3},
                                    {NULL, ukr_bf16_1, ukr_bf16_2, ukr_bf16_3}};
-static const engine ENGINE_F32 = {1, KC_F32, pack_f32_kmajor, pack_f32_lanemajor,
-                                  {NULL, ukr_f32_1, ukr_f32_2, ukr_f32_3}};
+#endif /* FC_BUILD_X86 */
 
 /* ---- Workspace: one growing 64-byte-aligned buffer per calling thread ---- */
 
@@ -368,62 +238,59 @@ static word *workspace(size_t words) {
     return ws_buf;
 }
 
-
 /* C = beta * C when there is nothing to multiply (K == 0). */
 static void scale_c(long M, long N, float beta, float *C, long ldc) {
     for (long i = 0; i < M; ++i)
         for (long j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
 }
 
-/* Tile width: 48 columns (24 accumulators) unless 32 wastes fewer columns on N's ragged last panel
- * (N = 128: 3 x 48 computes 144 columns, 4 x 32 exactly 128). FASTCHAR_GEMM_NR=32|48 forces one. */
-static int choose_nr(long N) {
-    const char *v = getenv("FASTCHAR_GEMM_NR");
-    if (v != NULL && (strcmp(v, "32") == 0 || strcmp(v, "48") == 0)) return atoi(v);
-    /* Columns computed: a ragged panel computes only its ceil(n/16) vectors, so the two widths
-     * differ only in how the last panel's vectors are grouped; 48 wins unless N is a multiple of
-     * 32 but not of 48 (3 x 16-vector tiles are the most efficient, 2 x 16 next). */
-    if (N % 48 != 0 && N % 32 == 0) return 32;
-    return 48;
+/* Tile width: nv vectors (3 x 16 = 48 columns on AVX-512) unless one vector fewer wastes fewer
+ * columns on N's ragged last panel (N = 128: 3 x 48 computes 144 columns, 4 x 32 exactly 128). */
+static int choose_nr(const engine *e, long N) {
+    int nr = e->vl * e->nv;
+    if (e->nv == 3 && N % nr != 0 && N % (2 * e->vl) == 0) return 2 * e->vl;
+    return nr;
 }
 
 /* One thread's share of a (jc, pc) block: rows [m0, m1) of C against the packed B panels. */
 static void compute_rows(const engine *e, int trans_a, const float *A, long lda, long m0, long m1, long pc, long kc,
                          long kp, const word *bp, long jc, long nc, int nr, float beta, float *C, long ldc,
                          word *ap) {
-    pack_fn pack_a = trans_a ? e->kmajor : e->lanemajor;
+    pack_fn pack_a = trans_a ? e->pack_a_k : e->pack_a_l;
+    const ukr_fn *ukr = trans_a ? e->ukr_k : e->ukr_l;
+    const int mr = e->mr;
     long nbp = cdiv(nc, nr);
     for (long ic = m0; ic < m1; ic += MC) {
         long mc = lmin(MC, m1 - ic);
-        pack_a(trans_a ? A + pc * lda + ic : A + ic * lda + pc, lda, kc, mc, MR, ap, kp * MR);
+        pack_a(trans_a ? A + pc * lda + ic : A + ic * lda + pc, lda, kc, mc, mr, ap, kp * mr);
         for (long q = 0; q < nbp; ++q) {
             int n = (int)lmin(nr, nc - q * nr);
-            ukr_fn k = e->ukr[cdiv(n, 16)];
+            ukr_fn k = ukr[cdiv(n, e->vl)];
             const word *b = bp + q * kp * nr;
             float *cq = C + ic * ldc + jc + q * nr;
-            for (long r = 0; r < mc; r += MR)
-                k(kp, ap + (r / MR) * kp * MR, b, cq + r * ldc, ldc, (int)lmin(MR, mc - r), n, beta, nr);
+            for (long r = 0; r < mc; r += mr)
+                k(kp, ap + (r / mr) * kp * mr, b, cq + r * ldc, ldc, (int)lmin(mr, mc - r), n, beta, nr);
         }
     }
 }
 
-static int gemm_x86(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
+static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
                     const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
-    int nr = choose_nr(N);
+    int nr = choose_nr(e, N), mr = e->mr;
     long kc_max = lmin(e->kc, K), kp_max = cdiv(kc_max, e->kstep);
     long nc_max = lmin(NC, cdiv(N, nr) * nr);
-    long panels = cdiv(M, MR);
+    long panels = cdiv(M, mr);
     if (nthreads > panels) nthreads = (int)panels;
     if (nthreads < 1) nthreads = 1;
     /* segments rounded to 16 words (64 bytes) so that each thread's A buffer starts on its own line */
     size_t b_words = ((size_t)kp_max * nc_max + 15) & ~(size_t)15, a_words = ((size_t)kp_max * MC + 15) & ~(size_t)15;
     word *ws = workspace(b_words + (size_t)nthreads * a_words);
     if (ws == NULL) return FC_GEMM_NOMEM;
-    pack_fn pack_b = trans_b ? e->lanemajor : e->kmajor;
+    pack_fn pack_b = trans_b ? e->pack_b_l : e->pack_b_k;
     /* About 4 row chunks per thread, but at least MCHUNK_MIN rows: a chunk streams every B panel
      * from L2 once, so fewer rows than that make the product L2-bound (dW with M = 128). */
-    long mchunk = lmin(MC, cdiv(cdiv(M, 4L * nthreads), MR) * MR);
-    if (mchunk < MCHUNK_MIN) mchunk = MCHUNK_MIN;
+    long mchunk = lmin(MC, cdiv(cdiv(M, 4L * nthreads), mr) * mr);
+    if (mchunk < MCHUNK_MIN) mchunk = cdiv(MCHUNK_MIN, mr) * mr;
     long nchunks = cdiv(M, mchunk);
 
 #ifdef _OPENMP
@@ -465,14 +332,35 @@ static int gemm_x86(const engine *e, int trans_a, int trans_b, long M, long N, l
     }
     return FC_GEMM_OK;
 }
-#endif /* FC_HAVE_X86 */
+
+/* The engine of the path in use, or NULL. */
+static const engine *engine_for(int precision) {
+    if (precision == FC_BF16) {
+#ifdef FC_BUILD_X86
+        if (fc_isa_bf16()) return &ENGINE_BF16;
+#endif
+        return NULL;
+    }
+    switch (fc_isa()) {
+#ifdef FC_BUILD_X86
+    case FC_ISA_AVX512: return &engine_f32_avx512;
+    case FC_ISA_AVX2: return &engine_f32_avx2;
+#endif
+#ifdef FC_BUILD_NEON
+    case FC_ISA_NEON: return &engine_f32_neon;
+#endif
+    default: return NULL;
+    }
+}
+
+int fc_gemm_available(int precision) { return engine_for(precision) != NULL; }
 
 int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
             const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
     if (precision != FC_F32 && precision != FC_BF16) return FC_GEMM_BADARG;
     if (M < 0 || N < 0 || K < 0 || ldc < N || lda < (trans_a ? M : K) || ldb < (trans_b ? K : N)) return FC_GEMM_BADARG;
-    if (precision == FC_BF16 ? !fc_gemm_has_avx512bf16() : !fc_gemm_has_avx512f()) return FC_GEMM_UNSUPPORTED;
-#ifdef FC_HAVE_X86
+    const engine *e = engine_for(precision);
+    if (e == NULL) return FC_GEMM_UNSUPPORTED;
     if (M == 0 || N == 0) return FC_GEMM_OK;
     if (K == 0) {
         scale_c(M, N, beta, C, ldc);
@@ -484,10 +372,5 @@ int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, con
 #else
     nthreads = 1;
 #endif
-    return gemm_x86(precision == FC_BF16 ? &ENGINE_BF16 : &ENGINE_F32, trans_a, trans_b, M, N, K, A, lda, B, ldb,
-                    beta, C, ldc, nthreads);
-#else
-    (void)A; (void)B; (void)C; (void)beta; (void)nthreads;
-    return FC_GEMM_UNSUPPORTED;
-#endif
+    return gemm_run(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
 }

@@ -11,11 +11,10 @@
  *   dweight   dW[IC,OC] += inp^T[IC,N] @ dout[N,OC]   fc_gemm(.., 1, 0, IC, OC, N,  inp, IC, dout, OC, 1, dW,  OC, ..)
  *
  * FC_BF16: both operands are rounded to bfloat16 (round to nearest even, by the CPU's vcvtne2ps2bf16)
- * while they are packed; products and sums are fp32 (vdpbf16ps). FC_F32: plain fp32 with FMA.
- * The ISA is chosen at run time (cpuid + xgetbv); the build needs no -march flag. On CPUs (or
- * builds, e.g. non-x86) without the ISA, fc_gemm returns FC_GEMM_UNSUPPORTED and computes nothing.
- * FASTCHAR_DISABLE_BF16=1 in the environment makes the bf16 path report itself unavailable (for
- * testing the error path on any CPU); FASTCHAR_DISABLE_AVX512=1 disables both.
+ * while they are packed; products and sums are fp32 (vdpbf16ps), AVX512_BF16 only. FC_F32: plain fp32
+ * with FMA on the AVX-512, AVX2 and NEON paths. The path is fc_isa() (csrc/fc_isa.h, set from
+ * Python); the build needs no -march flag. Where the path has no engine for the precision, fc_gemm
+ * returns FC_GEMM_UNSUPPORTED and computes nothing (fc_gemm_available says so beforehand).
  *
  * Threads: with nthreads > 1 (0 = omp_get_max_threads()) the call opens ONE OpenMP parallel region
  * (libgomp, the pool the Cython kernels already use) and splits the rows of C between threads; it
@@ -32,12 +31,8 @@ extern "C" {
 enum { FC_F32 = 0, FC_BF16 = 1 };
 enum { FC_GEMM_OK = 0, FC_GEMM_UNSUPPORTED = -1, FC_GEMM_NOMEM = -2, FC_GEMM_BADARG = -3 };
 
-/* 1 when the CPU and OS support the ISA the path needs and the environment does not disable it. */
-int fc_gemm_has_avx512bf16(void);
-int fc_gemm_has_avx512f(void);
-/* The same question without the environment overrides (what the hardware can do). */
-int fc_gemm_cpu_has_avx512bf16(void);
-int fc_gemm_cpu_has_avx512f(void);
+/* 1 when fc_gemm runs this precision on the path in use. */
+int fc_gemm_available(int precision);
 
 int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
             const float *B, long ldb, float beta, float *C, long ldc, int nthreads);

@@ -9,9 +9,6 @@ cdef extern from "gemm_bf16.h" nogil:
         FC_GEMM_UNSUPPORTED
         FC_GEMM_NOMEM
         FC_GEMM_BADARG
-    int fc_gemm_has_avx512bf16()
-    int fc_gemm_has_avx512f()
-    int fc_gemm_cpu_has_avx512bf16()
-    int fc_gemm_cpu_has_avx512f()
+    int fc_gemm_available(int precision)
     int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
                 const float *B, long ldb, float beta, float *C, long ldc, int nthreads)

@@ -59,6 +59,8 @@ def fix_openblas_coretype() -> str | None:
     forced = os.environ.get("OPENBLAS_CORETYPE")
     if not forced or os.environ.get("FASTCHAR_KEEP_OPENBLAS_CORETYPE") == "1":
         return None
+    if os.environ.get("FASTCHAR_ISA", "").strip().lower() in ("avx2", "generic"):
+        return None  # a path below AVX-512 was asked for: OpenBLAS may stay below it too
     if forced.lower() not in PRE_AVX512 or not AVX512 <= cpu_flags():
         return None
     if "numpy" in sys.modules:  # too late: OpenBLAS already chose its kernels

@@ -851,8 +851,13 @@ def _cpu_features() -> dict:
         from fastchar import _gemm
     except ImportError:
         return {"avx512_bf16": None, "bf16_usable": False, "note": "fastchar._gemm is not built"}
+    from dataclasses import asdict
+
+    from fastchar import isa
+
     feats = _gemm.cpu_features()
-    return {**feats, "bf16_usable": _gemm.has_avx512bf16(), "avx512f_usable": _gemm.has_avx512f()}
+    sel = isa.selection()
+    return {**feats, "bf16_usable": _gemm.has_avx512bf16(), "isa": {**asdict(sel), "line": sel.describe()}}
 
 
 def _format_info(report: dict) -> str:
@@ -938,8 +943,9 @@ def _format_info(report: dict) -> str:
             has = "yes" if cpu["avx512_bf16"] else "no"
             use = "available" if cpu["bf16_usable"] else "unavailable"
             if cpu["avx512_bf16"] and not cpu["bf16_usable"]:
-                use += " (disabled by FASTCHAR_DISABLE_BF16 / FASTCHAR_DISABLE_AVX512)"
+                use += " (disabled by FASTCHAR_DISABLE_BF16, or FASTCHAR_ISA below avx512)"
             lines.append(f"cpu AVX512_BF16 (vdpbf16ps): {has}; bf16 matrix products {use}")
+            lines.append(cpu["isa"]["line"])
     return "\n".join(lines)
 
 

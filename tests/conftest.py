@@ -65,3 +65,36 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(PANGRAMS * 100, encoding="utf-8")
     return path
+
+
+# ---- instruction-set paths (fastchar.isa) -------------------------------------------------------
+# A test that takes `isa_path` runs once per path this CPU runs (avx512, avx2 and generic on an
+# AVX-512 machine; avx2 and generic on an AVX2 one; neon and generic on ARM64), the compiled kernels
+# forced onto it (fastchar.isa.force) for the test's duration; `vector_path` skips "generic".
+from collections.abc import Iterator  # noqa: E402
+
+from fastchar import isa  # noqa: E402
+
+
+def paths() -> list[str]:
+    """Every path this CPU runs, best first ("generic" alone when no compiled module is built)."""
+    try:
+        return list(isa.runnable())
+    except ImportError:
+        return ["generic"]
+
+
+VECTOR_PATHS = [p for p in paths() if p != "generic"]
+
+
+@pytest.fixture(params=paths())
+def isa_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    with isa.force(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=VECTOR_PATHS or [pytest.param("none", marks=pytest.mark.skip(reason="no vector path"))])
+def vector_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """As isa_path, over the vector paths only (the kernels that the generic path does not have)."""
+    with isa.force(request.param):
+        yield request.param

@@ -1,7 +1,10 @@
-"""fastchar._gemm.attention_forward / attention_backward (csrc/attention.c) against the reference.
+"""fastchar._gemm.attention_forward / attention_backward (csrc/attention.c) against the reference, on
+every vector path this CPU runs (avx512 and avx2 on an AVX-512 machine, neon on ARM64: the
+`vector_path` fixture forces each in turn).
 
-Tolerances are the table's (tests/conftest.py TOL) for the backends' attention kernels: the scores
-are the same fp32 dot products summed in a different order, exp is a polynomial within 2 ulp.
+Tolerances are the table's (tests/conftest.py TOL) for the backends' attention kernels, the same on
+every path: the scores are the same fp32 dot products summed in a different order (the vector
+width changes the order), exp is fc_expf's polynomial within 2 ulp.
 """
 
 from __future__ import annotations
@@ -9,12 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastchar import _gemm
+from fastchar import _gemm, isa
 from fastchar.backends import reference as ref
 from fastchar.errors import ConfigError
 from tests.conftest import tol
-
-needs_avx512 = pytest.mark.skipif(not _gemm.cpu_features()["avx512f"], reason="this CPU has no AVX-512F")
 
 # (B, T, C, NH): head sizes 16, 32, 48, 64; T = 1, below, across and above the 16-key blocks.
 SHAPES = [(1, 1, 16, 1), (2, 5, 32, 2), (3, 17, 64, 4), (2, 33, 96, 2), (2, 64, 128, 8), (1, 100, 256, 4),
@@ -26,9 +27,8 @@ def _close(got: np.ndarray, want: np.ndarray, kernel: str, name: str) -> None:
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"{kernel} {name}")
 
 
-@needs_avx512
 @pytest.mark.parametrize("B,T,C,NH", SHAPES)
-def test_attention_matches_reference(rng, B, T, C, NH):
+def test_attention_matches_reference(vector_path, rng, B, T, C, NH):
     assert _gemm.attention_supported(C, NH)
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     out = np.full((B, T, C), np.nan, np.float32)
@@ -50,8 +50,7 @@ def test_attention_matches_reference(rng, B, T, C, NH):
     _close(dqkv, want, "attention_backward", "dqkv")
 
 
-@needs_avx512
-def test_threads_split_heads_without_changing_results(rng):
+def test_threads_split_heads_without_changing_results(vector_path, rng):
     B, T, C, NH = 3, 40, 64, 4
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     outs = []
@@ -78,16 +77,17 @@ def test_unsupported_head_size_is_a_clear_error():
     assert "attention_supported" in e.value.hint
 
 
-def test_disabled_avx512_attention(monkeypatch):
-    monkeypatch.setenv("FASTCHAR_DISABLE_AVX512", "1")
-    assert not _gemm.attention_supported(32, 2)
+def test_generic_path_has_no_vector_attention():
     out, att, qkv = (
         np.zeros((1, 4, 32), np.float32),
         np.zeros((1, 2, 4, 4), np.float32),
         np.zeros((1, 4, 96), np.float32),
     )
-    with pytest.raises(ConfigError):
-        _gemm.attention_forward(out, att, qkv)
+    with isa.force("generic"):
+        assert not _gemm.attention_supported(32, 2)
+        with pytest.raises(ConfigError, match="on this path") as e:
+            _gemm.attention_forward(out, att, qkv)
+        assert "vector path" in e.value.hint
 
 
 def test_mismatched_shapes():
@@ -100,10 +100,9 @@ def test_mismatched_shapes():
         _gemm.attention_forward(out, att, qkv)
 
 
-@needs_avx512
 @pytest.mark.parametrize("B,T,C,NH", [(1, 1, 16, 1), (2, 17, 32, 2), (3, 33, 64, 4), (2, 64, 128, 8), (1, 129, 96, 2)])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_attention_dropout_matches_reference(rng, B, T, C, NH, p):
+def test_attention_dropout_matches_reference(vector_path, rng, B, T, C, NH, p):
     key = 0xDEADBEEF
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     out, att = np.full((B, T, C), np.nan, np.float32), np.full((B, NH, T, T), np.nan, np.float32)
@@ -122,8 +121,7 @@ def test_attention_dropout_matches_reference(rng, B, T, C, NH, p):
     _close(dqkv, want, "attention_backward", "dqkv")
 
 
-@needs_avx512
-def test_attention_dropout_masks_differ_by_key_and_p0_is_plain(rng):
+def test_attention_dropout_masks_differ_by_key_and_p0_is_plain(vector_path, rng):
     B, T, C, NH = 2, 40, 64, 4
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     outs = []

@@ -1,4 +1,5 @@
-"""The packed AVX-512 product of the compiled decode loops (fc_matmul_packed in csrc/fc_decode.c).
+"""The packed products of the compiled decode loops (fc_matmul_packed in csrc/fc_decode.c), fp32 on every
+vector path this CPU runs (forced in turn: avx512 and avx2 on an AVX-512 machine), bf16 on AVX512_BF16.
 
 Every output element is one fused multiply-add chain over k from zero, so a row's values do not
 depend on the other rows of the batch nor on how the columns are split between threads: the tests
@@ -15,16 +16,28 @@ import sys
 import numpy as np
 import pytest
 
+from fastchar import isa
 from fastchar.backends.reference import round_bf16
+from tests.conftest import VECTOR_PATHS
 
 cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
-needs_avx512 = pytest.mark.skipif(not cydecode.packed_available(), reason="this CPU has no AVX-512F")
 
-
-PRECISIONS = [
-    "fp32",
-    pytest.param("bf16", marks=pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16")),
+# (precision, path); the tolerances below are the same on every path (only the fp32 summation differs:
+# each element is one FMA chain over k, whatever the vector width)
+ENGINES = [pytest.param(("fp32", p), id=f"fp32-{p}") for p in VECTOR_PATHS] + [
+    pytest.param(
+        ("bf16", "avx512"),
+        id="bf16-avx512",
+        marks=pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16"),
+    )
 ]
+
+
+@pytest.fixture(params=ENGINES)
+def precision(request: pytest.FixtureRequest):
+    prec, path = request.param
+    with isa.force(path):
+        yield prec
 
 
 def product(x: np.ndarray, w: np.ndarray, j0: int, j1: int, precision: str) -> np.ndarray:
@@ -33,8 +46,6 @@ def product(x: np.ndarray, w: np.ndarray, j0: int, j1: int, precision: str) -> n
     return y
 
 
-@needs_avx512
-@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("M, K, N", [(1, 128, 384), (3, 24, 72), (64, 128, 65), (13, 7, 1), (9, 33, 49), (8, 512, 128)])
 def test_packed_product_equals_float64_and_leaves_other_columns(M, K, N, precision):
     # bf16: the products of bf16 inputs are exact in fp32, so against float64 on the rounded inputs
@@ -52,8 +63,6 @@ def test_packed_product_equals_float64_and_leaves_other_columns(M, K, N, precisi
         assert np.isnan(y[:, :j0]).all() and np.isnan(y[:, j1:]).all(), "wrote outside the column range"
 
 
-@needs_avx512
-@pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_rows_values_do_not_depend_on_the_batch_or_the_column_split(precision):
     r = np.random.default_rng(1)
     x = r.normal(size=(64, 128)).astype(np.float32)
@@ -67,22 +76,24 @@ def test_a_rows_values_do_not_depend_on_the_batch_or_the_column_split(precision)
     np.testing.assert_array_equal(split, whole)
 
 
-def test_pack_weights_follows_the_cpu_and_the_switch():
+def test_pack_weights_follows_the_path():
+    """Every vector path packs the same weights (16-column panels on every vector width); generic packs none."""
     code = (
         "import numpy as np; from fastchar import Model, ModelConfig; from fastchar.graph import decode_table;"
         "import fastchar._cydecode as d; m = Model(ModelConfig(), backend='cython');"
         "p, o, _ = d.pack_weights(m.params.flat, decode_table(m.cfg, m.params.offsets, 64).table);"
         "print(p.size, int((o >= 0).sum()), p.ctypes.data % 64)"
     )
-    env_off = {"FASTCHAR_DISABLE_AVX512": "1"}
-    size, products, align = map(int, subprocess.check_output([sys.executable, "-c", code], text=True).split())
-    if cydecode.packed_available():
-        assert products == 4 * 4 + 1 and align == 0  # qkv (with attention), proj, fc, fc2 per layer; the head
-        assert size == 4 * (128 * (384 + 128 + 512) + 512 * 128) + 128 * 80  # the head: 65 columns -> 80
-    else:
-        assert size == 0
-    off = subprocess.check_output([sys.executable, "-c", code], text=True, env={**os.environ, **env_off})
-    assert int(off.split()[0]) == 0
+    for path in isa.runnable():
+        env = {**os.environ, "FASTCHAR_ISA": path}
+        size, products, align = map(
+            int, subprocess.check_output([sys.executable, "-c", code], text=True, env=env).split()
+        )
+        if path != "generic":
+            assert products == 4 * 4 + 1 and align == 0, path  # qkv (with attention), proj, fc, fc2 per layer; head
+            assert size == 4 * (128 * (384 + 128 + 512) + 512 * 128) + 128 * 80, path  # the head: 65 columns -> 80
+        else:
+            assert size == 0
 
 
 @pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16")

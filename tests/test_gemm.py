@@ -12,20 +12,24 @@ more than 1/K ~ 1e-3 of that sum, 100x the tolerance.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from fastchar import _gemm
+from fastchar import _gemm, isa
 from fastchar.backends import reference as ref
 from fastchar.backends.reference import round_bf16
 from fastchar.errors import ConfigError
+from tests.conftest import VECTOR_PATHS
 
 RTOL = 1e-5  # of sum_k |a_ik| |b_kj|, see the module docstring
 
 needs_bf16 = pytest.mark.skipif(
     not _gemm.cpu_features()["avx512_bf16"], reason="this CPU has no AVX512_BF16 (vdpbf16ps)"
 )
-needs_avx512 = pytest.mark.skipif(not _gemm.cpu_features()["avx512f"], reason="this CPU has no AVX-512F")
 
 # (M, N, K): ones, odd sizes below and across the 8 x 48 / 8 x 32 register tiles, the model's
 # shapes (N = 768 rows, C = 128, V = 65), K above one packed depth block (512 bf16 / 256 fp32)
@@ -42,7 +46,20 @@ SHAPES = [
     (20, 800, 40),
     (768, 384, 128),
 ]
-PRECISIONS = [pytest.param("bf16", marks=needs_bf16), pytest.param("fp32", marks=needs_avx512)]
+# (precision, path): bf16 where the CPU has AVX512_BF16, fp32 on every vector path this CPU runs (AVX-512
+# machines test the AVX2 engine too). Same tolerance on every path: the engines differ only in the
+# order of the fp32 sums (tile shapes), which RTOL covers.
+ENGINES = [pytest.param(("bf16", "avx512"), id="bf16-avx512", marks=needs_bf16)] + [
+    pytest.param(("fp32", p), id=f"fp32-{p}") for p in VECTOR_PATHS
+]
+
+
+@pytest.fixture(params=ENGINES)
+def precision(request: pytest.FixtureRequest):
+    """The precision of the products under test, with the kernels forced onto its path."""
+    prec, path = request.param
+    with isa.force(path):
+        yield prec
 
 
 def _want(a: np.ndarray, b: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +85,6 @@ def _operands(rng: np.random.Generator, M: int, N: int, K: int, ta: bool, tb: bo
     return a, b, (a.T if ta else a), (b.T if tb else b)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_gemm_matches_numpy(rng, precision, ta, tb, M, N, K):
@@ -79,7 +95,6 @@ def test_gemm_matches_numpy(rng, precision, ta, tb, M, N, K):
     _assert_close(c, want, scale, f"{precision} gemm M,N,K={M},{N},{K} trans={ta},{tb}")
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("beta", [1.0, 0.5, -2.0])
 @pytest.mark.parametrize("M,N,K", [(13, 65, 129), (9, 50, 1100)])
 def test_gemm_beta_accumulates(rng, precision, beta, M, N, K):
@@ -91,7 +106,6 @@ def test_gemm_beta_accumulates(rng, precision, beta, M, N, K):
     _assert_close(c, beta * c0.astype(np.float64) + want, scale + abs(beta) * np.abs(c0), f"beta={beta}")
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("N,IC,OC", [(1, 1, 1), (7, 5, 3), (768, 128, 65), (50, 128, 384), (33, 512, 128)])
 def test_linear_layer_products(rng, precision, N, IC, OC):
     """matmul_forward / matmul_backward: the reference's kernels on the rounded inputs, backward twice
@@ -122,7 +136,6 @@ def test_linear_layer_products(rng, precision, N, IC, OC):
     _assert_close(dw, want_dw, s_dw, f"{precision} matmul_backward dweight")
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
 def test_threads_do_not_change_the_result(rng, precision):
     """Threads split the rows of C; every element is summed in the same order, so results are equal."""
     a, b, _, _ = _operands(rng, 203, 130, 700, True, False)
@@ -167,39 +180,71 @@ def test_round_bf16_is_what_the_kernel_multiplies(rng):
     np.testing.assert_array_equal(c[:, 0], round_bf16(x))
 
 
-def test_disabled_bf16_is_a_clear_error(monkeypatch):
-    """FASTCHAR_DISABLE_BF16=1 (read by the C dispatch on every call) stands in for a CPU without it."""
-    monkeypatch.setenv("FASTCHAR_DISABLE_BF16", "1")
-    assert _gemm.has_avx512bf16() is False
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    """python -c code in a fresh process (FASTCHAR_ISA and FASTCHAR_DISABLE_BF16 are read once per process)."""
+    full = {k: v for k, v in os.environ.items() if k not in ("FASTCHAR_ISA", "FASTCHAR_DISABLE_BF16")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**full, **env})
+
+
+@needs_bf16
+def test_bf16_off_below_avx512_is_a_clear_error():
+    """On the avx2 path (or with FASTCHAR_DISABLE_BF16=1) the bf16 products refuse with a hint."""
     c, a, b = np.zeros((2, 3), np.float32), np.ones((2, 4), np.float32), np.ones((4, 3), np.float32)
-    with pytest.raises(ConfigError, match="bf16 matrix products are unavailable") as e:
-        _gemm.gemm(c, a, b, precision="bf16")
-    assert "fp32" in e.value.hint
-    with pytest.raises(ConfigError, match="unavailable"):
-        _gemm.matmul_forward(c, a, b)
-    if _gemm.cpu_features()["avx512f"]:  # fp32 is unaffected
-        _gemm.gemm(c, a, b, precision="fp32")
+    with isa.force("avx2"):
+        assert _gemm.has_avx512bf16() is False
+        with pytest.raises(ConfigError, match="bf16 matrix products are unavailable") as e:
+            _gemm.gemm(c, a, b, precision="bf16")
+        assert "fp32" in e.value.hint
+        with pytest.raises(ConfigError, match="unavailable"):
+            _gemm.matmul_forward(c, a, b)
+        _gemm.gemm(c, a, b, precision="fp32")  # fp32 is unaffected
         np.testing.assert_array_equal(c, np.full((2, 3), 4.0, np.float32))
+    assert _gemm.has_avx512bf16() is True  # back on the best path
 
 
-def test_disabled_avx512_turns_both_off(monkeypatch):
-    monkeypatch.setenv("FASTCHAR_DISABLE_AVX512", "1")
-    assert not _gemm.has_avx512bf16() and not _gemm.has_avx512f()
+def test_disable_bf16_switch_is_read_by_python():
+    code = "from fastchar import _gemm, isa; print(_gemm.has_avx512bf16(), _gemm.has_fp32(), isa.selection().bf16)"
+    out = _run(code, FASTCHAR_DISABLE_BF16="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", str(bool(VECTOR_PATHS)), "False"]
+
+
+def test_generic_path_has_no_packed_products():
     c = np.zeros((2, 2), np.float32)
-    for precision in ("bf16", "fp32"):
-        with pytest.raises(ConfigError):
-            _gemm.gemm(c, c, c, precision=precision)
+    with isa.force("generic"):
+        assert not _gemm.has_avx512bf16() and not _gemm.has_fp32()
+        assert _gemm.isa_in_use() == (isa.CODES["generic"], False)
+        for precision in ("bf16", "fp32"):
+            with pytest.raises(ConfigError):
+                _gemm.gemm(c, c, c, precision=precision)
 
 
-def test_cpu_report_matches_the_switches(monkeypatch):
-    monkeypatch.delenv("FASTCHAR_DISABLE_BF16", raising=False)
-    monkeypatch.delenv("FASTCHAR_DISABLE_AVX512", raising=False)
-    assert _gemm.has_avx512bf16() == _gemm.cpu_features()["avx512_bf16"]
-    assert _gemm.has_avx512f() == _gemm.cpu_features()["avx512f"]
+def test_cpu_report_matches_the_path():
+    sel = isa.selection()
+    assert sel.best == sel.runnable[0] and sel.path == (sel.forced or sel.best)
+    assert _gemm.isa_in_use() == (isa.CODES[sel.path], sel.bf16)
+    assert sel.bf16 == _gemm.has_avx512bf16() == (_gemm.cpu_features()["avx512_bf16"] and sel.path == "avx512")
+    assert _gemm.has_fp32() == (sel.path != "generic")
+    assert ("avx512" in sel.runnable) == _gemm.cpu_features()["avx512f"]
+    assert ("avx2" in sel.runnable) == _gemm.cpu_features()["avx2"]
 
 
-@needs_avx512
-def test_bad_arguments():
+def test_forced_path_from_the_environment():
+    """FASTCHAR_ISA picks a lower path; a higher or unknown one is a one-line error with a hint."""
+    for path in isa.runnable():
+        out = _run("from fastchar import _gemm; print(*_gemm.isa_in_use())", FASTCHAR_ISA=path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(isa.CODES[path]), str(path == "avx512" and isa.selection().bf16_cpu)]
+    higher = "neon" if "neon" not in isa.runnable() else "avx512"
+    for bad, message in ((higher, f"cannot run the {higher} path"), ("sse9", "not an instruction-set path")):
+        out = _run("from fastchar.cli import main; raise SystemExit(main(['info']))", FASTCHAR_ISA=bad)
+        assert out.returncode != 0
+        lines = out.stderr.strip().splitlines()
+        assert lines[0].startswith("error: FASTCHAR_ISA") and message in lines[0], out.stderr
+        assert lines[1].startswith("hint:") and "Traceback" not in out.stderr
+
+
+def test_bad_arguments(vector_path):
     c = np.zeros((3, 4), np.float32)
     with pytest.raises(ConfigError, match="shapes do not match"):
         _gemm.gemm(c, np.zeros((3, 5), np.float32), np.zeros((6, 4), np.float32), precision="fp32")
@@ -212,15 +257,16 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("disable", [False, True])
-def test_info_says_whether_bf16_is_there(capsys, monkeypatch, disable):
-    from fastchar.cli import main
-
-    if disable:
-        monkeypatch.setenv("FASTCHAR_DISABLE_BF16", "1")
-    else:
-        monkeypatch.delenv("FASTCHAR_DISABLE_BF16", raising=False)
-    assert main(["info"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu AVX512_BF16"))
-    assert line.split(": ")[1].startswith("yes;" if _gemm.cpu_features()["avx512_bf16"] else "no;")
-    assert line.endswith("products available") == _gemm.has_avx512bf16()
-    assert ("unavailable" in line) == (disable or not _gemm.cpu_features()["avx512_bf16"])
+def test_info_says_whether_bf16_is_there(disable):
+    code = "from fastchar.cli import main; raise SystemExit(main(['info']))"
+    out = _run(code, **({"FASTCHAR_DISABLE_BF16": "1"} if disable else {}))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    line = next(x for x in lines if x.startswith("cpu AVX512_BF16"))
+    has = _gemm.cpu_features()["avx512_bf16"]
+    assert line.split(": ")[1].startswith("yes;" if has else "no;")
+    assert line.endswith("products available") == (has and not disable)
+    assert ("unavailable" in line) == (disable or not has)
+    path = next(x for x in lines if x.startswith("kernel path: "))
+    assert path.startswith(f"kernel path: {isa.selection().best} (the best of this CPU)")
+    assert f"this CPU runs {', '.join(isa.runnable())}" in path

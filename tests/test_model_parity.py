@@ -49,6 +49,22 @@ def test_parity_small(backend_name):
     assert_same_model_step(CFG, backend_name, B=3)
 
 
+# Head size 16: the vectorised attention kernels run (CFG's head size 6 keeps the Cython ones).
+CFG16 = ModelConfig(vocab_size=13, d_model=32, n_layer=2, n_head=2, ctx=21, mlp_hidden=80)
+
+
+@pytest.mark.skipif("cython" not in compiled_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("cfg", [CFG, CFG16, ModelConfig(**{**CFG16.to_dict(), "dropout": 0.2})], ids=str)
+def test_parity_on_every_isa_path(isa_path, cfg):
+    """The cython backend on each instruction-set path (its products and attention) against the
+    reference, with the tolerances above: the paths differ only in the order of fp32 sums."""
+    planned = set(Model(cfg, backend="cython", seed=0)._plan_kernels)  # the kernels fastchar._gemm supplies
+    vector = isa_path != "generic"
+    assert ("matmul_forward" in planned) == vector, planned
+    assert ("attention_dropout_backward" in planned) == (vector and cfg.d_model // cfg.n_head == 16), planned
+    assert_same_model_step(cfg, "cython", B=3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", compiled_backends())
 def test_parity_base_model(backend_name):

@@ -172,7 +172,8 @@ def test_compiled_greedy_equals_python_loop(compiled_model):
 
 
 @pytest.mark.parametrize("window", [CFG.ctx, 7, 1])
-def test_compiled_logits_equal_full_forward_over_cached_tokens(compiled_model, window):
+def test_compiled_logits_equal_full_forward_over_cached_tokens(isa_path, compiled_model, window):
+    """On every instruction-set path (isa_path: the decode products and attention it runs)."""
     n = 3 * CFG.ctx + 5
     prompt = [3, 1, 4, 1, 5]
     logits = np.zeros((n, CFG.vocab_size), np.float32)

@@ -30,7 +30,8 @@ def make_model(position: str, ctx: int = 8, backend: str = "cython", precision: 
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_batched_logits_equal_64_single_stream_decodes(position):
+def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
+    """On every instruction-set path (isa_path), with the same tight tolerance."""
     model = make_model(position)
     B, N = 64, 40  # 40 > 4 windows of 8: several refills (learned) or slides (rope)
     r = np.random.default_rng(5)
@@ -66,7 +67,7 @@ def test_bf16_model_decodes_with_bf16_products_batch_independent():
     assert np.abs(batched[0, 0] - fp32.logits[0, -1]).max() > 1e-4
 
 
-def test_stream_text_does_not_depend_on_the_other_streams():
+def test_stream_text_does_not_depend_on_the_other_streams(isa_path):
     model = make_model("learned", ctx=12)
     prompts = [f"{'abcdefghij'[i % 10]}a" for i in range(64)]
     together = generate(model, TOK, prompts, 50, top_p=0.9, seed=7)

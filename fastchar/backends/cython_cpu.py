@@ -34,16 +34,18 @@ def thread_info() -> dict:
 
 
 def plan_kernels(precision: str, cfg: object) -> dict:
-    """Plan hook (fastchar.backends.plan_kernels): the packed products of fastchar._gemm.
+    """Plan hook (fastchar.backends.plan_kernels): the packed products and attention of fastchar._gemm.
 
-    bf16: every matrix product (forward and both backward products) on AVX512_BF16; a clear
-    ConfigError where the CPU lacks it or FASTCHAR_DISABLE_BF16=1. fp32: the packed AVX-512 fp32
-    products (they need no OpenBLAS, so OPENBLAS_CORETYPE and import order no longer matter) and the
-    AVX-512 attention where the head size suits it; on a CPU without AVX-512 the sgemm kernels stay.
+    They run on the instruction-set path fastchar.isa chose (avx512, avx2 or neon; FASTCHAR_ISA
+    forces a lower one). bf16: every matrix product (forward and both backward products) on
+    AVX512_BF16; a clear ConfigError where the path lacks it. fp32: the packed fp32 products (they
+    need no OpenBLAS, so OPENBLAS_CORETYPE and import order no longer matter) and the vectorised
+    attention where the head size suits it; on the generic path the sgemm kernels stay.
     FASTCHAR_GEMM=blas keeps the sgemm kernels for fp32 (for comparisons).
     """
     import os
 
+    from fastchar import isa
     from fastchar.errors import ConfigError
 
     try:
@@ -55,20 +57,23 @@ def plan_kernels(precision: str, cfg: object) -> dict:
                 hint="rebuild fastchar (`pip install -e .`), or use precision='fp32'",
             ) from exc
         return {}
+    chosen = isa.selection()
+    blas = os.environ.get("FASTCHAR_GEMM", "") == "blas"
     if precision == "bf16":
         if not _gemm.has_avx512bf16():
-            reason = (
-                "FASTCHAR_DISABLE_BF16 (or FASTCHAR_DISABLE_AVX512) is set"
-                if _gemm.cpu_features()["avx512_bf16"]
-                else "this CPU has no AVX512_BF16 (vdpbf16ps)"
-            )
+            if not chosen.bf16_cpu:
+                reason = "this CPU has no AVX512_BF16 (vdpbf16ps)"
+            elif chosen.path != "avx512":
+                reason = f"the {chosen.path} path has no bf16 products (FASTCHAR_ISA={chosen.forced})"
+            else:
+                reason = "FASTCHAR_DISABLE_BF16 is set"
             raise ConfigError(
                 f"precision 'bf16' is unavailable: {reason}",
-                hint="use precision='fp32' (`fastchar info` shows the CPU's AVX512_BF16 flag)",
+                hint="use precision='fp32' (`fastchar info` shows the CPU's paths and AVX512_BF16)",
             )
         kernels = _gemm_products("bf16", "precision bf16: AVX512_BF16 packed products (vdpbf16ps), fp32 accumulation")
-    elif _gemm.has_avx512f() and os.environ.get("FASTCHAR_GEMM", "") != "blas":
-        kernels = _gemm_products("fp32", "fp32 on AVX-512F: packed products (no BLAS)")
+    elif _gemm.has_fp32() and not blas:
+        kernels = _gemm_products("fp32", f"fp32 packed products on the {chosen.path} path (no BLAS)")
     else:
         kernels = {}
     from fastchar._blas_env import openblas_warning
@@ -77,8 +82,8 @@ def plan_kernels(precision: str, cfg: object) -> dict:
         import warnings
 
         warnings.warn(openblas_warning(), RuntimeWarning, stacklevel=3)
-    if _gemm.attention_supported(cfg.d_model, cfg.n_head) and os.environ.get("FASTCHAR_GEMM", "") != "blas":
-        why = f"AVX-512F and head size {cfg.d_model // cfg.n_head} (a multiple of 16, at most 64)"
+    if _gemm.attention_supported(cfg.d_model, cfg.n_head) and not blas:
+        why = f"vector attention on the {chosen.path} path, head size {cfg.d_model // cfg.n_head}"
         for kind in ("attention", "attention_dropout"):
             for name in (kind + "_forward", kind + "_backward"):
                 kernels[name] = (getattr(_gemm, name), why)

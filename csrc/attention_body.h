@@ -1,0 +1,257 @@
+/* The attention kernels of csrc/attention.c, written once over the vector width FC_VL (fc_simd.h)
+   and compiled per path by fc_each_isa.h. Included inside attention.c, which defines
+   transpose_head and the scratch. HS is 16, 32, 48 or 64 (a multiple of every FC_VL). */
+
+/* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps), which the
+   Cython and decode kernels use too. */
+FC_SIMD_INLINE vf FC_N(vexp)(vf x) {
+    x = FC_N(vmax)(x, FC_N(vset1)(-87.0f));
+    vf n = x * FC_N(vset1)(1.44269504088896341f) + FC_N(vset1)(12582912.0f);
+    n = n - FC_N(vset1)(12582912.0f);
+    vf r = x - n * FC_N(vset1)(0.693359375f);
+    r = r + n * FC_N(vset1)(2.12194440e-4f);
+    vf p = FC_N(vset1)(1.9875691500e-4f);
+    p = p * r + FC_N(vset1)(1.3981999507e-3f);
+    p = p * r + FC_N(vset1)(8.3334519073e-3f);
+    p = p * r + FC_N(vset1)(4.1665795894e-2f);
+    p = p * r + FC_N(vset1)(1.6666665459e-1f);
+    p = p * r + FC_N(vset1)(5.0000001201e-1f);
+    p = p * r * r + r + FC_N(vset1)(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + FC_N(viset1)(127)) << 23;
+    return p * (vf)e;
+}
+
+/* The first cnt (< FC_VL) floats at p, zeros after: the ragged end of a row, never read past. */
+FC_SIMD_INLINE vf FC_N(vload_part)(const float *p, long cnt) {
+    float buf[FC_VL] = {0};
+    for (long i = 0; i < cnt; ++i) buf[i] = p[i];
+    return FC_N(vload)(buf);
+}
+FC_SIMD_INLINE vf FC_N(vload_n)(const float *p, long cnt) {
+    return cnt >= FC_VL ? FC_N(vload)(p) : FC_N(vload_part)(p, cnt < 0 ? 0 : cnt);
+}
+
+/* Dropout on the probabilities: for the FC_VL flat indices i0 .. of att, dscale where
+   fc_dropout_hash(i, key) >= thr (csrc/fc_math.h), else 0; the same mask as every backend's. */
+FC_SIMD_INLINE vf FC_N(keep_scale)(long long i0, const fc_att_dropout *drop) {
+    vu h = (vu)FC_N(viset1)((int)(unsigned int)i0) + (vu)FC_N(vlanes)();
+    h = h * 0x9E3779B9u + drop->key;
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    return FC_N(vand0)((vi)(h >= drop->thr), FC_N(vset1)(drop->dscale));
+}
+
+/* s[0 .. VL*nv) = scale * sum_d x[d] * xt[d, 0 .. VL*nv); lanes >= n set to `fill`.
+   Four blocks per pass share each broadcast and give four independent FMA chains. */
+static void FC_N(row_times_t)(float *s, const float *x, const float *xt, long Tp, long n, long HS, float scale,
+                              float fill) {
+    long nv = (n + FC_VL - 1) / FC_VL;
+    const vf f = FC_N(vset1)(fill), sc = FC_N(vset1)(scale);
+    for (long j = 0; j < nv; j += 4) {
+        int nb = (int)(nv - j < 4 ? nv - j : 4);
+        vf acc[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
+        const float *col = xt + FC_VL * j;
+        if (nb == 4) {
+            for (long d = 0; d < HS; ++d) {
+                const vf xd = FC_N(vset1)(x[d]);
+                for (int u = 0; u < 4; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
+            }
+        } else {
+            for (long d = 0; d < HS; ++d) {
+                const vf xd = FC_N(vset1)(x[d]);
+                for (int u = 0; u < nb; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
+            }
+        }
+        for (int u = 0; u < nb; ++u)
+            FC_N(vstore)(s + FC_VL * (j + u), FC_N(vsel)(FC_N(vlt)(n - FC_VL * (j + u)), acc[u] * sc, f));
+    }
+}
+
+/* o[0 .. VL*NC) (+)= sum_{t2 < n} w[t2] * rows[t2*ld ..]: NC vectors per row, the keys split over U
+   independent accumulator sets (one FMA chain would wait on its own latency at HS = 16), U x NC
+   accumulators at most 16 (8 on AVX2's 16 registers). */
+#define ATT_WEIGHTED(HS16)                                                                              \
+    static void FC_N(weighted_rows_##HS16)(float *o, int accumulate, const float *w, const float *rows, long ld, \
+                                           long n) {                                                    \
+        enum { NC = 16 * HS16 / FC_VL, AMAX = FC_VL == 8 ? 8 : 16, U0 = AMAX / NC, U = U0 < 1 ? 1 : U0 > 4 ? 4 : U0 }; \
+        vf acc[U][NC];                                                                                  \
+        for (int u = 0; u < U; ++u)                                                                     \
+            for (int c = 0; c < NC; ++c) acc[u][c] = FC_N(vzero)();                                     \
+        long t2 = 0;                                                                                    \
+        for (; t2 + U <= n; t2 += U)                                                                    \
+            for (int u = 0; u < U; ++u) {                                                               \
+                const vf wb = FC_N(vset1)(w[t2 + u]);                                                   \
+                for (int c = 0; c < NC; ++c)                                                            \
+                    acc[u][c] = FC_N(vfma)(acc[u][c], wb, FC_N(vload)(rows + (t2 + u) * ld + FC_VL * c)); \
+            }                                                                                           \
+        for (; t2 < n; ++t2) {                                                                          \
+            const vf wb = FC_N(vset1)(w[t2]);                                                           \
+            for (int c = 0; c < NC; ++c) acc[0][c] = FC_N(vfma)(acc[0][c], wb, FC_N(vload)(rows + t2 * ld + FC_VL * c)); \
+        }                                                                                               \
+        for (int c = 0; c < NC; ++c) {                                                                  \
+            vf t = acc[0][c];                                                                           \
+            for (int u = 1; u < U; ++u) t += acc[u][c];                                                 \
+            if (accumulate) t += FC_N(vload)(o + FC_VL * c);                                            \
+            FC_N(vstore)(o + FC_VL * c, t);                                                             \
+        }                                                                                               \
+    }
+ATT_WEIGHTED(1)
+ATT_WEIGHTED(2)
+ATT_WEIGHTED(3)
+ATT_WEIGHTED(4)
+#undef ATT_WEIGHTED
+
+static void FC_N(weighted_rows)(long HS, float *o, int accumulate, const float *w, const float *rows, long ld, long n) {
+    switch (HS / 16) {
+    case 1: FC_N(weighted_rows_1)(o, accumulate, w, rows, ld, n); break;
+    case 2: FC_N(weighted_rows_2)(o, accumulate, w, rows, ld, n); break;
+    case 3: FC_N(weighted_rows_3)(o, accumulate, w, rows, ld, n); break;
+    default: FC_N(weighted_rows_4)(o, accumulate, w, rows, ld, n); break;
+    }
+}
+
+/* o[t2*ldo + d] += sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + VL)
+   (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. One accumulator
+   per key holds VL channels of its row: a row of x is loaded once and multiplied by each key's
+   broadcast weight, so the result needs no transpose. w must be zero above the diagonal. */
+static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, const float *x, long j0, long T,
+                                long HS) {
+    const long kn = T - j0 < FC_VL ? T - j0 : FC_VL;
+    for (long d0 = 0; d0 < HS; d0 += FC_VL) {
+        vf acc[FC_VL];
+        for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vzero)();
+        if (kn == FC_VL) {
+            for (long t = j0; t < T; ++t) {
+                const vf xv = FC_N(vload)(x + t * HS + d0);
+                const float *wt = w + t * ldw + j0;
+                for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+            }
+        } else {
+            for (long t = j0; t < T; ++t) {
+                const vf xv = FC_N(vload)(x + t * HS + d0);
+                const float *wt = w + t * ldw + j0;
+                for (int k = 0; k < kn; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+            }
+        }
+        for (long k = 0; k < kn; ++k) {
+            float *row = o + (j0 + k) * ldo + d0;
+            FC_N(vstore)(row, FC_N(vload)(row) + acc[k]);
+        }
+    }
+}
+
+/* Three passes over the rows of one head (scores, softmax, weighted values) instead of one pass
+   doing all three per row: the rows of a pass are independent, so the CPU overlaps one row's
+   reductions (max, sum: latency chains) with the next row's work. ws holds kt (HS x Tp), the
+   packed values (T x HS) and the scores S (T x Tp). With drop, S holds att * mask for the values
+   (att keeps the probabilities before dropout; base: att's flat index of this head's [0, 0]). */
+static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T, long C, long HS, float *ws,
+                               const fc_att_dropout *drop, long long base) {
+    const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
+    float *kt = ws, *vp = ws + HS * Tp, *S = vp + HS * Tp;
+    transpose_head(kt, qkv + C, C3, T, Tp, HS);
+    pack_head(vp, qkv + 2 * C, C3, T, HS);
+    const float scale = 1.0f / sqrtf((float)HS);
+    for (long t = 0; t < T; ++t) FC_N(row_times_t)(S + t * Tp, qkv + t * C3, kt, Tp, t + 1, HS, scale, -INFINITY);
+    for (long t = 0; t < T; ++t) {
+        long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
+        float *s = S + t * Tp;
+        vf mx = FC_N(vset1)(-INFINITY);
+        for (long j = 0; j < nv; ++j) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
+        const vf m = FC_N(vset1)(FC_N(vhmax)(mx));
+        vf sum = FC_N(vzero)();
+        for (long j = 0; j < nv; ++j) {
+            vf e = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m));
+            FC_N(vstore)(s + FC_VL * j, e);
+            sum += e;
+        }
+        const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum));
+        float *a = att + t * T;
+        for (long j = 0; j < nv; ++j) {
+            vf p = FC_N(vload)(s + FC_VL * j) * inv;
+            if (FC_VL * (j + 1) <= T) FC_N(vstore)(a + FC_VL * j, p);
+            else
+                for (long i = 0; FC_VL * j + i < T; ++i) a[FC_VL * j + i] = p[i];
+            if (drop) p = p * FC_N(keep_scale)(base + t * T + FC_VL * j, drop);
+            FC_N(vstore)(s + FC_VL * j, p);
+        }
+        if (FC_VL * nv < T) memset(a + FC_VL * nv, 0, (size_t)(T - FC_VL * nv) * sizeof(float));
+    }
+    for (long t = 0; t < T; ++t) FC_N(weighted_rows)(HS, out + t * C, 0, S + t * Tp, vp, HS, t + 1);
+}
+
+/* Passes over the rows as in forward_head: dP = dy v^T for every row, then each row's softmax
+   backward (into S; with drop, dP times the mask first), then dq, then dk and dv a block
+   of VL key rows at a time. ws holds vt (HS x Tp), packed k, q and dy (T x HS each), S (T x Tp). */
+static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv, const float *att, long T, long C,
+                                long HS, float *ws, const fc_att_dropout *drop, long long base) {
+    const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
+    float *vt = ws, *kp = vt + HS * Tp, *qp = kp + HS * Tp, *dyp = qp + HS * Tp, *S = dyp + HS * Tp;
+    transpose_head(vt, qkv + 2 * C, C3, T, Tp, HS);
+    pack_head(kp, qkv + C, C3, T, HS);
+    pack_head(qp, qkv, C3, T, HS);
+    pack_head(dyp, dout, C, T, HS);
+    const float scale = 1.0f / sqrtf((float)HS);
+    for (long t = 0; t < T; ++t) FC_N(row_times_t)(S + t * Tp, dyp + t * HS, vt, Tp, t + 1, HS, 1.0f, 0.0f);
+    for (long t = 0; t < T; ++t) {
+        long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
+        const float *a = att + t * T;
+        float *s = S + t * Tp;
+        if (drop)
+            for (long j = 0; j < nv; ++j)
+                FC_N(vstore)(s + FC_VL * j, FC_N(vload)(s + FC_VL * j) * FC_N(keep_scale)(base + t * T + FC_VL * j, drop));
+        vf dot = FC_N(vzero)();
+        for (long j = 0; j < nv; ++j)
+            dot = FC_N(vfma)(dot, FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
+        const vf rd = FC_N(vset1)(FC_N(vhsum)(dot)), sc = FC_N(vset1)(scale);
+        for (long j = 0; j < nv; ++j) {
+            vf p = FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j);
+            FC_N(vstore)(s + FC_VL * j, p * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
+        }
+    }
+    for (long t = 0; t < T; ++t) FC_N(weighted_rows)(HS, dqkv + t * C3, 1, S + t * Tp, kp, HS, t + 1); /* dq += dS k */
+    for (long j0 = 0; j0 < T; j0 += FC_VL) FC_N(add_key_block)(dqkv + C, C3, S, Tp, qp, j0, T, HS); /* dk += dS^T q */
+    if (drop)
+        for (long t = 0; t < T; ++t) { /* S = att * mask, the probabilities the values saw */
+            long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
+            for (long j = 0; j < nv; ++j)
+                FC_N(vstore)(S + t * Tp + FC_VL * j, FC_N(vload_n)(att + t * T + FC_VL * j, n - FC_VL * j) *
+                                                         FC_N(keep_scale)(base + t * T + FC_VL * j, drop));
+        }
+    /* dv += P^T dy: att is zero above the diagonal and rows T long */
+    for (long j0 = 0; j0 < T; j0 += FC_VL)
+        FC_N(add_key_block)(dqkv + 2 * C, C3, drop ? S : att, drop ? Tp : T, dyp, j0, T, HS);
+}
+
+static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
+                                  long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed) {
+    long HS = C / NH, Tp = (T + 15) / 16 * 16;
+    int bad = 0;
+    (void)nthreads; /* without OpenMP */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
+#endif
+    {
+        float *ws = att_scratch((size_t)(4 * HS + T) * Tp);
+        if (ws == NULL) bad = 1;
+#ifdef _OPENMP
+/* one batch element (all its heads) per chunk: heads of one row share cache lines of out / dqkv,
+ * and two threads writing neighbouring heads made the backward slower on 2 threads than on 1 */
+#pragma omp for schedule(dynamic, NH)
+#endif
+        for (long bh = 0; bh < B * NH; ++bh) {
+            long b = bh / NH, h = bh % NH;
+            if (ws == NULL) continue;
+            if (backward)
+                FC_N(backward_head)(o + b * T * 3 * C + h * HS, dout + b * T * C + h * HS, qkv + b * T * 3 * C + h * HS,
+                                    att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T);
+            else
+                FC_N(forward_head)(o + b * T * C + h * HS, att + bh * T * T, qkv + b * T * 3 * C + h * HS, T, C, HS, ws,
+                                   drop, (long long)bh * T * T);
+        }
+    }
+    *failed = bad;
+}

@@ -1,0 +1,80 @@
+/* The vector layer the kernels are written in: GCC/clang vector extensions over FC_VL floats.
+   No include guard: fc_each_isa.h includes it once per path, with FC_VL and FC_SUF defined.
+
+   vf, vi, vu      FC_VL floats, int32, uint32 (loads and stores may be unaligned)
+   FC_N(name)      name_<suffix>: every function of a kernel body is declared with it
+   vload(p), vstore(p, v), vset1(x), viset1(i), vzero()
+   vfma(acc, a, b) acc + a * b, one fused multiply-add (GCC and clang contract it where FMA exists)
+   vmax(a, b), vsel(mask, a, b) (mask lanes all ones: a, else b), vand0(mask, a) (a or 0.0f)
+   vlanes()        (0, 1, .., FC_VL-1) as vi; vlt(n) the mask of lanes < n
+   vhsum(v), vhmax(v) horizontal sum (a fixed pairwise order) and maximum */
+#undef vf
+#undef vi
+#undef vu
+#undef FC_N
+#define FC_CAT2(a, b) a##_##b
+#define FC_CAT(a, b) FC_CAT2(a, b)
+#define FC_N(name) FC_CAT(name, FC_SUF)
+#define vf FC_N(vf)
+#define vi FC_N(vi)
+#define vu FC_N(vu)
+
+typedef float vf __attribute__((vector_size(FC_VL * 4), aligned(4)));
+typedef int vi __attribute__((vector_size(FC_VL * 4), aligned(4)));
+typedef unsigned int vu __attribute__((vector_size(FC_VL * 4), aligned(4)));
+
+#ifdef __clang__
+#pragma clang fp contract(fast)
+#endif
+
+#define FC_SIMD_INLINE static inline __attribute__((always_inline))
+
+/* vf's alignment is 4 bytes: these are unaligned loads and stores (vmovups), which GCC keeps in
+   registers; a memcpy-based load made GCC 12 bounce AVX2 vectors through the stack. */
+FC_SIMD_INLINE vf FC_N(vload)(const float *p) { return *(const vf *)p; }
+FC_SIMD_INLINE void FC_N(vstore)(float *p, vf v) { *(vf *)p = v; }
+FC_SIMD_INLINE vf FC_N(vzero)(void) { return (vf){0}; }
+FC_SIMD_INLINE vf FC_N(vset1)(float x) {
+#if FC_VL == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#elif FC_VL == 8
+    return (vf){x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x};
+#endif
+}
+FC_SIMD_INLINE vi FC_N(viset1)(int x) {
+#if FC_VL == 16
+    return (vi){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#elif FC_VL == 8
+    return (vi){x, x, x, x, x, x, x, x};
+#else
+    return (vi){x, x, x, x};
+#endif
+}
+FC_SIMD_INLINE vi FC_N(vlanes)(void) {
+#if FC_VL == 16
+    return (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#elif FC_VL == 8
+    return (vi){0, 1, 2, 3, 4, 5, 6, 7};
+#else
+    return (vi){0, 1, 2, 3};
+#endif
+}
+FC_SIMD_INLINE vf FC_N(vfma)(vf acc, vf a, vf b) { return acc + a * b; }
+FC_SIMD_INLINE vf FC_N(vsel)(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+FC_SIMD_INLINE vf FC_N(vand0)(vi mask, vf a) { return (vf)((vi)a & mask); }
+FC_SIMD_INLINE vf FC_N(vmax)(vf a, vf b) { return FC_N(vsel)(a > b, a, b); }
+FC_SIMD_INLINE vi FC_N(vlt)(long n) { return FC_N(vlanes)() < FC_N(viset1)((int)(n < 0 ? 0 : n > FC_VL ? FC_VL : n)); }
+FC_SIMD_INLINE float FC_N(vhsum)(vf v) {
+    float h[FC_VL];
+    FC_N(vstore)(h, v);
+    for (int w = FC_VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) h[i] += h[i + w];
+    return h[0];
+}
+FC_SIMD_INLINE float FC_N(vhmax)(vf v) {
+    float m = v[0];
+    for (int i = 1; i < FC_VL; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
