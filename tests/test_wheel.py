@@ -105,3 +105,12 @@ def test_readme_first_command_offline(venv, tmp_path):
     val = float(re.search(r"\| val (\d+\.\d+) \|", result.stdout.split("done:")[1]).group(1))
     assert val < 2.2, f"the base model reaches val loss {val} after 2000 steps"
     print(result.stdout[-1500:])  # the figures for the README's "What to expect" (pytest -s)
+
+
+def test_the_installed_wheel_knows_its_version_and_licence(venv, tmp_path):
+    project = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    version = re.search(r'(?m)^version = "([^"]+)"', project)[1]
+    shown = _run([venv / "fastchar", "--version"], cwd=tmp_path).stdout.strip()
+    assert shown == f"fastchar {version}"  # from the installed metadata: no pyproject.toml beside it
+    code = "import importlib.metadata as m; print(m.metadata('fastchar')['License-Expression'], m.version('fastchar'))"
+    assert _run([venv / "python", "-c", code], cwd=tmp_path).stdout.split() == ["MIT", version]
