@@ -135,6 +135,13 @@ def test_02_clearing_leftovers_keeps_user_files_and_survives_impossible_pids(cap
     assert "Traceback" not in err
     assert mine.read_text() == "precious" and (user_dir / "thesis.tex").read_text() == "precious"
     assert not stale.exists() and not huge.exists()
+    for name in ("best", "latest.old"):  # a user's folder under a name a run saves to is never replaced
+        other = tmp_path / f"other-{name}"
+        (other / name).mkdir(parents=True)
+        (other / name / "notes.txt").write_text("precious")
+        code, _, err = train(capsys, corpus, other)
+        assert_clean_error(code, err, "not a fastchar checkpoint")
+        assert (other / name / "notes.txt").read_text() == "precious"
 
 
 # -- 3. validate first, create the folder after -------------------------------------------------
