@@ -413,6 +413,7 @@ def test_10_forged_sizes_are_refused_before_allocation(run_dir):
     import tracemalloc
 
     path = run_dir / "latest"
+    V = json.loads((path / "meta.json").read_text())["model"]["vocab_size"]  # noqa: N806
     for field, value in [("n_layer", 10**9), ("d_model", 2**20), ("vocab_size", 10**6), ("ctx", 10**7),
                          ("mlp_hidden", 10**8), ("n_layer", 1e9)]:  # fmt: skip
         rewrite_meta(path, lambda m, f=field, v=value: m["model"].update({f: v}))
@@ -423,7 +424,8 @@ def test_10_forged_sizes_are_refused_before_allocation(run_dir):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert time.perf_counter() - t0 < 2 and peak < 50 * 2**20, (field, peak)
-        rewrite_meta(path, lambda m, f=field: m["model"].update({f: SMALL.get(f, 1)}))
+        # restore the field (vocab_size: the corpus's, not 1, which a model no longer accepts)
+        rewrite_meta(path, lambda m, f=field: m["model"].update({f: SMALL.get(f, 1) if f != "vocab_size" else V}))
     for step in (-5, 7.9, "3", True):
         rewrite_meta(path, lambda m, s=step: m["state"].update(step=s))
         with pytest.raises(CheckpointError, match="state.step must be an integer"):
