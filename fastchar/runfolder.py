@@ -174,13 +174,26 @@ def clean_stale(folder: Path) -> list[Path]:
             touched.append(entry)
     for name in CHECKPOINT_NAMES:
         path, old = folder / name, folder / f"{name}.old"
-        if old.is_dir() and not old.is_symlink():
+        if _save_leftover(old):  # a folder of checkpoint files, not a user's folder of that name
             if path.exists() or path.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(old, path)
             touched.append(old)
     return touched
+
+
+def check_names_free(folder: Path) -> None:
+    """Refuse a run folder where best/, latest/ or their .old twins are something other than fastchar
+    checkpoints (a save would replace them): a user's folder of that name is never touched."""
+    for name in CHECKPOINT_NAMES:
+        for path in (folder / name, folder / f"{name}.old"):
+            linked = path.is_symlink() and (path / "meta.json").is_file()  # replaced by a save, never followed
+            if (path.exists() or path.is_symlink()) and not linked and not _save_leftover(path):
+                raise ConfigError(
+                    f"{path} is not a fastchar checkpoint, but a run saves its checkpoints under that name",
+                    hint="move it elsewhere, or pass another --out DIR",
+                )
 
 
 def _save_leftover(entry: Path) -> bool:

@@ -290,6 +290,7 @@ class Trainer:
         runfolder.clean_stale(self.out)
         if self._owns_out:
             return
+        runfolder.check_names_free(self.out)
         source = getattr(self.model, "checkpoint_path", None)
         if source is None:
             if self.overwrite:
