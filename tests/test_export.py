@@ -60,8 +60,8 @@ def option_configs() -> list[dict]:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     options = {"norm": "layernorm", "activation": "gelu", "tie_embeddings": True}
     cases += [{name: value} for name, value in options.items() if name in fields]
-    if set(options) <= fields:
-        cases.append({**options, "position": "rope"})
+    if set(options) <= fields:  # nanoGPT's block (learned positions), and with rotary positions
+        cases += [dict(options), {**options, "position": "rope"}]
     return cases
 
 
