@@ -2,7 +2,7 @@
 
 `export_onnx(model, path)` walks `forward_ops(cfg)` (no dropout: an exported model evaluates) and
 lowers each op with the function registered for its kind in `LOWERINGS` (one small function per
-kind: embedding, rmsnorm, layernorm, matmul, the tied head, rope, attention, relu2, gelu, residual,
+kind: embedding, rmsnorm, layernorm, matmul, matmul_t (the tied head), rope, attention, relu2, gelu, residual,
 dropout). The graph has one input, `tokens` int64 [batch, T], and one output, `logits` float32
 [batch, T, V]; batch and T are dynamic, T at most the model's context. The weights go in as float32
 initializers (a model that computes with bf16 products exports its fp32 weights, and the graph
@@ -150,24 +150,15 @@ def lower_layernorm(b: Builder, op: Op) -> None:
 
 @lowers("matmul")
 def lower_matmul(b: Builder, op: Op) -> None:
-    """x @ W with W stored [in, out]; a weight stored [out, in] (the tied head's wte) goes to `tied_head`."""
-    if is_tied(b, op):
-        lower_tied_head(b, op)
-        return
+    """x @ W, W stored [in, out]: (B, T, K) -> (B, T, N)."""
     b.node("MatMul", [op.inputs[0], b.weight(op.weights[0])], out=op.out)
 
 
-def is_tied(b: Builder, op: Op) -> bool:
-    """True when a matmul reads the token embedding (V, C) as its (C, V) matrix: the tied head."""
-    return op.weights[0] == "wte" and b.params["wte"].shape == (op.width, b.cfg.d_model)
-
-
 @lowers("matmul_t")
-def lower_tied_head(b: Builder, op: Op) -> None:
-    """x @ W.T for a weight stored [out, in]: the tied head, logits = x @ wte.T (no lm_head
-    parameter): (B, T, C) -> (B, T, V)."""
-    wte_t = b.node("Transpose", [b.weight(op.weights[0])], perm=[1, 0])
-    b.node("MatMul", [op.inputs[0], wte_t], out=op.out)
+def lower_matmul_t(b: Builder, op: Op) -> None:
+    """x @ W.T, W stored [out, in]: the tied head, logits = x @ wte.T (no lm_head parameter)."""
+    w_t = b.node("Transpose", [b.weight(op.weights[0])], perm=[1, 0])
+    b.node("MatMul", [op.inputs[0], w_t], out=op.out)
 
 
 def _heads(b: Builder, x: str) -> str:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
+# OpenMP threads that wait by sleeping rather than spinning, for this process and the ones it starts,
+# unless the environment chose: on a machine where anything else runs, 2 spinning threads on 2 cores
+# made 30 steps take 50 s instead of 2 s. Set before fastchar loads (it reads the policy at import).
+if not any(os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-from fastchar.backends import available_backends
-from fastchar.config import ModelConfig
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fastchar.backends import available_backends  # noqa: E402
+from fastchar.config import ModelConfig  # noqa: E402
 
 # (rtol, atol) per kernel, float32 against the float32 reference. Reductions over C or T in a
 # different order differ by a few ulps of the largest term; matmuls over up to 512 terms more so.
@@ -40,6 +46,12 @@ def compiled_backends() -> list[str]:
         if name not in available_backends():
             raise RuntimeError(f"backend {name!r} is required (FASTCHAR_REQUIRE_BACKENDS) but not available")
     return names
+
+
+def reference_fast_compiled_slow() -> list:
+    """available_backends() as parameters, the compiled ones marked slow: for end-to-end runs whose
+    compiled twins the kernel and model parity tests already cover in the fast set."""
+    return [name if name == "numpy" else pytest.param(name, marks=pytest.mark.slow) for name in available_backends()]
 
 
 @pytest.fixture(params=available_backends())

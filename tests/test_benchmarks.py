@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import bench_kernels, bench_train
 from fastchar.backends import default_backend
 

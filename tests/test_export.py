@@ -60,8 +60,8 @@ def option_configs() -> list[dict]:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     options = {"norm": "layernorm", "activation": "gelu", "tie_embeddings": True}
     cases += [{name: value} for name, value in options.items() if name in fields]
-    if set(options) <= fields:
-        cases.append({**options, "position": "rope"})
+    if set(options) <= fields:  # nanoGPT's block (learned positions), and with rotary positions
+        cases += [dict(options), {**options, "position": "rope"}]
     return cases
 
 
@@ -134,8 +134,9 @@ def interpret(ops: list[Op], cfg: ModelConfig, params: dict, tokens: np.ndarray)
             mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
             y = (x - mean) / np.sqrt(var + 1e-5) * table[op.weights[0]]
         elif op.kind == "matmul":
-            w = table[op.weights[0]]
-            y = x @ (w.T if op.weights[0] == "wte" else w)
+            y = x @ table[op.weights[0]]
+        elif op.kind == "matmul_t":  # the tied head: x @ wte.T
+            y = x @ table[op.weights[0]].T
         elif op.kind == "rope":
             y = np.empty_like(x)
             reference.rope_forward(y, x, table[op.weights[0]], table[op.weights[1]])
@@ -155,7 +156,8 @@ def interpret(ops: list[Op], cfg: ModelConfig, params: dict, tokens: np.ndarray)
 
 
 def variant(ops: list[Op], norm: bool, gelu: bool, tied: bool) -> list[Op]:
-    """The op list with layernorm for rmsnorm, gelu for relu2, and/or the head reading wte."""
+    """The op list with layernorm for rmsnorm, gelu for relu2, and/or the head reading wte transposed
+    (the kinds and names fastchar/graph.py gives these options)."""
     out = []
     for op in ops:
         if norm and op.kind == "rmsnorm":
@@ -163,7 +165,7 @@ def variant(ops: list[Op], norm: bool, gelu: bool, tied: bool) -> list[Op]:
         if gelu and op.kind == "relu2":
             op = dataclasses.replace(op, kind="gelu")
         if tied and op.weights == ("lm_head",):
-            op = dataclasses.replace(op, weights=("wte",))
+            op = dataclasses.replace(op, kind="matmul_t", weights=("wte",))
         out.append(op)
     return out
 

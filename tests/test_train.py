@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import reference_fast_compiled_slow
 
 from fastchar import ConfigError, Model, ModelConfig, TextDataset, TrainConfig, Trainer, TrainingDiverged, load
 from fastchar.optim import lr_at
@@ -34,6 +35,7 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(500, cfg, progress=1.0) == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("backend", reference_fast_compiled_slow())
 def test_short_run_learns(corpus, tmp_path, backend):
     trainer = make(corpus, tmp_path, backend=backend, steps=150, lr=3e-3, eval_every=150)
     summary = trainer.train()
@@ -46,6 +48,7 @@ def test_short_run_learns(corpus, tmp_path, backend):
     assert any('"val_loss"' in line for line in lines) and any('"tok_per_s"' in line for line in lines)
 
 
+@pytest.mark.parametrize("backend", reference_fast_compiled_slow())
 def test_same_seed_bitwise_identical(corpus, tmp_path, backend):
     a = make(corpus, tmp_path, backend=backend, name="a", steps=30)
     b = make(corpus, tmp_path, backend=backend, name="b", steps=30)
@@ -55,6 +58,7 @@ def test_same_seed_bitwise_identical(corpus, tmp_path, backend):
     assert np.array_equal(a.model.params.flat, b.model.params.flat)
 
 
+@pytest.mark.parametrize("backend", reference_fast_compiled_slow())
 def test_resume_is_bitwise_identical(corpus, tmp_path, backend):
     whole = make(corpus, tmp_path, backend=backend, name="whole", steps=200, eval_every=50)
     whole.train()

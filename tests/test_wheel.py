@@ -2,10 +2,11 @@
 network and no FASTCHAR_DATA_DIR: the shipped corpus is package data.
 
 Building the wheel compiles both Cython extensions (about 15 s on 2 cores) and the README's first
-command trains 2000 steps of the base model, so the whole file is marked slow (`pytest -m slow`). Nothing is downloaded: the wheel
-is built with --no-build-isolation from this environment, installed with --no-deps --no-index, and
-the venv reaches this environment's packages (numpy, numba, ...) through a .pth file written after
-the install, so pip never sees this environment's own fastchar.
+command trains 2000 steps of the base model, so the whole file is marked slow (`pytest -m slow`).
+Nothing is downloaded: the wheel is built with --no-build-isolation from this environment,
+installed with --no-deps --no-index, and the venv reaches this environment's packages (numpy,
+numba, ...) through a .pth file written after the install, so pip never sees this environment's
+own fastchar.
 """
 
 from __future__ import annotations
