@@ -366,6 +366,16 @@ def test_decode_batch_rows_joining_and_leaving_equal_generate(backend):
     assert got == want
 
 
+def test_bench_serve_quick():
+    pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
+    from benchmarks import bench_serve
+
+    res = bench_serve.main(["--quick"])  # 8 clients: a server process, its texts checked against generate
+    assert res["chars/s"] > 0 and res["generate_num_samples_chars/s"] > 0
+    assert 0 < res["first_char_ms"]["p50"] <= res["first_char_ms"]["p99"]
+    assert res["decode_thread"]["steps"] > 0
+
+
 # -- the page in a real browser ------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
