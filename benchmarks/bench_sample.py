@@ -196,11 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
         for name, streams, n in rows:
             a = time_fastchar(model, tok, streams, n, None, args.repeats)
             b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
-            f_bw = b / bw_chars if bw_chars else None
+            f_bw = b / bw_chars if bw_chars and streams <= 1 else None  # the bound of one stream only
             f_peak = b / peak_chars if peak_chars else None
             key = name if precision == "fp32" else f"{name}, bf16"
             res["chars/s"][key] = {"temperature": a, "top_p_0.9": b, "of_bandwidth": f_bw, "of_peak": f_peak}
-            fb = f"{f_bw:12.1%}" if f_bw is not None else f"{'n/a':>12}"
+            fb = f"{f_bw:12.1%}" if f_bw is not None else f"{'n/a' if streams <= 1 else '':>12}"
             fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
             print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
     if not args.no_torch:

@@ -557,35 +557,46 @@ class DecodeBatch:
         self._rngs[row] = None
         self._free.append(row)
 
-    def _next_uniforms(self, rows: list[int]) -> None:
-        """uniforms[row, 0] for each row that samples (temperature > 0): its generator's next value.
-        Plain Python on purpose: at a few rows, NumPy's fancy indexing costs more than the decode step."""
+    def _next_uniforms(self, rows: list[int], n: int) -> np.ndarray:
+        """(B, n) uniforms: row r's next n values from its generator for each row that samples
+        (temperature > 0), drawn DECODE_CHUNK at a time. Plain Python on purpose: at a few rows,
+        NumPy's fancy indexing costs more than the decode step."""
+        u = self._uniforms if n == 1 else np.zeros((self.capacity, n), np.float64)
         for row in rows:
             if self._temperature[row] > 0:
-                i = self._unext[row]
-                if i == DECODE_CHUNK:
-                    self._ubuf[row] = self._rngs[row].random(DECODE_CHUNK).tolist()
-                    i = 0
-                self._uniforms[row, 0] = self._ubuf[row][i]
-                self._unext[row] = i + 1
+                got: list[float] = []
+                while len(got) < n:
+                    i = self._unext[row]
+                    if i == DECODE_CHUNK:
+                        self._ubuf[row] = self._rngs[row].random(DECODE_CHUNK).tolist()
+                        i = 0
+                    take = min(n - len(got), DECODE_CHUNK - i)
+                    got += self._ubuf[row][i : i + take]
+                    self._unext[row] = i + take
+                u[row] = got
+        return u
 
-    def step(self) -> tuple[np.ndarray, np.ndarray]:
-        """One character for every running row: (rows (n,) int64, token ids (n,) int32)."""
+    def step(self, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """n characters for every running row: (rows (r,) int64, token ids (r, n) int32 with n > 1,
+        (r,) with n = 1). A row's characters are the same whatever n: n > 1 only saves the calls."""
         rows = self.rows
         if rows.size == 0:
-            return rows, np.zeros(0, np.int32)
+            return rows, np.zeros((0, n) if n > 1 else 0, np.int32)
         if self._fn is None:
-            return rows, np.array([int(np.ravel(next(self._serial[r]))[0]) for r in rows], np.int32)
-        self._next_uniforms(rows.tolist())
+            made = [[int(np.ravel(next(self._serial[r]))[0]) for _ in range(n)] for r in rows]
+            out = np.array(made, np.int32).reshape(rows.size, n)
+            return rows, out if n > 1 else out[:, 0]
+        uniforms = self._next_uniforms(rows.tolist(), n)
+        out = self._out if n == 1 else np.zeros((self.capacity, n), np.int32)
         model, plan, cfg = self.model, self._plan, self.model.cfg
         self._fn(
-            self._out, self._tokens, self._state, self._n_feed, self.active, model.params.flat, plan.table, plan.eps,
+            out, self._tokens, self._state, self._n_feed, self.active, model.params.flat, plan.table, plan.eps,
             plan.inv_freq, plan.slides, cfg.n_head, self._kcache, self._vcache, self._scratch, plan.logits,
-            self._logits, self._work, self._order, 1.0, 0, 1.0, self._uniforms, True, self._no_logits,
+            self._logits, self._work, self._order, 1.0, 0, 1.0, uniforms, True, self._no_logits,
             **self._packed, row_sampling=(self._temperature, self._top_k, self._top_p),
         )  # fmt: skip
         self._n_feed[rows] = 0
-        return rows, self._out[rows, 0].copy()
+        return rows, out[rows, 0].copy() if n == 1 else out[rows]
 
 
 class StopScan:

@@ -60,6 +60,8 @@ SHUTDOWN_GRACE = 5  # seconds uvicorn waits for open responses after a signal (o
 # The decode thread holds the GIL only between two batched steps, but waits for it after each: with
 # Python's default 5 ms switch interval a busy event loop delays every step by up to that much.
 SWITCH_INTERVAL = 0.0005
+MAX_CHUNK = 8  # characters per call of the batched loop while the batch is full (see Engine._chunk)
+CHUNK_SECONDS = 0.02
 UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None}  # accepted only at these values
 
 
@@ -226,6 +228,7 @@ class Engine:
         self._scanning: set[int] = set()  # rows whose stream has stop strings
         self._drop: list[Stream] = []  # running streams of cancelled jobs, to leave before the next step
         self._running = 0
+        self._per_char = 0.0  # seconds per character of the last call
         self._chars = np.array(self.tokenizer.chars, dtype=object)
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop (set by submit)
         self._held = 0  # streams queued or running, cancelled ones not counted
@@ -362,17 +365,29 @@ class Engine:
         self._running -= 1
         s.row = -1
 
+    def _chunk(self) -> int:
+        """Characters for the next call: 1 (every stream may leave, and a new one join, at the next
+        character), or up to MAX_CHUNK while no row is free (nobody could join), no stream has stop
+        strings and none is cancelled, never past the end of the stream that ends first, and about
+        CHUNK_SECONDS at most: a full batch then returns to Python, and to the GIL, less often."""
+        if self.batch.free_rows or self._scanning or self._drop:
+            return 1
+        n = min(MAX_CHUNK, int(self._left[self.batch.rows].min()), int(CHUNK_SECONDS / max(self._per_char, 1e-6)))
+        return max(n, 1)
+
     def _step(self) -> None:
         """One character for every running stream; hand their text to the event loop. Per-stream
         Python only for streams with stop strings and those that end: the decode thread's share of
         the GIL stays small."""
+        n = self._chunk()
         t0 = time.perf_counter()
-        rows, tokens = self.batch.step()  # the GIL is released while it runs
+        rows, tokens = self.batch.step(n)  # the GIL is released while it runs
         t1 = time.perf_counter()
         self.step_seconds += t1 - t0
+        self._per_char = (t1 - t0) / n
         left = self._left
-        left[rows] -= 1
-        pieces = self._chars[tokens].tolist()
+        left[rows] -= n
+        pieces = self._chars[tokens].tolist() if n == 1 else ["".join(x) for x in self._chars[tokens].tolist()]
         row_list = rows.tolist()
         ends: dict[int, str] = {}  # position in rows -> finish_reason
         with self._cv:

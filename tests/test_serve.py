@@ -340,6 +340,7 @@ def test_serve_command_line_errors(tmp_path, capsys, args, says):
 
 
 def test_decode_batch_rows_joining_and_leaving_equal_generate(backend):
+    """Rows join at different steps, steps make 1 to 5 characters, rows leave at their length."""
     model = make_model("learned", ctx=8, backend=backend)
     batch = DecodeBatch(model, 3)
     opts = [(0.8, None, 0.9, 30), (1.0, 3, None, 17), (0.0, None, None, 12), (1.3, None, 0.5, 40), (0.7, 2, 0.8, 25)]
@@ -353,15 +354,26 @@ def test_decode_batch_rows_joining_and_leaving_equal_generate(backend):
             t, k, tp, _ = opts[i]
             row = batch.add_row([TOK.stoi[c] for c in prompts[i]], t, k, tp, np.random.default_rng(10 + i))
             row_of[row] = i
-        rows, tokens = batch.step()
+        n = min([opts[i][3] - len(got[i]) for i in row_of.values()] + [1 + step % 5])  # 1 to 5 characters a call
+        rows, tokens = batch.step(n)
         step += 1
-        for row, tok in zip(rows, tokens, strict=True):
+        for row, toks in zip(rows, tokens.reshape(rows.size, n), strict=True):
             i = row_of[row]
-            got[i] += TOK.chars[tok]
+            got[i] += "".join(TOK.chars[t] for t in toks)
             if len(got[i]) == opts[i][3]:
                 batch.remove_row(row)
                 del row_of[row]
     assert got == want
+
+
+def test_bench_serve_quick():
+    pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
+    from benchmarks import bench_serve
+
+    res = bench_serve.main(["--quick"])  # 8 clients: a server process, its texts checked against generate
+    assert res["chars/s"] > 0 and res["generate_num_samples_chars/s"] > 0
+    assert 0 < res["first_char_ms"]["p50"] <= res["first_char_ms"]["p99"]
+    assert res["decode_thread"]["steps"] > 0
 
 
 # -- the page in a real browser ------------------------------------------------------------------
