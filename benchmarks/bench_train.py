@@ -394,7 +394,8 @@ def shapes_report(args) -> dict:
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
             res["torch eager fp32"] = isolated(time_torch, *common)
-            res["torch eager bf16 autocast"] = isolated(time_torch, *common, "eager", False, True)
+            if sel.bf16_cpu and sel.path == "avx512":  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
+                res["torch eager bf16 autocast"] = isolated(time_torch, *common, "eager", False, True)
             if args.compile:
                 res["torch.compile fp32"] = isolated(time_torch, *common, "compile")
         for sys_name, r in res.items():

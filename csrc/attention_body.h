@@ -226,7 +226,8 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
         FC_N(add_key_block)(dqkv + 2 * C, C3, drop ? S : att, drop ? Tp : T, dyp, j0, T, HS);
 }
 
-static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
+/* unused on avx512, which runs attention_avx512.h (kept compiled to compare the two) */
+__attribute__((unused)) static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
                                   long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;
     int bad = 0;
