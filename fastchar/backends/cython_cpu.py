@@ -64,7 +64,8 @@ def plan_kernels(precision: str, cfg: object) -> dict:
             if not chosen.bf16_cpu:
                 reason = "this CPU has no AVX512_BF16 (vdpbf16ps)"
             elif chosen.path != "avx512":
-                reason = f"the {chosen.path} path has no bf16 products (FASTCHAR_ISA={chosen.forced})"
+                forced = f" (FASTCHAR_ISA={chosen.forced})" if chosen.forced else ""
+                reason = f"the {chosen.path} path has no bf16 products{forced}"
             else:
                 reason = "FASTCHAR_DISABLE_BF16 is set"
             raise ConfigError(
