@@ -100,6 +100,8 @@ def test_links_are_refused_without_posix(corpus, tmp_path):
     tok.symlink_to(tmp_path / "tokenizer.json")
     linked = posix_free_python(CLI, "sample", "--checkpoint", str(out / "best"), "--max-new-tokens", "5")
     assert linked.returncode == 1 and "is a symbolic link" in linked.stderr, linked.stderr
+    tok.unlink()  # best/ is a checkpoint again (a run refuses to replace one that is not)
+    (tmp_path / "tokenizer.json").rename(tok)
     (out / ".lock").unlink(missing_ok=True)
     (out / ".lock").symlink_to(victim)
     locked = posix_free_python(CLI, "train", "--resume", str(out / "latest"), "--steps", "8", "--sample-chars", "0")
