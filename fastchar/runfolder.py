@@ -38,6 +38,9 @@ CHECKPOINT_NAMES = ("best", "latest")
 TEMP_PATTERN = re.compile(r"^\.(?P<name>best|latest)\.tmp-(?P<pid>\d+)$")
 # the files a save writes into it; a folder holding anything else is not fastchar's and stays
 SAVE_FILES = frozenset({"model.safetensors", "optimizer.safetensors", "tokenizer.json", "meta.json"})
+# safetensors writes a tensor file through a temporary beside it (Rust's tempfile crate: ".tmp" and six
+# random characters), which a kill during that write leaves in the save folder
+SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 MIB = 2**20
 MAX_META_BYTES = 64 * MIB  # as checkpoint reads: a meta.json larger than this is not one a run wrote
 
@@ -201,7 +204,10 @@ def _save_leftover(entry: Path) -> bool:
     if entry.is_symlink() or not entry.is_dir():
         return False
     try:
-        return all(p.name in SAVE_FILES and p.is_file() and not p.is_symlink() for p in entry.iterdir())
+        return all(
+            (p.name in SAVE_FILES or SAFETENSORS_TEMP.match(p.name)) and p.is_file() and not p.is_symlink()
+            for p in entry.iterdir()
+        )
     except OSError:
         return False
 
