@@ -85,3 +85,99 @@ def thread_report() -> dict:
         if info.get("user_api") == "openmp"
     ]
     return report
+
+
+def _use(n: int) -> None:
+    """Switch the kernels' pools to n threads (no checks, no BLAS change: set_threads did those)."""
+    from fastchar.backends import thread_hooks
+
+    for backend in thread_hooks():
+        backend.set_threads(n)
+
+
+class StepThreads:
+    """Chooses, step by step, between the configured threads and one, by measured step time.
+
+    The kernels' threads meet at barriers many times a step. When another process takes a core, the
+    thread that shares it with that process arrives late at every barrier, and a step on 2 threads
+    became 5-17x slower (base model, 2-core Zen 4: 21,600 tokens/s quiet, 4,100 beside one busy loop,
+    1,500 beside two compiles) while one thread kept its own core (13,400). So every `every` steps,
+    and whenever steps slow down by half, the other thread count runs `probe` steps and the faster
+    one is kept; the interval starts at `first` steps and doubles up to `every` while nothing changes.
+    The thread count changes no result: every kernel sums the same way on 1 or N threads.
+
+    Use: `before()` ahead of a step, `after(seconds)` once it is done. `switches` counts changes.
+    """
+
+    def __init__(self, threads: int, first: int = 10, every: int = 640, probe: int = 3) -> None:
+        self.full, self.first, self.every, self.probe = threads, first, every, probe
+        self._interval = first
+        self.current = threads
+        self.switches = 0
+        self._times: dict[int, list[float]] = {threads: [], 1: []}
+        self._since = 0  # steps since the last decision
+        self._probing = 0  # steps of the other count left to run
+        self._settled: float | None = None  # median step time at the last decision
+
+    @property
+    def active(self) -> bool:
+        return self.full > 1
+
+    def _median(self, n: int) -> float:
+        times = sorted(self._times[n][-self.probe :])
+        return times[len(times) // 2]
+
+    def before(self) -> None:
+        if self.active and self._probing == 0 and self._due():
+            self._probing = self.probe
+            _use(self._other())
+
+    def after(self, seconds: float) -> str | None:
+        """Record a step's time; returns a line to log when the thread count changed."""
+        if not self.active:
+            return None
+        if self._probing:
+            self._times[self._other()].append(seconds)
+            self._probing -= 1
+            if self._probing == 0:
+                return self._decide()
+            return None
+        self._times[self.current].append(seconds)
+        self._since += 1
+        return None
+
+    def _other(self) -> int:
+        return 1 if self.current == self.full else self.full
+
+    def _due(self) -> bool:
+        if len(self._times[self.current]) < self.probe:
+            return False
+        if self._since >= self._interval:
+            return True
+        return self._settled is not None and self._median(self.current) > 1.5 * self._settled
+
+    def _decide(self) -> str | None:
+        other = self._other()
+        mine, theirs = self._median(self.current), self._median(other)
+        self._since = 0
+        line = None
+        if theirs < 0.9 * mine:
+            line = (
+                f"threads: {other} ({self.current} ran {1e3 * mine:.1f} ms/step, {other} "
+                f"{1e3 * theirs:.1f} ms/step{'; another process may be using a core' if other == 1 else ''})"
+            )
+            self.current, mine = other, theirs
+            self.switches += 1
+            self._interval = self.first
+        else:
+            self._interval = min(2 * self._interval, self.every)
+        _use(self.current)
+        self._times[self.current] = self._times[self.current][-self.probe :]
+        self._settled = mine
+        return line
+
+    def restore(self) -> None:
+        """Back to the configured threads (after training: evaluation and sampling use them all)."""
+        if self.active and self.current != self.full or self._probing:
+            _use(self.full)
+        self.current, self._probing = self.full, 0

@@ -42,6 +42,7 @@ from fastchar.model import Model
 from fastchar.optim import AdamW, lr_at
 from fastchar.plot import write_run_curves
 from fastchar.tensorboard_log import TensorBoardLog, require_tensorboardx
+from fastchar.threads import StepThreads, ensure_threads
 
 EVAL_MARGIN = 1.2  # a time budget keeps 1.2 x the longest evaluation (and save) so far for the final one
 EVAL_SEED = 2**31 - 1  # evaluation batches come from their own generator, the same at every eval
@@ -411,6 +412,8 @@ class Trainer:
             return self.elapsed_before + time.perf_counter() - start
 
         first_step = self.step
+        # FASTCHAR_FIXED_THREADS=1: keep every thread whatever the step times (for comparisons)
+        pool = StepThreads(1 if os.environ.get("FASTCHAR_FIXED_THREADS") == "1" else ensure_threads())
         try:
             if self.step == 0:  # where the curve starts: about ln(V) for an untrained model
                 t0 = time.perf_counter()
@@ -426,9 +429,12 @@ class Trainer:
                 if cfg.time_budget > 0 and now >= cfg.time_budget:
                     break
                 lr = lr_at(self.step, cfg, self.progress_fraction(now))
+                pool.before()
                 t0 = time.perf_counter()
                 loss, norm = self.train_step(lr)
                 dt = time.perf_counter() - t0
+                if (change := pool.after(dt)) is not None:
+                    self._emit(bar, change)
                 step_time, window_time, window_steps = step_time + dt, window_time + dt, window_steps + 1
                 self.losses.append(loss)
                 if bar is not None:
@@ -473,6 +479,7 @@ class Trainer:
             )
             raise
         finally:
+            pool.restore()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if bar is not None:
