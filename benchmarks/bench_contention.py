@@ -43,13 +43,13 @@ def train(steps: int, path: str, busy: int, fixed: bool) -> tuple[float, int]:
     return float(tok_s[-1].replace(",", "")), done.stdout.count("\nthreads: ")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[list[object]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     p.add_argument("--isa", nargs="+", default=None, help="kernel paths (default: every path this CPU runs)")
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="busy loops beside the run (default 0 1 2)")
     p.add_argument("--fixed", action="store_true", help="also run with the thread chooser off")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     paths = args.isa or [name for name in isa.runnable() if name != "generic"]
     print(f"machine: {cpu_model()}; base model, B = 12, {args.steps} steps, 2 threads")
     rows = []
@@ -60,6 +60,7 @@ def main() -> None:
                 rows.append([path, busy, "fixed 2" if fixed else "chooser", f"{tok_s:,.0f}", switches])
                 print(rows[-1], flush=True)
     print(table(["path", "busy loops", "threads", "tok/s", "thread changes"], rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -112,3 +112,13 @@ def test_bench_sample_quick(capsys):
     if "bf16" in precisions:
         assert record["chars/s"]["one stream, bf16"]["temperature"] > 0
     assert "| N = 8 streams, aggregate" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_contention_runs_the_trainer_beside_a_busy_loop(capsys):
+    from benchmarks import bench_contention
+
+    rows = bench_contention.main(["--steps", "20", "--isa", "generic", "--busy", "0", "1"])
+    assert [row[1] for row in rows] == [0, 1]
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows)
+    assert "| generic | 1 | chooser |" in capsys.readouterr().out
