@@ -101,15 +101,16 @@ class StepThreads:
     The kernels' threads meet at barriers many times a step. When another process takes a core, the
     thread that shares it with that process arrives late at every barrier, and a step on 2 threads
     became 5-17x slower (base model, 2-core Zen 4: 21,600 tokens/s quiet, 4,100 beside one busy loop,
-    1,500 beside two compiles) while one thread kept its own core (13,400). So every `every` steps,
-    and whenever steps slow down by half, the other thread count runs `probe` steps and the faster
-    one is kept; the interval starts at `first` steps and doubles up to `every` while nothing changes.
+    1,500 beside two compiles) while one thread kept its own core (13,400). So now and then (after
+    `first` steps, then twice as far apart each time up to `every`) and at once when steps slow down
+    by half (against the first steps' pace, then the last decision's), the other thread count runs
+    `probe` steps and the faster one is kept.
     The thread count changes no result: every kernel sums the same way on 1 or N threads.
 
     Use: `before()` ahead of a step, `after(seconds)` once it is done. `switches` counts changes.
     """
 
-    def __init__(self, threads: int, first: int = 10, every: int = 640, probe: int = 3) -> None:
+    def __init__(self, threads: int, first: int = 40, every: int = 640, probe: int = 3) -> None:
         self.full, self.first, self.every, self.probe = threads, first, every, probe
         self._interval = first
         self.current = threads
@@ -150,8 +151,10 @@ class StepThreads:
         return 1 if self.current == self.full else self.full
 
     def _due(self) -> bool:
-        if len(self._times[self.current]) < self.probe:
+        if len(self._times[self.current]) < self.probe + 2:  # the first two steps warm up
             return False
+        if self._settled is None:  # the pace to compare with until the first probe
+            self._settled = self._median(self.current)
         if self._since >= self._interval:
             return True
         return self._settled is not None and self._median(self.current) > 1.5 * self._settled

@@ -63,3 +63,11 @@ def test_restore_returns_to_the_configured_threads(pool_sizes):
     assert chooser.current == 1
     chooser.restore()
     assert chooser.current == 2 and pool_sizes[-1] == 2
+
+
+def test_a_sudden_slowdown_probes_at_once(pool_sizes):
+    chooser = StepThreads(2, first=1000, every=1000, probe=3)
+    run(chooser, {2: 0.030, 1: 0.055}, 50)
+    assert pool_sizes == []  # no periodic probe yet
+    run(chooser, {2: 0.200, 1: 0.055}, 6)
+    assert chooser.current == 1
