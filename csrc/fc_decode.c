@@ -205,11 +205,11 @@ void fc_attention(float *restrict out, const float *restrict qkv, const float *r
                   float *restrict scores) {
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: attention_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
-    case FC_ISA_AVX2: attention_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_AVX512: attention_any_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_AVX2: attention_any_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
 #endif
 #ifdef FC_BUILD_NEON
-    case FC_ISA_NEON: attention_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_NEON: attention_any_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
 #endif
     default: attention_generic(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores);
     }
