@@ -157,7 +157,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     needed), rotary positions, the keys and values into the cache, and attention. Each value is
     computed as it would be in one piece."""
     cdef Py_ssize_t C = net.C, S = net.S, M = net.M, Nd = net.Nd, HS = net.C // net.n_head
-    cdef Py_ssize_t j0, j1, m, j, part, slot
+    cdef Py_ssize_t j0, j1, m, j, h, part, slot
     cdef Py_ssize_t h0 = net.n_head * i // net.ntask, h1 = net.n_head * (i + 1) // net.ntask
     cdef float r
     cdef float* y = net.y
@@ -182,7 +182,9 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
                 slot = net.rslot[m]
                 for j in range(j0, j1):
                     kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-                    vc[(j // HS * S + slot) * HS + j % HS] = net.qkv[m * 3 * C + 2 * C + j]
+                for h in range(h0, h1):
+                    for j in range(HS):
+                        vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
                 fc_attention(y + m * C, net.qkv + m * 3 * C, kc, vc, net.rn[m] - 1, 1, C, S, net.n_head, h0, h1,
                              net.scores + i * S)
             return
@@ -190,7 +192,9 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
             slot = (net.pos0 + m) % S
             for j in range(j0, j1):
                 net.kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-                net.vc[(j // HS * S + slot) * HS + j % HS] = net.qkv[m * 3 * C + 2 * C + j]
+            for h in range(h0, h1):
+                for j in range(HS):
+                    net.vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
         fc_attention(y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
         return
     j0 = _split(Nd, i, net.ntask)

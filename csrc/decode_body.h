@@ -155,7 +155,10 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
                 scores[t] = a;
             }
             float mx = scores[0], tot;
-            for (t = 1; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
+            vf vm = FC_N(vset1)(mx);
+            for (t = 0; t + FC_VL <= n; t += FC_VL) vm = FC_N(vmax)(vm, FC_N(vload)(scores + t));
+            mx = FC_N(vhmax)(vm);
+            for (; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
             vf sum = FC_N(vzero)(), vmx = FC_N(vset1)(mx);
             for (t = 0; t + FC_VL <= n; t += FC_VL) {
                 vf e = FC_N(dexp)(FC_N(vload)(scores + t) - vmx);
