@@ -436,8 +436,8 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
     without a product, precision), or empty arrays when the path in use has none (the generic path,
     or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
-    Pack once per generation and pass as `packed` to generate_tokens / generate_batch; the weights
-    are read as they are now."""
+    Pack once per generation and keep as DecodeState.packed (fastchar.sampler.decode_state); the
+    weights are read as they are now."""
     import numpy as np
 
     cdef Py_ssize_t R = table.shape[0], r, total = 0, Kd, Nd
@@ -663,7 +663,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     if (out.shape[0] != B or tokens.shape[0] != B or tokens.shape[1] < S or state.shape[0] != B
             or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B or vcache.shape[0] != B
             or row_t.shape[0] != B or row_k.shape[0] != B or row_p.shape[0] != B):
-        raise ValueError("out, tokens, state, n_feed, active, logits, the caches and the options need one row per stream")
+        raise ValueError("out, tokens, state, n_feed, active, logits, the caches and the options need one row "
+                         "per stream")
     if logits_at + rows_cap * V > scratch.shape[0]:
         raise ValueError("scratch is too small")
     for b in range(B):

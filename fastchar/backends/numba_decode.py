@@ -4,7 +4,8 @@
 entirely in one `@njit` call, so `stream` pays one Python-level call per chunk of characters. The
 network is not written here: each position walks the rows of fastchar.graph.decode_table (opcodes,
 scratch offsets, weight offsets found by name in the parameter arena), the decode step of the one
-description in fastchar/graph.py. The Cython twin is csrc/_decode.pyx, with the same signature.
+description in fastchar/graph.py. The Cython twin is csrc/_decode.pyx, with the same signature
+(one fastchar.sampler.DecodeState); the cache rule is fastchar.sampler.refill, compiled here.
 
 How it is fast:
 - A forward runs M positions at once (1 for a decode step, window/2 for a refill, the prompt's
