@@ -67,9 +67,10 @@ def flop_per_char(cfg: ModelConfig) -> float:
     return 2.0 * product_weights(cfg) + 4.0 * cfg.n_layer * cfg.d_model * cfg.ctx
 
 
-def machine_limits(threads: int, buffers_mb: list[float]) -> dict:
-    """benchmarks/peak.c's fp32 and bf16 GFLOP/s on `threads` threads and its read GB/s for each
-    buffer size; {} without gcc."""
+def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None) -> dict:
+    """benchmarks/peak.c's fp32 and bf16 GFLOP/s on `threads` threads (on instruction set `isa`,
+    "avx512" or "avx2", default the CPU's best: FASTCHAR_ISA=avx2 runs fastchar's AVX2 kernels, whose
+    limit is the AVX2 FMA peak) and its read GB/s for each buffer size; {} without gcc."""
     gcc = shutil.which("gcc")
     if gcc is None:
         return {}
@@ -82,7 +83,8 @@ def machine_limits(threads: int, buffers_mb: list[float]) -> dict:
             print(f"note: benchmarks/peak.c did not build: {build.stderr.strip()[:200]}")
             return {}
         limits: dict = {}
-        out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout
+        args = [str(exe), str(threads)] + ([isa] if isa in ("avx512", "avx2") else [])
+        out = subprocess.run(args, capture_output=True, text=True).stdout
         last = [ln for ln in out.splitlines() if ln.startswith(f"{threads} thread")]
         for key, pattern in (
             ("fp32_gflops", r"fp32[^,]*?([\d.]+) GFLOP/s"),
@@ -170,10 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
     weights = product_weights(cfg)
     flop = flop_per_char(cfg)
     sizes = {"fp32": 4 * weights / 1e6, "bf16": 2 * weights / 1e6}  # MB of weights a one-stream step reads
-    limits = {} if args.quick else machine_limits(threads, [sizes[pr] for pr in args.precision])
+    from fastchar import isa
+
+    path = isa.path()
+    limits = {} if args.quick else machine_limits(threads, [sizes[pr] for pr in args.precision], path)
     peak = {"fp32": args.peak_fp32 or limits.get("fp32_gflops"), "bf16": args.peak_bf16 or limits.get("bf16_gflops")}
-    res.update(limits=limits, product_weights=weights, flop_per_char=flop)
-    print(f"# Sampling, {args.backend}, {threads} thread(s), {cpu_model()}; chars/s (long run minus short run)")
+    res.update(limits=limits, product_weights=weights, flop_per_char=flop, isa=path)
+    print(
+        f"# Sampling, {args.backend}, {threads} thread(s), {cpu_model()}, kernels on {path}; "
+        "chars/s (long run minus short run)"
+    )
     print(f"# model: {json.dumps(dataclasses.asdict(cfg))}")
     print(
         f"# useful work {flop / 1e6:.3f} MFLOP/char; weights read per one-stream step: "

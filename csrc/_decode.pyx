@@ -1,8 +1,9 @@
 # cython: language_level=3
 """fastchar._cydecode: the Cython backend's compiled generation loop (see fastchar/backends/cython_decode.py).
 
-`generate_tokens` runs fastchar/sampler.py's loop (the cache rule of KVCache.advance, sampling) for
-a chunk of new characters in one nogil call. The network is not written here: each position runs
+`generate_batch` runs fastchar/sampler.py's loop (the cache rule of KVCache.advance, sampling) for
+a chunk of new characters of B streams in one nogil call (one stream is the batch of one row). The
+network is not written here: each position runs
 the rows of fastchar.graph.decode_table (opcode, scratch offsets, weight offsets found by name in
 the parameter arena), the decode step of the one description in fastchar/graph.py. The numerical
 pieces are C in fc_decode.c, the sampler is fc_sample.c (shared with the Numba loop).
@@ -27,7 +28,8 @@ L layers, N new tokens per call, P the flat parameter count, R table rows.
 `generate_batch` advances B streams together: each step runs the same table on M rows, one per
 stream still running (so each weight row is read once for all of them), and row m attends to its
 own stream's cache (Net.batch). A stream whose learned-position cache is full is refilled on its
-own, as the single-stream loop does. generate_tokens is the B = 1 case's own, leaner, driver.
+own. Its arguments are one object, fastchar.sampler.DecodeState. The draws of many streams are a
+stage too (STAGE_SAMPLE: each task draws a range of the streams).
 
 Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
@@ -72,6 +74,13 @@ cdef int _solo_next = SOLO_CALLS
 cdef enum:
     STAGE_MATMUL = 0  # a column slice of a product, then the row's post-op on that slice
     STAGE_ATTENTION = 1  # q, k, v of a range of heads, rope, append to the cache, attention
+    STAGE_SAMPLE = 2  # draw the next token of a range of the streams (Batch.draw)
+
+# Fewer streams than this draw on the main thread (a stage's handshake costs more than the draws)
+cdef Py_ssize_t SAMPLE_STAGE_ROWS = 4
+
+
+cdef struct Batch
 
 
 cdef struct Net:
@@ -111,14 +120,15 @@ cdef struct Net:
     # batch mode (generate_batch): row m is stream rstream[m]'s new token at position rpos[m], its
     # key and value go to slot rslot[m] of that stream's cache, which then holds rn[m] rows
     bint batch
-    float* kall  # (B, L, C, S) every stream's cache
-    float* vall
+    float* kall  # (B, L, C, S) every stream's keys, time last
+    float* vall  # (B, L, NH, S, HS) and values, position-major per head
     Py_ssize_t L
     Py_ssize_t layer
     const int64_t* rstream
     const int64_t* rslot
     const int64_t* rn
     const int64_t* rpos
+    Batch* job  # the generate_batch call (STAGE_SAMPLE)
 
 
 cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
@@ -146,13 +156,16 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     slice), or a range of attention heads: their columns of q, k and v (so no other task's output is
     needed), rotary positions, the keys and values into the cache, and attention. Each value is
     computed as it would be in one piece."""
-    cdef Py_ssize_t C = net.C, S = net.S, M = net.M, Nd = net.Nd
-    cdef Py_ssize_t j0, j1, m, j, part, slot
+    cdef Py_ssize_t C = net.C, S = net.S, M = net.M, Nd = net.Nd, HS = net.C // net.n_head
+    cdef Py_ssize_t j0, j1, m, j, h, part, slot
     cdef Py_ssize_t h0 = net.n_head * i // net.ntask, h1 = net.n_head * (i + 1) // net.ntask
     cdef float r
     cdef float* y = net.y
     cdef float* kc
     cdef float* vc
+    if net.kind == STAGE_SAMPLE:
+        _sample_rows(net.job, i, net.job.ndraw * i // net.ntask, net.job.ndraw * (i + 1) // net.ntask)
+        return
     if net.kind == STAGE_ATTENTION:
         if h1 <= h0:
             return
@@ -169,7 +182,9 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
                 slot = net.rslot[m]
                 for j in range(j0, j1):
                     kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-                    vc[j * S + slot] = net.qkv[m * 3 * C + 2 * C + j]
+                for h in range(h0, h1):
+                    for j in range(HS):
+                        vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
                 fc_attention(y + m * C, net.qkv + m * 3 * C, kc, vc, net.rn[m] - 1, 1, C, S, net.n_head, h0, h1,
                              net.scores + i * S)
             return
@@ -177,7 +192,9 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
             slot = (net.pos0 + m) % S
             for j in range(j0, j1):
                 net.kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-                net.vc[j * S + slot] = net.qkv[m * 3 * C + 2 * C + j]
+            for h in range(h0, h1):
+                for j in range(HS):
+                    net.vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
         fc_attention(y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
         return
     j0 = _split(Nd, i, net.ntask)
@@ -285,7 +302,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                 _product(net, 0, out, xin, NULL, net.packed + net.poff[r], Mr, Kd, Nd, 0, Nd)
             else:
                 fc_matmul_t(out, xin, net.params + row[W], Mr, Kd, Nd, Nd)
-        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and not net.batch:
+        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and Mr == 1:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r] if net.packed != NULL else NULL,
                      1, Kd, Nd, 0, Nd)  # task 0's scratch: no stage is running
@@ -325,70 +342,6 @@ cdef inline Py_ssize_t _refill(int* tokens, Py_ssize_t n_cache, Py_ssize_t S, in
         tokens[j] = tokens[n_cache - n_keep + j]
     tokens[n_keep] = tok
     return n_keep + 1
-
-
-cdef struct Loop:
-    # one generate_tokens call; see there. n_cache and pos are updated on return.
-    Net* net
-    int* out
-    int* tokens
-    float* logits  # (V,) the logits of the next draw (the table's last slot), kept between calls
-    float* logits_out
-    const double* uniforms
-    double* work
-    int32_t* order
-    double temperature
-    double top_p
-    Py_ssize_t top_k
-    Py_ssize_t V
-    Py_ssize_t N
-    Py_ssize_t n_cache
-    int64_t pos
-    Py_ssize_t n_feed
-    Py_ssize_t n_rows
-    bint advance_last
-    bint slides
-    double t_end  # when _run finished (the helpers may still have to notice)
-
-
-cdef void _run(Loop* job) noexcept nogil:
-    """The body of generate_tokens (main thread); tells the helpers to stop when done."""
-    cdef Net* net = job.net
-    cdef Py_ssize_t S = net.S, V = job.V, N = job.N, n_cache = job.n_cache
-    cdef int64_t pos = job.pos
-    cdef Py_ssize_t i, j
-    cdef int tok
-    cdef int* pt = job.tokens
-    cdef double u
-    if job.n_feed > 0:
-        _forward_rows(net, pt + n_cache, n_cache, pos, job.n_feed)
-        n_cache = n_cache + job.n_feed
-        pos = pos + job.n_feed
-    for i in range(N):
-        if job.n_rows > 0:
-            for j in range(V):
-                job.logits_out[i * V + j] = job.logits[j]
-        u = job.uniforms[i] if job.temperature > 0 else 0.0
-        tok = <int>fc_sample(job.logits, V, job.temperature, job.top_k, job.top_p, u, job.work, job.order)
-        job.out[i] = tok
-        if i + 1 == N and not job.advance_last:
-            break
-        if n_cache >= S and not job.slides:
-            # learned positions, full: the refill rule, re-encoded from position 0
-            n_cache = _refill(pt, n_cache, S, tok)
-            _forward_rows(net, pt, 0, 0, n_cache)
-            pos = n_cache
-        else:
-            # one position; a full rotary cache slides (the new row overwrites the oldest)
-            if n_cache < S:
-                pt[n_cache] = tok
-            _forward_rows(net, &tok, n_cache, pos, 1)
-            n_cache = n_cache + 1 if n_cache < S else S
-            pos = pos + 1
-    job.n_cache = n_cache
-    job.pos = pos
-    job.t_end = fc_now()
-    fc_set_quit(net.team)
 
 
 cdef int _team_size(Py_ssize_t C):
@@ -483,8 +436,8 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
     without a product, precision), or empty arrays when the path in use has none (the generic path,
     or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
-    Pack once per generation and pass as `packed` to generate_tokens / generate_batch; the weights
-    are read as they are now."""
+    Pack once per generation and keep as DecodeState.packed (fastchar.sampler.decode_state); the
+    weights are read as they are now."""
     import numpy as np
 
     cdef Py_ssize_t R = table.shape[0], r, total = 0, Kd, Nd
@@ -524,87 +477,6 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     return packed, offsets, precision
 
 
-def generate_tokens(int[::1] out, int[::1] tokens, int64_t[::1] state, Py_ssize_t n_feed,
-                    const float[::1] params, const int64_t[:, ::1] table, const double[::1] eps,
-                    const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
-                    float[:, :, ::1] kcache, float[:, :, ::1] vcache, float[::1] scratch, Py_ssize_t logits_at,
-                    double[::1] work, int32_t[::1] order, double temperature, Py_ssize_t top_k,
-                    double top_p, const double[::1] uniforms, bint advance_last,
-                    float[:, ::1] logits_out, object packed=None) -> None:
-    """Sample out.shape[0] tokens, advancing the KV cache after each (after the last only if advance_last).
-
-    First feeds tokens[n_cache:n_cache+n_feed] (a prompt; n_feed = 0 on later calls). The logits of
-    the next draw live in scratch[logits_at:logits_at+V] between calls.
-    out (N,) int32; tokens (S,) int32, the cached tokens; state (2,) int64: rows in the cache and
-    the absolute position of the next token, updated; params (P,) float32; table (R, NCOL) int64 and
-    eps (R,) float64: fastchar.graph.decode_table; inv_freq (HS/2,) float64 (empty: no rope);
-    slides: a full cache slides (rope) instead of being refilled; kcache, vcache (L, C, S) float32,
-    time last, S the window; scratch (decode_table's scratch_size,) float32; work (3V,) float64;
-    order (V,) int32; uniforms (N,) float64 (unused when temperature is 0); logits_out (N, V)
-    float32 receives each draw's logits, or (0, V) to skip; packed: pack_weights(params, table), or
-    None to read the products' weights from params (equal up to float rounding).
-    Runs on OpenMP's thread count (fastchar.set_threads), at most max(2, C // 32); the result does
-    not depend on it.
-    """
-    cdef Py_ssize_t L = kcache.shape[0], C = kcache.shape[1], S = kcache.shape[2]
-    cdef Py_ssize_t V = logits_out.shape[1], R = table.shape[0]
-    cdef Py_ssize_t Nn = out.shape[0], n_rows = logits_out.shape[0]
-    cdef Py_ssize_t n_cache = state[0]
-    cdef Py_ssize_t r
-    cdef int nt
-    if table.shape[1] != NCOL:
-        raise ValueError(f"table must have {NCOL} columns (fastchar.graph.decode_table)")
-    for r in range(R):
-        if (table[r, OUT] + S * table[r, N] > scratch.shape[0] or table[r, W] >= params.shape[0]
-                or table[r, LAYER] >= L):
-            raise ValueError(f"decode table row {r} points outside scratch, params or the cache")
-    if logits_at + V > scratch.shape[0] or work.shape[0] < 3 * V or order.shape[0] < V:
-        raise ValueError("scratch, work or order is too small")
-    if tokens.shape[0] < S or n_cache + n_feed > S or (n_cache + n_feed == 0 and Nn > 0):
-        raise ValueError(f"need 0 < n_cache + n_feed <= S={S}, got {n_cache} + {n_feed}")
-    if (temperature > 0 and uniforms.shape[0] < Nn) or (n_rows > 0 and n_rows < Nn):
-        raise ValueError("uniforms or logits_out is too small")
-    if inv_freq.shape[0] > 0 and 2 * inv_freq.shape[0] * n_head != C:
-        raise ValueError("inv_freq must have HS/2 entries")
-    if Nn == 0 and n_feed == 0:
-        return
-    nt = _team_size(C)
-    cdef fc_team team
-    cdef Net net
-    cdef Loop job
-    cdef Loop* jp = &job
-    words = _use_packed(&net, packed, table, nt, S)  # noqa: F841 (kept alive for the call)
-    cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
-                                   &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
-                                   &scratch[0], R, S, C, n_head, nt, S)
-    net.kcache = &kcache[0, 0, 0]
-    net.vcache = &vcache[0, 0, 0]
-    job.net = &net
-    job.out = &out[0] if Nn > 0 else NULL
-    job.tokens = &tokens[0]
-    job.logits = &scratch[logits_at]
-    job.logits_out = &logits_out[0, 0] if n_rows > 0 else NULL
-    job.uniforms = &uniforms[0] if temperature > 0 and Nn > 0 else NULL
-    job.work = &work[0]
-    job.order = &order[0]
-    job.temperature, job.top_p, job.top_k, job.V = temperature, top_p, top_k, V
-    job.N, job.n_cache, job.pos, job.n_feed, job.n_rows = Nn, n_cache, state[1], n_feed, n_rows
-    job.advance_last, job.slides = advance_last, slides
-    if nt > 1:
-        with nogil, parallel(num_threads=nt):
-            if fc_thread_num() == 0:
-                _run(jp)
-            else:
-                _helper(jp.net)
-    else:
-        with nogil:
-            _run(jp)
-    free(block)
-    _after_call(net.solo, nt, job.t_end)
-    state[0] = job.n_cache
-    state[1] = job.pos
-
-
 def token_probs(const float[::1] logits, double temperature, Py_ssize_t top_k, double top_p) -> object:
     """The compiled sampler's distribution (V,) float64 (fc_token_probs; for the parity tests).
 
@@ -624,7 +496,7 @@ def token_probs(const float[::1] logits, double temperature, Py_ssize_t top_k, d
 
 
 cdef struct Batch:
-    # one generate_batch call; see there. n_cache and pos are updated in place.
+    # one generate_batch call; see there. state is updated in place.
     Net* net
     int* out  # (B, N)
     int* tokens  # (B, S)
@@ -633,21 +505,36 @@ cdef struct Batch:
     const int32_t* active  # (B,)
     float* logits  # (B, V): each stream's logits of its next draw, kept between calls
     float* logits_out  # (B, N, V) or NULL
-    const double* uniforms  # (B, N)
-    double* work
-    int32_t* order
+    const double* uniforms  # (B, N) or NULL (no stream draws)
+    const double* temperature  # (B,) each stream's sampling options
+    const int64_t* top_k
+    const double* top_p
+    double* work  # (ntask, 3V) each sampling task's scratch
+    int32_t* order  # (ntask, V)
     int* rtok  # (B,) the batch rows' tokens
     int64_t* rows  # (4, B): stream, slot, cache rows after the append, position
-    double temperature
-    double top_p
-    Py_ssize_t top_k, V, N, B, logits_at
-    # per-stream sampling options (B,) each, or NULL: temperature, top_k and top_p for all
-    const double* row_temperature
-    const int64_t* row_top_k
-    const double* row_top_p
+    int64_t* draw  # (B,) the streams drawing now
+    Py_ssize_t ndraw, i  # how many, and which draw (column of out)
+    Py_ssize_t V, N, B, logits_at
     bint advance_last
     bint slides
-    double t_end
+    double t_end  # when _run_batch finished (the helpers may still have to notice)
+
+
+cdef void _sample_rows(Batch* job, Py_ssize_t task, Py_ssize_t d0, Py_ssize_t d1) noexcept nogil:
+    """Draw column job.i of out for the streams job.draw[d0:d1], with task's scratch (fc_sample: each
+    stream's value is the same whichever task draws it)."""
+    cdef Py_ssize_t d, b, j, V = job.V, N = job.N, i = job.i
+    cdef double temperature
+    for d in range(d0, d1):
+        b = job.draw[d]
+        if job.logits_out != NULL:
+            for j in range(V):
+                job.logits_out[(b * N + i) * V + j] = job.logits[b * V + j]
+        temperature = job.temperature[b]
+        job.out[b * N + i] = <int>fc_sample(job.logits + b * V, V, temperature, job.top_k[b], job.top_p[b],
+                                            job.uniforms[b * N + i] if temperature > 0 else 0.0,
+                                            job.work + task * 3 * V, job.order + task * V)
 
 
 cdef void _encode_one(Batch* job, Py_ssize_t b, const int* toks, Py_ssize_t n0, int64_t pos0, Py_ssize_t M) noexcept nogil:
@@ -667,8 +554,7 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     """The body of generate_batch (main thread); tells the helpers to stop when done."""
     cdef Net* net = job.net
     cdef Py_ssize_t S = net.S, V = job.V, N = job.N, B = job.B
-    cdef Py_ssize_t i, j, b, m, M, nc, top_k
-    cdef double temperature, top_p
+    cdef Py_ssize_t i, j, b, m, M, nc
     cdef int tok
     cdef int* pt
     cdef int64_t* rstream = job.rows
@@ -676,24 +562,24 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     cdef int64_t* rn = job.rows + 2 * B
     cdef int64_t* rpos = job.rows + 3 * B
     net.rstream, net.rslot, net.rn, net.rpos = rstream, rslot, rn, rpos
+    net.job = job
     for b in range(B):
         if job.n_feed[b] > 0 and job.active[b]:
             _encode_one(job, b, job.tokens + b * S + job.state[2 * b], job.state[2 * b], job.state[2 * b + 1], job.n_feed[b])
             job.state[2 * b] += job.n_feed[b]
             job.state[2 * b + 1] += job.n_feed[b]
+    job.ndraw = 0
+    for b in range(B):
+        if job.active[b]:
+            job.draw[job.ndraw] = b
+            job.ndraw += 1
     for i in range(N):
-        for b in range(B):
-            if not job.active[b]:
-                continue
-            if job.logits_out != NULL:
-                for j in range(V):
-                    job.logits_out[(b * N + i) * V + j] = job.logits[b * V + j]
-            temperature, top_k, top_p = job.temperature, job.top_k, job.top_p
-            if job.row_temperature != NULL:
-                temperature, top_k, top_p = job.row_temperature[b], job.row_top_k[b], job.row_top_p[b]
-            job.out[b * N + i] = <int>fc_sample(job.logits + b * V, V, temperature, top_k, top_p,
-                                                job.uniforms[b * N + i] if temperature > 0 else 0.0,
-                                                job.work, job.order)
+        job.i = i
+        if job.ndraw < SAMPLE_STAGE_ROWS:
+            _sample_rows(job, 0, 0, job.ndraw)
+        else:
+            net.kind = STAGE_SAMPLE
+            _stage(net)
         if i + 1 == N and not job.advance_last:
             break
         M = 0
@@ -730,34 +616,44 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     fc_set_quit(net.team)
 
 
-def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, const int64_t[::1] n_feed,
-                   const int32_t[::1] active, const float[::1] params, const int64_t[:, ::1] table,
-                   const double[::1] eps, const double[::1] inv_freq, bint slides, Py_ssize_t n_head,
-                   float[:, :, :, ::1] kcache, float[:, :, :, ::1] vcache, float[::1] scratch,
-                   Py_ssize_t logits_at, float[:, ::1] logits, double[::1] work, int32_t[::1] order,
-                   double temperature, Py_ssize_t top_k, double top_p, const double[:, ::1] uniforms,
-                   bint advance_last, float[:, :, ::1] logits_out, object packed=None,
-                   object row_sampling=None) -> None:
-    """Sample out.shape[1] tokens for each of B streams, advancing every running stream's cache
-    together after each draw (after the last only if advance_last).
+def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bint advance_last,
+                   float[:, :, ::1] logits_out) -> None:
+    """Sample out.shape[1] tokens for each running stream of st (fastchar.sampler.DecodeState),
+    advancing every running stream's cache together after each draw (after the last only if
+    advance_last); one stream is the batch of one row.
 
-    Stream b first feeds tokens[b, n_cache:n_cache+n_feed[b]] (its prompt; 0 on later calls).
-    out (B, N) int32; tokens (B, S) int32; state (B, 2) int64: rows in each cache and each stream's
-    next absolute position, updated; n_feed (B,) int64; active (B,) int32: streams with 0 are left
-    alone (finished); params, table, eps, inv_freq, slides, n_head, work, order, temperature, top_k,
-    top_p: as generate_tokens, but the table's scratch slots must hold max(S, B) rows; kcache,
-    vcache (B, L, C, S) float32; logits (B, V) float32: each stream's next logits, kept between
-    calls; uniforms (B, N) float64, row b from stream b's own generator; logits_out (B, N, V)
-    float32 receives each draw's logits, or (B, 0, V) to skip; packed: as generate_tokens;
-    row_sampling: None (every stream samples with temperature, top_k, top_p), or (temperature (B,)
-    float64, top_k (B,) int64, top_p (B,) float64), stream b's own options (the server's streams
-    differ), with temperature, top_k and top_p above ignored (uniforms are then read for the streams
-    whose temperature is > 0).
+    Stream b first encodes tokens[b, n_cache:n_cache+n_feed[b]] (its prompt; 0 on later calls), then
+    draws with its own temperature, top_k and top_p. out (B, N) int32; uniforms (B, N) float64, row b
+    from stream b's own generator (read for the streams whose temperature is > 0); logits_out
+    (B, N, V) float32 receives each draw's logits, or (B, 0, V) to skip. st's state, tokens, caches
+    and logits are updated. Runs on OpenMP's thread count (fastchar.set_threads), at most
+    max(2, C // 32); the result does not depend on it nor on the other streams.
     """
+    cdef const float[::1] params = st.params
+    cdef const int64_t[:, ::1] table = st.table
+    cdef const double[::1] eps = st.eps
+    cdef const double[::1] inv_freq = st.inv_freq
+    cdef int[:, ::1] tokens = st.tokens
+    cdef int64_t[:, ::1] state = st.state
+    cdef const int64_t[::1] n_feed = st.n_feed
+    cdef const int32_t[::1] active = st.active
+    cdef float[:, :, :, ::1] kcache = st.kcache
+    cdef float[:, :, :, :, ::1] vcache = st.vcache
+    cdef float[::1] scratch = st.scratch
+    cdef float[:, ::1] logits = st.logits
+    cdef const double[::1] row_t = st.temperature
+    cdef const int64_t[::1] row_k = st.top_k
+    cdef const double[::1] row_p = st.top_p
+    cdef Py_ssize_t n_head = st.n_head, logits_at = st.logits_at
+    cdef bint slides = st.slides
     cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
+    if (vcache.shape[0] != B or vcache.shape[1] != L or vcache.shape[2] != n_head or vcache.shape[3] != S
+            or vcache.shape[2] * vcache.shape[4] != C):
+        raise ValueError("need kcache (B, L, C, S) and vcache (B, L, NH, S, HS)")
     cdef Py_ssize_t V = logits.shape[1], R = table.shape[0], Nn = out.shape[1], rows_cap = S if S > B else B
-    cdef Py_ssize_t r, b
+    cdef Py_ssize_t r, b, fed = 0
     cdef int nt
+    cdef bint draws = False
     if table.shape[1] != NCOL:
         raise ValueError(f"table must have {NCOL} columns (fastchar.graph.decode_table)")
     for r in range(R):
@@ -765,52 +661,47 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
                 or table[r, LAYER] >= L):
             raise ValueError(f"decode table row {r} points outside scratch, params or the cache")
     if (out.shape[0] != B or tokens.shape[0] != B or tokens.shape[1] < S or state.shape[0] != B
-            or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B or vcache.shape[0] != B):
-        raise ValueError("out, tokens, state, n_feed, active, logits and the caches need one row per stream")
-    if logits_at + rows_cap * V > scratch.shape[0] or work.shape[0] < 3 * V or order.shape[0] < V:
-        raise ValueError("scratch, work or order is too small")
+            or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B or vcache.shape[0] != B
+            or row_t.shape[0] != B or row_k.shape[0] != B or row_p.shape[0] != B):
+        raise ValueError("out, tokens, state, n_feed, active, logits, the caches and the options need one row "
+                         "per stream")
+    if logits_at + rows_cap * V > scratch.shape[0]:
+        raise ValueError("scratch is too small")
     for b in range(B):
         if state[b, 0] + n_feed[b] > S or (active[b] and state[b, 0] + n_feed[b] == 0 and Nn > 0):
             raise ValueError(f"stream {b}: need 0 < n_cache + n_feed <= S={S}")
-    cdef const double[::1] row_t
-    cdef const int64_t[::1] row_k
-    cdef const double[::1] row_p
-    cdef bint draws = temperature > 0
-    if row_sampling is not None:
-        row_t, row_k, row_p = row_sampling
-        if row_t.shape[0] != B or row_k.shape[0] != B or row_p.shape[0] != B:
-            raise ValueError("row_sampling needs (temperature, top_k, top_p) arrays of one entry per stream")
-        draws = False
-        for b in range(B):
-            draws = draws or (active[b] and row_t[b] > 0)
+        draws = draws or (active[b] and row_t[b] > 0)
+        if active[b]:
+            fed += n_feed[b]
     if (draws and (uniforms.shape[0] != B or uniforms.shape[1] < Nn)) or (
             logits_out.shape[1] > 0 and (logits_out.shape[0] != B or logits_out.shape[1] < Nn)):
         raise ValueError("uniforms or logits_out is too small")
     if inv_freq.shape[0] > 0 and 2 * inv_freq.shape[0] * n_head != C:
         raise ValueError("inv_freq must have HS/2 entries")
-    cdef Py_ssize_t fed = 0
-    for b in range(B):
-        fed += n_feed[b]
     if B == 0 or (Nn == 0 and fed == 0):
         return
     import numpy as np
 
     nt = _team_size(C)
     rtok = np.zeros(B, np.int32)
-    rows = np.zeros(4 * B, np.int64)
+    rows = np.zeros(5 * B, np.int64)
+    work = np.zeros(nt * 3 * V, np.float64)
+    order = np.zeros(nt * V, np.int32)
     cdef int[::1] rtok_v = rtok
     cdef int64_t[::1] rows_v = rows
+    cdef double[::1] work_v = work
+    cdef int32_t[::1] order_v = order
     cdef fc_team team
     cdef Net net
     cdef Batch job
     cdef Batch* jp = &job
-    words = _use_packed(&net, packed, table, nt, rows_cap)  # noqa: F841 (kept alive for the call)
+    words = _use_packed(&net, st.packed, table, nt, rows_cap)  # noqa: F841 (kept alive for the call)
     cdef float* block = _setup_net(&net, &team, &params[0], &table[0, 0], &eps[0],
                                    &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
                                    &scratch[0], R, S, C, n_head, nt, rows_cap)
     net.L = L
     net.kall = &kcache[0, 0, 0, 0]
-    net.vall = &vcache[0, 0, 0, 0]
+    net.vall = &vcache[0, 0, 0, 0, 0]
     net.kcache = net.kall
     net.vcache = net.vall
     job.net = &net
@@ -822,14 +713,13 @@ def generate_batch(int[:, ::1] out, int[:, ::1] tokens, int64_t[:, ::1] state, c
     job.logits = &logits[0, 0]
     job.logits_out = &logits_out[0, 0, 0] if logits_out.shape[1] > 0 else NULL
     job.uniforms = &uniforms[0, 0] if draws and Nn > 0 else NULL
-    job.row_temperature, job.row_top_k, job.row_top_p = NULL, NULL, NULL
-    if row_sampling is not None:
-        job.row_temperature, job.row_top_k, job.row_top_p = &row_t[0], &row_k[0], &row_p[0]
-    job.work = &work[0]
-    job.order = &order[0]
+    job.temperature, job.top_k, job.top_p = &row_t[0], &row_k[0], &row_p[0]
+    job.work = &work_v[0]
+    job.order = &order_v[0]
     job.rtok = &rtok_v[0]
     job.rows = &rows_v[0]
-    job.temperature, job.top_p, job.top_k, job.V, job.logits_at = temperature, top_p, top_k, V, logits_at
+    job.draw = &rows_v[4 * B]
+    job.V, job.logits_at = V, logits_at
     job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
     if nt > 1:
         with nogil, parallel(num_threads=nt):

@@ -3,8 +3,10 @@
    generic path, each copy named by FC_N. Included by fc_decode.c, which includes fc_math.h. */
 /* out[m] = softmax(q[m] K^T / sqrt(HS)) V over the first n = min(n0 + m + 1, S) cache rows, for
    heads h0..h1-1 (keys already cached; out's other columns are left alone). A full cache (a ring,
-   rotary positions) is attended whole, in slot order. out (M, C); qkv (M, 3C), q first; kt, vt
-   (C, S) with time last, so every inner loop runs over contiguous rows; scores (S,) scratch. */
+   rotary positions) is attended whole, in slot order. out (M, C); qkv (M, 3C), q first; kt (C, S)
+   keys with time last (the scores run over contiguous positions), vt (NH, S, HS) values
+   position-major per head (a head's values are one contiguous block, read in order; a new row
+   appends HS floats per head); scores (S,) scratch. */
 static void FC_N(attention)(float *restrict out, const float *restrict qkv, const float *restrict kt,
                   const float *restrict vt, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head,
                   ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
@@ -34,19 +36,17 @@ static void FC_N(attention)(float *restrict out, const float *restrict qkv, cons
             }
             mx = scores[0];
             for (t = 1; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
-            for (t = 0; t < n; t++) {
-                scores[t] = fc_expf(scores[t] - mx);
-                tot += scores[t];
-            }
+            for (t = 0; t < n; t++) scores[t] = fc_expf(scores[t] - mx); /* vectorises without the sum */
+            for (t = 0; t < n; t++) tot += scores[t];
             inv = 1.0f / tot;
             for (c = h * HS; c < h * HS + HS; c++) {
-                const float *vrow = vt + c * S;
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a;
-                ptrdiff_t n8 = n - n % 8, j;
-                for (t = 0; t < n8; t += 8)
-                    for (j = 0; j < 8; j++) acc[j] += scores[t + j] * vrow[t + j];
-                a = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-                for (; t < n; t++) a += scores[t] * vrow[t];
+                float acc[4] = {0, 0, 0, 0}, a;
+                ptrdiff_t j;
+                const float *vh = vt + h * S * HS + (c - h * HS);
+                for (t = 0; t + 4 <= n; t += 4)
+                    for (j = 0; j < 4; j++) acc[j] += scores[t + j] * vh[(t + j) * HS];
+                for (; t < n; t++) acc[0] += scores[t] * vh[t * HS];
+                a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
                 out[m * C + c] = a * inv;
             }
         }

@@ -1,6 +1,6 @@
 /* The decode loop's fp32 products against weights packed by fc_pack16 (fc_decode.h), written once over
    the vector width FC_VL (fc_simd.h) and compiled per path by fc_each_isa.h; also the decode
-   attention of decode_attention_body.h for the same path. Included by fc_decode.c.
+   attention for the same path (attention_v, or decode_attention_body.h's plain copy). Included by fc_decode.c.
 
    A packed panel is 16 columns, [K][16] floats: DP_PV = 16 / FC_VL vectors per panel on every path,
    so the packed weights do not depend on the path. A tile is DP_ROWS rows x NP panels, one
@@ -92,3 +92,105 @@ static void FC_N(matmul_packed)(float *y, const float *x, const float *wp, ptrdi
 }
 
 #include "decode_attention_body.h"
+
+/* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps). */
+FC_SIMD_INLINE vf FC_N(dexp)(vf x) {
+    x = FC_N(vmax)(x, FC_N(vset1)(-87.0f));
+    vf n = x * FC_N(vset1)(1.44269504088896341f) + FC_N(vset1)(12582912.0f);
+    n = n - FC_N(vset1)(12582912.0f);
+    vf r = x - n * FC_N(vset1)(0.693359375f);
+    r = r + n * FC_N(vset1)(2.12194440e-4f);
+    vf p = FC_N(vset1)(1.9875691500e-4f);
+    p = p * r + FC_N(vset1)(1.3981999507e-3f);
+    p = p * r + FC_N(vset1)(8.3334519073e-3f);
+    p = p * r + FC_N(vset1)(4.1665795894e-2f);
+    p = p * r + FC_N(vset1)(1.6666665459e-1f);
+    p = p * r + FC_N(vset1)(5.0000001201e-1f);
+    p = p * r * r + r + FC_N(vset1)(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + FC_N(viset1)(127)) << 23;
+    return p * (vf)e;
+}
+
+/* The decode attention in vectors, for head sizes that are a multiple of FC_VL (else the plain
+   copy above): the same contract as attention (fc_attention in fc_decode.h). Scores: FC_VL
+   positions per vector, four vectors in flight, each a fused multiply-add chain over the head's
+   channels; softmax with a vector exp; p.v over the head's position-major values: HS / FC_VL vectors,
+   four partial sums over the positions (t mod 4), added ((0 + 1) + (2 + 3)) at the end. Every
+   value depends on n and the row's own data only, never on M or the other rows. */
+static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, const float *restrict kt,
+                              const float *restrict v, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
+                              ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
+    ptrdiff_t HS = C / n_head, NV = HS / FC_VL;
+    float scale = 1.0f / sqrtf((float)HS);
+    for (ptrdiff_t m = 0; m < M; m++) {
+        const float *q = qkv + m * 3 * C;
+        ptrdiff_t n = n0 + m + 1 < S ? n0 + m + 1 : S, t;
+        for (ptrdiff_t h = h0; h < h1; h++) {
+            const float *kh = kt + h * HS * S;
+            float qs[256];
+            for (ptrdiff_t c = 0; c < HS; c++) qs[c] = q[h * HS + c] * scale;
+            for (t = 0; t + 4 * FC_VL <= n; t += 4 * FC_VL) {
+                vf a0 = FC_N(vzero)(), a1 = a0, a2 = a0, a3 = a0;
+                for (ptrdiff_t c = 0; c < HS; c++) {
+                    const float *kr = kh + c * S + t;
+                    vf qc = FC_N(vset1)(qs[c]);
+                    a0 = FC_N(vfma)(a0, qc, FC_N(vload)(kr));
+                    a1 = FC_N(vfma)(a1, qc, FC_N(vload)(kr + FC_VL));
+                    a2 = FC_N(vfma)(a2, qc, FC_N(vload)(kr + 2 * FC_VL));
+                    a3 = FC_N(vfma)(a3, qc, FC_N(vload)(kr + 3 * FC_VL));
+                }
+                FC_N(vstore)(scores + t, a0);
+                FC_N(vstore)(scores + t + FC_VL, a1);
+                FC_N(vstore)(scores + t + 2 * FC_VL, a2);
+                FC_N(vstore)(scores + t + 3 * FC_VL, a3);
+            }
+            for (; t + FC_VL <= n; t += FC_VL) {
+                vf a0 = FC_N(vzero)();
+                for (ptrdiff_t c = 0; c < HS; c++) a0 = FC_N(vfma)(a0, FC_N(vset1)(qs[c]), FC_N(vload)(kh + c * S + t));
+                FC_N(vstore)(scores + t, a0);
+            }
+            for (; t < n; t++) {
+                float a = 0.0f;
+                for (ptrdiff_t c = 0; c < HS; c++) a += qs[c] * kh[c * S + t];
+                scores[t] = a;
+            }
+            float mx = scores[0], tot;
+            vf vm = FC_N(vset1)(mx);
+            for (t = 0; t + FC_VL <= n; t += FC_VL) vm = FC_N(vmax)(vm, FC_N(vload)(scores + t));
+            mx = FC_N(vhmax)(vm);
+            for (; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
+            vf sum = FC_N(vzero)(), vmx = FC_N(vset1)(mx);
+            for (t = 0; t + FC_VL <= n; t += FC_VL) {
+                vf e = FC_N(dexp)(FC_N(vload)(scores + t) - vmx);
+                FC_N(vstore)(scores + t, e);
+                sum += e;
+            }
+            tot = FC_N(vhsum)(sum);
+            for (; t < n; t++) {
+                scores[t] = fc_expf(scores[t] - mx);
+                tot += scores[t];
+            }
+            vf inv = FC_N(vset1)(1.0f / tot);
+            for (ptrdiff_t j = 0; j < NV; j++) {
+                const float *vc = v + h * S * HS + j * FC_VL;
+                vf a0 = FC_N(vzero)(), a1 = a0, a2 = a0, a3 = a0;
+                for (t = 0; t + 4 <= n; t += 4) {
+                    a0 = FC_N(vfma)(a0, FC_N(vset1)(scores[t]), FC_N(vload)(vc + t * HS));
+                    a1 = FC_N(vfma)(a1, FC_N(vset1)(scores[t + 1]), FC_N(vload)(vc + (t + 1) * HS));
+                    a2 = FC_N(vfma)(a2, FC_N(vset1)(scores[t + 2]), FC_N(vload)(vc + (t + 2) * HS));
+                    a3 = FC_N(vfma)(a3, FC_N(vset1)(scores[t + 3]), FC_N(vload)(vc + (t + 3) * HS));
+                }
+                for (; t < n; t++) a0 = FC_N(vfma)(a0, FC_N(vset1)(scores[t]), FC_N(vload)(vc + t * HS));
+                FC_N(vstore)(out + m * C + h * HS + j * FC_VL, ((a0 + a1) + (a2 + a3)) * inv);
+            }
+        }
+    }
+}
+
+static void FC_N(attention_any)(float *restrict out, const float *restrict qkv, const float *restrict kt,
+                                const float *restrict v, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
+                                ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
+    ptrdiff_t HS = C / n_head;
+    if (HS % FC_VL == 0 && HS <= 256) FC_N(attention_v)(out, qkv, kt, v, n0, M, C, S, n_head, h0, h1, scores);
+    else FC_N(attention)(out, qkv, kt, v, n0, M, C, S, n_head, h0, h1, scores);
+}

@@ -205,11 +205,11 @@ void fc_attention(float *restrict out, const float *restrict qkv, const float *r
                   float *restrict scores) {
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: attention_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
-    case FC_ISA_AVX2: attention_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_AVX512: attention_any_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_AVX2: attention_any_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
 #endif
 #ifdef FC_BUILD_NEON
-    case FC_ISA_NEON: attention_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
+    case FC_ISA_NEON: attention_any_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
 #endif
     default: attention_generic(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores);
     }
@@ -263,12 +263,22 @@ void fc_rope_heads(float *qkv, const float *cos_rows, const float *sin_rows, ptr
             }
 }
 
+/* The sum of v[0..n-1] * w[0..n-1] in eight interleaved partial sums, added in a fixed order: the
+   compiler vectorises it (a single running sum is a chain it may not reorder). */
+static inline float dot8(const float *v, const float *w, ptrdiff_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t k, i;
+    for (k = 0; k + 8 <= n; k += 8)
+        for (i = 0; i < 8; i++) acc[i] += v[k + i] * w[k + i];
+    for (; k < n; k++) acc[0] += v[k] * w[k];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 /* out[m] = x[m] / sqrt(mean(x[m]**2) + eps) * g. out, x (M, C); g (C,). */
 void fc_rmsnorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps) {
     ptrdiff_t m, c;
     for (m = 0; m < M; m++) {
-        float ss = 0.0f, s;
-        for (c = 0; c < C; c++) ss += x[m * C + c] * x[m * C + c];
+        float ss = dot8(x + m * C, x + m * C, C), s;
         s = 1.0f / sqrtf(ss / (float)C + eps);
         for (c = 0; c < C; c++) out[m * C + c] = x[m * C + c] * s * g[c];
     }
@@ -279,14 +289,24 @@ void fc_rmsnorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff
 void fc_layernorm(float *out, const float *x, const float *g, ptrdiff_t M, ptrdiff_t C, float eps) {
     ptrdiff_t m, c;
     for (m = 0; m < M; m++) {
-        float s = 0.0f, ss = 0.0f, mean, r;
-        for (c = 0; c < C; c++) s += x[m * C + c];
-        mean = s / (float)C;
-        for (c = 0; c < C; c++) {
-            float d = x[m * C + c] - mean;
-            ss += d * d;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ss[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mean, r, d;
+        const float *xm = x + m * C;
+        ptrdiff_t i;
+        /* eight interleaved partial sums, as dot8 (the loops vectorise) */
+        for (c = 0; c + 8 <= C; c += 8)
+            for (i = 0; i < 8; i++) s[i] += xm[c + i];
+        for (; c < C; c++) s[0] += xm[c];
+        mean = (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) / (float)C;
+        for (c = 0; c + 8 <= C; c += 8)
+            for (i = 0; i < 8; i++) {
+                d = xm[c + i] - mean;
+                ss[i] += d * d;
+            }
+        for (; c < C; c++) {
+            d = xm[c] - mean;
+            ss[0] += d * d;
         }
-        r = 1.0f / sqrtf(ss / (float)C + eps);
+        r = 1.0f / sqrtf((((ss[0] + ss[4]) + (ss[1] + ss[5])) + ((ss[2] + ss[6]) + (ss[3] + ss[7]))) / (float)C + eps);
         for (c = 0; c < C; c++) out[m * C + c] = (x[m * C + c] - mean) * r * g[c];
     }
 }

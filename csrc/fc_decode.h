@@ -112,6 +112,8 @@ void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff
                            ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw);
 void fc_matmul(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
                ptrdiff_t ldw);
+/* Attention of M new rows against the cache: kt (C, S) keys time-last, vt (NH, S, HS) values
+   position-major per head (decode_attention_body.h). */
 void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,
                   ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
 void fc_rope_tables(float *cos_rows, float *sin_rows, const double *inv_freq, ptrdiff_t half, int64_t pos0,

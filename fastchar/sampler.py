@@ -16,10 +16,12 @@ cache is kept once the window (ctx) is full depends on the positions:
   layer the two agree). No character is ever re-encoded.
 
 `stream` runs the whole per-character loop in compiled code when the model's backend provides
-`generate_tokens` (numba: fastchar/backends/numba_decode.py, cython: csrc/_decode.pyx) and the model
-is float32: they walk graph.decode_table (opcodes, scratch offsets, weights by name), one call per
-chunk of DECODE_CHUNK characters, with the same cache rule and the same uniforms drawn from the same
-Generator in the same order. Both compiled loops sample alike (csrc/fc_sample.c, and its Numba port
+`generate_tokens` (numba: fastchar/backends/numba_decode.py, cython: csrc/_decode.pyx, where one
+stream is the batched loop with one row) and the model is float32: they walk graph.decode_table
+(opcodes, scratch offsets, weights by name), one call per chunk of DECODE_CHUNK characters, with the
+same cache rule (`refill`) and the same uniforms drawn from the same Generator in the same order.
+A loop takes one DecodeState (the model's table, the caches, each stream's tokens and options).
+Both compiled loops sample alike (csrc/fc_sample.c, and its Numba port
 in numba_decode, so the Numba loop needs no C build); otherwise (the numpy reference, float64) the
 Python loop below (KVCache + sample_token) runs.
 Many streams (`stream_many`; `generate`/`stream` with a list of prompts or num_samples): the Cython
@@ -178,11 +180,23 @@ class KVCache:
         """Append token; a full cache slides (rope) or re-encodes its newest window/2 tokens from
         position 0 (learned positions)."""
         if self.length >= self.window and not self.slides:
-            n_keep = max(self.window // 2 - 1, 0)  # plus the new token: window/2 in all
-            keep = self.tokens[len(self.tokens) - n_keep :]
+            keep = list(self.tokens)
+            n = refill(keep, self.length, self.window, token)
             self.reset()
-            return self.feed([*keep, token])
+            return self.feed(keep[:n])
         return self.step(token)
+
+
+def refill(tokens, n_cache: int, window: int, token: int) -> int:
+    """The refill rule of a full learned-position cache (KVCache.advance; the Numba loop compiles this
+    function, the Cython loop has its own copy): the newest window//2 - 1 of tokens[:n_cache], then
+    token, moved to the front of tokens (a list or an int array of n_cache >= 1 entries), to be
+    re-encoded from position 0. Returns how many that is (window//2 in all)."""
+    n_keep = max(window // 2 - 1, 0)
+    for j in range(n_keep):
+        tokens[j] = tokens[n_cache - n_keep + j]
+    tokens[n_keep] = token
+    return n_keep + 1
 
 
 def top_p_filter(probs: np.ndarray, top_p: float) -> np.ndarray:
@@ -283,12 +297,79 @@ def python_tokens(
             logits = cache.advance(token)
 
 
-def packed_weights(model: Model, plan: DecodeTable) -> dict:
-    """Keyword arguments for the compiled loop: the products' weights packed once for this generation
-    in the model's precision (the backend's pack_decode_weights), or none. Changes to those weights
-    after this call do not reach the stream (the embeddings and norms are read as it goes)."""
+def packed_weights(model: Model, plan: DecodeTable) -> tuple | None:
+    """The products' weights packed once for this generation in the model's precision (the backend's
+    pack_decode_weights), or None. Changes to those weights after this call do not reach the stream
+    (the embeddings and norms are read as it goes)."""
     pack = getattr(model.kernels, "pack_decode_weights", None)
-    return {} if pack is None else {"packed": pack(model.params.flat, plan.table, model.precision)}
+    return None if pack is None else pack(model.params.flat, plan.table, model.precision)
+
+
+@dataclass
+class DecodeState:
+    """Everything a compiled decode loop reads and updates for B streams, in one object (the loops
+    take it, the draws' outputs and uniforms): built by decode_state.
+
+    The model: params (P,) float32; table, eps, inv_freq, slides, logits_at: graph.decode_table's
+    (its scratch slots hold max(S, B) rows); n_head; packed: pack_decode_weights' (packed, offsets,
+    precision) or None. Per stream b (S the window, L layers, C channels, V the vocabulary):
+    tokens (B, S) int32 the cached tokens; state (B, 2) int64 rows in the cache and the absolute
+    position of the next token; n_feed (B,) int64 tokens[b, n_cache:n_cache+n_feed] still to encode
+    (a prompt); active (B,) int32 (0: left alone); kcache (B, L, C, S) float32 the keys, time last
+    (the scores run along positions), vcache (B, L, S, C) the values, position-major (a new row is
+    one contiguous append, p.v runs along channels);
+    logits (B, V) float32 the next draw's logits, kept between calls; temperature (B,) float64,
+    top_k (B,) int64 (0: off), top_p (B,) float64 (1: off), each stream's own sampling options.
+    scratch: the table's activations (scratch_size,) float32, 64-byte aligned.
+    """
+
+    params: np.ndarray
+    table: np.ndarray
+    eps: np.ndarray
+    inv_freq: np.ndarray
+    slides: bool
+    n_head: int
+    logits_at: int
+    packed: tuple | None
+    tokens: np.ndarray
+    state: np.ndarray
+    n_feed: np.ndarray
+    active: np.ndarray
+    kcache: np.ndarray
+    vcache: np.ndarray
+    scratch: np.ndarray
+    logits: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    def start(self, b: int, ids: list[int], temperature: float, top_k: int | None, top_p: float | None) -> None:
+        """Stream b continues ids (its last S tokens, encoded at the next call) with these options."""
+        S, V = self.tokens.shape[1], self.logits.shape[1]
+        prompt = ids[-S:]
+        self.tokens[b, : len(prompt)] = prompt
+        self.state[b] = 0
+        self.n_feed[b] = len(prompt)
+        self.active[b] = 1
+        self.temperature[b] = temperature
+        self.top_k[b] = 0 if top_k is None else min(int(top_k), V)
+        self.top_p[b] = 1.0 if top_p is None else float(top_p)
+
+
+def decode_state(model: Model, streams: int, window: int) -> DecodeState:
+    """A DecodeState of `streams` idle streams (activate each with DecodeState.start) over a window of
+    `window` cache rows, its weights packed now (packed_weights)."""
+    cfg = model.cfg
+    B, S, V = streams, window, cfg.vocab_size
+    plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
+    kcache = np.zeros((B, cfg.n_layer, cfg.d_model, S), np.float32)
+    vcache = np.zeros((B, cfg.n_layer, cfg.n_head, S, cfg.head_size), np.float32)
+    return DecodeState(
+        model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides, cfg.n_head, plan.logits,
+        packed_weights(model, plan), np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
+        np.zeros(B, np.int32), kcache, vcache, aligned_zeros(plan.scratch_size),
+        np.zeros((B, V), np.float32), np.zeros(B, np.float64), np.zeros(B, np.int64), np.ones(B, np.float64),
+    )  # fmt: skip
 
 
 def batch_loop(model: Model) -> Callable | None:
@@ -296,6 +377,35 @@ def batch_loop(model: Model) -> Callable | None:
     float32, else None."""
     fn = getattr(model.kernels, "generate_batch", None)
     return fn if fn is not None and model.dtype == np.float32 else None
+
+
+def _uniforms(rngs: list, st: DecodeState, n: int) -> np.ndarray:
+    """(B, n) uniforms: stream b's next n from rngs[b] if it is running and draws (temperature > 0),
+    one per token as sample_token."""
+    u = np.zeros((len(rngs), n), np.float64)
+    for b in np.flatnonzero(st.active):
+        if st.temperature[b] > 0:
+            u[b] = rngs[b].random(n)
+    return u
+
+
+def _run_chunks(fn: Callable, st: DecodeState, rngs: list, max_new_tokens: int, chunk: int,
+                logits: np.ndarray | None) -> Iterator[np.ndarray]:  # fmt: skip
+    """Call the compiled loop fn on st chunk by chunk: token ids (B, n) per chunk of n <= chunk."""
+    if chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    B, V = st.logits.shape
+    done = 0
+    while done < max_new_tokens and st.active.any():
+        n = min(chunk, max_new_tokens - done)
+        out = np.zeros((B, n), np.int32)
+        rows = np.zeros((B, n if logits is not None else 0, V), np.float32)
+        fn(st, out, _uniforms(rngs, st, n), done + n < max_new_tokens, rows)
+        if logits is not None:
+            logits[:, done : done + n] = rows
+        st.n_feed[:] = 0
+        done += n
+        yield out
 
 
 def batch_tokens(
@@ -321,47 +431,12 @@ def batch_tokens(
     fn = batch_loop(model)
     if fn is None:
         raise InputError(f"backend {model.backend!r} has no batched generation loop for {model.dtype} models")
-    if chunk < 1:
-        raise ConfigError(f"chunk must be >= 1, got {chunk}")
-    cfg = model.cfg
-    B, V = len(prompts), cfg.vocab_size
-    plan = decode_table(cfg, model.params.offsets, max(window, B))  # scratch slots hold B rows too
-    packed = packed_weights(model, plan)
-    kcache = np.zeros((B, cfg.n_layer, cfg.d_model, window), np.float32)  # time last
-    vcache = np.zeros_like(kcache)
-    scratch = aligned_zeros(plan.scratch_size)
-    work = np.zeros(3 * V, np.float64)
-    order = np.zeros(V, np.int32)
-    tokens = np.zeros((B, window), np.int32)
-    n_feed = np.zeros(B, np.int64)
+    st = decode_state(model, len(prompts), window)
     for b, ids in enumerate(prompts):
-        prompt = ids[-window:]
-        tokens[b, : len(prompt)] = prompt
-        n_feed[b] = len(prompt)
-    state = np.zeros((B, 2), np.int64)
-    active = np.ones(B, np.int32) if active is None else active
-    next_logits = np.zeros((B, V), np.float32)
-    k = 0 if top_k is None else int(min(top_k, V))
-    p = 1.0 if top_p is None else float(top_p)
-    done = 0
-    while done < max_new_tokens and active.any():
-        n = min(chunk, max_new_tokens - done)
-        out = np.zeros((B, n), np.int32)
-        uniforms = np.zeros((B, n), np.float64)
-        if temperature > 0:
-            for b in np.flatnonzero(active):
-                uniforms[b] = rngs[b].random(n)  # one draw per token, as sample_token
-        rows = np.zeros((B, n if logits is not None else 0, V), np.float32)
-        fn(
-            out, tokens, state, n_feed, active, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
-            cfg.n_head, kcache, vcache, scratch, plan.logits, next_logits, work, order, float(temperature), k, p,
-            uniforms, done + n < max_new_tokens, rows, **packed,
-        )  # fmt: skip
-        if logits is not None:
-            logits[:, done : done + n] = rows
-        n_feed[:] = 0
-        done += n
-        yield out
+        st.start(b, ids, temperature, top_k, top_p)
+    if active is not None:
+        st.active = active  # the caller's: it may stop streams between chunks
+    yield from _run_chunks(fn, st, rngs, max_new_tokens, chunk, logits)
 
 
 def compiled_tokens(
@@ -380,44 +455,16 @@ def compiled_tokens(
 
     logits, if given, is a (max_new_tokens, V) float32 array that receives the logits of every draw
     (for tests: they must equal a full forward over the tokens held in the cache at that step).
+    The cython backend runs its batched loop with one row; numba its own one-stream loop.
     """
     fn = compiled_loop(model)
     if fn is None:
         raise InputError(f"backend {model.backend!r} has no compiled generation loop for {model.dtype} models")
-    if chunk < 1:
-        raise ConfigError(f"chunk must be >= 1, got {chunk}")
-    cfg = model.cfg
-    V = cfg.vocab_size
-    plan = decode_table(cfg, model.params.offsets, window)
-    packed = packed_weights(model, plan)
-    kcache = np.zeros((cfg.n_layer, cfg.d_model, window), np.float32)  # time last (see the kernels)
-    vcache = np.zeros_like(kcache)
-    scratch = aligned_zeros(plan.scratch_size)  # each slot starts a cache line (threads split at lines)
-    work = np.zeros(3 * V, np.float64)
-    order = np.zeros(V, np.int32)
-    tokens = np.zeros(window, np.int32)
-    prompt = ids[-window:]
-    tokens[: len(prompt)] = prompt
-    state = np.zeros(2, np.int64)  # tokens in the cache, absolute position of the next one
-    n_feed = len(prompt)
-    out = np.zeros(chunk, np.int32)
-    no_uniforms = np.zeros(chunk, np.float64)
-    no_logits = np.zeros((0, V), np.float32)
-    k = 0 if top_k is None else int(min(top_k, V))
-    p = 1.0 if top_p is None else float(top_p)
-    done = 0
-    while done < max_new_tokens:
-        n = min(chunk, max_new_tokens - done)
-        uniforms = rng.random(n) if temperature > 0 else no_uniforms[:n]  # one draw per token, as sample_token
-        rows = no_logits if logits is None else logits[done : done + n]
-        fn(
-            out[:n], tokens, state, n_feed, model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides,
-            cfg.n_head, kcache, vcache, scratch, plan.logits, work, order, float(temperature), k, p, uniforms,
-            done + n < max_new_tokens, rows, **packed,
-        )  # fmt: skip
-        n_feed = 0
-        done += n
-        yield out[:n].copy()
+    st = decode_state(model, 1, window)
+    st.start(0, ids, temperature, top_k, top_p)
+    rows = None if logits is None else logits[None]
+    for out in _run_chunks(fn, st, [rng], max_new_tokens, chunk, rows):
+        yield out[0]
 
 
 def describe_decode(model: Model, window: int | None = None) -> list[str]:
@@ -495,17 +542,9 @@ class DecodeBatch:
         self._unext = [0] * B
         if self._fn is None:
             return
-        self._plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
-        self._packed = packed_weights(model, self._plan)
-        self._kcache = np.zeros((B, cfg.n_layer, cfg.d_model, S), np.float32)
-        self._vcache = np.zeros_like(self._kcache)
-        self._scratch = aligned_zeros(self._plan.scratch_size)
-        self._work = np.zeros(3 * V, np.float64)
-        self._order = np.zeros(V, np.int32)
-        self._tokens = np.zeros((B, S), np.int32)
-        self._state = np.zeros((B, 2), np.int64)
-        self._n_feed = np.zeros(B, np.int64)
-        self._logits = np.zeros((B, V), np.float32)
+        self._st = decode_state(model, B, S)
+        self.active = self._st.active
+        self._temperature, self._top_k, self._top_p = self._st.temperature, self._st.top_k, self._st.top_p
         self._out = np.zeros((B, 1), np.int32)
         self._uniforms = np.zeros((B, 1), np.float64)
         self._no_logits = np.zeros((B, 0, V), np.float32)
@@ -542,9 +581,7 @@ class DecodeBatch:
             kw = {"chunk": 1} if loop is compiled_tokens else {}
             self._serial[row] = iter(loop(self.model, prompt, many, temperature, top_k, top_p, rng, self.window, **kw))
         else:
-            self._tokens[row, : len(prompt)] = prompt
-            self._state[row] = 0
-            self._n_feed[row] = len(prompt)
+            self._st.start(row, prompt, temperature, top_k, top_p)
         self.active[row] = 1
         return row
 
@@ -588,14 +625,8 @@ class DecodeBatch:
             return rows, out if n > 1 else out[:, 0]
         uniforms = self._next_uniforms(rows.tolist(), n)
         out = self._out if n == 1 else np.zeros((self.capacity, n), np.int32)
-        model, plan, cfg = self.model, self._plan, self.model.cfg
-        self._fn(
-            out, self._tokens, self._state, self._n_feed, self.active, model.params.flat, plan.table, plan.eps,
-            plan.inv_freq, plan.slides, cfg.n_head, self._kcache, self._vcache, self._scratch, plan.logits,
-            self._logits, self._work, self._order, 1.0, 0, 1.0, uniforms, True, self._no_logits,
-            **self._packed, row_sampling=(self._temperature, self._top_k, self._top_p),
-        )  # fmt: skip
-        self._n_feed[rows] = 0
+        self._fn(self._st, out, uniforms, True, self._no_logits)
+        self._st.n_feed[rows] = 0
         return rows, out[rows, 0].copy() if n == 1 else out[rows]
 
 

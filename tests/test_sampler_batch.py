@@ -1,8 +1,8 @@
 """Many streams in one batched decode step, stop strings, and the compiled sampler's selection.
 
-- The batched loop (cython `generate_batch`) gives every stream the logits its own single-stream
-  loop (`generate_tokens`) gives, at every position, across window refills (learned positions) and
-  slides (rope): both compute each row's values by the same expressions, so the tolerance is tight.
+- The batched loop (cython `generate_batch`) gives every stream the logits it gets alone (the batch
+  of one row), bit for bit, at every position, across window refills (learned positions) and slides
+  (rope), on every instruction-set path: each row's values never depend on the other rows.
 - Stream i's text with seed s is the same alone as among 63 other streams.
 - Stop strings: at the start, across a window refill, never produced; the API and the CLI.
 - fc_token_probs (top-k by selection, top-p by partial extraction, no sort) equals the sorted
@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 
 from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, stream
-from fastchar.sampler import StopScan, batch_loop, batch_tokens, compiled_tokens, stream_rngs, token_probs
+from fastchar.sampler import (
+    StopScan,
+    batch_loop,
+    batch_tokens,
+    compiled_tokens,
+    decode_state,
+    stream_rngs,
+    token_probs,
+)
 
 cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
 
@@ -31,7 +39,7 @@ def make_model(position: str, ctx: int = 8, backend: str = "cython", precision: 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
-    """On every instruction-set path (isa_path), with the same tight tolerance."""
+    """On every instruction-set path (isa_path), bit for bit."""
     model = make_model(position)
     B, N = 64, 40  # 40 > 4 windows of 8: several refills (learned) or slides (rope)
     r = np.random.default_rng(5)
@@ -44,8 +52,27 @@ def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
         single = np.zeros((N, 11), np.float32)
         rng = stream_rngs(3, B)[b]
         alone = np.concatenate(list(compiled_tokens(model, prompts[b], N, 1.0, None, None, rng, 8, logits=single)))
-        np.testing.assert_allclose(batched[b], single, rtol=1e-5, atol=1e-6, err_msg=f"stream {b}")
+        np.testing.assert_array_equal(batched[b], single, err_msg=f"stream {b}")  # bit for bit
         np.testing.assert_array_equal(toks[b], alone, err_msg=f"stream {b}")
+
+
+def test_one_stream_is_the_batch_of_one_row_and_the_state_is_checked():
+    model = make_model("rope")
+    assert model.kernels.generate_tokens is model.kernels.generate_batch  # one driver
+    st = decode_state(model, 2, 8)
+    st.start(0, [1, 2, 3], 1.0, None, 0.9)
+    out, u, no_logits = np.zeros((2, 5), np.int32), np.full((2, 5), 0.5), np.zeros((2, 0, 11), np.float32)
+    cydecode.generate_batch(st, out, u, True, no_logits)
+    assert st.state[0].tolist() == [8, 8] and st.state[1].tolist() == [0, 0]  # 3 fed + 5 drawn; row 1 idle
+    bad = decode_state(model, 2, 8)
+    bad.start(0, [1], 1.0, None, None)
+    bad.vcache = np.zeros((2, 2, 8, 3, 8), np.float32)  # (B, L, S, NH, HS): not the layout the loop reads
+    with pytest.raises(ValueError, match="vcache"):
+        cydecode.generate_batch(bad, out, u, True, no_logits)
+    bad = decode_state(model, 2, 8)
+    bad.start(1, [1], 1.0, None, None)
+    with pytest.raises(ValueError, match="uniforms"):
+        cydecode.generate_batch(bad, out, u[:1], True, no_logits)
 
 
 @pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")

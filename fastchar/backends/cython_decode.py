@@ -1,19 +1,22 @@
 """The Cython backend's compiled generation loop: re-exports fastchar._cydecode (built from csrc/_decode.pyx).
 
-Same name and signature as fastchar.backends.numba_decode.generate_tokens. If the extension was not
-built, importing this module raises ImportError and fastchar.backends fills `generate_tokens` with
-None, so fastchar.sampler falls back to its Python loop.
+One stream is the batched loop with one row: `generate_tokens` is `generate_batch`, the same
+signature as fastchar.backends.numba_decode.generate_tokens (a fastchar.sampler.DecodeState). If
+the extension was not built, importing this module raises ImportError and fastchar.backends fills
+`generate_tokens` with None, so fastchar.sampler falls back to its Python loop.
 """
 
 from __future__ import annotations
 
 try:
-    from fastchar._cydecode import generate_batch, generate_tokens
+    from fastchar._cydecode import generate_batch
     from fastchar._cydecode import pack_weights as pack_decode_weights
 except ImportError as exc:
     raise ImportError(
         "the Cython extension fastchar._cydecode is missing or stale; build it with "
         f"`pip install -e .` (or `python setup.py build_ext --inplace`) ({exc})"
     ) from exc
+
+generate_tokens = generate_batch
 
 __all__ = ["generate_batch", "generate_tokens", "pack_decode_weights"]

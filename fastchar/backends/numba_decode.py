@@ -4,7 +4,8 @@
 entirely in one `@njit` call, so `stream` pays one Python-level call per chunk of characters. The
 network is not written here: each position walks the rows of fastchar.graph.decode_table (opcodes,
 scratch offsets, weight offsets found by name in the parameter arena), the decode step of the one
-description in fastchar/graph.py. The Cython twin is csrc/_decode.pyx, with the same signature.
+description in fastchar/graph.py. The Cython twin is csrc/_decode.pyx, with the same signature
+(one fastchar.sampler.DecodeState); the cache rule is fastchar.sampler.refill, compiled here.
 
 How it is fast:
 - A forward runs M positions at once (1 for a decode step, window/2 for a refill, the prompt's
@@ -30,6 +31,7 @@ from numba import njit
 
 from fastchar import graph
 from fastchar.backends.numba_cpu import _gelu, _softmax_unnormalised
+from fastchar.sampler import refill
 
 __all__ = ["generate_tokens", "sample", "token_probs"]
 
@@ -146,8 +148,9 @@ def _attention(out, qkv, kt, vt, n0, M, n_head, scores):
     """out[m] = softmax(q[m] K^T / sqrt(HS)) V per head over the first min(n0+m+1, S) cache rows
     (keys already cached; a full cache, a rotary ring, is attended whole).
 
-    out (>=M, C); qkv (>=M, 3C) (q in the first C columns); kt, vt (C, S) keys and values with time
-    last, so every inner loop runs over contiguous rows and vectorises; scores (S,) scratch.
+    out (>=M, C); qkv (>=M, 3C) (q in the first C columns); kt (C, S) keys with time last, vt
+    (NH, S, HS) values position-major per head, so every inner loop runs over contiguous rows and
+    vectorises; scores (S,) scratch.
     """
     C, S = kt.shape
     HS = C // n_head
@@ -166,13 +169,16 @@ def _attention(out, qkv, kt, vt, n0, M, n_head, scores):
                 for t in range(n):
                     scores[t] += qc * krow[t]
             inv = _softmax_unnormalised(scores, n)
-            # out[c] = p . v[c] for the head's channels
+            # out[c] = p . v[:, c] for the head's channels, a row of v at a time
             for c in range(h * HS, h * HS + HS):
-                vrow = vt[c]
-                acc = np.float32(0.0)
-                for t in range(n):
-                    acc += scores[t] * vrow[t]
-                orow[c] = acc * inv
+                orow[c] = 0.0
+            vh = vt[h]
+            for t in range(n):
+                p, vrow = scores[t], vh[t]
+                for i in range(HS):
+                    orow[h * HS + i] += p * vrow[i]
+            for c in range(h * HS, h * HS + HS):
+                orow[c] *= inv
 
 
 @njit(cache=True)
@@ -249,11 +255,12 @@ def _forward_rows(tokens, n0, pos0, M, params, table, eps, inv_freq, n_head, kca
             if row[POST] == POST_ROPE:
                 _rope(qkv, inv_freq, pos0, Mr, C)
             kc, vc = kcache[row[LAYER]], vcache[row[LAYER]]
+            HS = C // n_head
             for m in range(Mr):
                 slot = (pos0 + m) % S
                 for c in range(C):
                     kc[c, slot] = qkv[m, C + c]
-                    vc[c, slot] = qkv[m, 2 * C + c]
+                    vc[c // HS, slot, c % HS] = qkv[m, 2 * C + c]
             _attention(out, qkv, kc, vc, n0, Mr, n_head, scores)
         elif op == OP_RESIDUAL:
             x2 = _slot(scratch, row[IN2], Nd, S)
@@ -405,20 +412,31 @@ def sample(logits, V, temperature, top_k, top_p, u, work, order):
     return V - 1
 
 
-@njit(cache=True)
-def _refill(tokens, n_cache, S, tok):
-    """The refill rule of a full learned-position cache (KVCache.advance in fastchar/sampler.py):
-    keep the newest S//2 - 1 of the n_cache tokens, then tok, moved to the front of tokens, to be
-    re-encoded from position 0. Returns how many tokens that is."""
-    n_keep = max(S // 2 - 1, 0)
-    for j in range(n_keep):
-        tokens[j] = tokens[n_cache - n_keep + j]
-    tokens[n_keep] = tok
-    return n_keep + 1
+# the refill rule of a full learned-position cache, the Python reference's own function compiled
+_refill = njit(cache=True)(refill)
+
+
+def generate_tokens(st, out: np.ndarray, uniforms: np.ndarray, advance_last: bool, logits_out: np.ndarray) -> None:
+    """Sample out.shape[1] tokens for the one stream of st (a fastchar.sampler.DecodeState with B = 1),
+    advancing its cache after each (after the last only if advance_last): the arguments of the Cython
+    loop's generate_batch (csrc/_decode.pyx, whose docstring lists them), one stream, single-threaded.
+    out (1, N) int32; uniforms (1, N) float64; logits_out (1, N, V) or (1, 0, V) float32. The next
+    draw's logits stay in st.scratch (the table's logits slot) between calls, not in st.logits."""
+    if st.tokens.shape[0] != 1:
+        raise ValueError("the Numba loop runs one stream (B = 1); many run one after another")
+    if not st.active[0]:
+        return
+    V = st.logits.shape[1]
+    _generate(
+        out[0], st.tokens[0], st.state[0], int(st.n_feed[0]), st.params, st.table, st.eps, st.inv_freq, st.slides,
+        st.n_head, st.kcache[0], st.vcache[0], st.scratch, st.scratch[st.logits_at : st.logits_at + V],
+        float(st.temperature[0]), int(st.top_k[0]), float(st.top_p[0]), uniforms[0], advance_last, logits_out[0],
+        np.zeros(3 * V), np.zeros(V, np.int32),
+    )  # fmt: skip
 
 
 @njit(cache=True)
-def generate_tokens(
+def _generate(
     out: np.ndarray,
     tokens: np.ndarray,
     state: np.ndarray,
@@ -432,24 +450,21 @@ def generate_tokens(
     kcache: np.ndarray,
     vcache: np.ndarray,
     scratch: np.ndarray,
-    logits_at: int,
-    work: np.ndarray,
-    order: np.ndarray,
+    logits: np.ndarray,
     temperature: float,
     top_k: int,
     top_p: float,
     uniforms: np.ndarray,
     advance_last: bool,
     logits_out: np.ndarray,
+    work: np.ndarray,
+    order: np.ndarray,
 ) -> None:
-    """Sample out.shape[0] tokens, advancing the KV cache after each (after the last only if advance_last).
-
-    The same arguments, shapes and results as the Cython loop's generate_tokens (csrc/_decode.pyx,
-    whose docstring lists them), single-threaded.
-    """
+    """generate_tokens' loop: shapes of one stream (out (N,), tokens (S,), state (2,), kcache (L, C, S),
+    vcache (L, NH, S, HS), logits (V,) the table's logits slot of scratch: the next draw's logits, kept
+    between calls, logits_out (N, V) or (0, V))."""
     S = kcache.shape[2]
-    V = logits_out.shape[1]
-    logits = scratch[logits_at : logits_at + V]
+    V = logits.shape[0]
     scores = np.zeros(S, np.float32)
     one = np.zeros(1, np.int32)
     n_cache, pos = state[0], state[1]
