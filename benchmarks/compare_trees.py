@@ -1,7 +1,7 @@
 """Two source trees of fastchar side by side: training tokens/s and sampling chars/s, alternating.
 
     python -m benchmarks.compare_trees OLD_TREE NEW_TREE [--rounds 2] [--backend cython]
-                                       [--precision fp32 bf16] [--threads N]
+                                       [--precision fp32 bf16] [--threads N] [--jobs train ...]
 
 Each measurement runs in a fresh process with PYTHONPATH set to one tree (each tree needs its
 extensions built in place: `python setup.py build_ext --inplace`), the two trees back to back for
@@ -72,12 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="cython", help="fastchar backend (default cython)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"], help="(default fp32)")
     p.add_argument("--threads", type=int, default=None, help="threads for every pool (default: all cores)")
+    names = sorted({what for what, _ in JOBS})
+    p.add_argument("--jobs", nargs="+", choices=names, default=names, help="which measures (default: all)")
     p.add_argument("--one", nargs=3, metavar=("WHAT", "N", "PRECISION"), help=argparse.SUPPRESS)  # a child's job
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.backend, args.one[2], args.threads)))
         return {}
-    jobs = [(what, n, precision) for precision in args.precision for what, n in JOBS]
+    jobs = [(what, n, precision) for precision in args.precision for what, n in JOBS if what in args.jobs]
     figures: dict = defaultdict(list)
     for r in range(args.rounds):
         for job in jobs:  # the two trees one after the other for every job, the first one alternating

@@ -10,10 +10,12 @@ configurator as `--key=value`), with two things added from outside:
 - a wall-time stop: a PyTorch optimizer-step hook ends the run after the step that leaves no room
   for one more within --seconds (the clock starts before train.py runs, so model construction,
   nanoGPT's evaluation at step 0 and a torch.compile are inside the budget);
-- a schedule that ends with the budget: after --calibrate steps (still inside warm-up when
-  warmup_iters > calibrate, so the learning rates are those of a run configured up front) the hook
-  sets nanoGPT's max_iters and lr_decay_iters to the number of steps the rest of the budget holds at
-  the measured step time. This is what fastchar's --time-budget does with its cosine.
+- a schedule that ends with the budget: from step --calibrate on (still inside warm-up when
+  warmup_iters > calibrate, so no learning rate differs from a run configured up front), after every
+  step the hook sets nanoGPT's lr_decay_iters to the steps done plus the steps the rest of the budget
+  holds at the mean step time since step 2, so nanoGPT's own cosine ends where the budget does (what
+  fastchar's --time-budget does with its cosine); max_iters is lifted so that only the budget ends
+  the run.
 
 Writes FILE.pt: {"model": state_dict (no "_orig_mod." prefix), "model_args", "steps", "seconds",
 "step_seconds" (one per step), "tokens_per_step", "overrides"}; prints one JSON summary line.
@@ -52,10 +54,12 @@ def run(nanogpt: Path, seconds: float, out: Path, overrides: list[str], config: 
         now = time.perf_counter() - start
         stamps.append(now)
         n = len(stamps)
-        if n == calibrate:  # steps 2..n, after compilation and nanoGPT's step-0 evaluation
+        if n == 1:
+            g["max_iters"] = 10**12  # only the budget ends the run
+        if n >= calibrate:  # steps 2..n: after compilation and nanoGPT's step-0 evaluation
             per_step = (stamps[-1] - stamps[0]) / (n - 1)
             total = n + int(max(0.0, seconds - now) / per_step)
-            g["max_iters"] = g["lr_decay_iters"] = max(total, g["warmup_iters"] + 1)
+            g["lr_decay_iters"] = max(total, g["warmup_iters"] + 1)
         last = stamps[-1] - stamps[-2] if n > 1 else 0.0  # the first holds start-up and compilation
         if now + last >= seconds:
             raise WallTime
@@ -78,7 +82,7 @@ def run(nanogpt: Path, seconds: float, out: Path, overrides: list[str], config: 
         "tokens_per_step": tokens,
         "tok_s_overall": tokens * len(stamps) / elapsed,
         "tok_s_steady": tokens * (len(steps) - 2) / sum(steps[2:]) if len(steps) > 2 else None,
-        "max_iters_set": g.get("max_iters"),
+        "lr_decay_iters_last": g.get("lr_decay_iters"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "overrides": overrides,
