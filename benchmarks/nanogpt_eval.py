@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         own = total / len(x)
         weights = {name: np.array(model.params[name]) for name in model.params.keys()}
         cross = torch_loss(fastchar_into_nanogpt(mod, weights, cfg), x, y, args.batch)
-        state = model.run.train_state or {}
+        state = model.train_state or {}
         result[str(path)] = {"val_loss": own, "val_loss_in_nanogpt_gpt": cross, "windows": len(x),
                              "steps": state.get("step"), "seconds": state.get("elapsed")}  # fmt: skip
         print(f"{path}: fastchar ({model.backend}) val loss {own:.4f}, the same weights in nanoGPT's GPT "
