@@ -117,8 +117,8 @@ def test_inputs_outputs_and_metadata(tmp_path):
 
 
 def interpret(ops: list[Op], cfg: ModelConfig, params: dict, tokens: np.ndarray) -> np.ndarray:
-    """Run an op list in float64 with NumPy: the reference kernels, and SPEC's formulas for layernorm,
-    gelu and the tied head. Returns the last op's output (B, T, V)."""
+    """Run an op list in float64 with NumPy: the reference kernels, and docs/architecture.md's formulas
+    for layernorm, gelu and the tied head. Returns the last op's output (B, T, V)."""
     consts = {name: np.zeros(shape) for name, shape in constant_specs(cfg, cfg.ctx)}
     fill_constants(consts, cfg, cfg.ctx)
     table = {**{k: np.asarray(v, np.float64) for k, v in params.items()}, **consts}
