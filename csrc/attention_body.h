@@ -45,30 +45,31 @@ FC_SIMD_INLINE vf FC_N(keep_scale)(long long i0, const fc_att_dropout *drop) {
 }
 
 /* s[0 .. VL*nv) = scale * sum_d x[d] * xt[d, 0 .. VL*nv); lanes >= n set to `fill`.
-   Four blocks per pass share each broadcast and give four independent FMA chains. */
+   Eight blocks per pass share each broadcast and give eight independent FMA chains: two FMA units
+   of 4 cycles' latency need eight (four, the earlier choice, ran the AVX2 scores at half speed). */
+#define ATT_ROW_BLOCKS(U)                                                                              \
+    do {                                                                                               \
+        vf acc[U];                                                                                     \
+        for (int u = 0; u < (U); ++u) acc[u] = FC_N(vzero)();                                          \
+        const float *col = xt + FC_VL * j;                                                             \
+        for (long d = 0; d < HS; ++d) {                                                                \
+            const vf xd = FC_N(vset1)(x[d]);                                                           \
+            for (int u = 0; u < (U); ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u)); \
+        }                                                                                              \
+        for (int u = 0; u < (U); ++u)                                                                  \
+            FC_N(vstore)(s + FC_VL * (j + u), FC_N(vsel)(FC_N(vlt)(n - FC_VL * (j + u)), acc[u] * sc, f)); \
+        j += (U);                                                                                      \
+    } while (0)
 static void FC_N(row_times_t)(float *s, const float *x, const float *xt, long Tp, long n, long HS, float scale,
                               float fill) {
-    long nv = (n + FC_VL - 1) / FC_VL;
+    long nv = (n + FC_VL - 1) / FC_VL, j = 0;
     const vf f = FC_N(vset1)(fill), sc = FC_N(vset1)(scale);
-    for (long j = 0; j < nv; j += 4) {
-        int nb = (int)(nv - j < 4 ? nv - j : 4);
-        vf acc[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
-        const float *col = xt + FC_VL * j;
-        if (nb == 4) {
-            for (long d = 0; d < HS; ++d) {
-                const vf xd = FC_N(vset1)(x[d]);
-                for (int u = 0; u < 4; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
-            }
-        } else {
-            for (long d = 0; d < HS; ++d) {
-                const vf xd = FC_N(vset1)(x[d]);
-                for (int u = 0; u < nb; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
-            }
-        }
-        for (int u = 0; u < nb; ++u)
-            FC_N(vstore)(s + FC_VL * (j + u), FC_N(vsel)(FC_N(vlt)(n - FC_VL * (j + u)), acc[u] * sc, f));
-    }
+    while (nv - j >= 8) ATT_ROW_BLOCKS(8);
+    if (nv - j >= 4) ATT_ROW_BLOCKS(4);
+    if (nv - j >= 2) ATT_ROW_BLOCKS(2);
+    if (nv - j >= 1) ATT_ROW_BLOCKS(1);
 }
+#undef ATT_ROW_BLOCKS
 
 /* o[0 .. VL*NC) (+)= sum_{t2 < n} w[t2] * rows[t2*ld ..]: NC vectors per row, the keys split over U
    independent accumulator sets (one FMA chain would wait on its own latency at HS = 16), U x NC
