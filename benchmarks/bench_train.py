@@ -25,7 +25,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.common import append_record, isolated, machine, median_time, peak_rss_mib, rss_mib, table
+from benchmarks.common import (
+    ChildDied,
+    append_record,
+    isolated,
+    machine,
+    median_time,
+    peak_rss_mib,
+    rss_mib,
+    table,
+)
 from fastchar import CharTokenizer, Model, ModelConfig, TrainConfig, generate
 from fastchar.backends import available_backends, default_backend
 from fastchar.data import TextDataset, find_corpus
@@ -389,6 +398,7 @@ def shapes_report(args) -> dict:
                     "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {}, "peak_gflops": peak,
                     "shapes": {}}  # fmt: skip
     rows, summary = [], []
+    failed: dict[str, str] = {}
     for name in names:
         B, T, C, L, NH = SHAPES[name]
         cfg, _ = shape_config(name, vocab)
@@ -401,13 +411,21 @@ def shapes_report(args) -> dict:
             bf16 = sel.bf16_cpu and sel.path == "avx512"  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
             for mode in ("eager",) if args.no_compile else ("eager", "compile"):
                 label = "torch eager" if mode == "eager" else "torch.compile"
-                res[f"{label} fp32"] = isolated(time_torch, *common, mode)
-                if bf16:
-                    res[f"{label} bf16 autocast"] = isolated(time_torch, *common, mode, False, True)
+                for prec in ("fp32", "bf16") if bf16 else ("fp32",):
+                    try:
+                        res[f"{label} {prec}" + (" autocast" if prec == "bf16" else "")] = isolated(
+                            time_torch, *common, mode, False, prec == "bf16"
+                        )
+                    except ChildDied as exc:  # PyTorch aborted in native code: say so, time the rest
+                        failed[f"{label} {prec}"] = str(exc)
+                        print(f"{name}: {label} {prec} did not finish ({exc}); left out of the comparison")
         for sys_name, r in res.items():
             limit = peak.get("bf16" if "bf16" in sys_name else "fp32")
             r["peak_fraction"] = r["tok_s"] * flop / (limit * 1e9) if limit else None
         record["shapes"][name] = {"shape": [B, T, C, L, NH], "flop_per_token": flop, **res}
+        if failed:
+            record["shapes"][name]["failed"] = dict(failed)
+            failed.clear()
         for sys_name, r in res.items():
             ref = res.get("torch eager bf16 autocast" if "bf16" in sys_name else "torch eager fp32", {}).get("tok_s")
             rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"], _of_peak(r),
