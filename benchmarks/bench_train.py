@@ -181,8 +181,23 @@ def torch_available() -> bool:
     return True
 
 
-def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, autocast=False) -> dict:
+def reference_weights(cfg: ModelConfig) -> dict:
+    """The seed-0 weights of the fastchar model, name -> array, made in the parent for time_torch's
+    child, so that the child never loads fastchar's compiled kernels (and their libgomp)."""
+    params = Model(cfg, backend="numpy", seed=0).params
+    return {name: np.array(params[name]) for name, _ in params.specs}
+
+
+def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, autocast=False, weights=None) -> dict:
+    """Median step of PyTorch on the same model (weights: reference_weights(cfg), or made here).
+    torch.compile gets a fresh inductor cache of its own: kernels cached in the shared
+    /tmp/torchinductor_<user> by runs held to another ISA (or another torch) made its child abort
+    with heap corruption on Zen 4 (torch 2.13)."""
     import os
+    import tempfile
+
+    if mode == "compile" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-inductor-")
 
     if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # PyTorch gets its own libgomp defaults, not fastchar's
         os.environ.pop("GOMP_SPINCOUNT", None)
@@ -194,7 +209,7 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
 
     torch.set_num_threads(threads)
     model = TorchGPT(cfg)
-    model.load_from(Model(cfg, backend="numpy", seed=0).params)
+    model.load_from(weights if weights is not None else reference_weights(cfg))
     tcfg = TrainConfig(batch=B, steps=10**6)
     opt = torch.optim.AdamW(
         model.decay_groups(tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, fused=fused
@@ -313,10 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data, args.precision)
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
-            results["torch eager"] = isolated(time_torch, *common)
-            results["torch eager, fused AdamW"] = isolated(time_torch, *common, "eager", True)
+            weights = reference_weights(cfg)
+            results["torch eager"] = isolated(time_torch, *common, "eager", False, False, weights)
+            results["torch eager, fused AdamW"] = isolated(time_torch, *common, "eager", True, False, weights)
             if args.compile:
-                results["torch.compile"] = isolated(time_torch, *common, "compile")
+                results["torch.compile"] = isolated(time_torch, *common, "compile", False, False, weights)
         eager = results.get("torch eager", {}).get("tok_s")
         compiled = results.get("torch.compile", {}).get("tok_s")
         for name, r in results.items():
@@ -409,12 +425,13 @@ def shapes_report(args) -> dict:
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
             bf16 = sel.bf16_cpu and sel.path == "avx512"  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
+            weights = reference_weights(cfg)
             for mode in ("eager",) if args.no_compile else ("eager", "compile"):
                 label = "torch eager" if mode == "eager" else "torch.compile"
                 for prec in ("fp32", "bf16") if bf16 else ("fp32",):
                     try:
                         res[f"{label} {prec}" + (" autocast" if prec == "bf16" else "")] = isolated(
-                            time_torch, *common, mode, False, prec == "bf16"
+                            time_torch, *common, mode, False, prec == "bf16", weights
                         )
                     except ChildDied as exc:  # PyTorch aborted in native code: say so, time the rest
                         failed[f"{label} {prec}"] = str(exc)
