@@ -197,7 +197,11 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
     import tempfile
 
     if mode == "compile" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        import atexit
+        import shutil
+
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-inductor-")
+        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
     if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # PyTorch gets its own libgomp defaults, not fastchar's
         os.environ.pop("GOMP_SPINCOUNT", None)

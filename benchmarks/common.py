@@ -32,9 +32,7 @@ def isolated(fn: Callable, *args: object) -> object:
         try:
             return pool.submit(fn, *args).result()
         except BrokenProcessPool as exc:
-            raise ChildDied(
-                f"{getattr(fn, '__name__', fn)}{args[6:] if len(args) > 6 else ''}: the child process died"
-            ) from exc
+            raise ChildDied(f"{getattr(fn, '__name__', fn)}: the child process died") from exc
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
