@@ -197,11 +197,12 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
     import tempfile
 
     if mode == "compile" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        import atexit
         import shutil
+        from multiprocessing.util import Finalize
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-inductor-")
-        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+        # a multiprocessing child runs no atexit handlers, but its finalizers with an exit priority
+        Finalize(None, shutil.rmtree, args=(os.environ["TORCHINDUCTOR_CACHE_DIR"], True), exitpriority=0)
 
     if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # PyTorch gets its own libgomp defaults, not fastchar's
         os.environ.pop("GOMP_SPINCOUNT", None)
