@@ -6,6 +6,8 @@
     python -m benchmarks.bench_train --memory        # peak RSS of B = 64 and its growth over 1,000 steps
     python -m benchmarks.bench_train --quick         # a few steps of everything: proves it runs
     python -m benchmarks.bench_train --breakdown     # only where a step goes, kernel by kernel
+    python -m benchmarks.bench_train --shapes all    # issue 10's shapes against every PyTorch contender
+    python -m benchmarks.bench_train --shapes wide --breakdown   # where a step goes at a shape
 
 A training step is batch + forward + backward + clip + AdamW; tokens/s = B * T / median step time.
 Every backend is first checked against the reference (loss of one batch). Appends one JSON line to
@@ -23,7 +25,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.common import append_record, isolated, machine, median_time, peak_rss_mib, rss_mib, table
+from benchmarks.common import (
+    ChildDied,
+    append_record,
+    isolated,
+    machine,
+    median_time,
+    peak_rss_mib,
+    rss_mib,
+    table,
+)
 from fastchar import CharTokenizer, Model, ModelConfig, TrainConfig, generate
 from fastchar.backends import available_backends, default_backend
 from fastchar.data import TextDataset, find_corpus
@@ -170,8 +181,28 @@ def torch_available() -> bool:
     return True
 
 
-def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, autocast=False) -> dict:
+def reference_weights(cfg: ModelConfig) -> dict:
+    """The seed-0 weights of the fastchar model, name -> array, made in the parent for time_torch's
+    child, so that the child never loads fastchar's compiled kernels (and their libgomp)."""
+    params = Model(cfg, backend="numpy", seed=0).params
+    return {name: np.array(params[name]) for name, _ in params.specs}
+
+
+def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, autocast=False, weights=None) -> dict:
+    """Median step of PyTorch on the same model (weights: reference_weights(cfg), or made here).
+    torch.compile gets a fresh inductor cache of its own: kernels cached in the shared
+    /tmp/torchinductor_<user> by runs held to another ISA (or another torch) made its child abort
+    with heap corruption on Zen 4 (torch 2.13)."""
     import os
+    import tempfile
+
+    if mode == "compile" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        import shutil
+        from multiprocessing.util import Finalize
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastchar-inductor-")
+        # a multiprocessing child runs no atexit handlers, but its finalizers with an exit priority
+        Finalize(None, shutil.rmtree, args=(os.environ["TORCHINDUCTOR_CACHE_DIR"], True), exitpriority=0)
 
     if os.environ.get("FASTCHAR_SET_GOMP_SPINCOUNT"):  # PyTorch gets its own libgomp defaults, not fastchar's
         os.environ.pop("GOMP_SPINCOUNT", None)
@@ -183,7 +214,7 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
 
     torch.set_num_threads(threads)
     model = TorchGPT(cfg)
-    model.load_from(Model(cfg, backend="numpy", seed=0).params)
+    model.load_from(weights if weights is not None else reference_weights(cfg))
     tcfg = TrainConfig(batch=B, steps=10**6)
     opt = torch.optim.AdamW(
         model.decay_groups(tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps, fused=fused
@@ -245,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="threads for every pool (default 2)")
     p.add_argument("--synthetic", action="store_true", help="random tokens instead of Tiny Shakespeare")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (always on with --shapes)")
+    p.add_argument("--no-compile", action="store_true", help="--shapes without torch.compile (~20 s per shape)")
     p.add_argument("--sample-chars", type=int, default=500, help="characters per sampling run (default 500)")
     p.add_argument("--scaling", action="store_true", help="tokens/s against d_model and B, 1 and 2 threads")
     p.add_argument("--memory", action="store_true", help="peak RSS at B = 64 and growth over --memory-steps")
@@ -263,8 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         choices=(*SHAPES, "all"),
         default=None,
-        help="instead of the usual report: fastchar fp32/bf16 against PyTorch eager fp32/bf16 autocast "
-        "(and torch.compile with --compile) at issue 10's shapes (all: " + ", ".join(SHAPES) + ")",
+        help="instead of the usual report: fastchar fp32/bf16 against PyTorch eager and torch.compile, fp32 "
+        "and bf16 autocast, at issue 10's shapes (all: " + ", ".join(SHAPES) + "); with --breakdown, where "
+        "a step goes at those shapes",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -272,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch = args.batch[:1] if args.batch != [12, 64] else [4]
     set_threads(args.threads)
     if args.shapes:
-        return shapes_report(args)
+        return shapes_breakdown(args) if args.breakdown else shapes_report(args)
     backends = args.backends or available_backends()
     data = load_corpus(args.synthetic)
     tokenizer = data.tokenizer if data is not None else CharTokenizer(set(string.ascii_letters + " \n:,.!?'-;&$3"))
@@ -300,10 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[backend] = time_fastchar(backend, cfg, B, steps, args.warmup, data, args.precision)
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
-            results["torch eager"] = isolated(time_torch, *common)
-            results["torch eager, fused AdamW"] = isolated(time_torch, *common, "eager", True)
+            weights = reference_weights(cfg)
+            results["torch eager"] = isolated(time_torch, *common, "eager", False, False, weights)
+            results["torch eager, fused AdamW"] = isolated(time_torch, *common, "eager", True, False, weights)
             if args.compile:
-                results["torch.compile"] = isolated(time_torch, *common, "compile")
+                results["torch.compile"] = isolated(time_torch, *common, "compile", False, False, weights)
         eager = results.get("torch eager", {}).get("tok_s")
         compiled = results.get("torch.compile", {}).get("tok_s")
         for name, r in results.items():
@@ -360,7 +394,8 @@ SHAPES = {"base": (12, 64, 128, 4, 8), "wide": (12, 64, 256, 4, 8), "long": (16,
 
 
 def shapes_report(args) -> dict:
-    """fastchar fp32 and bf16 against PyTorch eager fp32 and bf16 autocast (and torch.compile) at the
+    """fastchar fp32 and bf16 against PyTorch eager and torch.compile (unless --no-compile), each in fp32
+    and, where the path has AVX512_BF16, bf16 autocast, at the
     shapes of SHAPES, side by side with ratios and each figure's fraction of this machine's measured
     peak (benchmarks/peak.c: fp32 for fp32 figures, bf16 for bf16 ones; FLOP per token as in
     flop_per_token). With FASTCHAR_ISA set, PyTorch is held to the same instruction set
@@ -384,28 +419,38 @@ def shapes_report(args) -> dict:
                     "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {}, "peak_gflops": peak,
                     "shapes": {}}  # fmt: skip
     rows, summary = [], []
+    failed: dict[str, str] = {}
     for name in names:
         B, T, C, L, NH = SHAPES[name]
-        cfg = ModelConfig(vocab_size=vocab, ctx=T, d_model=C, n_layer=L, n_head=NH, mlp_hidden=4 * C)
+        cfg, _ = shape_config(name, vocab)
         flop = flop_per_token(cfg)
         res: dict = {}
         for prec in precisions:
             res[f"fastchar {prec}"] = time_fastchar(backend, cfg, B, args.steps, args.warmup, data, prec)
         if torch_ok:
             common = (cfg, B, args.steps, args.warmup, data, args.threads)
-            res["torch eager fp32"] = isolated(time_torch, *common)
-            if sel.bf16_cpu and sel.path == "avx512":  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
-                res["torch eager bf16 autocast"] = isolated(time_torch, *common, "eager", False, True)
-            if args.compile:
-                res["torch.compile fp32"] = isolated(time_torch, *common, "compile")
+            bf16 = sel.bf16_cpu and sel.path == "avx512"  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
+            weights = reference_weights(cfg)
+            for mode in ("eager",) if args.no_compile else ("eager", "compile"):
+                label = "torch eager" if mode == "eager" else "torch.compile"
+                for prec in ("fp32", "bf16") if bf16 else ("fp32",):
+                    try:
+                        res[f"{label} {prec}" + (" autocast" if prec == "bf16" else "")] = isolated(
+                            time_torch, *common, mode, False, prec == "bf16", weights
+                        )
+                    except ChildDied as exc:  # PyTorch aborted in native code: say so, time the rest
+                        failed[f"{label} {prec}"] = str(exc)
+                        print(f"{name}: {label} {prec} did not finish ({exc}); left out of the comparison")
         for sys_name, r in res.items():
             limit = peak.get("bf16" if "bf16" in sys_name else "fp32")
             r["peak_fraction"] = r["tok_s"] * flop / (limit * 1e9) if limit else None
         record["shapes"][name] = {"shape": [B, T, C, L, NH], "flop_per_token": flop, **res}
+        if failed:
+            record["shapes"][name]["failed"] = dict(failed)
+            failed.clear()
         for sys_name, r in res.items():
             ref = res.get("torch eager bf16 autocast" if "bf16" in sys_name else "torch eager fp32", {}).get("tok_s")
-            frac = f"{100 * r['peak_fraction']:.0f} %" if r["peak_fraction"] is not None else "-"
-            rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"], frac,
+            rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"], _of_peak(r),
                          f"{r['tok_s'] / ref:.2f}x" if ref else "-"])  # fmt: skip
         ours = {k: v["tok_s"] for k, v in res.items() if k.startswith("fastchar")}
         theirs = {k: v["tok_s"] for k, v in res.items() if k.startswith("torch")}
@@ -413,7 +458,8 @@ def shapes_report(args) -> dict:
             best, rival = max(ours, key=ours.get), max(theirs, key=theirs.get)
             ratio = ours[best] / theirs[rival]
             record["shapes"][name]["best_ratio"] = ratio
-            summary.append([name, best, ours[best], rival, theirs[rival], f"{ratio:.2f}x"])
+            summary.append([name, best, ours[best], _of_peak(res[best]), rival, theirs[rival], _of_peak(res[rival]),
+                            f"{ratio:.2f}x"])  # fmt: skip
     ids = cpu_ids()
     print(f"\n## Training throughput at issue 10's shapes (backend {backend}, tokens/s, median step)\n")
     print(
@@ -432,10 +478,45 @@ def shapes_report(args) -> dict:
     )
     if summary:
         print("\n## fastchar's best against PyTorch's best\n")
-        print(table(["shape", "fastchar", "tok/s", "PyTorch", "tok/s", "ratio"], summary))
+        print(table(["shape", "fastchar", "tok/s", "of peak", "PyTorch", "tok/s", "of peak", "ratio"], summary))
     if not (args.quick or args.no_record):
         path = append_record("bench_train", record)
         print(f"\nrecorded in {path}")
+    return record
+
+
+def _of_peak(r: dict) -> str:
+    """A result's fraction of the machine's peak (of its precision), as "63 %", or "-" unmeasured."""
+    return f"{100 * r['peak_fraction']:.0f} %" if r.get("peak_fraction") is not None else "-"
+
+
+def shape_config(name: str, vocab: int) -> tuple[ModelConfig, int]:
+    """(ModelConfig, B) of one of SHAPES; the MLP is 4C wide."""
+    B, T, C, L, NH = SHAPES[name]
+    return ModelConfig(vocab_size=vocab, ctx=T, d_model=C, n_layer=L, n_head=NH, mlp_hidden=4 * C), B
+
+
+def shapes_breakdown(args) -> dict:
+    """--shapes NAME.. --breakdown: where a step goes, kernel by kernel, at those shapes (fastchar's
+    default backend, fp32 and, where the path has it, bf16)."""
+    from fastchar import isa
+
+    names = list(SHAPES) if "all" in args.shapes else args.shapes
+    data = load_corpus(args.synthetic)
+    vocab = data.vocab_size if data is not None else 65
+    backend = (args.backends or [default_backend()])[0]
+    print(f"machine: {machine(args.threads)}; kernel path {isa.path()}")
+    record: dict = {}
+    for name in names:
+        cfg, B = shape_config(name, vocab)
+        for precision in ["fp32"] + (["bf16"] if _bf16_ok(backend) else []):
+            parts = breakdown(backend, cfg, B, max(2, args.steps), data, precision)
+            record[f"{name}/{precision}"] = parts
+            rows = [[k, v, f"{100 * v / parts['total']:.1f} %"] for k, v in parts.items() if k != "named %"]
+            speed = B * cfg.ctx / parts["total"] * 1e3
+            print(f"\n## Where a step goes: {name} {SHAPES[name]}, {backend}, {precision} (ms per step; "
+                  f"{speed:,.0f} tok/s; {parts['named %']:.1f} % in named kernels)\n")  # fmt: skip
+            print(table(["kernel  module.function", "ms", "share"], rows))
     return record
 
 

@@ -16,11 +16,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+class ChildDied(RuntimeError):
+    """The child process of `isolated` ended without a result (a crash in native code)."""
+
+
 def isolated(fn: Callable, *args: object) -> object:
     """fn(*args) in a fresh interpreter (multiprocessing "spawn"), for PyTorch: its OpenMP runtime
-    slows down badly next to Numba's started "omp" pool (see fastchar/threads.py)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    slows down badly next to Numba's started "omp" pool (see fastchar/threads.py). A child that dies
+    (an abort in native code) raises ChildDied here instead of leaving the caller waiting forever,
+    as multiprocessing.Pool did."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as exc:
+            raise ChildDied(f"{getattr(fn, '__name__', fn)}: the child process died") from exc
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

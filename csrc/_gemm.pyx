@@ -125,12 +125,13 @@ def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::
 
 
 def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, const float[:, ::1] dout, const float[:, ::1] inp,
-                    const float[:, ::1] weight, str precision="bf16", int threads=0) -> None:
-    """dinp += dout @ weight.T; dweight += inp.T @ dout. Accumulates into both.
+                    const float[:, ::1] weight, str precision="bf16", int threads=0, bint overwrite=False) -> None:
+    """dinp += dout @ weight.T; dweight += inp.T @ dout. Accumulates into both (overwrite=True: dinp =
+    dout @ weight.T, for a plan's first writer of dinp; dweight still accumulates).
 
     dinp (N, IC); dweight (IC, OC); dout (N, OC); inp (N, IC); weight (IC, OC).
     """
-    gemm(dinp, dout, weight, False, True, 1.0, precision, threads)
+    gemm(dinp, dout, weight, False, True, 0.0 if overwrite else 1.0, precision, threads)
     gemm(dweight, inp, dout, True, False, 1.0, precision, threads)
 
 
@@ -187,25 +188,27 @@ cdef _attention_forward(float[:, :, ::1] out, float[:, :, :, ::1] att, const flo
 
 
 def attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
-                       const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, int threads=0) -> None:
-    """Backward of attention_forward. Accumulates into dqkv; datt is scratch (left untouched here).
+                       const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, int threads=0,
+                       bint overwrite=False) -> None:
+    """Backward of attention_forward. Accumulates into dqkv (overwrite=True: writes it, for a plan's
+    first writer); datt is scratch (left untouched here).
 
     dqkv (B, T, 3C); datt (B, NH, T, T) scratch; dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T).
     """
-    _attention_backward(dqkv, datt, dout, qkv, att, NULL, threads)
+    _attention_backward(dqkv, datt, dout, qkv, att, NULL, threads, overwrite)
 
 
 def attention_dropout_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
                                const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, unsigned int key,
-                               double p, int threads=0) -> None:
+                               double p, int threads=0, bint overwrite=False) -> None:
     """Backward of attention_dropout_forward (att: the probabilities before dropout; key, p as there)."""
     cdef fc_att_dropout drop = _dropout(key, p)
-    _attention_backward(dqkv, datt, dout, qkv, att, &drop, threads)
+    _attention_backward(dqkv, datt, dout, qkv, att, &drop, threads, overwrite)
 
 
 cdef _attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const float[:, :, ::1] dout,
                          const float[:, :, ::1] qkv, const float[:, :, :, ::1] att, const fc_att_dropout* drop,
-                         int threads):
+                         int threads, bint overwrite):
     cdef long B = att.shape[0], NH = att.shape[1], T = att.shape[2], C = dout.shape[2]
     if ((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]) != (B, T, 3 * C)
             or (datt.shape[0], datt.shape[1], datt.shape[2], datt.shape[3]) != (B, NH, T, T)
@@ -217,7 +220,7 @@ cdef _attention_backward(float[:, :, ::1] dqkv, float[:, :, :, ::1] datt, const 
         return
     with nogil:
         rc = fc_attention_backward(&dqkv[0, 0, 0], &datt[0, 0, 0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
-                                   &att[0, 0, 0, 0], B, T, C, NH, drop, threads)
+                                   &att[0, 0, 0, 0], B, T, C, NH, drop, threads, overwrite)
     _check_attention(rc, C, NH)
 
 

@@ -19,6 +19,7 @@ _dropout_threshold(p) (fastchar/backends/reference.py), so every backend draws t
 
 from cython.parallel cimport parallel, prange
 from libc.math cimport expf, logf, sqrt, sqrtf
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
 from fc cimport fc_dropout_hash, fc_expf, fc_gelu, fc_gelu_grad  # csrc/fc_math.h
@@ -1071,9 +1072,15 @@ def relu2_forward(float[:, :, ::1] out, const float[:, :, ::1] inp) -> None:
 
 
 cdef inline void _relu2_backward_chunk(float* dx, const float* dy, const float* x,
-                                       Py_ssize_t n) noexcept nogil:
+                                       Py_ssize_t n, bint overwrite) noexcept nogil:
     cdef Py_ssize_t i
     cdef float xi, r
+    if overwrite:
+        for i in range(n):
+            xi = x[i]
+            r = xi if xi > <float>0.0 else <float>0.0
+            dx[i] = dy[i] * <float>2.0 * r
+        return
     for i in range(n):
         xi = x[i]
         r = xi if xi > <float>0.0 else <float>0.0
@@ -1081,8 +1088,8 @@ cdef inline void _relu2_backward_chunk(float* dx, const float* dy, const float* 
 
 
 def relu2_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout,
-                   const float[:, :, ::1] inp) -> None:
-    """dinp += dout * 2 * relu(inp). Accumulates.
+                   const float[:, :, ::1] inp, bint overwrite=False) -> None:
+    """dinp += dout * 2 * relu(inp). Accumulates (overwrite=True: dinp = ..., for a plan's first writer).
 
     dinp (B, T, H); dout (B, T, H); inp (B, T, H).
     """
@@ -1095,7 +1102,7 @@ def relu2_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout,
     with nogil:
         for i in prange(nchunks, schedule="static"):
             _relu2_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK,
-                                  min(CHUNK, n - i * CHUNK))
+                                  min(CHUNK, n - i * CHUNK), overwrite)
 
 
 cdef inline void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
@@ -1119,14 +1126,21 @@ def gelu_forward(float[:, :, ::1] out, const float[:, :, ::1] inp) -> None:
             _gelu_forward_chunk(po + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK))
 
 
-cdef inline void _gelu_backward_chunk(float* dx, const float* dy, const float* x, Py_ssize_t n) noexcept nogil:
+cdef inline void _gelu_backward_chunk(float* dx, const float* dy, const float* x, Py_ssize_t n,
+                                      bint overwrite) noexcept nogil:
     cdef Py_ssize_t i
+    if overwrite:
+        for i in range(n):
+            dx[i] = dy[i] * fc_gelu_grad(x[i])
+        return
     for i in range(n):
         dx[i] = dx[i] + dy[i] * fc_gelu_grad(x[i])
 
 
-def gelu_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const float[:, :, ::1] inp) -> None:
-    """dinp += dout * (Phi(inp) + inp * phi(inp)), Phi the normal cdf, phi its density. Accumulates.
+def gelu_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const float[:, :, ::1] inp,
+                  bint overwrite=False) -> None:
+    """dinp += dout * (Phi(inp) + inp * phi(inp)), Phi the normal cdf, phi its density. Accumulates
+    (overwrite=True: dinp = ..., for a plan's first writer).
 
     dinp (B, T, H); dout (B, T, H); inp (B, T, H).
     """
@@ -1138,7 +1152,8 @@ def gelu_backward(float[:, :, ::1] dinp, const float[:, :, ::1] dout, const floa
     cdef const float* px = &inp[0, 0, 0]
     with nogil:
         for i in prange(nchunks, schedule="static"):
-            _gelu_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK))
+            _gelu_backward_chunk(pdx + i * CHUNK, pdy + i * CHUNK, px + i * CHUNK, min(CHUNK, n - i * CHUNK),
+                                 overwrite)
 
 
 cdef inline void _rope_row(float* out, const float* x, const float* cos, const float* sin,
@@ -1223,16 +1238,21 @@ def residual_forward(float[:, :, ::1] out, const float[:, :, ::1] inp1,
             _add_chunk(po + i * CHUNK, pa + i * CHUNK, pb + i * CHUNK, min(CHUNK, n - i * CHUNK))
 
 
-cdef inline void _add2_chunk(float* a, float* b, const float* d, Py_ssize_t n) noexcept nogil:
+cdef inline void _add2_chunk(float* a, float* b, const float* d, Py_ssize_t n, bint overwrite) noexcept nogil:
     cdef Py_ssize_t i
+    if overwrite:
+        memcpy(a, d, n * sizeof(float))
+        memcpy(b, d, n * sizeof(float))
+        return
     for i in range(n):
         a[i] = a[i] + d[i]
         b[i] = b[i] + d[i]
 
 
 def residual_backward(float[:, :, ::1] dinp1, float[:, :, ::1] dinp2,
-                      const float[:, :, ::1] dout) -> None:
-    """dinp1 += dout; dinp2 += dout. Accumulates.
+                      const float[:, :, ::1] dout, bint overwrite=False) -> None:
+    """dinp1 += dout; dinp2 += dout. Accumulates (overwrite=True: dinp1 = dinp2 = dout, for a plan's
+    first writer).
 
     dinp1, dinp2, dout (B, T, C).
     """
@@ -1244,7 +1264,7 @@ def residual_backward(float[:, :, ::1] dinp1, float[:, :, ::1] dinp2,
     cdef const float* pd = &dout[0, 0, 0]
     with nogil:
         for i in prange(nchunks, schedule="static"):
-            _add2_chunk(pa + i * CHUNK, pb + i * CHUNK, pd + i * CHUNK, min(CHUNK, n - i * CHUNK))
+            _add2_chunk(pa + i * CHUNK, pb + i * CHUNK, pd + i * CHUNK, min(CHUNK, n - i * CHUNK), overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ int fc_attention_available(long C, long NH) {
 
 /* o: out (forward) or dqkv (backward); dout only for the backward. */
 static int run(int backward, float *o, const float *dout, float *att, const float *qkv, long B, long T, long C,
-               long NH, const fc_att_dropout *drop, int nthreads) {
+               long NH, const fc_att_dropout *drop, int nthreads, int overwrite) {
     if (B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH != 0) return FC_GEMM_BADARG;
     if (!fc_attention_available(C, NH)) return FC_GEMM_UNSUPPORTED;
 #ifdef FC_ATT_VECTOR
@@ -98,28 +98,29 @@ static int run(int backward, float *o, const float *dout, float *att, const floa
     nthreads = att_threads(nthreads);
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: attention_heads_avx512i(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed); break;
-    case FC_ISA_AVX2: attention_heads_avx2(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed); break;
+    case FC_ISA_AVX512: attention_heads_avx512i(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite); break;
+    case FC_ISA_AVX2: attention_heads_avx2(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite); break;
 #endif
 #ifdef FC_BUILD_NEON
-    case FC_ISA_NEON: attention_heads_neon(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed); break;
+    case FC_ISA_NEON: attention_heads_neon(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite); break;
 #endif
     default: return FC_GEMM_UNSUPPORTED;
     }
     return failed ? FC_GEMM_NOMEM : FC_GEMM_OK;
 #else
     (void)backward; (void)o; (void)dout; (void)att; (void)qkv; (void)B; (void)T; (void)drop; (void)nthreads;
+    (void)overwrite;
     return FC_GEMM_UNSUPPORTED;
 #endif
 }
 
 int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
                          const fc_att_dropout *drop, int nthreads) {
-    return run(0, out, NULL, att, qkv, B, T, C, NH, drop, nthreads);
+    return run(0, out, NULL, att, qkv, B, T, C, NH, drop, nthreads, 0);
 }
 
 int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att, long B,
-                          long T, long C, long NH, const fc_att_dropout *drop, int nthreads) {
+                          long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int overwrite) {
     (void)datt; /* the score gradients live in per-thread scratch */
-    return run(1, dqkv, dout, (float *)att, qkv, B, T, C, NH, drop, nthreads);
+    return run(1, dqkv, dout, (float *)att, qkv, B, T, C, NH, drop, nthreads, overwrite);
 }

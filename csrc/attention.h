@@ -5,7 +5,8 @@
  *   forward   att = softmax(q k^T / sqrt(HS) + causal mask); out = att v, heads merged
  *             out (B, T, C) overwritten; att (B, NH, T, T) overwritten, zero above the diagonal;
  *             qkv (B, T, 3C), columns q | k | v, head h owns columns h*HS .. h*HS + HS - 1
- *   backward  dqkv (B, T, 3C) accumulated (+=); datt (B, NH, T, T) scratch the other backends
+ *   backward  dqkv (B, T, 3C) accumulated (+=), or written (=) when overwrite != 0 (a plan's first
+ *             writer of dqkv); datt (B, NH, T, T) scratch the other backends
  *             use, left untouched here; dout (B, T, C); qkv; att as saved by forward
  * Requirements: HS = C / NH a multiple of 16 and at most 64, and a vector path in use (fc_isa());
  * else FC_GEMM_UNSUPPORTED (the caller keeps its generic kernel); fc_attention_available says so.
@@ -29,7 +30,7 @@ int fc_attention_available(long C, long NH);
 int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
                          const fc_att_dropout *drop, int nthreads);
 int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att, long B,
-                          long T, long C, long NH, const fc_att_dropout *drop, int nthreads);
+                          long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int overwrite);
 
 #ifdef __cplusplus
 }

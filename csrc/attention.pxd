@@ -10,4 +10,5 @@ cdef extern from "attention.h" nogil:
     int fc_attention_forward(float *out, float *att, const float *qkv, long B, long T, long C, long NH,
                              const fc_att_dropout *drop, int nthreads)
     int fc_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
-                              long B, long T, long C, long NH, const fc_att_dropout *drop, int nthreads)
+                              long B, long T, long C, long NH, const fc_att_dropout *drop, int nthreads,
+                              int overwrite)

@@ -96,12 +96,12 @@ FC_T_AVX512 FC_AINLINE __m512 keep_scale(long long i0, const fc_att_dropout *dro
     return _mm512_maskz_mov_ps(kept, _mm512_set1_ps(drop->dscale));
 }
 
-/* o[t2*ldo + d] += sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + 16)
+/* o[t2*ldo + d] += (overwrite: =) sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + 16)
  * (lanes past T masked off), d < HS: dK = dS^T Q or dV = P^T dY for 16 keys at once. Rows of w
  * are read whole (one vector per query row) and 16 accumulators hold one 16 x 16 block of the
  * result, transposed back by gathers. w must be zero above the diagonal. */
 FC_T_AVX512 static void add_key_block(float *o, long ldo, const float *w, long ldw, const float *x, long j0, long T,
-                                      long HS) {
+                                      long HS, int overwrite) {
     const __mmask16 lanes = att_lanes(T - j0);
     const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     float block[256] __attribute__((aligned(64)));
@@ -117,7 +117,7 @@ FC_T_AVX512 static void add_key_block(float *o, long ldo, const float *w, long l
         for (long k = 0; k < 16 && j0 + k < T; ++k) {
             float *row = o + (j0 + k) * ldo + d0;
             __m512 add = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32((int)k)), block, 4);
-            _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), add));
+            _mm512_storeu_ps(row, overwrite ? add : _mm512_add_ps(_mm512_loadu_ps(row), add));
         }
     }
 }
@@ -165,7 +165,8 @@ FC_T_AVX512 static void forward_head_i(float *out, float *att, const float *qkv,
  * backward (into S; with drop, dP times the mask first), then dq, then dk and dv a block
  * of 16 key rows at a time. ws holds vt (HS x Tp), packed k, q and dy (T x HS each), S (T x Tp). */
 FC_T_AVX512 static void backward_head_i(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                      long T, long C, long HS, float *ws, const fc_att_dropout *drop, long long base) {
+                                      long T, long C, long HS, float *ws, const fc_att_dropout *drop, long long base,
+                                      int overwrite) {
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
     float *vt = ws, *kp = vt + HS * Tp, *qp = kp + HS * Tp, *dyp = qp + HS * Tp, *S = dyp + HS * Tp;
     weighted_fn wrows = WEIGHTED[HS / 16];
@@ -191,10 +192,11 @@ FC_T_AVX512 static void backward_head_i(float *dqkv, const float *dout, const fl
             _mm512_storeu_ps(s + 16 * j, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(s + 16 * j), rd)), sc));
         }
     }
-    for (long t = 0; t < T; ++t) wrows(dqkv + t * C3, 1, S + t * Tp, kp, HS, t + 1); /* dq[t] += dS[t] k */
-    for (long j0 = 0; j0 < T; j0 += 16) add_key_block(dqkv + C, C3, S, Tp, qp, j0, T, HS); /* dk += dS^T q */
+    for (long t = 0; t < T; ++t) wrows(dqkv + t * C3, !overwrite, S + t * Tp, kp, HS, t + 1); /* dq[t] += dS[t] k */
+    for (long j0 = 0; j0 < T; j0 += 16) add_key_block(dqkv + C, C3, S, Tp, qp, j0, T, HS, overwrite); /* dk += dS^T q */
     if (!drop) {
-        for (long j0 = 0; j0 < T; j0 += 16) add_key_block(dqkv + 2 * C, C3, att, T, dyp, j0, T, HS); /* dv += P^T dy */
+        for (long j0 = 0; j0 < T; j0 += 16)
+            add_key_block(dqkv + 2 * C, C3, att, T, dyp, j0, T, HS, overwrite); /* dv += P^T dy */
         return;
     }
     for (long t = 0; t < T; ++t) { /* S = att * mask, the probabilities the values saw */
@@ -203,12 +205,13 @@ FC_T_AVX512 static void backward_head_i(float *dqkv, const float *dout, const fl
             _mm512_storeu_ps(S + t * Tp + 16 * j, _mm512_mul_ps(_mm512_maskz_loadu_ps(att_lanes(n - 16 * j), att + t * T + 16 * j),
                                                                 keep_scale(base + t * T + 16 * j, drop)));
     }
-    for (long j0 = 0; j0 < T; j0 += 16) add_key_block(dqkv + 2 * C, C3, S, Tp, dyp, j0, T, HS);
+    for (long j0 = 0; j0 < T; j0 += 16) add_key_block(dqkv + 2 * C, C3, S, Tp, dyp, j0, T, HS, overwrite);
 }
 
 /* The (batch, head) loop of attention_body.h's attention_heads, over these kernels. */
 static void attention_heads_avx512i(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
-                                    long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed) {
+                                    long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed,
+                                    int overwrite) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;
     int bad = 0;
     (void)nthreads; /* without OpenMP */
@@ -226,7 +229,7 @@ static void attention_heads_avx512i(int backward, float *o, const float *dout, f
             if (ws == NULL) continue;
             if (backward)
                 backward_head_i(o + b * T * 3 * C + h * HS, dout + b * T * C + h * HS, qkv + b * T * 3 * C + h * HS,
-                                att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T);
+                                att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T, overwrite);
             else
                 forward_head_i(o + b * T * C + h * HS, att + bh * T * T, qkv + b * T * 3 * C + h * HS, T, C, HS, ws,
                                drop, (long long)bh * T * T);

@@ -45,30 +45,31 @@ FC_SIMD_INLINE vf FC_N(keep_scale)(long long i0, const fc_att_dropout *drop) {
 }
 
 /* s[0 .. VL*nv) = scale * sum_d x[d] * xt[d, 0 .. VL*nv); lanes >= n set to `fill`.
-   Four blocks per pass share each broadcast and give four independent FMA chains. */
+   Eight blocks per pass share each broadcast and give eight independent FMA chains: two FMA units
+   of 4 cycles' latency need eight (four, the earlier choice, ran the AVX2 scores at half speed). */
+#define ATT_ROW_BLOCKS(U)                                                                              \
+    do {                                                                                               \
+        vf acc[U];                                                                                     \
+        for (int u = 0; u < (U); ++u) acc[u] = FC_N(vzero)();                                          \
+        const float *col = xt + FC_VL * j;                                                             \
+        for (long d = 0; d < HS; ++d) {                                                                \
+            const vf xd = FC_N(vset1)(x[d]);                                                           \
+            for (int u = 0; u < (U); ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u)); \
+        }                                                                                              \
+        for (int u = 0; u < (U); ++u)                                                                  \
+            FC_N(vstore)(s + FC_VL * (j + u), FC_N(vsel)(FC_N(vlt)(n - FC_VL * (j + u)), acc[u] * sc, f)); \
+        j += (U);                                                                                      \
+    } while (0)
 static void FC_N(row_times_t)(float *s, const float *x, const float *xt, long Tp, long n, long HS, float scale,
                               float fill) {
-    long nv = (n + FC_VL - 1) / FC_VL;
+    long nv = (n + FC_VL - 1) / FC_VL, j = 0;
     const vf f = FC_N(vset1)(fill), sc = FC_N(vset1)(scale);
-    for (long j = 0; j < nv; j += 4) {
-        int nb = (int)(nv - j < 4 ? nv - j : 4);
-        vf acc[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
-        const float *col = xt + FC_VL * j;
-        if (nb == 4) {
-            for (long d = 0; d < HS; ++d) {
-                const vf xd = FC_N(vset1)(x[d]);
-                for (int u = 0; u < 4; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
-            }
-        } else {
-            for (long d = 0; d < HS; ++d) {
-                const vf xd = FC_N(vset1)(x[d]);
-                for (int u = 0; u < nb; ++u) acc[u] = FC_N(vfma)(acc[u], xd, FC_N(vload)(col + d * Tp + FC_VL * u));
-            }
-        }
-        for (int u = 0; u < nb; ++u)
-            FC_N(vstore)(s + FC_VL * (j + u), FC_N(vsel)(FC_N(vlt)(n - FC_VL * (j + u)), acc[u] * sc, f));
-    }
+    while (nv - j >= 8) ATT_ROW_BLOCKS(8);
+    if (nv - j >= 4) ATT_ROW_BLOCKS(4);
+    if (nv - j >= 2) ATT_ROW_BLOCKS(2);
+    if (nv - j >= 1) ATT_ROW_BLOCKS(1);
 }
+#undef ATT_ROW_BLOCKS
 
 /* o[0 .. VL*NC) (+)= sum_{t2 < n} w[t2] * rows[t2*ld ..]: NC vectors per row, the keys split over U
    independent accumulator sets (one FMA chain would wait on its own latency at HS = 16), U x NC
@@ -113,12 +114,12 @@ static void FC_N(weighted_rows)(long HS, float *o, int accumulate, const float *
     }
 }
 
-/* o[t2*ldo + d] += sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + VL)
+/* o[t2*ldo + d] += (overwrite: =) sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + VL)
    (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. One accumulator
    per key holds VL channels of its row: a row of x is loaded once and multiplied by each key's
    broadcast weight, so the result needs no transpose. w must be zero above the diagonal. */
 static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, const float *x, long j0, long T,
-                                long HS) {
+                                long HS, int overwrite) {
     const long kn = T - j0 < FC_VL ? T - j0 : FC_VL;
     for (long d0 = 0; d0 < HS; d0 += FC_VL) {
         vf acc[FC_VL];
@@ -138,7 +139,7 @@ static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, co
         }
         for (long k = 0; k < kn; ++k) {
             float *row = o + (j0 + k) * ldo + d0;
-            FC_N(vstore)(row, FC_N(vload)(row) + acc[k]);
+            FC_N(vstore)(row, overwrite ? acc[k] : FC_N(vload)(row) + acc[k]);
         }
     }
 }
@@ -187,7 +188,7 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
    backward (into S; with drop, dP times the mask first), then dq, then dk and dv a block
    of VL key rows at a time. ws holds vt (HS x Tp), packed k, q and dy (T x HS each), S (T x Tp). */
 static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv, const float *att, long T, long C,
-                                long HS, float *ws, const fc_att_dropout *drop, long long base) {
+                                long HS, float *ws, const fc_att_dropout *drop, long long base, int overwrite) {
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
     float *vt = ws, *kp = vt + HS * Tp, *qp = kp + HS * Tp, *dyp = qp + HS * Tp, *S = dyp + HS * Tp;
     transpose_head(vt, qkv + 2 * C, C3, T, Tp, HS);
@@ -212,8 +213,9 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
             FC_N(vstore)(s + FC_VL * j, p * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
         }
     }
-    for (long t = 0; t < T; ++t) FC_N(weighted_rows)(HS, dqkv + t * C3, 1, S + t * Tp, kp, HS, t + 1); /* dq += dS k */
-    for (long j0 = 0; j0 < T; j0 += FC_VL) FC_N(add_key_block)(dqkv + C, C3, S, Tp, qp, j0, T, HS); /* dk += dS^T q */
+    for (long t = 0; t < T; ++t) /* dq += dS k */
+        FC_N(weighted_rows)(HS, dqkv + t * C3, !overwrite, S + t * Tp, kp, HS, t + 1);
+    for (long j0 = 0; j0 < T; j0 += FC_VL) FC_N(add_key_block)(dqkv + C, C3, S, Tp, qp, j0, T, HS, overwrite); /* dk += dS^T q */
     if (drop)
         for (long t = 0; t < T; ++t) { /* S = att * mask, the probabilities the values saw */
             long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
@@ -223,12 +225,13 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
         }
     /* dv += P^T dy: att is zero above the diagonal and rows T long */
     for (long j0 = 0; j0 < T; j0 += FC_VL)
-        FC_N(add_key_block)(dqkv + 2 * C, C3, drop ? S : att, drop ? Tp : T, dyp, j0, T, HS);
+        FC_N(add_key_block)(dqkv + 2 * C, C3, drop ? S : att, drop ? Tp : T, dyp, j0, T, HS, overwrite);
 }
 
 /* unused on avx512, which runs attention_avx512.h (kept compiled to compare the two) */
 __attribute__((unused)) static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
-                                  long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed) {
+                                  long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed,
+                                  int overwrite) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;
     int bad = 0;
     (void)nthreads; /* without OpenMP */
@@ -248,7 +251,7 @@ __attribute__((unused)) static void FC_N(attention_heads)(int backward, float *o
             if (ws == NULL) continue;
             if (backward)
                 FC_N(backward_head)(o + b * T * 3 * C + h * HS, dout + b * T * C + h * HS, qkv + b * T * 3 * C + h * HS,
-                                    att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T);
+                                    att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T, overwrite);
             else
                 FC_N(forward_head)(o + b * T * C + h * HS, att + bh * T * T, qkv + b * T * 3 * C + h * HS, T, C, HS, ws,
                                    drop, (long long)bh * T * T);

@@ -38,18 +38,30 @@ static void FC_N(pack_b_k)(const float *src, long ld, long kc, long w, int W, wo
     }
 }
 
-/* B, lane-major source (lane l, depth k at src[l*ld + k]) -> panels [k][W]: a transpose. */
+/* B, lane-major source (lane l, depth k at src[l*ld + k]) -> panels [k][W]: a transpose, FC_VL
+   lanes by FC_VL depth steps at a time through a small tile (the panel's rows are written whole,
+   not one float per cache line as a lane-by-lane copy did). */
 static void FC_N(pack_b_l)(const float *src, long ld, long kc, long w, int W, word *dst_, long ps) {
     float *dst = (float *)dst_;
     for (long l0 = 0; l0 < w; l0 += W) {
         long n = lmin(W, w - l0);
         float *d = dst + (l0 / W) * ps;
-        for (long l = 0; l < W; ++l) {
-            const float *s = src + (l0 + l) * ld;
-            if (l < n)
-                for (long k = 0; k < kc; ++k) d[k * W + l] = s[k];
-            else
-                for (long k = 0; k < kc; ++k) d[k * W + l] = 0.0f;
+        for (long k0 = 0; k0 < kc; k0 += FC_VL) {
+            long kn = lmin(FC_VL, kc - k0);
+            for (int j = 0; j < W; j += FC_VL) {
+                float t[FC_VL][FC_VL]; /* t[lane][depth] */
+                for (int l = 0; l < FC_VL; ++l) {
+                    const float *s = src + (l0 + j + l) * ld + k0;
+                    if (j + l < n && kn == FC_VL) FC_N(vstore)(t[l], FC_N(vload)(s));
+                    else
+                        for (int k = 0; k < FC_VL; ++k) t[l][k] = j + l < n && k < kn ? s[k] : 0.0f;
+                }
+                for (long k = 0; k < kn; ++k) {
+                    vf col;
+                    for (int l = 0; l < FC_VL; ++l) col[l] = t[l][k];
+                    FC_N(vstore)(d + (k0 + k) * W + j, col);
+                }
+            }
         }
     }
 }
@@ -61,8 +73,11 @@ static void FC_N(pack_a_k)(const float *src, long ld, long kc, long w, int W, wo
         long n = lmin(W, w - l0);
         float *d = dst + (l0 / W) * ps;
         const float *s = src + l0;
-        for (long k = 0; k < kc; ++k)
-            for (int r = 0; r < GM_MR; ++r) d[k * GM_MR + r] = r < n ? s[k * ld + r] : 0.0f;
+        if (n == GM_MR)
+            for (long k = 0; k < kc; ++k) __builtin_memcpy(d + k * GM_MR, s + k * ld, GM_MR * sizeof(float));
+        else
+            for (long k = 0; k < kc; ++k)
+                for (int r = 0; r < GM_MR; ++r) d[k * GM_MR + r] = r < n ? s[k * ld + r] : 0.0f;
     }
 }
 

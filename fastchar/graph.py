@@ -305,6 +305,10 @@ def backward_args(op: Op, v: Views) -> list:
 Call = tuple[Callable, list]
 KeySlot = tuple[list, int, int]  # (args, index of the KEY scalar, dropout site)
 Choice = Callable | tuple[Callable, str]  # a plan override: the kernel, or (kernel, why it was chosen)
+# Suffix of a plan override "<backward kernel>@overwrite": a variant that writes (=) the gradients of
+# the op's activation inputs instead of accumulating (+=) into them, bound where the op is the first
+# of the backward to write all of them, so that the model need not zero those slots beforehand.
+OVERWRITE = "@overwrite"
 
 
 @dataclass
@@ -329,6 +333,7 @@ class Plan:
     backward: list[Call]
     keys: list[KeySlot]
     steps: list[Step] = field(default_factory=list)
+    overwritten: frozenset[str] = frozenset()  # gradient slots an OVERWRITE variant writes first: not zeroed
 
     def describe(self) -> list[str]:
         """One line per call of a training step: phase, op (kind, output), kernel module.function, why."""
@@ -384,7 +389,9 @@ def training_plan(
 
     overrides: kernel name -> function replacing the backend's, or (function, why it was chosen)
     (the precision's matrix products, see fastchar.backends.plan_kernels); every op of that kind
-    calls it."""
+    calls it. A "<backward kernel>@overwrite" entry (OVERWRITE) is bound instead where the op's
+    backward is the first to write the gradients of its activation inputs; `Plan.overwritten` names
+    those slots, which the model then does not zero."""
     ops, loss = forward_ops(cfg, dropout), loss_op(cfg)
     overrides = overrides or {}
     fallback = getattr(kernels, "fallback", frozenset())
@@ -403,14 +410,26 @@ def training_plan(
         steps.append(Step(phase, op, name, fn, why))
         return fn
 
+    written: set[str] = set()  # activation gradients some backward call before this one writes
+    overwritten: set[str] = set()
+
+    def backward_kernel(op: Op) -> Callable:
+        """The op's backward kernel, or its OVERWRITE variant where the op writes the gradients of
+        its activation inputs first (the backward of an op writes exactly those, see ops.py)."""
+        name = record(op.kind).backward
+        grads = [s for s in op.inputs if s not in (TOKENS, TARGETS)]
+        first = bool(grads) and len(set(grads)) == len(grads) and written.isdisjoint(grads)
+        written.update(grads)
+        if first and name + OVERWRITE in overrides:
+            overwritten.update(grads)
+            return kernel("backward", op, name + OVERWRITE)
+        return kernel("backward", op, name)
+
     keys: list[KeySlot] = []
     fwd = [_bind(kernel("forward", op, record(op.kind).forward), forward_args(op, views), op.site, keys) for op in ops]
     lss = [(kernel("loss", loss, record(loss.kind).forward), forward_args(loss, views))]
-    bwd = [
-        _bind(kernel("backward", op, record(op.kind).backward), backward_args(op, views), op.site, keys)
-        for op in reversed([*ops, loss])
-    ]
-    return Plan(fwd, lss, bwd, keys, steps)
+    bwd = [_bind(backward_kernel(op), backward_args(op, views), op.site, keys) for op in reversed([*ops, loss])]
+    return Plan(fwd, lss, bwd, keys, steps, frozenset(overwritten))
 
 
 # --------------------------------------------------------------------------------------------

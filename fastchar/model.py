@@ -166,13 +166,18 @@ class Model:
         if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
             self.acts = Arena(act_specs(self.cfg, B, T), self.dtype)
             self.dacts = Arena(self.acts.specs, self.dtype)
-            self._zeroed = _runs(self.dacts, skip=saved_slots(self.cfg))
+            saved = saved_slots(self.cfg)
             self._idx = np.zeros((B, T), np.int32)
             self._tgt = np.zeros((B, T), np.int32)
             fill_constants(self.acts, self.cfg, T)
             views = Views(self.params, self.grads, self.acts, self.dacts, {TOKENS: self._idx, TARGETS: self._tgt})
             self._plans = {
                 drop: training_plan(self.cfg, self.kernels, views, drop, self._plan_kernels) for drop in (False, True)
+            }
+            # per plan: the runs of activation-gradient slots its backward accumulates into (not the
+            # saved slots, nor those its first writer overwrites: graph.OVERWRITE)
+            self._zeroed = {
+                drop: _runs(self.dacts, skip=saved | plan.overwritten) for drop, plan in self._plans.items()
             }
         return self.acts
 
@@ -231,14 +236,16 @@ class Model:
         return float(np.mean(a["losses"], dtype=np.float64))
 
     def zero_grad(self) -> None:
-        """Zero the parameter gradients and the activation gradients."""
+        """Zero the parameter gradients and the activation gradients the next backward accumulates
+        into (the slots its plan's first writers overwrite are left as they are)."""
         self.grads.flat.fill(0)
         self._zero_dacts()
 
     def _zero_dacts(self) -> None:
-        """Zero the activation gradients backward kernels accumulate into (not the saved slots')."""
+        """Zero the activation gradients the next backward accumulates into (not the saved slots',
+        nor those its plan's first writer overwrites)."""
         if self.dacts is not None:
-            for start, stop in self._zeroed:
+            for start, stop in self._zeroed[self._dropout]:
                 self.dacts.flat[start:stop].fill(0)
 
     def backward(self, accumulate: bool = False) -> None:

@@ -65,6 +65,42 @@ def test_parity_on_every_isa_path(isa_path, cfg):
     assert_same_model_step(cfg, "cython", B=3)
 
 
+OVERWRITE_CFGS = [
+    CFG16,
+    ModelConfig(**{**CFG16.to_dict(), "dropout": 0.2}),
+    ModelConfig(**{**CFG16.to_dict(), "activation": "gelu", "tie_embeddings": True, "position": "rope",
+                   "norm": "layernorm"}),
+]  # fmt: skip
+
+
+@pytest.mark.skipif("cython" not in compiled_backends(), reason="the cython backend is not built")
+@pytest.mark.parametrize("cfg", OVERWRITE_CFGS, ids=str)
+def test_first_writers_overwrite_unzeroed_gradients(isa_path, cfg):
+    """The plan binds "@overwrite" variants where a backward op writes its input gradients first, and
+    the model leaves those slots unzeroed: with every activation gradient poisoned (NaN) before the
+    backward, the gradients still match the reference's, so each such slot is written before it is
+    read and no zeroed slot was skipped."""
+    from fastchar.graph import OVERWRITE
+
+    model = Model(cfg, backend="cython", seed=0)
+    model.train()
+    plan = model.plan(3, dropout=cfg.dropout > 0)
+    assert plan.overwritten, "no backward op of the cython plan overwrites its input gradients"
+    assert any(s.kernel.endswith(OVERWRITE) for s in plan.steps)
+    ref = Model(cfg, backend="numpy", seed=0)
+    ref.train()
+    x, y = batch(cfg, 3, 1)
+    for m in (ref, model):
+        m.forward(x, y)
+        m.dacts.flat[:] = np.nan
+        m.backward()
+    for name, _ in param_specs(cfg):
+        want, got = ref.grads[name], model.grads[name]
+        scale = float(np.max(np.abs(want)))
+        assert np.all(np.isfinite(got)), f"grad {name}: an unzeroed slot was read before it was written"
+        assert float(np.max(np.abs(got - want))) <= 1e-3 * scale + 1e-7, f"grad {name}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", compiled_backends())
 def test_parity_base_model(backend_name):

@@ -88,7 +88,27 @@ def plan_kernels(precision: str, cfg: object) -> dict:
         for kind in ("attention", "attention_dropout"):
             for name in (kind + "_forward", kind + "_backward"):
                 kernels[name] = (getattr(_gemm, name), why)
-    return kernels
+    return {**kernels, **_overwrite_variants(kernels)}
+
+
+def _overwrite_variants(kernels: dict) -> dict:
+    """The "<kernel>@overwrite" plan entries (fastchar.graph.OVERWRITE): the backward kernels that write
+    the gradients of their activation inputs instead of accumulating into them, bound where the op is
+    the first of the backward to write them, so that those slots need no zeroing (nor reading back)."""
+    from functools import partial
+
+    from fastchar import _cykernels
+    from fastchar.graph import OVERWRITE
+
+    why = "first writer of its input gradients: writes them (the model does not zero those slots)"
+    out = {}
+    for name in ("matmul_backward", "matmul_t_backward", "attention_backward", "attention_dropout_backward"):
+        if name in kernels:
+            fn, reason = kernels[name]
+            out[name + OVERWRITE] = (partial(fn, overwrite=True), f"{reason}; {why}")
+    for name in ("relu2_backward", "gelu_backward", "residual_backward"):
+        out[name + OVERWRITE] = (partial(getattr(_cykernels, name), overwrite=True), f"cython's own kernel; {why}")
+    return out
 
 
 def _gemm_products(precision: str, why: str) -> dict:
@@ -112,11 +132,12 @@ def matmul_t_forward_gemm(out, inp, weight, precision: str = "fp32") -> None:
     _gemm.gemm(out, inp, weight, False, True, 0.0, precision)
 
 
-def matmul_t_backward_gemm(dinp, dweight, dout, inp, weight, precision: str = "fp32") -> None:
-    """dinp += dout @ weight; dweight += dout.T @ inp through fastchar._gemm. Accumulates.
+def matmul_t_backward_gemm(dinp, dweight, dout, inp, weight, precision: str = "fp32", overwrite: bool = False) -> None:
+    """dinp += dout @ weight; dweight += dout.T @ inp through fastchar._gemm. Accumulates (overwrite:
+    dinp = dout @ weight, for a plan's first writer of dinp).
 
     dinp (N, IC); dweight (OC, IC); dout (N, OC); inp (N, IC); weight (OC, IC)."""
     from fastchar import _gemm
 
-    _gemm.gemm(dinp, dout, weight, False, False, 1.0, precision)
+    _gemm.gemm(dinp, dout, weight, False, False, 0.0 if overwrite else 1.0, precision)
     _gemm.gemm(dweight, dout, inp, True, False, 1.0, precision)
