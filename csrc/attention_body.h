@@ -2,25 +2,6 @@
    and compiled per path by fc_each_isa.h. Included inside attention.c, which defines
    transpose_head and the scratch. HS is 16, 32, 48 or 64 (a multiple of every FC_VL). */
 
-/* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps), which the
-   Cython and decode kernels use too. */
-FC_SIMD_INLINE vf FC_N(vexp)(vf x) {
-    x = FC_N(vmax)(x, FC_N(vset1)(-87.0f));
-    vf n = x * FC_N(vset1)(1.44269504088896341f) + FC_N(vset1)(12582912.0f);
-    n = n - FC_N(vset1)(12582912.0f);
-    vf r = x - n * FC_N(vset1)(0.693359375f);
-    r = r + n * FC_N(vset1)(2.12194440e-4f);
-    vf p = FC_N(vset1)(1.9875691500e-4f);
-    p = p * r + FC_N(vset1)(1.3981999507e-3f);
-    p = p * r + FC_N(vset1)(8.3334519073e-3f);
-    p = p * r + FC_N(vset1)(4.1665795894e-2f);
-    p = p * r + FC_N(vset1)(1.6666665459e-1f);
-    p = p * r + FC_N(vset1)(5.0000001201e-1f);
-    p = p * r * r + r + FC_N(vset1)(1.0f);
-    vi e = (__builtin_convertvector(n, vi) + FC_N(viset1)(127)) << 23;
-    return p * (vf)e;
-}
-
 /* The first cnt (< FC_VL) floats at p, zeros after: the ragged end of a row, never read past. */
 FC_SIMD_INLINE vf FC_N(vload_part)(const float *p, long cnt) {
     float buf[FC_VL] = {0};

@@ -93,24 +93,6 @@ static void FC_N(matmul_packed)(float *y, const float *x, const float *wp, ptrdi
 
 #include "decode_attention_body.h"
 
-/* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps). */
-FC_SIMD_INLINE vf FC_N(dexp)(vf x) {
-    x = FC_N(vmax)(x, FC_N(vset1)(-87.0f));
-    vf n = x * FC_N(vset1)(1.44269504088896341f) + FC_N(vset1)(12582912.0f);
-    n = n - FC_N(vset1)(12582912.0f);
-    vf r = x - n * FC_N(vset1)(0.693359375f);
-    r = r + n * FC_N(vset1)(2.12194440e-4f);
-    vf p = FC_N(vset1)(1.9875691500e-4f);
-    p = p * r + FC_N(vset1)(1.3981999507e-3f);
-    p = p * r + FC_N(vset1)(8.3334519073e-3f);
-    p = p * r + FC_N(vset1)(4.1665795894e-2f);
-    p = p * r + FC_N(vset1)(1.6666665459e-1f);
-    p = p * r + FC_N(vset1)(5.0000001201e-1f);
-    p = p * r * r + r + FC_N(vset1)(1.0f);
-    vi e = (__builtin_convertvector(n, vi) + FC_N(viset1)(127)) << 23;
-    return p * (vf)e;
-}
-
 /* The decode attention in vectors, for head sizes that are a multiple of FC_VL (else the plain
    copy above): the same contract as attention (fc_attention in fc_decode.h). Scores: FC_VL
    positions per vector, four vectors in flight, each a fused multiply-add chain over the head's
@@ -161,7 +143,7 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
             for (; t < n; t++) mx = scores[t] > mx ? scores[t] : mx;
             vf sum = FC_N(vzero)(), vmx = FC_N(vset1)(mx);
             for (t = 0; t + FC_VL <= n; t += FC_VL) {
-                vf e = FC_N(dexp)(FC_N(vload)(scores + t) - vmx);
+                vf e = FC_N(vexp)(FC_N(vload)(scores + t) - vmx);
                 FC_N(vstore)(scores + t, e);
                 sum += e;
             }

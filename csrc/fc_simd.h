@@ -7,6 +7,7 @@
    vfma(acc, a, b) acc + a * b, one fused multiply-add (GCC and clang contract it where FMA exists)
    vmax(a, b), vsel(mask, a, b) (mask lanes all ones: a, else b), vand0(mask, a) (a or 0.0f)
    vlanes()        (0, 1, .., FC_VL-1) as vi; vlt(n) the mask of lanes < n
+   vexp(x)         exp(x) for x <= 0 (the steps of fc_math.h's fc_expf)
    vhsum(v), vhmax(v) horizontal sum (a fixed pairwise order) and maximum */
 #undef vf
 #undef vi
@@ -77,4 +78,23 @@ FC_SIMD_INLINE float FC_N(vhmax)(vf v) {
     float m = v[0];
     for (int i = 1; i < FC_VL; ++i) m = v[i] > m ? v[i] : m;
     return m;
+}
+
+/* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps), which the
+   Cython kernels use too; the training and the decode attention share this one. */
+FC_SIMD_INLINE vf FC_N(vexp)(vf x) {
+    x = FC_N(vmax)(x, FC_N(vset1)(-87.0f));
+    vf n = x * FC_N(vset1)(1.44269504088896341f) + FC_N(vset1)(12582912.0f);
+    n = n - FC_N(vset1)(12582912.0f);
+    vf r = x - n * FC_N(vset1)(0.693359375f);
+    r = r + n * FC_N(vset1)(2.12194440e-4f);
+    vf p = FC_N(vset1)(1.9875691500e-4f);
+    p = p * r + FC_N(vset1)(1.3981999507e-3f);
+    p = p * r + FC_N(vset1)(8.3334519073e-3f);
+    p = p * r + FC_N(vset1)(4.1665795894e-2f);
+    p = p * r + FC_N(vset1)(1.6666665459e-1f);
+    p = p * r + FC_N(vset1)(5.0000001201e-1f);
+    p = p * r * r + r + FC_N(vset1)(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + FC_N(viset1)(127)) << 23;
+    return p * (vf)e;
 }
