@@ -41,7 +41,7 @@ from libc.stdlib cimport free
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -176,17 +176,8 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
         if net.post == POST_ROPE:
             fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
         if net.batch:
-            for m in range(M):
-                kc = net.kall + (net.rstream[m] * net.L + net.layer) * C * S
-                vc = net.vall + (net.rstream[m] * net.L + net.layer) * C * S
-                slot = net.rslot[m]
-                for j in range(j0, j1):
-                    kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-                for h in range(h0, h1):
-                    for j in range(HS):
-                        vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
-                fc_attention(y + m * C, net.qkv + m * 3 * C, kc, vc, net.rn[m] - 1, 1, C, S, net.n_head, h0, h1,
-                             net.scores + i * S)
+            fc_attention_rows(y, net.qkv, net.kall, net.vall, net.rstream, net.rslot, net.rn, net.L, net.layer, M, C, S,
+                              net.n_head, h0, h1, net.scores + i * S)
             return
         for m in range(M):
             slot = (net.pos0 + m) % S

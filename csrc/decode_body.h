@@ -101,7 +101,8 @@ static void FC_N(matmul_packed)(float *y, const float *x, const float *wp, ptrdi
    value depends on n and the row's own data only, never on M or the other rows. */
 static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, const float *restrict kt,
                               const float *restrict v, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
-                              ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
+                              ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores,
+                              const float *k_next, const float *v_next) {
     ptrdiff_t HS = C / n_head, NV = HS / FC_VL;
     float scale = 1.0f / sqrtf((float)HS);
     for (ptrdiff_t m = 0; m < M; m++) {
@@ -109,6 +110,11 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
         ptrdiff_t n = n0 + m + 1 < S ? n0 + m + 1 : S, t;
         for (ptrdiff_t h = h0; h < h1; h++) {
             const float *kh = kt + h * HS * S;
+            /* the next head's blocks (this row's, else the caller's next), asked for line by line
+               beside this head's own loads: a head's keys and values are 4 KB each at the base
+               shape, a page the hardware prefetcher does not run past */
+            const float *kp = h + 1 < h1 ? kh + HS * S : k_next ? k_next : kh;
+            const float *vp = h + 1 < h1 ? v + (h + 1) * S * HS : v_next ? v_next : v + h * S * HS;
             float qs[256];
             for (ptrdiff_t c = 0; c < HS; c++) qs[c] = q[h * HS + c] * scale;
             for (t = 0; t + 4 * FC_VL <= n; t += 4 * FC_VL) {
@@ -116,6 +122,7 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
                 for (ptrdiff_t c = 0; c < HS; c++) {
                     const float *kr = kh + c * S + t;
                     vf qc = FC_N(vset1)(qs[c]);
+                    for (int l = 0; l < 4 * FC_VL; l += 16) __builtin_prefetch(kp + c * S + t + l);
                     a0 = FC_N(vfma)(a0, qc, FC_N(vload)(kr));
                     a1 = FC_N(vfma)(a1, qc, FC_N(vload)(kr + FC_VL));
                     a2 = FC_N(vfma)(a2, qc, FC_N(vload)(kr + 2 * FC_VL));
@@ -157,6 +164,8 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
                 const float *vc = v + h * S * HS + j * FC_VL;
                 vf a0 = FC_N(vzero)(), a1 = a0, a2 = a0, a3 = a0;
                 for (t = 0; t + 4 <= n; t += 4) {
+                    if (j == 0)
+                        for (ptrdiff_t l = t * HS; l < (t + 4) * HS; l += 16) __builtin_prefetch(vp + l);
                     a0 = FC_N(vfma)(a0, FC_N(vset1)(scores[t]), FC_N(vload)(vc + t * HS));
                     a1 = FC_N(vfma)(a1, FC_N(vset1)(scores[t + 1]), FC_N(vload)(vc + (t + 1) * HS));
                     a2 = FC_N(vfma)(a2, FC_N(vset1)(scores[t + 2]), FC_N(vload)(vc + (t + 2) * HS));
@@ -171,8 +180,10 @@ static void FC_N(attention_v)(float *restrict out, const float *restrict qkv, co
 
 static void FC_N(attention_any)(float *restrict out, const float *restrict qkv, const float *restrict kt,
                                 const float *restrict v, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
-                                ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores) {
+                                ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores,
+                                const float *k_next, const float *v_next) {
     ptrdiff_t HS = C / n_head;
-    if (HS % FC_VL == 0 && HS <= 256) FC_N(attention_v)(out, qkv, kt, v, n0, M, C, S, n_head, h0, h1, scores);
+    if (HS % FC_VL == 0 && HS <= 256)
+        FC_N(attention_v)(out, qkv, kt, v, n0, M, C, S, n_head, h0, h1, scores, k_next, v_next);
     else FC_N(attention)(out, qkv, kt, v, n0, M, C, S, n_head, h0, h1, scores);
 }

@@ -200,18 +200,51 @@ void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff
 #include "fc_each_isa.h"
 #endif
 
+/* fc_attention, asking for k_next and v_next (the blocks the caller runs next; NULL: none) on the
+   vector paths as it goes. */
+static void attention_next(float *restrict out, const float *restrict qkv, const float *restrict kt,
+                           const float *restrict vt, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
+                           ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores, const float *k_next,
+                           const float *v_next) {
+    switch (fc_isa()) {
+#ifdef FC_BUILD_X86
+    case FC_ISA_AVX512:
+        attention_any_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, k_next, v_next);
+        return;
+    case FC_ISA_AVX2:
+        attention_any_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, k_next, v_next);
+        return;
+#endif
+#ifdef FC_BUILD_NEON
+    case FC_ISA_NEON:
+        attention_any_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, k_next, v_next);
+        return;
+#endif
+    default: (void)k_next, (void)v_next; attention_generic(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores);
+    }
+}
+
 void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt, const float *restrict vt,
                   ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1,
                   float *restrict scores) {
-    switch (fc_isa()) {
-#ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: attention_any_avx512(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
-    case FC_ISA_AVX2: attention_any_avx2(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
-#endif
-#ifdef FC_BUILD_NEON
-    case FC_ISA_NEON: attention_any_neon(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores); return;
-#endif
-    default: attention_generic(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores);
+    attention_next(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, NULL, NULL);
+}
+
+void fc_attention_rows(float *out, const float *qkv, float *kall, float *vall, const int64_t *stream,
+                       const int64_t *slot, const int64_t *n, ptrdiff_t L, ptrdiff_t layer, ptrdiff_t M, ptrdiff_t C,
+                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores) {
+    ptrdiff_t HS = C / n_head, m, j, h;
+    for (m = 0; m < M; m++) {
+        float *kc = kall + (stream[m] * L + layer) * C * S, *vc = vall + (stream[m] * L + layer) * C * S;
+        const float *k_next = NULL, *v_next = NULL;
+        const float *row = qkv + m * 3 * C;
+        if (m + 1 < M) {
+            k_next = kall + (stream[m + 1] * L + layer) * C * S + h0 * HS * S;
+            v_next = vall + (stream[m + 1] * L + layer) * C * S + h0 * S * HS;
+        }
+        for (j = h0 * HS; j < h1 * HS; j++) kc[j * S + slot[m]] = row[C + j];
+        for (h = h0; h < h1; h++) memcpy(vc + (h * S + slot[m]) * HS, row + 2 * C + h * HS, HS * sizeof(float));
+        attention_next(out + m * C, row, kc, vc, n[m] - 1, 1, C, S, n_head, h0, h1, scores, k_next, v_next);
     }
 }
 

@@ -116,6 +116,14 @@ void fc_matmul(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t 
    position-major per head (decode_attention_body.h). */
 void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,
                   ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
+/* The batch's attention (heads h0..h1-1): row m is stream[m]'s new token; its key and value (from
+   qkv (M, 3C)) go to slot[m] of that stream's layer `layer` cache, kall (B, L, C, S) keys time-last
+   and vall (B, L, NH, S, HS) values, which then holds n[m] rows; then fc_attention of that row over
+   them into out[m] (M, C). The same values as fc_attention row by row; the next row's blocks are
+   asked for while one row runs. */
+void fc_attention_rows(float *out, const float *qkv, float *kall, float *vall, const int64_t *stream,
+                       const int64_t *slot, const int64_t *n, ptrdiff_t L, ptrdiff_t layer, ptrdiff_t M, ptrdiff_t C,
+                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
 void fc_rope_tables(float *cos_rows, float *sin_rows, const double *inv_freq, ptrdiff_t half, int64_t pos0,
                     ptrdiff_t M);
 void fc_rope_heads(float *qkv, const float *cos_rows, const float *sin_rows, ptrdiff_t M, ptrdiff_t C,

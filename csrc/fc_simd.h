@@ -67,6 +67,39 @@ FC_SIMD_INLINE vf FC_N(vsel)(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) |
 FC_SIMD_INLINE vf FC_N(vand0)(vi mask, vf a) { return (vf)((vi)a & mask); }
 FC_SIMD_INLINE vf FC_N(vmax)(vf a, vf b) { return FC_N(vsel)(a > b, a, b); }
 FC_SIMD_INLINE vi FC_N(vlt)(long n) { return FC_N(vlanes)() < FC_N(viset1)((int)(n < 0 ? 0 : n > FC_VL ? FC_VL : n)); }
+/* Halving steps: fold(v, w) moves lanes w..2w-1 down to 0..w-1, so v + fold(v, w) adds lane i + w
+   to lane i (the pairwise order of the scalar loop below, kept where there is no shuffle builtin). */
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#if FC_VL == 16
+#define FC_FOLD(v, w)                                                                                   \
+    ((w) == 8   ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15) \
+     : (w) == 4 ? __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7)         \
+     : (w) == 2 ? __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3)         \
+                : __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1))
+#elif FC_VL == 8
+#define FC_FOLD(v, w)                                                                                   \
+    ((w) == 4   ? __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7)                                 \
+     : (w) == 2 ? __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3)                                 \
+                : __builtin_shufflevector(v, v, 1, 1, 1, 1, 1, 1, 1, 1))
+#else
+#define FC_FOLD(v, w) ((w) == 2 ? __builtin_shufflevector(v, v, 2, 3, 2, 3) : __builtin_shufflevector(v, v, 1, 1, 1, 1))
+#endif
+FC_SIMD_INLINE float FC_N(vhsum)(vf v) {
+    if (FC_VL >= 16) v = v + FC_FOLD(v, 8);
+    if (FC_VL >= 8) v = v + FC_FOLD(v, 4);
+    v = v + FC_FOLD(v, 2);
+    v = v + FC_FOLD(v, 1);
+    return v[0];
+}
+FC_SIMD_INLINE float FC_N(vhmax)(vf v) {
+    if (FC_VL >= 16) v = FC_N(vmax)(v, FC_FOLD(v, 8));
+    if (FC_VL >= 8) v = FC_N(vmax)(v, FC_FOLD(v, 4));
+    v = FC_N(vmax)(v, FC_FOLD(v, 2));
+    v = FC_N(vmax)(v, FC_FOLD(v, 1));
+    return v[0];
+}
+#undef FC_FOLD
+#else
 FC_SIMD_INLINE float FC_N(vhsum)(vf v) {
     float h[FC_VL];
     FC_N(vstore)(h, v);
@@ -79,6 +112,7 @@ FC_SIMD_INLINE float FC_N(vhmax)(vf v) {
     for (int i = 1; i < FC_VL; ++i) m = v[i] > m ? v[i] : m;
     return m;
 }
+#endif
 
 /* exp(x) for x <= 0, lane by lane: fc_expf of fc_math.h (the same constants and steps), which the
    Cython kernels use too; the training and the decode attention share this one. */
