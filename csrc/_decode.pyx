@@ -34,9 +34,10 @@ stage too (STAGE_SAMPLE: each task draws a range of the streams).
 Not here: float64 (the Python loop in fastchar/sampler.py covers both).
 """
 
-from cython.parallel cimport parallel
+from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint32_t
-from libc.stdlib cimport free
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
 
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
@@ -510,6 +511,8 @@ cdef struct Batch:
     bint advance_last
     bint slides
     double t_end  # when _run_batch finished (the helpers may still have to notice)
+    const int32_t* masks  # (ngroups, B): the streams of each group (run one group after another)
+    Py_ssize_t ngroups
 
 
 cdef void _sample_rows(Batch* job, Py_ssize_t task, Py_ssize_t d0, Py_ssize_t d1) noexcept nogil:
@@ -542,7 +545,18 @@ cdef void _encode_one(Batch* job, Py_ssize_t b, const int* toks, Py_ssize_t n0, 
 
 
 cdef void _run_batch(Batch* job) noexcept nogil:
-    """The body of generate_batch (main thread); tells the helpers to stop when done."""
+    """The body of generate_batch (main thread): its groups one after another; tells the helpers to
+    stop when done."""
+    cdef Py_ssize_t g
+    for g in range(job.ngroups):
+        job.active = job.masks + g * job.B
+        _run_group(job)
+    job.t_end = fc_now()
+    fc_set_quit(job.net.team)
+
+
+cdef void _run_group(Batch* job) noexcept nogil:
+    """The streams job.active of generate_batch: encode the prompts, then draw and advance."""
     cdef Net* net = job.net
     cdef Py_ssize_t S = net.S, V = job.V, N = job.N, B = job.B
     cdef Py_ssize_t i, j, b, m, M, nc
@@ -603,12 +617,10 @@ cdef void _run_batch(Batch* job) noexcept nogil:
             for m in range(M):
                 for j in range(V):
                     job.logits[rstream[m] * V + j] = net.scratch[job.logits_at + m * V + j]
-    job.t_end = fc_now()
-    fc_set_quit(net.team)
 
 
 def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bint advance_last,
-                   float[:, :, ::1] logits_out) -> None:
+                   float[:, :, ::1] logits_out, const int32_t[::1] groups=None) -> None:
     """Sample out.shape[1] tokens for each running stream of st (fastchar.sampler.DecodeState),
     advancing every running stream's cache together after each draw (after the last only if
     advance_last); one stream is the batch of one row.
@@ -619,6 +631,11 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     (B, N, V) float32 receives each draw's logits, or (B, 0, V) to skip. st's state, tokens, caches
     and logits are updated. Runs on OpenMP's thread count (fastchar.set_threads), at most
     max(2, C // 32); the result does not depend on it nor on the other streams.
+
+    groups (B,) int32, if given: stream b's group (0, 1, ...; fastchar.sampler.cache_groups). The
+    groups run one after another, all their steps each; with two threads or more, side by side
+    instead, each group on one thread with its own scratch (no handshake between the threads at
+    every product: the threads take the next group as they finish one).
     """
     cdef const float[::1] params = st.params
     cdef const int64_t[:, ::1] table = st.table
@@ -673,6 +690,23 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         return
     import numpy as np
 
+    cdef Py_ssize_t ngroups = 1
+    cdef int32_t[:, ::1] masks
+    if groups is not None:
+        if groups.shape[0] != B:
+            raise ValueError("groups needs one entry per stream")
+        for b in range(B):
+            if active[b] and not 0 <= groups[b] < B:
+                raise ValueError(f"stream {b}: group {groups[b]} is not in 0..{B - 1}")
+            if active[b]:
+                ngroups = max(ngroups, groups[b] + 1)
+        masks = np.zeros((ngroups, B), np.int32)
+        for b in range(B):
+            if active[b]:
+                masks[groups[b], b] = 1
+    else:
+        masks = np.asarray(active, np.int32).reshape(1, B).copy()
+
     nt = _team_size(C)
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
@@ -700,7 +734,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     job.tokens = &tokens[0, 0]
     job.state = &state[0, 0]
     job.n_feed = &n_feed[0]
-    job.active = &active[0]
+    job.masks = &masks[0, 0]
+    job.ngroups = ngroups
     job.logits = &logits[0, 0]
     job.logits_out = &logits_out[0, 0, 0] if logits_out.shape[1] > 0 else NULL
     job.uniforms = &uniforms[0, 0] if draws and Nn > 0 else NULL
@@ -712,6 +747,10 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     job.draw = &rows_v[4 * B]
     job.V, job.logits_at = V, logits_at
     job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
+    if ngroups > 1 and nt > 1:
+        free(block)
+        _side_by_side(jp, st, table, masks, nt, rows_cap)
+        return
     if nt > 1:
         with nogil, parallel(num_threads=nt):
             if fc_thread_num() == 0:
@@ -723,6 +762,72 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
             _run_batch(jp)
     free(block)
     _after_call(net.solo, nt, job.t_end)
+
+
+cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,
+                        Py_ssize_t rows_cap) except *:
+    """generate_batch's groups (masks (ngroups, B)) on nt threads side by side: each thread takes the
+    next group and runs all its steps alone (a Net of one task, its own scratch), as job would."""
+    import numpy as np
+
+    cdef const float[::1] params = st.params
+    cdef const double[::1] eps = st.eps
+    cdef const double[::1] inv_freq = st.inv_freq
+    cdef Py_ssize_t B = job.B, V = job.V, ngroups = masks.shape[0], g, t
+    cdef Py_ssize_t stride = (st.scratch.shape[0] + 15) // 16 * 16
+    raw = np.zeros(nt * stride + 16, np.float32)
+    cdef float[::1] scratch = raw[(-raw.ctypes.data % 64) // 4 :]  # 64-byte lines, like st.scratch
+    # rows padded by 128 bytes: no line is written by two threads
+    cdef int[:, ::1] rtok = np.zeros((nt, B + 32), np.int32)
+    cdef int64_t[:, ::1] rows = np.zeros((nt, 5 * B + 16), np.int64)
+    cdef double[:, ::1] work = np.zeros((nt, 3 * V + 16), np.float64)
+    cdef int32_t[:, ::1] order = np.zeros((nt, V + 32), np.int32)
+    # each thread's Net, team and Batch on lines of their own (their fields change at every product)
+    cdef size_t pad = (sizeof(Net) + sizeof(fc_team) + sizeof(Batch) + 3 * 128) // 128 * 128
+    cdef char* own = <char*>aligned_alloc(128, nt * pad)
+    cdef Net* net
+    cdef fc_team* team
+    cdef Batch* mine
+    cdef float** blocks = <float**>calloc(nt, sizeof(float*))
+    keep = []
+    try:
+        if own == NULL or blocks == NULL:
+            raise MemoryError()
+        memset(own, 0, nt * pad)
+        for t in range(nt):
+            net, team, mine = _own(own, pad, t)
+            keep.append(_use_packed(net, st.packed, table, 1, rows_cap))
+            blocks[t] = _setup_net(net, team, &params[0], &table[0, 0], &eps[0],
+                                   &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
+                                   &scratch[t * stride], table.shape[0], job.net.S, job.net.C, job.net.n_head, 1,
+                                   rows_cap)
+            net.L, net.kall, net.vall = job.net.L, job.net.kall, job.net.vall
+            net.kcache, net.vcache = job.net.kall, job.net.vall
+            net.solo = True
+            mine[0] = job[0]
+            mine.net = net
+            mine.work, mine.order = &work[t, 0], &order[t, 0]
+            mine.rtok, mine.rows, mine.draw = &rtok[t, 0], &rows[t, 0], &rows[t, 4 * B]
+            mine.ngroups = 1
+        with nogil:
+            for g in prange(ngroups, num_threads=nt, schedule="dynamic"):
+                mine = _own(own, pad, threadid())[2]
+                mine.masks = &masks[g, 0]
+                _run_batch(mine)
+    finally:
+        if blocks != NULL:
+            for t in range(nt):
+                free(blocks[t])
+        free(own)
+        free(blocks)
+
+
+cdef inline (Net*, fc_team*, Batch*) _own(char* own, size_t pad, Py_ssize_t t) noexcept nogil:
+    """Thread t's Net, team and Batch in _side_by_side's block (pad bytes per thread, each on its
+    own 128-byte lines)."""
+    cdef char* p = own + t * pad
+    cdef size_t a = (sizeof(Net) + 127) // 128 * 128, b = (sizeof(fc_team) + 127) // 128 * 128
+    return <Net*>p, <fc_team*>(p + a), <Batch*>(p + a + b)
 
 
 def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w, Py_ssize_t j0, Py_ssize_t j1,

@@ -66,10 +66,10 @@ from fastchar.tokenizer import CharTokenizer
 # Characters per call of a compiled generation loop: big enough that the Python call (~10 us) is
 # noise, small enough that `stream` still hands out text as it is made.
 DECODE_CHUNK = 32
-# Streams whose caches together fit this are stepped together for a chunk (cache_groups). Measured
-# on a Zen 4 (1 MB L2 per core): one thread, base model, 64 streams, 43.6 -> 26.8 CPU us per char
-# with 4 MB groups (16 streams); 1 to 4 MB alike, 8 MB 30.6 (docs/sampling.md).
-CACHE_GROUP_BYTES = 4 << 20
+# Streams whose caches together fit this are stepped together (cache_groups; 8 streams of the base
+# model). Measured on a Zen 4 (1 MB L2 per core), base model, 64 streams, one thread: 43.6 -> 26.8
+# CPU us per char with groups of 1 to 4 MB; two threads side by side (1 MB, 2 MB): 1.8-1.9x one.
+CACHE_GROUP_BYTES = 2 << 20
 
 
 @dataclass
@@ -395,15 +395,14 @@ def _uniforms(rngs: list, st: DecodeState, n: int) -> np.ndarray:
     return u
 
 
-def cache_groups(st: DecodeState, running: np.ndarray) -> list[np.ndarray]:
-    """The running streams (indices of running's nonzero entries) in groups whose caches together
-    take at most CACHE_GROUP_BYTES: a chunk runs group after group, each group's caches staying in
-    the cores' caches for its steps instead of every stream's caches streaming through them each
-    step. Streams are independent, so the grouping changes no result."""
+def cache_groups(st: DecodeState) -> np.ndarray:
+    """Each stream's group (B,) int32: the streams in order, in groups whose caches together take at
+    most CACHE_GROUP_BYTES. generate_batch runs a group's steps together (its caches stay in the
+    cores' caches instead of every stream's caches streaming through them each step), and, with two
+    threads or more, groups side by side. Streams are independent: the grouping changes no result."""
     per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
     size = max(1, CACHE_GROUP_BYTES // per_stream)
-    ids = np.flatnonzero(running)
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+    return (np.arange(len(st.active)) // size).astype(np.int32)
 
 
 def _run_chunks(fn: Callable, st: DecodeState, rngs: list, max_new_tokens: int, chunk: int,
@@ -417,15 +416,8 @@ def _run_chunks(fn: Callable, st: DecodeState, rngs: list, max_new_tokens: int, 
         n = min(chunk, max_new_tokens - done)
         out = np.zeros((B, n), np.int32)
         rows = np.zeros((B, n if logits is not None else 0, V), np.float32)
-        uniforms, running = _uniforms(rngs, st, n), st.active.copy()
-        try:
-            for group in cache_groups(st, running):
-                st.active[:] = 0
-                st.active[group] = 1
-                fn(st, out, uniforms, done + n < max_new_tokens, rows)
-                st.n_feed[group] = 0  # the group's prompts are in its caches now
-        finally:
-            st.active[:] = running
+        groups = (cache_groups(st),) if B > 1 else ()  # (numba's one-stream loop takes none)
+        fn(st, out, _uniforms(rngs, st, n), done + n < max_new_tokens, rows, *groups)
         if logits is not None:
             logits[:, done : done + n] = rows
         st.n_feed[:] = 0

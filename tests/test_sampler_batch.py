@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, sampler, stream
+from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, sampler, set_threads, stream
 from fastchar.sampler import (
     StopScan,
     batch_loop,
@@ -56,35 +56,41 @@ def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
         np.testing.assert_array_equal(toks[b], alone, err_msg=f"stream {b}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("streams_per_group", [1, 5])
-def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_group):
-    """A chunk steps the streams group after group (sampler.cache_groups); stopped streams stay out."""
+def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_group, threads):
+    """generate_batch runs the streams group after group (one thread) or groups side by side (two):
+    the tokens and logits are those of one big group; stopped streams stay out."""
     model = make_model("rope")
     B, N = 12, 30
     prompts = [[b % 11, (5 * b) % 11] for b in range(B)]
     whole = np.zeros((B, N, 11), np.float32)
-    toks = np.concatenate(
-        list(batch_tokens(model, prompts, N, 1.0, None, 0.9, stream_rngs(4, B), 8, 7, logits=whole)), 1
-    )
+    rngs = stream_rngs(4, B)
+    toks = np.concatenate(list(batch_tokens(model, prompts, N, 1.0, None, 0.9, rngs, 8, 7, logits=whole)), 1)
     st = decode_state(model, B, 8)
     per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
     monkeypatch.setattr(sampler, "CACHE_GROUP_BYTES", streams_per_group * per_stream + per_stream // 2)
-    running = np.ones(B, np.int32)
-    running[3] = 0
-    groups = sampler.cache_groups(st, running)
-    assert [len(g) for g in groups][:2] == [streams_per_group] * 2 and 3 not in np.concatenate(groups)
-    assert sorted(np.concatenate(groups).tolist()) == [b for b in range(B) if b != 3]
-    grouped = np.zeros((B, N, 11), np.float32)
-    active = np.ones(B, np.int32)
-    chunks = []
-    for out in batch_tokens(model, prompts, N, 1.0, None, 0.9, stream_rngs(4, B), 8, 7, active, grouped):
-        chunks.append(out)
-        active[2] = 0  # stopped after its first chunk: its later rows stay zero, the others go on
+    assert sampler.cache_groups(st).tolist() == [b // streams_per_group for b in range(B)]
+    set_threads(threads)
+    try:
+        grouped = np.zeros((B, N, 11), np.float32)
+        active = np.ones(B, np.int32)
+        chunks = []
+        for out in batch_tokens(model, prompts, N, 1.0, None, 0.9, stream_rngs(4, B), 8, 7, active, grouped):
+            chunks.append(out)
+            active[2] = 0  # stopped after its first chunk: its later rows stay zero, the others go on
+    finally:
+        set_threads()
     got = np.concatenate(chunks, 1)
     np.testing.assert_array_equal(np.delete(got, 2, 0), np.delete(toks, 2, 0))
     np.testing.assert_array_equal(np.delete(grouped, 2, 0), np.delete(whole, 2, 0))  # bit for bit
     np.testing.assert_array_equal(got[2, :7], toks[2, :7])
     assert not got[2, 7:].any() and active.tolist() == [1, 1, 0] + [1] * (B - 3)
+    bad = decode_state(model, 2, 8)
+    bad.start(0, [1], 1.0, None, None)
+    with pytest.raises(ValueError, match="group"):
+        cydecode.generate_batch(bad, np.zeros((2, 3), np.int32), np.zeros((2, 3)), True,
+                                np.zeros((2, 0, 11), np.float32), np.array([5, 0], np.int32))  # fmt: skip
 
 
 def test_one_stream_is_the_batch_of_one_row_and_the_state_is_checked():
