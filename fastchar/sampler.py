@@ -396,13 +396,18 @@ def _uniforms(rngs: list, st: DecodeState, n: int) -> np.ndarray:
 
 
 def cache_groups(st: DecodeState) -> np.ndarray:
-    """Each stream's group (B,) int32: the streams in order, in groups whose caches together take at
-    most CACHE_GROUP_BYTES. generate_batch runs a group's steps together (its caches stay in the
-    cores' caches instead of every stream's caches streaming through them each step), and, with two
-    threads or more, groups side by side. Streams are independent: the grouping changes no result."""
+    """Each stream's group (B,) int32: the running streams in order, in as few groups of about equal
+    size as keep a group's caches within CACHE_GROUP_BYTES (the idle streams: 0). generate_batch runs
+    a group's steps together (its caches stay in the cores' caches instead of every stream's caches
+    streaming through them each step), and, with two threads or more, groups side by side. Streams
+    are independent: the grouping changes no result."""
     per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
-    size = max(1, CACHE_GROUP_BYTES // per_stream)
-    return (np.arange(len(st.active)) // size).astype(np.int32)
+    running = st.active != 0
+    n = int(running.sum())
+    n_groups = max(1, -(-n // max(1, CACHE_GROUP_BYTES // per_stream)))
+    groups = np.zeros(len(running), np.int32)
+    groups[running] = np.arange(n) * n_groups // max(n, 1)
+    return groups
 
 
 def _run_chunks(fn: Callable, st: DecodeState, rngs: list, max_new_tokens: int, chunk: int,
@@ -642,7 +647,7 @@ class DecodeBatch:
             return rows, out if n > 1 else out[:, 0]
         uniforms = self._next_uniforms(rows.tolist(), n)
         out = self._out if n == 1 else np.zeros((self.capacity, n), np.int32)
-        self._fn(self._st, out, uniforms, True, self._no_logits)
+        self._fn(self._st, out, uniforms, True, self._no_logits, cache_groups(self._st))
         self._st.n_feed[rows] = 0
         return rows, out[rows, 0].copy() if n == 1 else out[rows]
 

@@ -70,7 +70,15 @@ def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_grou
     st = decode_state(model, B, 8)
     per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
     monkeypatch.setattr(sampler, "CACHE_GROUP_BYTES", streams_per_group * per_stream + per_stream // 2)
-    assert sampler.cache_groups(st).tolist() == [b // streams_per_group for b in range(B)]
+    assert sampler.cache_groups(st).tolist() == [0] * B  # no stream running
+    st.active[:] = 1
+    st.active[3] = 0
+    n_groups = -(-(B - 1) // streams_per_group)
+    running = [b for b in range(B) if b != 3]
+    expect = {b: i * n_groups // (B - 1) for i, b in enumerate(running)}
+    assert sampler.cache_groups(st).tolist() == [expect.get(b, 0) for b in range(B)]
+    sizes = np.bincount(list(expect.values()))
+    assert len(sizes) == n_groups and sizes.max() - sizes.min() <= 1 and sizes.max() <= streams_per_group
     set_threads(threads)
     try:
         grouped = np.zeros((B, N, 11), np.float32)
