@@ -38,9 +38,10 @@ if [ ! -x "$ROOT/opt/v/bin/python" ]; then
     chroot "$ROOT" /bin/bash -c 'python3 -m venv /opt/v'
 fi
 # the project's dependencies (pyproject.toml) and what the build and the tests need
-deps=$(python3 -c 'import shlex, tomllib; print(" ".join(map(shlex.quote, tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"])))')
+deps=$(python3 -c 'import shlex, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
+print(" ".join(map(shlex.quote, p["project"]["dependencies"] + p["build-system"]["requires"])))')
 chroot "$ROOT" /bin/bash -c "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt;
-    /opt/v/bin/pip install -q $deps Cython setuptools pytest hypothesis"
+    /opt/v/bin/pip install -q $deps pytest hypothesis"
 echo "arm64_check: root ready after $((SECONDS - start)) s"
 
 # ---- this checkout into the root, the build and the tests -----------------------------------------
