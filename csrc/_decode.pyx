@@ -775,13 +775,18 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
     cdef const double[::1] inv_freq = st.inv_freq
     cdef Py_ssize_t B = job.B, V = job.V, ngroups = masks.shape[0], g, t
     cdef Py_ssize_t stride = (st.scratch.shape[0] + 15) // 16 * 16
-    raw = np.zeros(nt * stride + 16, np.float32)
-    cdef float[::1] scratch = raw[(-raw.ctypes.data % 64) // 4 :]  # 64-byte lines, like st.scratch
-    # rows padded by 128 bytes: no line is written by two threads
-    cdef int[:, ::1] rtok = np.zeros((nt, B + 32), np.int32)
-    cdef int64_t[:, ::1] rows = np.zeros((nt, 5 * B + 16), np.int64)
-    cdef double[:, ::1] work = np.zeros((nt, 3 * V + 16), np.float64)
-    cdef int32_t[:, ::1] order = np.zeros((nt, V + 32), np.int32)
+    bufs = st.side.get(nt)  # made once per DecodeState and thread count (first touches cost)
+    if bufs is None:
+        raw = np.zeros(nt * stride + 16, np.float32)
+        # rows padded by 128 bytes: no line is written by two threads
+        bufs = st.side[nt] = (raw[(-raw.ctypes.data % 64) // 4 :], np.zeros((nt, B + 32), np.int32),
+                              np.zeros((nt, 5 * B + 16), np.int64), np.zeros((nt, 3 * V + 16), np.float64),
+                              np.zeros((nt, V + 32), np.int32))
+    cdef float[::1] scratch = bufs[0]  # 64-byte lines, like st.scratch
+    cdef int[:, ::1] rtok = bufs[1]
+    cdef int64_t[:, ::1] rows = bufs[2]
+    cdef double[:, ::1] work = bufs[3]
+    cdef int32_t[:, ::1] order = bufs[4]
     # each thread's Net, team and Batch on lines of their own (their fields change at every product)
     cdef size_t pad = (sizeof(Net) + sizeof(fc_team) + sizeof(Batch) + 3 * 128) // 128 * 128
     cdef char* own = <char*>aligned_alloc(128, nt * pad)

@@ -43,7 +43,7 @@ seeded text is the same unless a uniform lands within that of a cdf boundary.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -321,11 +321,12 @@ class DecodeState:
     tokens (B, S) int32 the cached tokens; state (B, 2) int64 rows in the cache and the absolute
     position of the next token; n_feed (B,) int64 tokens[b, n_cache:n_cache+n_feed] still to encode
     (a prompt); active (B,) int32 (0: left alone); kcache (B, L, C, S) float32 the keys, time last
-    (the scores run along positions), vcache (B, L, S, C) the values, position-major (a new row is
-    one contiguous append, p.v runs along channels);
+    (the scores run along positions), vcache (B, L, NH, S, HS) the values, position-major per head (a
+    new row is one contiguous append per head, p.v runs along channels);
     logits (B, V) float32 the next draw's logits, kept between calls; temperature (B,) float64,
     top_k (B,) int64 (0: off), top_p (B,) float64 (1: off), each stream's own sampling options.
-    scratch: the table's activations (scratch_size,) float32, 64-byte aligned.
+    scratch: the table's activations (scratch_size,) float32, 64-byte aligned; side: the buffers
+    of the threads that run groups side by side (generate_batch), kept between calls.
     """
 
     params: np.ndarray
@@ -347,6 +348,7 @@ class DecodeState:
     temperature: np.ndarray
     top_k: np.ndarray
     top_p: np.ndarray
+    side: dict = field(default_factory=dict)
 
     def start(self, b: int, ids: list[int], temperature: float, top_k: int | None, top_p: float | None) -> None:
         """Stream b continues ids (its last S tokens, encoded at the next call) with these options."""
