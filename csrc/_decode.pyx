@@ -42,7 +42,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -857,6 +857,12 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
         pk = np.zeros(fc_packed_size(Kd, Nd), np.uint32)
         fc_pack16(<float*>&pk[0], &w[0, 0], Kd, Nd, Nd)
         fc_matmul_packed(&y[0, 0], &x[0, 0], <float*>&pk[0], M, Kd, Nd, Nd, j0, j1)
+
+
+def tile_rows() -> int:
+    """The rows of the packed product's full tile on the path in use (8 avx512, 6 avx2, 4 neon, 1
+    generic): groups of a multiple of it run no ragged tile (fastchar.sampler.cache_groups)."""
+    return fc_decode_tile_rows()
 
 
 def packed_available(str precision="fp32") -> bool:

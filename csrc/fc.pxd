@@ -39,6 +39,7 @@ cdef extern from "fc_decode.h" nogil:
     Py_ssize_t fc_packed_size(Py_ssize_t K, Py_ssize_t N) noexcept
     void fc_pack16(float* dst, const float* w, Py_ssize_t K, Py_ssize_t N, Py_ssize_t ldw) noexcept
     int fc_packed_ok() noexcept
+    int fc_decode_tile_rows() noexcept
     void fc_matmul_packed(float* y, const float* x, const float* wp, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
                           Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1) noexcept
     Py_ssize_t fc_packed_size_bf16(Py_ssize_t K, Py_ssize_t N) noexcept

@@ -250,6 +250,15 @@ void fc_attention_rows(float *out, const float *qkv, float *kall, float *vall, c
 
 int fc_packed_ok(void) { return fc_isa() != FC_ISA_GENERIC; }
 
+int fc_decode_tile_rows(void) {
+    switch (fc_isa()) {
+    case FC_ISA_AVX512: return 8;
+    case FC_ISA_AVX2: return 6;
+    case FC_ISA_NEON: return 4;
+    default: return 1;
+    }
+}
+
 void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
                       ptrdiff_t j0, ptrdiff_t j1) {
     (void)N;

@@ -95,6 +95,9 @@ ptrdiff_t fc_packed_size(ptrdiff_t K, ptrdiff_t N);
 void fc_pack16(float *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw);
 /* 1 if the path in use (fc_isa(): avx512, avx2 or neon) runs fc_matmul_packed; 0 on the generic path. */
 int fc_packed_ok(void);
+/* The rows of fc_matmul_packed's full tile on the path in use (decode_body.h's DP_ROWS; 1 on the
+   generic path): a batch of a multiple of it runs no ragged tile. */
+int fc_decode_tile_rows(void);
 /* y[:M, j0:j1] = x[:M] @ w[:, j0:j1] with w packed by fc_pack16 (N its column count); y row stride
    ldy, x (M, K) rows contiguous. Every output element is one fused multiply-add chain over k = 0..K-1
    from zero, whatever M, the row's place in the batch and the column range: the result does not

@@ -326,7 +326,8 @@ class DecodeState:
     logits (B, V) float32 the next draw's logits, kept between calls; temperature (B,) float64,
     top_k (B,) int64 (0: off), top_p (B,) float64 (1: off), each stream's own sampling options.
     scratch: the table's activations (scratch_size,) float32, 64-byte aligned; side: the buffers
-    of the threads that run groups side by side (generate_batch), kept between calls.
+    of the threads that run groups side by side (generate_batch), kept between calls; tile_rows: the
+    rows of the backend's product tile (cache_groups makes groups of a multiple of it).
     """
 
     params: np.ndarray
@@ -349,6 +350,7 @@ class DecodeState:
     top_k: np.ndarray
     top_p: np.ndarray
     side: dict = field(default_factory=dict)
+    tile_rows: int = 1
 
     def start(self, b: int, ids: list[int], temperature: float, top_k: int | None, top_p: float | None) -> None:
         """Stream b continues ids (its last S tokens, encoded at the next call) with these options."""
@@ -377,6 +379,7 @@ def decode_state(model: Model, streams: int, window: int) -> DecodeState:
         packed_weights(model, plan), np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
         np.zeros(B, np.int32), kcache, vcache, aligned_zeros(plan.scratch_size),
         np.zeros((B, V), np.float32), np.zeros(B, np.float64), np.zeros(B, np.int64), np.ones(B, np.float64),
+        tile_rows=rows() if (rows := getattr(model.kernels, "decode_tile_rows", None)) else 1,
     )  # fmt: skip
 
 
@@ -406,9 +409,13 @@ def cache_groups(st: DecodeState) -> np.ndarray:
     per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
     running = st.active != 0
     n = int(running.sum())
-    n_groups = max(1, -(-n // max(1, CACHE_GROUP_BYTES // per_stream)))
+    size = max(1, CACHE_GROUP_BYTES // per_stream)
     groups = np.zeros(len(running), np.int32)
-    groups[running] = np.arange(n) * n_groups // max(n, 1)
+    if 1 < st.tile_rows < size:  # whole tiles, the last group the rest (a ragged tile runs its rows
+        size -= size % st.tile_rows  # one at a time: 8 rows are 6 + 1 + 1 on avx2)
+        groups[running] = np.arange(n) // size
+    else:  # about equal sizes
+        groups[running] = np.arange(n) * max(1, -(-n // size)) // max(n, 1)
     return groups
 
 

@@ -104,6 +104,22 @@ def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_grou
                                 np.zeros((2, 0, 11), np.float32), np.array([5, 0], np.int32))  # fmt: skip
 
 
+def test_cache_groups_are_whole_tiles_of_the_product(isa_path, monkeypatch):
+    """A group of 8 on avx2 (tile 6) would run 6 + 1 + 1 rows: groups are whole tiles, the rest last."""
+    model = make_model("rope")
+    st = decode_state(model, 30, 8)
+    assert st.tile_rows == cydecode.tile_rows() == {"avx512": 8, "avx2": 6, "neon": 4, "generic": 1}[isa_path]
+    per_stream = st.kcache[0].nbytes + st.vcache[0].nbytes
+    monkeypatch.setattr(sampler, "CACHE_GROUP_BYTES", 9 * per_stream)
+    st.active[:] = 1
+    sizes = np.bincount(sampler.cache_groups(st)).tolist()
+    if st.tile_rows > 1:
+        tile = 9 - 9 % st.tile_rows
+        assert sizes == [tile] * (30 // tile) + ([30 % tile] if 30 % tile else [])
+    else:
+        assert sorted(sizes) == [7, 7, 8, 8]  # about equal
+
+
 def test_one_stream_is_the_batch_of_one_row_and_the_state_is_checked():
     model = make_model("rope")
     assert model.kernels.generate_tokens is model.kernels.generate_batch  # one driver

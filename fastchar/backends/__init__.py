@@ -35,6 +35,8 @@ OPTIONAL = {
     "generate_batch": {"cython": "fastchar.backends.cython_decode"},
     # the products' weights packed once per generation for the AVX-512 decode product
     "pack_decode_weights": {"cython": "fastchar.backends.cython_decode"},
+    # the rows of the decode product's full tile on the path in use (fastchar.sampler.cache_groups)
+    "decode_tile_rows": {"cython": "fastchar.backends.cython_decode"},
 }
 ALIASES = {"reference": "numpy"}
 PRECISIONS = ("fp32", "bf16")

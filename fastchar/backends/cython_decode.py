@@ -11,6 +11,7 @@ from __future__ import annotations
 try:
     from fastchar._cydecode import generate_batch
     from fastchar._cydecode import pack_weights as pack_decode_weights
+    from fastchar._cydecode import tile_rows as decode_tile_rows
 except ImportError as exc:
     raise ImportError(
         "the Cython extension fastchar._cydecode is missing or stale; build it with "
@@ -19,4 +20,4 @@ except ImportError as exc:
 
 generate_tokens = generate_batch
 
-__all__ = ["generate_batch", "generate_tokens", "pack_decode_weights"]
+__all__ = ["decode_tile_rows", "generate_batch", "generate_tokens", "pack_decode_weights"]
