@@ -401,8 +401,9 @@ def _uniforms(rngs: list, st: DecodeState, n: int) -> np.ndarray:
 
 
 def cache_groups(st: DecodeState) -> np.ndarray:
-    """Each stream's group (B,) int32: the running streams in order, in as few groups of about equal
-    size as keep a group's caches within CACHE_GROUP_BYTES (the idle streams: 0). generate_batch runs
+    """Each stream's group (B,) int32: the running streams in order, in as few groups as keep a group's
+    caches within CACHE_GROUP_BYTES, of whole tiles of the product (tile_rows; else of about equal
+    size), and two at least from tile_rows streams on (the idle streams: 0). generate_batch runs
     a group's steps together (its caches stay in the cores' caches instead of every stream's caches
     streaming through them each step), and, with two threads or more, groups side by side. Streams
     are independent: the grouping changes no result."""
@@ -411,6 +412,8 @@ def cache_groups(st: DecodeState) -> np.ndarray:
     n = int(running.sum())
     size = max(1, CACHE_GROUP_BYTES // per_stream)
     groups = np.zeros(len(running), np.int32)
+    if st.tile_rows <= n <= size:  # two groups at least (two threads side by side), of half tiles or more
+        size = -(-n // 2)
     if 1 < st.tile_rows < size:  # whole tiles, the last group the rest (a ragged tile runs its rows
         size -= size % st.tile_rows  # one at a time: 8 rows are 6 + 1 + 1 on avx2)
         groups[running] = np.arange(n) // size
