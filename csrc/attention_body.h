@@ -250,16 +250,22 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
         float *s = S + t * Tp;
-        vf mx = FC_N(vset1)(-INFINITY);
-        for (long j = 0; j < nv; ++j) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
-        const vf m = FC_N(vset1)(FC_N(vhmax)(mx));
-        vf sum = FC_N(vzero)();
-        for (long j = 0; j < nv; ++j) {
+        vf mx = FC_N(vset1)(-INFINITY), mx2 = mx; /* two chains */
+        long j = 0;
+        for (; j + 2 <= nv; j += 2) {
+            mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
+            mx2 = FC_N(vmax)(mx2, FC_N(vload)(s + FC_VL * (j + 1)));
+        }
+        if (j < nv) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
+        const vf m = FC_N(vset1)(FC_N(vhmax)(FC_N(vmax)(mx, mx2)));
+        vf sum = FC_N(vzero)(), sum2 = sum;
+        for (j = 0; j < nv; ++j) {
             vf e = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m));
             FC_N(vstore)(s + FC_VL * j, e);
-            sum += e;
+            if (j & 1) sum2 += e;
+            else sum += e;
         }
-        const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum));
+        const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum + sum2));
         float *a = att + t * T;
         for (long j = 0; j < nv; ++j) {
             vf p = FC_N(vload)(s + FC_VL * j) * inv;
@@ -294,10 +300,16 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
         if (drop)
             for (long j = 0; j < nv; ++j)
                 FC_N(vstore)(s + FC_VL * j, FC_N(vload)(s + FC_VL * j) * FC_N(keep_scale)(base + t * T + FC_VL * j, drop));
-        vf dot = FC_N(vzero)();
-        for (long j = 0; j < nv; ++j)
-            dot = FC_N(vfma)(dot, FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
-        const vf rd = FC_N(vset1)(FC_N(vhsum)(dot)), sc = FC_N(vset1)(scale);
+        /* sum(att * dP): four partial sums (one FMA chain ran at the FMA's latency, not its rate) */
+        vf dot[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
+        long j = 0;
+        for (; j + 4 <= nv; j += 4)
+            for (int u = 0; u < 4; ++u)
+                dot[u] = FC_N(vfma)(dot[u], FC_N(vload_n)(a + FC_VL * (j + u), n - FC_VL * (j + u)),
+                                    FC_N(vload)(s + FC_VL * (j + u)));
+        for (; j < nv; ++j)
+            dot[0] = FC_N(vfma)(dot[0], FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
+        const vf rd = FC_N(vset1)(FC_N(vhsum)((dot[0] + dot[1]) + (dot[2] + dot[3]))), sc = FC_N(vset1)(scale);
         for (long j = 0; j < nv; ++j) {
             vf p = FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j);
             FC_N(vstore)(s + FC_VL * j, p * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
