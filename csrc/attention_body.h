@@ -204,31 +204,71 @@ static void FC_N(weighted_all)(long HS, float *o, long ldo, int accumulate, cons
     for (; t < T; ++t) FC_N(weighted_rows)(HS, o + t * ldo, accumulate, w + t * ldw, rows, ld, t + 1);
 }
 
+/* Four keys jk .. jk+3 (all < T) x CV vectors of channels (o, x already offset to them):
+   o[(jk + k)*ldo ..] (+)= sum_{t >= jk} w[t*ldw + jk + k] * x[t*HS ..]. Each row of x loaded once
+   serves the four keys (one key per accumulator of VL channels loaded every row VL times over). */
+#define ATT_KEYS4(CV)                                                                                  \
+    static void FC_N(add_keys4_##CV)(float *o, long ldo, const float *w, long ldw, const float *x, long HS, \
+                                     long jk, long T, int overwrite) {                                 \
+        vf acc[4][CV];                                                                                 \
+        for (int k = 0; k < 4; ++k)                                                                    \
+            for (int v = 0; v < (CV); ++v) acc[k][v] = FC_N(vzero)();                                  \
+        for (long t = jk; t < T; ++t) {                                                                \
+            vf c[CV];                                                                                  \
+            for (int v = 0; v < (CV); ++v) c[v] = FC_N(vload)(x + t * HS + FC_VL * v);                 \
+            const float *wt = w + t * ldw + jk;                                                        \
+            for (int k = 0; k < 4; ++k) {                                                              \
+                const vf wb = FC_N(vset1)(wt[k]);                                                      \
+                for (int v = 0; v < (CV); ++v) acc[k][v] = FC_N(vfma)(acc[k][v], wb, c[v]);            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int k = 0; k < 4; ++k)                                                                    \
+            for (int v = 0; v < (CV); ++v) {                                                           \
+                float *row = o + (jk + k) * ldo + FC_VL * v;                                           \
+                FC_N(vstore)(row, overwrite ? acc[k][v] : FC_N(vload)(row) + acc[k][v]);               \
+            }                                                                                          \
+    }
+ATT_KEYS4(1)
+ATT_KEYS4(2)
+#if ATT_CV == 4
+ATT_KEYS4(3)
+ATT_KEYS4(4)
+#endif
+#undef ATT_KEYS4
+
 /* o[t2*ldo + d] += (overwrite: =) sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + VL)
-   (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. One accumulator
-   per key holds VL channels of its row: a row of x is loaded once and multiplied by each key's
-   broadcast weight, so the result needs no transpose. w must be zero above the diagonal. */
+   (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. Tiles of four
+   keys x up to ATT_CV vectors of channels (add_keys4); the last T % 4 keys one accumulator per key,
+   whose row of x is loaded once and multiplied by each key's broadcast weight, so the result needs
+   no transpose. w must be zero above the diagonal (a sub-block's sum starts at its first key). */
 static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, const float *x, long j0, long T,
                                 long HS, int overwrite) {
-    const long kn = T - j0 < FC_VL ? T - j0 : FC_VL;
-    for (long d0 = 0; d0 < HS; d0 += FC_VL) {
-        vf acc[FC_VL];
-        for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vzero)();
-        if (kn == FC_VL) {
-            for (long t = j0; t < T; ++t) {
-                const vf xv = FC_N(vload)(x + t * HS + d0);
-                const float *wt = w + t * ldw + j0;
-                for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+    const long kn = T - j0 < FC_VL ? T - j0 : FC_VL, k4 = kn / 4 * 4;
+    for (long k0 = 0; k0 < k4; k0 += 4)
+        for (long d0 = 0; d0 < HS;) {
+            long cv = (HS - d0) / FC_VL;
+            if (cv > ATT_CV) cv = ATT_CV;
+            switch (cv) {
+#if ATT_CV == 4
+            case 4: FC_N(add_keys4_4)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+            case 3: FC_N(add_keys4_3)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+#endif
+            case 2: FC_N(add_keys4_2)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+            default: FC_N(add_keys4_1)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
             }
-        } else {
-            for (long t = j0; t < T; ++t) {
-                const vf xv = FC_N(vload)(x + t * HS + d0);
-                const float *wt = w + t * ldw + j0;
-                for (int k = 0; k < kn; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
-            }
+            d0 += cv * FC_VL;
         }
-        for (long k = 0; k < kn; ++k) {
-            float *row = o + (j0 + k) * ldo + d0;
+    if (k4 == kn) return;
+    const long jr = j0 + k4, kr = kn - k4; /* the last 1-3 keys */
+    for (long d0 = 0; d0 < HS; d0 += FC_VL) {
+        vf acc[3] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
+        for (long t = jr; t < T; ++t) {
+            const vf xv = FC_N(vload)(x + t * HS + d0);
+            const float *wt = w + t * ldw + jr;
+            for (int k = 0; k < kr; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+        }
+        for (long k = 0; k < kr; ++k) {
+            float *row = o + (jr + k) * ldo + d0;
             FC_N(vstore)(row, overwrite ? acc[k] : FC_N(vload)(row) + acc[k]);
         }
     }
