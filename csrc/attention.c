@@ -1,9 +1,10 @@
 /* Causal softmax attention for one (batch, head) pair at a time, on every vector path. See attention.h.
  *
  * The kernels live in attention_body.h, written once over the vector width and compiled for
- * AVX2 + FMA and NEON (fc_each_isa.h); the avx512 path runs the hand-written intrinsics of
- * attention_avx512.h, which measured 5-30 % faster than the portable form compiled for AVX-512
- * (figures there). fc_attention_* run the path fastchar/isa.py chose.
+ * AVX-512, AVX2 + FMA and NEON (fc_each_isa.h). The avx512 path runs the portable body for
+ * sequences of ATT_PORTABLE_T_AVX512 = 128 keys and more and the hand-written intrinsics of
+ * attention_avx512.h below that, each where it measured faster (figures there). fc_attention_*
+ * run the path fastchar/isa.py chose.
  *
  * Forward, per head: K is transposed once into kt (HS, Tp) scratch (Tp = T rounded up to 16,
  * zero-padded) so that a vector of scores of one query row is HS broadcast-FMAs; the row's softmax
@@ -61,6 +62,8 @@ static void pack_head(float *dst, const float *src, long ld, long T, long HS) {
     for (long t = 0; t < T; ++t) memcpy(dst + t * HS, src + t * ld, (size_t)HS * sizeof(float));
 }
 
+enum { ATT_PORTABLE_T_AVX512 = 128 };
+
 #define FC_BODY "attention_body.h"
 #include "fc_each_isa.h"
 
@@ -98,7 +101,12 @@ static int run(int backward, float *o, const float *dout, float *att, const floa
     nthreads = att_threads(nthreads);
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: attention_heads_avx512i(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite); break;
+    case FC_ISA_AVX512: /* the portable body from T = 128 on, the intrinsics below (see the header) */
+        if (T >= ATT_PORTABLE_T_AVX512)
+            attention_heads_avx512(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite);
+        else
+            attention_heads_avx512i(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite);
+        break;
     case FC_ISA_AVX2: attention_heads_avx2(backward, o, dout, att, qkv, B, T, C, NH, drop, nthreads, &failed, overwrite); break;
 #endif
 #ifdef FC_BUILD_NEON

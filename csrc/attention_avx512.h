@@ -1,8 +1,11 @@
 /* The AVX-512 attention of csrc/attention.c in hand-written intrinsics, kept beside the portable
-   attention_body.h because it measured faster on the avx512 path (AMD EPYC Zen 4, one thread, CPU
-   time, GFLOP/s forward / backward; python -m benchmarks.bench_attention --threads 1 --clock cpu):
-   base 30 / 43 against the portable form's 22 / 31, wide 36 / 44 against 26 / 30, long 32 / 47
-   against 23 / 41, nanoGPT 41 / 54 against 39 / 51. The portable form serves AVX2 and NEON.
+   attention_body.h for sequences under 128 keys, where it measured faster on the avx512 path (AMD
+   EPYC family 25 model 17, Zen 4, one thread, CPU time, GFLOP/s forward / backward; python -m
+   benchmarks.bench_attention --threads 1 --clock cpu; ranges over two runs): base (T = 64) 31-32 / 43
+   against the portable form's 21-28 / 39, wide (T = 64) 35-36 / 39-44 against 28-35 / 44-45. From
+   128 keys on the portable form (four query rows per register tile) is faster and runs instead:
+   long (T = 256, HS = 16) 32 / 44-48 against 25-29 / 32-41, nanoGPT (T = 256, HS = 64) 60-61 / 70-71
+   against 37-42 / 49-54.
    Included by attention.c (which defines att_scratch, transpose_head and pack_head); same
    layout, dropout and accumulation contract as attention_body.h. */
 #include <immintrin.h>

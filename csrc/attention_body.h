@@ -52,6 +52,106 @@ static void FC_N(row_times_t)(float *s, const float *x, const float *xt, long Tp
 }
 #undef ATT_ROW_BLOCKS
 
+/* Four query rows at once: S[t0 + r, 0 .. ) = scale * x[r] . xt for r < 4 (rows ldx apart), row r's
+   lanes >= t0 + r + 1 set to `fill`, every row written up to the vectors of the longest (t0 + 4
+   keys; the rows' own softmax never reads past its own). A register tile of 4 rows x ATT_CV vectors:
+   each key vector loaded once serves four rows (row_times_t loads one per FMA, which made the
+   scores load-bound at HS = 16). */
+#undef ATT_CV
+#define ATT_CV (FC_VL == 8 ? 2 : 4)
+#define ATT_ROWS4_TILE(CV)                                                                             \
+    do {                                                                                               \
+        vf acc[4][CV];                                                                                 \
+        for (int r = 0; r < 4; ++r)                                                                    \
+            for (int v = 0; v < (CV); ++v) acc[r][v] = FC_N(vzero)();                                  \
+        const float *col = xt + FC_VL * j;                                                             \
+        for (long d = 0; d < HS; ++d) {                                                                \
+            vf c[CV];                                                                                  \
+            for (int v = 0; v < (CV); ++v) c[v] = FC_N(vload)(col + d * Tp + FC_VL * v);               \
+            for (int r = 0; r < 4; ++r) {                                                              \
+                const vf xd = FC_N(vset1)(x[r * ldx + d]);                                             \
+                for (int v = 0; v < (CV); ++v) acc[r][v] = FC_N(vfma)(acc[r][v], xd, c[v]);            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int r = 0; r < 4; ++r)                                                                    \
+            for (int v = 0; v < (CV); ++v)                                                             \
+                FC_N(vstore)(S + r * lds + FC_VL * (j + v),                                            \
+                             FC_N(vsel)(FC_N(vlt)(t0 + r + 1 - FC_VL * (j + v)), acc[r][v] * sc, f));  \
+        j += (CV);                                                                                     \
+    } while (0)
+static void FC_N(rows4_times_t)(float *S, long lds, const float *x, long ldx, const float *xt, long Tp, long t0,
+                                long HS, float scale, float fill) {
+    long nv = (t0 + 4 + FC_VL - 1) / FC_VL, j = 0;
+    const vf f = FC_N(vset1)(fill), sc = FC_N(vset1)(scale);
+    while (nv - j >= ATT_CV) ATT_ROWS4_TILE(ATT_CV);
+    while (nv - j >= 1) ATT_ROWS4_TILE(1);
+}
+#undef ATT_ROWS4_TILE
+
+/* Every row t < T of S (rows lds apart) = scale * x[t] . xt, lanes >= t + 1 set to fill: four rows
+   at a time, the last T % 4 one by one. */
+static void FC_N(scores)(float *S, long lds, const float *x, long ldx, const float *xt, long Tp, long T, long HS,
+                         float scale, float fill) {
+    long t = 0;
+    for (; t + 4 <= T; t += 4) FC_N(rows4_times_t)(S + t * lds, lds, x + t * ldx, ldx, xt, Tp, t, HS, scale, fill);
+    for (; t < T; ++t) FC_N(row_times_t)(S + t * lds, x + t * ldx, xt, Tp, t + 1, HS, scale, fill);
+}
+
+/* One tile of weighted4: CV vectors of channels (o, rw already offset to them) for the four rows. */
+#define ATT_W4(CV)                                                                                     \
+    static void FC_N(weighted4_##CV)(float *o, long ldo, int accumulate, const float *w, long ldw, const float *rw, \
+                                     long ld, long t0) {                                                \
+        vf acc[4][CV];                                                                                 \
+        for (int r = 0; r < 4; ++r)                                                                    \
+            for (int v = 0; v < (CV); ++v) acc[r][v] = FC_N(vzero)();                                  \
+        for (long t2 = 0; t2 <= t0; ++t2) { /* keys every row of the four sees */                      \
+            vf c[CV];                                                                                  \
+            for (int v = 0; v < (CV); ++v) c[v] = FC_N(vload)(rw + t2 * ld + FC_VL * v);               \
+            for (int r = 0; r < 4; ++r) {                                                              \
+                const vf wb = FC_N(vset1)(w[r * ldw + t2]);                                            \
+                for (int v = 0; v < (CV); ++v) acc[r][v] = FC_N(vfma)(acc[r][v], wb, c[v]);            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int r = 1; r < 4; ++r) /* the keys past row 0's diagonal: t0 + 1 .. t0 + r */             \
+            for (long t2 = t0 + 1; t2 <= t0 + r; ++t2) {                                               \
+                const vf wb = FC_N(vset1)(w[r * ldw + t2]);                                            \
+                for (int v = 0; v < (CV); ++v)                                                         \
+                    acc[r][v] = FC_N(vfma)(acc[r][v], wb, FC_N(vload)(rw + t2 * ld + FC_VL * v));      \
+            }                                                                                          \
+        for (int r = 0; r < 4; ++r)                                                                    \
+            for (int v = 0; v < (CV); ++v) {                                                           \
+                float *dst = o + r * ldo + FC_VL * v;                                                  \
+                FC_N(vstore)(dst, accumulate ? FC_N(vload)(dst) + acc[r][v] : acc[r][v]);              \
+            }                                                                                          \
+    }
+ATT_W4(1)
+ATT_W4(2)
+#if ATT_CV == 4
+ATT_W4(3)
+ATT_W4(4)
+#endif
+#undef ATT_W4
+
+/* o[r] (+)= sum_{t2 <= t0 + r} w[r][t2] * rows[t2*ld ..] for four query rows r < 4 (o rows ldo apart,
+   w rows ldw apart; w is read only up to each row's own diagonal). Tiles of 4 rows x up to ATT_CV
+   vectors of channels: each value vector loaded once serves four rows. */
+static void FC_N(weighted4)(float *o, long ldo, int accumulate, const float *w, long ldw, const float *rows,
+                            long ld, long t0, long HS) {
+    for (long d0 = 0; d0 < HS;) {
+        long cv = (HS - d0) / FC_VL;
+        if (cv > ATT_CV) cv = ATT_CV;
+        switch (cv) {
+#if ATT_CV == 4
+        case 4: FC_N(weighted4_4)(o + d0, ldo, accumulate, w, ldw, rows + d0, ld, t0); break;
+        case 3: FC_N(weighted4_3)(o + d0, ldo, accumulate, w, ldw, rows + d0, ld, t0); break;
+#endif
+        case 2: FC_N(weighted4_2)(o + d0, ldo, accumulate, w, ldw, rows + d0, ld, t0); break;
+        default: FC_N(weighted4_1)(o + d0, ldo, accumulate, w, ldw, rows + d0, ld, t0); break;
+        }
+        d0 += cv * FC_VL;
+    }
+}
+
 /* o[0 .. VL*NC) (+)= sum_{t2 < n} w[t2] * rows[t2*ld ..]: NC vectors per row, the keys split over U
    independent accumulator sets (one FMA chain would wait on its own latency at HS = 16), U x NC
    accumulators at most 16 (8 on AVX2's 16 registers). */
@@ -95,31 +195,80 @@ static void FC_N(weighted_rows)(long HS, float *o, int accumulate, const float *
     }
 }
 
+/* Every query row t < T: o[t] (+)= sum_{t2 <= t} w[t][t2] * rows[t2] (o rows ldo, w rows ldw apart):
+   four rows at a time, the last T % 4 one by one. */
+static void FC_N(weighted_all)(long HS, float *o, long ldo, int accumulate, const float *w, long ldw,
+                               const float *rows, long ld, long T) {
+    long t = 0;
+    for (; t + 4 <= T; t += 4) FC_N(weighted4)(o + t * ldo, ldo, accumulate, w + t * ldw, ldw, rows, ld, t, HS);
+    for (; t < T; ++t) FC_N(weighted_rows)(HS, o + t * ldo, accumulate, w + t * ldw, rows, ld, t + 1);
+}
+
+/* Four keys jk .. jk+3 (all < T) x CV vectors of channels (o, x already offset to them):
+   o[(jk + k)*ldo ..] (+)= sum_{t >= jk} w[t*ldw + jk + k] * x[t*HS ..]. Each row of x loaded once
+   serves the four keys (one key per accumulator of VL channels loaded every row VL times over). */
+#define ATT_KEYS4(CV)                                                                                  \
+    static void FC_N(add_keys4_##CV)(float *o, long ldo, const float *w, long ldw, const float *x, long HS, \
+                                     long jk, long T, int overwrite) {                                 \
+        vf acc[4][CV];                                                                                 \
+        for (int k = 0; k < 4; ++k)                                                                    \
+            for (int v = 0; v < (CV); ++v) acc[k][v] = FC_N(vzero)();                                  \
+        for (long t = jk; t < T; ++t) {                                                                \
+            vf c[CV];                                                                                  \
+            for (int v = 0; v < (CV); ++v) c[v] = FC_N(vload)(x + t * HS + FC_VL * v);                 \
+            const float *wt = w + t * ldw + jk;                                                        \
+            for (int k = 0; k < 4; ++k) {                                                              \
+                const vf wb = FC_N(vset1)(wt[k]);                                                      \
+                for (int v = 0; v < (CV); ++v) acc[k][v] = FC_N(vfma)(acc[k][v], wb, c[v]);            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int k = 0; k < 4; ++k)                                                                    \
+            for (int v = 0; v < (CV); ++v) {                                                           \
+                float *row = o + (jk + k) * ldo + FC_VL * v;                                           \
+                FC_N(vstore)(row, overwrite ? acc[k][v] : FC_N(vload)(row) + acc[k][v]);               \
+            }                                                                                          \
+    }
+ATT_KEYS4(1)
+ATT_KEYS4(2)
+#if ATT_CV == 4
+ATT_KEYS4(3)
+ATT_KEYS4(4)
+#endif
+#undef ATT_KEYS4
+
 /* o[t2*ldo + d] += (overwrite: =) sum_{t >= j0} w[t*ldw + t2] x[t*HS + d] for the key block t2 in [j0, j0 + VL)
-   (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. One accumulator
-   per key holds VL channels of its row: a row of x is loaded once and multiplied by each key's
-   broadcast weight, so the result needs no transpose. w must be zero above the diagonal. */
+   (keys past T left out), d < HS: dK = dS^T Q or dV = P^T dY for VL keys at once. Tiles of four
+   keys x up to ATT_CV vectors of channels (add_keys4); the last T % 4 keys one accumulator per key,
+   whose row of x is loaded once and multiplied by each key's broadcast weight, so the result needs
+   no transpose. w must be zero above the diagonal (a sub-block's sum starts at its first key). */
 static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, const float *x, long j0, long T,
                                 long HS, int overwrite) {
-    const long kn = T - j0 < FC_VL ? T - j0 : FC_VL;
-    for (long d0 = 0; d0 < HS; d0 += FC_VL) {
-        vf acc[FC_VL];
-        for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vzero)();
-        if (kn == FC_VL) {
-            for (long t = j0; t < T; ++t) {
-                const vf xv = FC_N(vload)(x + t * HS + d0);
-                const float *wt = w + t * ldw + j0;
-                for (int k = 0; k < FC_VL; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+    const long kn = T - j0 < FC_VL ? T - j0 : FC_VL, k4 = kn / 4 * 4;
+    for (long k0 = 0; k0 < k4; k0 += 4)
+        for (long d0 = 0; d0 < HS;) {
+            long cv = (HS - d0) / FC_VL;
+            if (cv > ATT_CV) cv = ATT_CV;
+            switch (cv) {
+#if ATT_CV == 4
+            case 4: FC_N(add_keys4_4)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+            case 3: FC_N(add_keys4_3)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+#endif
+            case 2: FC_N(add_keys4_2)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
+            default: FC_N(add_keys4_1)(o + d0, ldo, w, ldw, x + d0, HS, j0 + k0, T, overwrite); break;
             }
-        } else {
-            for (long t = j0; t < T; ++t) {
-                const vf xv = FC_N(vload)(x + t * HS + d0);
-                const float *wt = w + t * ldw + j0;
-                for (int k = 0; k < kn; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
-            }
+            d0 += cv * FC_VL;
         }
-        for (long k = 0; k < kn; ++k) {
-            float *row = o + (j0 + k) * ldo + d0;
+    if (k4 == kn) return;
+    const long jr = j0 + k4, kr = kn - k4; /* the last 1-3 keys */
+    for (long d0 = 0; d0 < HS; d0 += FC_VL) {
+        vf acc[3] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
+        for (long t = jr; t < T; ++t) {
+            const vf xv = FC_N(vload)(x + t * HS + d0);
+            const float *wt = w + t * ldw + jr;
+            for (int k = 0; k < kr; ++k) acc[k] = FC_N(vfma)(acc[k], FC_N(vset1)(wt[k]), xv);
+        }
+        for (long k = 0; k < kr; ++k) {
+            float *row = o + (jr + k) * ldo + d0;
             FC_N(vstore)(row, overwrite ? acc[k] : FC_N(vload)(row) + acc[k]);
         }
     }
@@ -137,20 +286,26 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
     transpose_head(kt, qkv + C, C3, T, Tp, HS);
     pack_head(vp, qkv + 2 * C, C3, T, HS);
     const float scale = 1.0f / sqrtf((float)HS);
-    for (long t = 0; t < T; ++t) FC_N(row_times_t)(S + t * Tp, qkv + t * C3, kt, Tp, t + 1, HS, scale, -INFINITY);
+    FC_N(scores)(S, Tp, qkv, C3, kt, Tp, T, HS, scale, -INFINITY);
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
         float *s = S + t * Tp;
-        vf mx = FC_N(vset1)(-INFINITY);
-        for (long j = 0; j < nv; ++j) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
-        const vf m = FC_N(vset1)(FC_N(vhmax)(mx));
-        vf sum = FC_N(vzero)();
-        for (long j = 0; j < nv; ++j) {
+        vf mx = FC_N(vset1)(-INFINITY), mx2 = mx; /* two chains */
+        long j = 0;
+        for (; j + 2 <= nv; j += 2) {
+            mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
+            mx2 = FC_N(vmax)(mx2, FC_N(vload)(s + FC_VL * (j + 1)));
+        }
+        if (j < nv) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
+        const vf m = FC_N(vset1)(FC_N(vhmax)(FC_N(vmax)(mx, mx2)));
+        vf sum = FC_N(vzero)(), sum2 = sum;
+        for (j = 0; j < nv; ++j) {
             vf e = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m));
             FC_N(vstore)(s + FC_VL * j, e);
-            sum += e;
+            if (j & 1) sum2 += e;
+            else sum += e;
         }
-        const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum));
+        const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum + sum2));
         float *a = att + t * T;
         for (long j = 0; j < nv; ++j) {
             vf p = FC_N(vload)(s + FC_VL * j) * inv;
@@ -162,7 +317,7 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
         }
         if (FC_VL * nv < T) memset(a + FC_VL * nv, 0, (size_t)(T - FC_VL * nv) * sizeof(float));
     }
-    for (long t = 0; t < T; ++t) FC_N(weighted_rows)(HS, out + t * C, 0, S + t * Tp, vp, HS, t + 1);
+    FC_N(weighted_all)(HS, out, C, 0, S, Tp, vp, HS, T);
 }
 
 /* Passes over the rows as in forward_head: dP = dy v^T for every row, then each row's softmax
@@ -177,7 +332,7 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
     pack_head(qp, qkv, C3, T, HS);
     pack_head(dyp, dout, C, T, HS);
     const float scale = 1.0f / sqrtf((float)HS);
-    for (long t = 0; t < T; ++t) FC_N(row_times_t)(S + t * Tp, dyp + t * HS, vt, Tp, t + 1, HS, 1.0f, 0.0f);
+    FC_N(scores)(S, Tp, dyp, HS, vt, Tp, T, HS, 1.0f, 0.0f);
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
         const float *a = att + t * T;
@@ -185,17 +340,22 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
         if (drop)
             for (long j = 0; j < nv; ++j)
                 FC_N(vstore)(s + FC_VL * j, FC_N(vload)(s + FC_VL * j) * FC_N(keep_scale)(base + t * T + FC_VL * j, drop));
-        vf dot = FC_N(vzero)();
-        for (long j = 0; j < nv; ++j)
-            dot = FC_N(vfma)(dot, FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
-        const vf rd = FC_N(vset1)(FC_N(vhsum)(dot)), sc = FC_N(vset1)(scale);
+        /* sum(att * dP): four partial sums (one FMA chain ran at the FMA's latency, not its rate) */
+        vf dot[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
+        long j = 0;
+        for (; j + 4 <= nv; j += 4)
+            for (int u = 0; u < 4; ++u)
+                dot[u] = FC_N(vfma)(dot[u], FC_N(vload_n)(a + FC_VL * (j + u), n - FC_VL * (j + u)),
+                                    FC_N(vload)(s + FC_VL * (j + u)));
+        for (; j < nv; ++j)
+            dot[0] = FC_N(vfma)(dot[0], FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
+        const vf rd = FC_N(vset1)(FC_N(vhsum)((dot[0] + dot[1]) + (dot[2] + dot[3]))), sc = FC_N(vset1)(scale);
         for (long j = 0; j < nv; ++j) {
             vf p = FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j);
             FC_N(vstore)(s + FC_VL * j, p * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
         }
     }
-    for (long t = 0; t < T; ++t) /* dq += dS k */
-        FC_N(weighted_rows)(HS, dqkv + t * C3, !overwrite, S + t * Tp, kp, HS, t + 1);
+    FC_N(weighted_all)(HS, dqkv, C3, !overwrite, S, Tp, kp, HS, T); /* dq += dS k */
     for (long j0 = 0; j0 < T; j0 += FC_VL) FC_N(add_key_block)(dqkv + C, C3, S, Tp, qp, j0, T, HS, overwrite); /* dk += dS^T q */
     if (drop)
         for (long t = 0; t < T; ++t) { /* S = att * mask, the probabilities the values saw */
@@ -209,8 +369,8 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
         FC_N(add_key_block)(dqkv + 2 * C, C3, drop ? S : att, drop ? Tp : T, dyp, j0, T, HS, overwrite);
 }
 
-/* unused on avx512, which runs attention_avx512.h (kept compiled to compare the two) */
-__attribute__((unused)) static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
+/* every path; avx512 below 128 keys runs attention_avx512.h instead (attention.c) */
+static void FC_N(attention_heads)(int backward, float *o, const float *dout, float *att, const float *qkv, long B,
                                   long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed,
                                   int overwrite) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;

@@ -54,8 +54,10 @@ static inline long cdiv(long a, long b) { return (a + b - 1) / b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
 static inline long lmax(long a, long b) { return a > b ? a : b; }
 
-/* ukr(kp, a panel, b panel, c, ldc, m rows, n cols to store, beta, nr): one register tile. */
-typedef void (*ukr_fn)(long, const word *, const word *, float *, long, int, int, float, int);
+/* ukr(kp, a panel, b panel, c, ldc, m rows, n cols to store, beta, nr, as): one register tile; as is
+ * the distance of A's rows in words for the fp32 row panels (kp when packed, lda when the rows are
+ * read in place), unused by the others. */
+typedef void (*ukr_fn)(long, const word *, const word *, float *, long, int, int, float, int, long);
 /* pack(src, ld, kc, w lanes, W lanes per panel, dst, panel stride): lanes 0..w-1 (zero-padded to a
  * multiple of W) of depth 0..kc-1, lane l into panel l / W. */
 typedef void (*pack_fn)(const float *, long, long, long, int, word *, long);
@@ -212,7 +214,8 @@ FC_T_BF16 FC_INLINE void ukr_bf16(const int nv, long kp, const word *a, const wo
 
 #define DEF_UKR(name, nv)                                                                                 \
     FC_T_BF16 static void name(long kp, const word *a, const word *b, float *c, long ldc, int m, int n, float beta, \
-                               int nr) {                                                                  \
+                               int nr, long as) {                                                         \
+        (void)as;                                                                                         \
         ukr_bf16(nv, kp, a, b, c, ldc, m, n, beta, nr);                                                   \
     }
 DEF_UKR(ukr_bf16_1, 1)
@@ -261,16 +264,26 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
     const ukr_fn *ukr = trans_a ? e->ukr_k : e->ukr_l;
     const int mr = e->mr;
     long nbp = cdiv(nc, nr);
+    /* fp32 rows of A (forward, dinp) are read where they lie, not copied: the copy cost as much as
+     * 3 % of the products. Not where rows are a multiple of 2 KiB apart (the MR rows of a panel
+     * would crowd one or two L1 sets), nor for a ragged last panel (its missing rows are zeros in a
+     * copy). */
+    const int in_place = !trans_a && e->kstep == 1 && (lda * (long)sizeof(float)) % 2048 != 0;
     for (long ic = m0; ic < m1; ic += MC) {
-        long mc = lmin(MC, m1 - ic);
-        pack_a(trans_a ? A + pc * lda + ic : A + ic * lda + pc, lda, kc, mc, mr, ap, kp * mr);
+        long mc = lmin(MC, m1 - ic), full = in_place ? mc / mr * mr : 0;
+        if (full < mc) /* the panels from row `full` on, packed */
+            pack_a(trans_a ? A + pc * lda + ic + full : A + (ic + full) * lda + pc, lda, kc, mc - full, mr,
+                   ap + (full / mr) * kp * mr, kp * mr);
         for (long q = 0; q < nbp; ++q) {
             int n = (int)lmin(nr, nc - q * nr);
             ukr_fn k = ukr[cdiv(n, e->vl)];
             const word *b = bp + q * kp * nr;
             float *cq = C + ic * ldc + jc + q * nr;
-            for (long r = 0; r < mc; r += mr)
-                k(kp, ap + (r / mr) * kp * mr, b, cq + r * ldc, ldc, (int)lmin(mr, mc - r), n, beta, nr);
+            long r = 0;
+            for (; r < full; r += mr)
+                k(kp, (const word *)(A + (ic + r) * lda + pc), b, cq + r * ldc, ldc, mr, n, beta, nr, lda);
+            for (; r < mc; r += mr)
+                k(kp, ap + (r / mr) * kp * mr, b, cq + r * ldc, ldc, (int)lmin(mr, mc - r), n, beta, nr, kp);
         }
     }
 }

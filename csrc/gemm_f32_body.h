@@ -7,8 +7,9 @@
    Panels (one 32-bit word = one float here):
      B          [p][nr]   nr columns side by side per depth step: the kernel loads GM_NV vectors
      A, k-major [p][MR]   (A^T in memory, the dW product): a copy of MR contiguous floats per step
-     A, rows    [MR][kp]  (A in memory: forward and dinp): a copy of MR rows, no transpose; the kernel
-                          broadcasts a[r * kp + p], MR sequential streams the prefetcher follows.
+     A, rows    [MR][as]  (A in memory: forward and dinp): the kernel broadcasts a[r * as + p], MR
+                          sequential streams the prefetcher follows; the driver passes A's own rows
+                          (as = lda) where it can, else a copy of MR rows (as = kp).
    The lane-major B (W^T, the dinp product) is transposed by scalar code: it is packed once per
    block and reused by every row of C, so it costs little next to the products. */
 #undef GM_MR
@@ -100,7 +101,8 @@ static void FC_N(pack_a_l)(const float *src, long ld, long kc, long w, int W, wo
    ragged ones through a buffer (vector extensions have no masked stores). */
 #define GM_UKR(NAME, NVV, AT)                                                                             \
     static void FC_N(NAME)(long kp, const word *a_, const word *b_, float *c, long ldc, int m, int n,   \
-                           float beta, int nr) {                                                       \
+                           float beta, int nr, long as) {                                              \
+        (void)as;                                                                                        \
         const float *a = (const float *)a_, *b = (const float *)b_;                                      \
         vf s[GM_MR][NVV];                                                                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < GM_MR; ++r)                                          \
@@ -134,11 +136,11 @@ static void FC_N(pack_a_l)(const float *src, long ld, long kc, long w, int W, wo
 
 GM_UKR(ukr_k1, 1, a[p * GM_MR + r])
 GM_UKR(ukr_k2, 2, a[p * GM_MR + r])
-GM_UKR(ukr_l1, 1, a[r * kp + p])
-GM_UKR(ukr_l2, 2, a[r * kp + p])
+GM_UKR(ukr_l1, 1, a[r * as + p])
+GM_UKR(ukr_l2, 2, a[r * as + p])
 #if GM_NV == 3
 GM_UKR(ukr_k3, 3, a[p * GM_MR + r])
-GM_UKR(ukr_l3, 3, a[r * kp + p])
+GM_UKR(ukr_l3, 3, a[r * as + p])
 #define GM_K3 FC_N(ukr_k3)
 #define GM_L3 FC_N(ukr_l3)
 #else

@@ -17,9 +17,10 @@ from fastchar.backends import reference as ref
 from fastchar.errors import ConfigError
 from tests.conftest import tol
 
-# (B, T, C, NH): head sizes 16, 32, 48, 64; T = 1, below, across and above the 16-key blocks.
+# (B, T, C, NH): head sizes 16, 32, 48, 64; T = 1, below, across and above the 16-key blocks and the
+# 4-row tiles; from T = 128 on the avx512 path runs the portable kernels instead of its intrinsics.
 SHAPES = [(1, 1, 16, 1), (2, 5, 32, 2), (3, 17, 64, 4), (2, 33, 96, 2), (2, 64, 128, 8), (1, 100, 256, 4),
-          (1, 70, 384, 6)]  # fmt: skip
+          (1, 70, 384, 6), (1, 131, 128, 2), (2, 130, 64, 4)]  # fmt: skip
 
 
 def _close(got: np.ndarray, want: np.ndarray, kernel: str, name: str) -> None:

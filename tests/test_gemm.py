@@ -33,7 +33,8 @@ needs_bf16 = pytest.mark.skipif(
 
 # (M, N, K): ones, odd sizes below and across the 8 x 48 / 8 x 32 register tiles, the model's
 # shapes (N = 768 rows, C = 128, V = 65), K above one packed depth block (512 bf16 / 256 fp32)
-# and N above one packed column block (768).
+# and N above one packed column block (768); K = 1024 makes A's rows 4 KiB apart (copied, not read in
+# place, by the fp32 engines).
 SHAPES = [
     (1, 1, 1),
     (1, 17, 2),
@@ -45,6 +46,7 @@ SHAPES = [
     (9, 50, 1100),
     (20, 800, 40),
     (768, 384, 128),
+    (50, 40, 1024),
 ]
 # (precision, path): bf16 where the CPU has AVX512_BF16, fp32 on every vector path this CPU runs (AVX-512
 # machines test the AVX2 engine too). Same tolerance on every path: the engines differ only in the
@@ -151,7 +153,8 @@ def test_bf16_keeps_nan_and_inf(rng):
     b = rng.standard_normal((20, 40)).astype(np.float32)
     a[3, 5], a[6, 7] = np.nan, np.inf
     c = np.zeros((9, 40), np.float32)
-    _gemm.gemm(c, a, b, precision="bf16")
+    with isa.force("avx512"):  # the bf16 products' path, also when FASTCHAR_ISA chose a lower one
+        _gemm.gemm(c, a, b, precision="bf16")
     assert np.isnan(c[3]).all() and not np.isfinite(c[6]).any()
     assert np.isfinite(np.delete(c, [3, 6], axis=0)).all()
 
@@ -176,7 +179,8 @@ def test_round_bf16_is_what_the_kernel_multiplies(rng):
     """Every input value times 1.0, over 120 binades: the kernel's rounding, bit for bit."""
     x = (rng.standard_normal(4000) * np.exp(rng.uniform(-80, 80, 4000))).astype(np.float32)
     c = np.zeros((x.size, 1), np.float32)
-    _gemm.gemm(c, x[:, None].copy(), np.ones((1, 1), np.float32), precision="bf16")
+    with isa.force("avx512"):
+        _gemm.gemm(c, x[:, None].copy(), np.ones((1, 1), np.float32), precision="bf16")
     np.testing.assert_array_equal(c[:, 0], round_bf16(x))
 
 
@@ -190,6 +194,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 def test_bf16_off_below_avx512_is_a_clear_error():
     """On the avx2 path (or with FASTCHAR_DISABLE_BF16=1) the bf16 products refuse with a hint."""
     c, a, b = np.zeros((2, 3), np.float32), np.ones((2, 4), np.float32), np.ones((4, 3), np.float32)
+    before = _gemm.has_avx512bf16()  # False when FASTCHAR_ISA chose avx2 for the whole run
     with isa.force("avx2"):
         assert _gemm.has_avx512bf16() is False
         with pytest.raises(ConfigError, match="bf16 matrix products are unavailable") as e:
@@ -199,7 +204,7 @@ def test_bf16_off_below_avx512_is_a_clear_error():
             _gemm.matmul_forward(c, a, b)
         _gemm.gemm(c, a, b, precision="fp32")  # fp32 is unaffected
         np.testing.assert_array_equal(c, np.full((2, 3), 4.0, np.float32))
-    assert _gemm.has_avx512bf16() is True  # back on the best path
+    assert _gemm.has_avx512bf16() is before  # back on the path in use before
 
 
 def test_disable_bf16_switch_is_read_by_python():
