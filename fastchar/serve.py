@@ -50,11 +50,13 @@ MAX_TOKENS_LIMIT = 1_000_000  # characters per choice
 MAX_PROMPT_CHARS = 1_000_000  # only the last ctx characters condition the model
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-# Seconds between two events of one streamed response (text made meanwhile is sent together):
-# EVENT_GAP, plus EVENT_GAP_PER_STREAM for each running stream, so that the event loop's work (and the
-# clients') stays a small share of the cores the decode needs: 0.02 s alone, 0.1 s at 64 streams.
+# Seconds between two events of one streamed response (text made meanwhile is sent together): at least
+# EVENT_GAP, and long enough that all the streamed responses together send about EVENTS_PER_SECOND
+# events at most. An event costs the event loop and its client about as much whatever text it carries
+# (~0.1 ms each on Zen 4), so their share of the cores stays bounded however fast the decode runs:
+# 0.02 s for up to 6 streams, 0.2 s at 64.
 EVENT_GAP = 0.02
-EVENT_GAP_PER_STREAM = 0.00125
+EVENTS_PER_SECOND = 320
 RETRY_AFTER = 1  # seconds, the 503's Retry-After
 SHUTDOWN_GRACE = 5  # seconds uvicorn waits for open responses after a signal (ours end at once)
 # The decode thread holds the GIL only between two batched steps, but waits for it after each: with
@@ -259,6 +261,7 @@ class Engine:
         self.step_seconds = 0.0  # in DecodeBatch.step (the compiled batched loop)
         self.loop_seconds = 0.0  # in the decode thread's own Python around it (text, stop strings, hand-over)
         self.decode_cpu_seconds = 0.0  # the decode thread's CPU time (its share of the batched step and its Python)
+        self.python_cpu_seconds = 0.0  # the decode thread's CPU time in its Python after each step
 
     @property
     def running(self) -> int:
@@ -281,6 +284,7 @@ class Engine:
                 "step_seconds": round(self.step_seconds, 6),
                 "loop_seconds": round(self.loop_seconds, 6),
                 "decode_cpu_seconds": round(self.decode_cpu_seconds, 6),
+                "python_cpu_seconds": round(self.python_cpu_seconds, 6),
             }
 
     def submit(self, options: Options, loop: asyncio.AbstractEventLoop) -> Job:
@@ -405,6 +409,7 @@ class Engine:
         t0 = time.perf_counter()
         rows, tokens = self.batch.step(n)  # the GIL is released while it runs
         t1 = time.perf_counter()
+        c1 = time.thread_time()
         self.step_seconds += t1 - t0
         self._per_char = (t1 - t0) / n
         left = self._left
@@ -443,7 +448,9 @@ class Engine:
             _end(streams[i].job, streams[i].index, reason, wake)
         self._wake(wake)
         self.loop_seconds += time.perf_counter() - t1
-        self.decode_cpu_seconds += time.thread_time() - c0
+        c2 = time.thread_time()
+        self.decode_cpu_seconds += c2 - c0
+        self.python_cpu_seconds += c2 - c1
 
     def _end_all(self, message: str) -> None:
         with self._cv:
@@ -641,7 +648,7 @@ def event_gap(running: int) -> float:
     """Seconds between two events of one streamed response at `running` streams: text made meanwhile
     is sent together (coalesced), so that the events per second, and their cost to the event loop
     and the clients, stay bounded however fast the decode runs."""
-    return EVENT_GAP + EVENT_GAP_PER_STREAM * running
+    return max(EVENT_GAP, running / EVENTS_PER_SECOND)
 
 
 async def _events(engine: Engine, job: Job, head: dict):
