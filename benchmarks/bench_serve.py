@@ -9,10 +9,12 @@ first-character latency (request sent to the first event with text, p50 and p99)
 model's `generate(..., num_samples=N)` in this process (long run minus short run, as
 benchmarks/bench_sample.py) with the server's share of it: --repeats rounds, each `generate` then the
 clients right after it, and the median of the rounds' shares (the load of a shared machine drifts
-between rounds more than within one), and the CPU time per character of the
-server process (from /proc on Linux), of its event loop thread (HTTP, JSON, the events), of the decode
-thread's Python around the batched step, and of the clients. Before timing, two clients' texts are
-checked against `generate` for their seeds. Bounded: at most 256 clients, --timeout seconds.
+between rounds more than within one). The share is given twice: the clients' whole run (connections,
+the staggered start and end included) against generate's long minus short run, and like for like,
+the clients' long run minus a short one (--chars / 4 each) against it. Also reported: the CPU time
+per character of the server process (from /proc on Linux), of its event loop thread (HTTP, JSON, the
+events), of the decode thread's Python around the batched step, and of the clients. Before timing,
+two clients' texts are checked against `generate` for their seeds. Bounded: at most 256 clients, --timeout seconds.
 
     python -m benchmarks.bench_serve [--checkpoint runs/base/best] [--clients 64] [--chars 2000]
                                      [--precision fp32] [--repeats 3]
@@ -186,9 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
             want = generate(model, tok, PROMPT, 300, 0.8, None, 0.9, seed=0)[len(PROMPT) :]
             if check[0]["text"] != want:
                 raise RuntimeError("the server's text for seed 0 differs from fastchar.generate's")
+            short = max(args.chars // 4, 1)
             for _ in range(args.repeats):
                 reference = generate_rate(model, tok, args.clients, args.chars)
-                rounds.append({**serve_round(base, proc.pid, args.clients, args.chars, args.timeout), "ref": reference})
+                run = serve_round(base, proc.pid, args.clients, args.chars, args.timeout)
+                brief = serve_round(base, proc.pid, args.clients, short, args.timeout)
+                extra = args.clients * (args.chars - short) / max(run["seconds"] - brief["seconds"], 1e-9)
+                rounds.append({**run, "ref": reference, "long_minus_short": extra})
         finally:
             proc.terminate()
             proc.wait(30)
@@ -211,14 +217,24 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_thread": 1e6 * health.get("decode_cpu_seconds", 0.0) / total,
         "clients": 1e6 * sum(r["client_cpu"] for r in rounds) / total,
     }
+    from fastchar import isa
+
     res = {
         "cpu": cpu_model(),
+        "isa": isa.path(),
         "threads": threads,
         "clients": args.clients,
         "chars_per_client": args.chars,
         "precision": args.precision,
         "checkpoint": args.checkpoint,
-        "rounds": [{"serve_chars/s": r["chars/s"], "generate_chars/s": r["ref"]} for r in rounds],
+        "rounds": [
+            {
+                "serve_chars/s": r["chars/s"],
+                "serve_long_minus_short": r["long_minus_short"],
+                "generate_chars/s": r["ref"],
+            }
+            for r in rounds
+        ],
         "chars/s": med([r["chars/s"] for r in rounds]),
         "first_char_ms": {
             "p50": 1e3 * statistics.median(latency),
@@ -227,18 +243,22 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "generate_num_samples_chars/s": med([r["ref"] for r in rounds]),
         "share_of_generate": med([r["chars/s"] / r["ref"] for r in rounds]),
+        "long_minus_short_chars/s": med([r["long_minus_short"] for r in rounds]),
+        "long_minus_short_share": med([r["long_minus_short"] / r["ref"] for r in rounds]),
         "decode_thread": decode,
         "cpu_us_per_char": per_char,
     }
     print(
         f"# fastchar serve, {args.clients} streaming clients x {args.chars} characters, top-p 0.9, {args.precision}, "
-        f"{threads} thread(s), {cpu_model()}; {len(rounds)} round(s) of generate(num_samples={args.clients}) "
+        f"{threads} thread(s), {cpu_model()}, kernels on {res['isa']}; {len(rounds)} round(s) of "
+        f"generate(num_samples={args.clients}) "
         "then the clients"
     )
     for i, r in enumerate(rounds):
         print(
             f"round {i + 1}: serve {r['chars/s']:,.0f} characters/s in all ({r['chars']:,} in {r['seconds']:.2f} s), "
-            f"generate {r['ref']:,.0f} (long minus short run): {r['chars/s'] / r['ref']:.1%}"
+            f"generate {r['ref']:,.0f} (long minus short run): {r['chars/s'] / r['ref']:.1%}; serve long minus short "
+            f"run {r['long_minus_short']:,.0f}: {r['long_minus_short'] / r['ref']:.1%}"
         )
     print(
         f"serve: {res['chars/s']:,.0f} characters/s in all (median); first character p50 "
@@ -246,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"generate(num_samples={args.clients}) in one process: {res['generate_num_samples_chars/s']:,.0f} "
-        f"characters/s (median); serve reaches {res['share_of_generate']:.1%} of it (median of the rounds)"
+        f"characters/s (median); serve reaches {res['share_of_generate']:.1%} of it (median of the rounds), "
+        f"{res['long_minus_short_share']:.1%} measured as generate is (the clients' long run minus their short run)"
     )
     print(
         f"decode thread: {steps:,} calls of the batched loop, {decode['chars_per_call']:.0f} characters each on "
