@@ -442,8 +442,9 @@ class Engine:
             job = s.job
             if text:
                 job.pieces[s.index].append(text)
-            if job.want_text and job.waiter is not None:
-                wake.append(job.waiter)
+            waiter = job.waiter  # read once: the event loop may clear it meanwhile
+            if waiter is not None and job.want_text:
+                wake.append(waiter)
         for i, reason in ends.items():
             _end(streams[i].job, streams[i].index, reason, wake)
         self._wake(wake)
@@ -475,8 +476,9 @@ class Engine:
 def _end(job: Job, index: int, reason: str, wake: list) -> None:
     """Decode thread: choice index of job ended (after its last text was appended); wake its response."""
     job.finish[index] = reason
-    if job.waiter is not None:
-        wake.append(job.waiter)
+    waiter = job.waiter  # read once: the event loop may clear it meanwhile
+    if waiter is not None:
+        wake.append(waiter)
 
 
 def _resolve(future: asyncio.Future) -> None:

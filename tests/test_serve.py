@@ -326,6 +326,30 @@ def test_streamed_text_is_coalesced_and_an_end_is_sent_at_once(monkeypatch):
     assert max(per_choice) <= 3, per_choice  # the first text, and the rest with the end (one more if both raced)
 
 
+def test_64_streamed_clients_reassemble_to_generate():
+    """The benchmark's shape in small: 64 streamed clients at once on 64 rows (a full batch runs
+    several characters per call, events carry what gathered), each text equal to generate's."""
+    model = make_model()
+    bodies = [{"prompt": "ab"[: i % 3], "max_tokens": 150 + 7 * i, "seed": i, "top_p": 0.9, "stream": True}
+              for i in range(64)]  # fmt: skip
+
+    async def ask_all(base: str) -> list:
+        limits = httpx.Limits(max_connections=70, max_keepalive_connections=70)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.post(f"{base}/v1/completions", json=b) for b in bodies))
+
+    with running(model, max_streams=64) as base:
+        answers = asyncio.run(ask_all(base))
+        health = httpx.get(f"{base}/health").json()
+    events = 0
+    for body, r in zip(bodies, answers, strict=True):
+        texts, finish, done = sse(r.text)
+        assert done and texts == {0: expected(model, body)[0]} and finish == {0: "length"}, body
+        events += len(_events(r.text))
+    assert health["characters"] == sum(b["max_tokens"] for b in bodies)
+    assert events < health["characters"] / 2  # coalesced: far fewer events than characters
+
+
 def test_event_text_is_the_json_of_the_event():
     from fastchar.serve import _EventText
 
