@@ -115,7 +115,7 @@ class Job:
     response takes text from the front of pieces[i] (only the decode thread appends, only the
     response removes: each list operation is atomic under the GIL, so neither loses a piece). The
     event loop is woken only when a response waits (waiter) and something it waits for came: text,
-    if want_text, or an end. One wake-up per step for all the jobs that need one (Engine._publish)."""
+    if want_text, or an end. One wake-up per call of the batched loop for all of them (Engine._wake)."""
 
     options: Options
     loop: asyncio.AbstractEventLoop
