@@ -50,17 +50,19 @@ MAX_TOKENS_LIMIT = 1_000_000  # characters per choice
 MAX_PROMPT_CHARS = 1_000_000  # only the last ctx characters condition the model
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-# Seconds between two events of one streamed response (text made meanwhile is sent together):
-# EVENT_GAP, plus EVENT_GAP_PER_STREAM for each running stream, so that the event loop's work (and the
-# clients') stays a small share of the cores the decode needs: 0.02 s alone, 0.1 s at 64 streams.
+# Seconds between two events of one streamed response (text made meanwhile is sent together): at least
+# EVENT_GAP, and long enough that all the streamed responses together send about EVENTS_PER_SECOND
+# events at most. An event costs the event loop and its client about as much whatever text it carries
+# (~0.1 ms each on Zen 4), so their share of the cores stays bounded however fast the decode runs:
+# 0.02 s for up to 6 streams, 0.2 s at 64.
 EVENT_GAP = 0.02
-EVENT_GAP_PER_STREAM = 0.00125
+EVENTS_PER_SECOND = 320
 RETRY_AFTER = 1  # seconds, the 503's Retry-After
 SHUTDOWN_GRACE = 5  # seconds uvicorn waits for open responses after a signal (ours end at once)
 # The decode thread holds the GIL only between two batched steps, but waits for it after each: with
 # Python's default 5 ms switch interval a busy event loop delays every step by up to that much.
 SWITCH_INTERVAL = 0.0005
-MAX_CHUNK = 8  # characters per call of the batched loop while the batch is full (see Engine._chunk)
+MAX_CHUNK = 16  # characters per call of the batched loop while the batch is full (see Engine._chunk)
 CHUNK_SECONDS = 0.02
 UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None}  # accepted only at these values
 
@@ -107,19 +109,39 @@ class Stream:
 
 @dataclass
 class Job:
-    """One request: its streams' text and ends, filled in on the event loop (Engine._deliver)."""
+    """One request, shared by the decode thread and the request's response on the event loop.
+
+    The decode thread appends each choice's new text to pieces[i] and then sets finish[i]; the
+    response takes text from the front of pieces[i] (only the decode thread appends, only the
+    response removes: each list operation is atomic under the GIL, so neither loses a piece). The
+    event loop is woken only when a response waits (waiter) and something it waits for came: text,
+    if want_text, or an end. One wake-up per call of the batched loop for all of them (Engine._wake)."""
 
     options: Options
     loop: asyncio.AbstractEventLoop
-    texts: list[list[str]] = field(default_factory=list)  # per choice, pieces not yet sent
+    pieces: list[list[str]] = field(default_factory=list)  # per choice, text not yet taken
     finish: list[str | None] = field(default_factory=list)  # per choice: "length", "stop" or None
     error: str | None = None
     cancelled: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: asyncio.Future | None = None  # the response's pending wait (set and cleared on the event loop)
+    want_text: bool = False  # whether new text resolves waiter (otherwise only an end or an error)
 
     @property
     def done(self) -> bool:
         return self.error is not None or all(f is not None for f in self.finish)
+
+    def has_text(self) -> bool:
+        return any(self.pieces)
+
+    def take(self, i: int) -> str:
+        """Choice i's text made since the last take (event loop)."""
+        pieces = self.pieces[i]
+        m = len(pieces)
+        if m == 0:
+            return ""
+        text = pieces[0] if m == 1 else "".join(pieces[:m])
+        del pieces[:m]
+        return text
 
 
 def _is_int(x: object) -> bool:
@@ -238,6 +260,8 @@ class Engine:
         self.chars = 0
         self.step_seconds = 0.0  # in DecodeBatch.step (the compiled batched loop)
         self.loop_seconds = 0.0  # in the decode thread's own Python around it (text, stop strings, hand-over)
+        self.decode_cpu_seconds = 0.0  # the decode thread's CPU time (its share of the batched step and its Python)
+        self.python_cpu_seconds = 0.0  # the decode thread's CPU time in its Python after each step
 
     @property
     def running(self) -> int:
@@ -259,6 +283,8 @@ class Engine:
                 "characters": self.chars,
                 "step_seconds": round(self.step_seconds, 6),
                 "loop_seconds": round(self.loop_seconds, 6),
+                "decode_cpu_seconds": round(self.decode_cpu_seconds, 6),
+                "python_cpu_seconds": round(self.python_cpu_seconds, 6),
             }
 
     def submit(self, options: Options, loop: asyncio.AbstractEventLoop) -> Job:
@@ -327,7 +353,7 @@ class Engine:
     def _admit(self) -> bool:
         """Drop cancelled streams' rows, fill free rows from the queue, wait while nothing runs;
         False to stop."""
-        updates = []
+        wake: list[asyncio.Future] = []
         with self._cv:
             while True:
                 if self._stopping:
@@ -341,7 +367,7 @@ class Engine:
                     opt = s.job.options
                     if opt.max_tokens == 0:
                         self._held -= 1
-                        updates.append((s.job, s.index, "", "length"))
+                        _end(s.job, s.index, "length", wake)
                         continue
                     s.row = self.batch.add_row(s.ids, opt.temperature, opt.top_k, opt.top_p, s.rng)
                     self._row_stream[s.row] = s
@@ -351,11 +377,10 @@ class Engine:
                     self._running += 1
                 if self._running:
                     break
-                if updates:
-                    self._post(updates)
-                    updates = []
+                self._wake(wake)
+                wake = []
                 self._cv.wait()
-        self._post(updates)
+        self._wake(wake)
         return True
 
     def _free_row(self, s: Stream) -> None:
@@ -376,13 +401,15 @@ class Engine:
         return max(n, 1)
 
     def _step(self) -> None:
-        """One character for every running stream; hand their text to the event loop. Per-stream
-        Python only for streams with stop strings and those that end: the decode thread's share of
-        the GIL stays small."""
+        """n characters for every running stream, appended to their jobs' pieces; one wake-up of the
+        event loop for the responses that wait for them. Per-stream Python is one append (and the
+        stop strings of the streams that have some): the decode thread's share of the GIL stays small."""
         n = self._chunk()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         rows, tokens = self.batch.step(n)  # the GIL is released while it runs
         t1 = time.perf_counter()
+        c1 = time.thread_time()
         self.step_seconds += t1 - t0
         self._per_char = (t1 - t0) / n
         left = self._left
@@ -390,9 +417,10 @@ class Engine:
         pieces = self._chars[tokens].tolist() if n == 1 else ["".join(x) for x in self._chars[tokens].tolist()]
         row_list = rows.tolist()
         ends: dict[int, str] = {}  # position in rows -> finish_reason
+        wake: list[asyncio.Future] = []
         with self._cv:
             self.steps += 1
-            self.chars += rows.size
+            self.chars += rows.size * n
             streams = [self._row_stream[r] for r in row_list]
             if self._scanning:
                 for i, row in enumerate(row_list):
@@ -410,8 +438,20 @@ class Engine:
                 self._free_row(s)
                 if not s.job.cancelled:  # a cancelled job's streams left the count when it was cancelled
                     self._held -= 1
-        self._post([(streams, pieces, ends)])
+        for s, text in zip(streams, pieces, strict=True):
+            job = s.job
+            if text:
+                job.pieces[s.index].append(text)
+            waiter = job.waiter  # read once: the event loop may clear it meanwhile
+            if waiter is not None and job.want_text:
+                wake.append(waiter)
+        for i, reason in ends.items():
+            _end(streams[i].job, streams[i].index, reason, wake)
+        self._wake(wake)
         self.loop_seconds += time.perf_counter() - t1
+        c2 = time.thread_time()
+        self.decode_cpu_seconds += c2 - c0
+        self.python_cpu_seconds += c2 - c1
 
     def _end_all(self, message: str) -> None:
         with self._cv:
@@ -423,40 +463,71 @@ class Engine:
                 self._free_row(s)
             self._held = 0
         for job in jobs.values():
-            job.loop.call_soon_threadsafe(_fail, job, message)
-
-    def _post(self, updates: list) -> None:
-        """Hand updates to the event loop: (job, choice, text, finish) tuples, or (streams, texts,
-        {position: finish}) for a step."""
-        if updates:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                self.loop.call_soon_threadsafe(_deliver, updates)
+                job.loop.call_soon_threadsafe(_fail, job, message)
+
+    def _wake(self, futures: list[asyncio.Future]) -> None:
+        """Resolve the responses' waits on the event loop: one call for all of them."""
+        if futures:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                self.loop.call_soon_threadsafe(_resolve_all, futures)
 
 
-def _deliver(updates: list) -> None:
-    """Event loop: append each update's text to its job and wake the job's response."""
-    for update in updates:
-        if len(update) == 3:
-            streams, texts, ends = update
-            for i, (s, text) in enumerate(zip(streams, texts, strict=True)):
-                _deliver_one(s.job, s.index, text, ends.get(i))
-        else:
-            _deliver_one(*update)
+def _end(job: Job, index: int, reason: str, wake: list) -> None:
+    """Decode thread: choice index of job ended (after its last text was appended); wake its response."""
+    job.finish[index] = reason
+    waiter = job.waiter  # read once: the event loop may clear it meanwhile
+    if waiter is not None:
+        wake.append(waiter)
 
 
-def _deliver_one(job: Job, index: int, text: str, finish: str | None) -> None:
-    if job.cancelled:
-        return
-    if text:
-        job.texts[index].append(text)
-    if finish is not None:
-        job.finish[index] = finish
-    job.changed.set()
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _resolve_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def _fail(job: Job, message: str) -> None:
     job.error = message
-    job.changed.set()
+    if job.waiter is not None:
+        _resolve(job.waiter)
+
+
+def _news(job: Job, reported: list[bool], text: bool) -> bool:
+    """An error, a choice that ended and is not reported yet, or (if text) new text."""
+    if job.error is not None or (text and job.has_text()):
+        return True
+    return any(f is not None and not r for f, r in zip(job.finish, reported, strict=True))
+
+
+async def _wait(job: Job, deadline: float, reported: list[bool]) -> None:
+    """Until job has an error or a choice ended that is not reported yet, or (from the event loop's
+    time deadline on) it has new text. The decode thread wakes this wait only for what it waits for:
+    text made before deadline is left to gather (one event carries it all)."""
+    loop = job.loop
+    while True:
+        ready = loop.time() >= deadline
+        if _news(job, reported, ready):
+            return
+        future = loop.create_future()
+        job.want_text = ready  # before waiter: a decode thread that sees the waiter sees this too
+        job.waiter = future
+        if _news(job, reported, ready):  # the decode thread may have added some just before it saw the waiter
+            job.waiter = None
+            return
+        timer = None if ready else loop.call_at(deadline, _resolve, future)
+        try:
+            await future
+        finally:
+            job.waiter = None
+            job.want_text = False
+            if timer is not None:
+                timer.cancel()
 
 
 # -- the HTTP side ---------------------------------------------------------------------------------
@@ -501,7 +572,8 @@ def build_app(engine: Engine, model_id: str):
         return HTMLResponse(html)
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", **engine.stats()})
+        # event_loop_cpu_seconds: this thread's CPU time (HTTP, JSON, the responses), beside the decode's
+        return JSONResponse({"status": "ok", **engine.stats(), "event_loop_cpu_seconds": round(time.thread_time(), 6)})
 
     async def models(request: Request):
         cfg = engine.model.cfg
@@ -562,37 +634,55 @@ def build_app(engine: Engine, model_id: str):
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
-def _choice(job: Job, i: int, text: str) -> dict:
-    return {"text": text, "index": i, "logprobs": None, "finish_reason": job.finish[i]}
+class _EventText:
+    """One choice's server-sent event, built as json.dumps({**head, "choices": [choice]}) would, with
+    the head encoded once per response: only the new text goes through the JSON encoder."""
+
+    def __init__(self, head: dict) -> None:
+        self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"text": '
+
+    def __call__(self, i: int, text: str, finish: str | None) -> str:
+        reason = "null" if finish is None else json.dumps(finish)
+        return f'{self.prefix}{json.dumps(text)}, "index": {i}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'
+
+
+def event_gap(running: int) -> float:
+    """Seconds between two events of one streamed response at `running` streams: text made meanwhile
+    is sent together (coalesced), so that the events per second, and their cost to the event loop
+    and the clients, stay bounded however fast the decode runs."""
+    return max(EVENT_GAP, running / EVENTS_PER_SECOND)
 
 
 async def _events(engine: Engine, job: Job, head: dict):
-    """Server-sent events: each choice's new text as it is made (one event per choice every EVENT_GAP,
-    longer with more streams), its finish_reason on its last event, then [DONE]. A client that
-    disconnects cancels this generator (starlette), and its streams leave the batch."""
+    """Server-sent events: each choice's text made since its last event (at most one event per choice
+    every event_gap(), and at once when a choice ends), its finish_reason on its last event, then
+    [DONE]. A client or an event loop that falls behind gets more text per event, never a backlog of
+    events. A client that disconnects cancels this generator (starlette), and its streams leave the
+    batch."""
+    event = _EventText(head)
     reported = [False] * len(job.finish)
+    loop = job.loop
+    deadline = 0.0  # the first text goes out as soon as it is made
     try:
         while True:
-            await job.changed.wait()
-            job.changed.clear()
+            await _wait(job, deadline, reported)
             if job.error is not None:
                 yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
                 return
             out = []
-            for i, pieces in enumerate(job.texts):
-                ended = job.finish[i] is not None and not reported[i]
-                if pieces or ended:
-                    text = "".join(pieces)
-                    pieces.clear()
+            for i in range(len(reported)):
+                finish = job.finish[i]  # read before the text: an ended choice's text is all in by then
+                ended = finish is not None and not reported[i]
+                text = job.take(i)
+                if text or ended:
                     reported[i] = reported[i] or ended
-                    choice = _choice(job, i, text) if ended else {**_choice(job, i, text), "finish_reason": None}
-                    out.append(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n")
-            if job.done:
+                    out.append(event(i, text, finish if ended else None))
+            if all(reported):
                 yield "".join(out) + "data: [DONE]\n\n"
                 return
             if out:
                 yield "".join(out)
-            await asyncio.sleep(EVENT_GAP + EVENT_GAP_PER_STREAM * engine.running)  # let text gather
+                deadline = loop.time() + event_gap(engine.running)  # let text gather
     finally:
         engine.cancel(job)
 
@@ -603,8 +693,7 @@ async def _whole(engine: Engine, job: Job, head: dict, request) -> object:
 
     async def finished() -> None:
         while not job.done:
-            await job.changed.wait()
-            job.changed.clear()
+            await _wait(job, math.inf, [f is not None for f in job.finish])
 
     async def gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -621,11 +710,12 @@ async def _whole(engine: Engine, job: Job, head: dict, request) -> object:
         return _error(499, "the client closed the connection", "client_closed")
     if job.error is not None:
         return _error(503, job.error, "server_error")
-    texts = ["".join(p) for p in job.texts]
+    texts = [job.take(i) for i in range(len(job.finish))]
     made = sum(len(t) for t in texts)
     prompt_chars = sum(len(p) for p in job.options.prompts)
     usage = {"prompt_tokens": prompt_chars, "completion_tokens": made, "total_tokens": prompt_chars + made}
-    return JSONResponse({**head, "choices": [_choice(job, i, t) for i, t in enumerate(texts)], "usage": usage})
+    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": job.finish[i]} for i, t in enumerate(texts)]
+    return JSONResponse({**head, "choices": choices, "usage": usage})
 
 
 def _uvicorn_server(app, host: str, port: int, log_level: str = "info"):

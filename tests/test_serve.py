@@ -56,6 +56,13 @@ def make_model(position: str = "rope", ctx: int = 12, backend: str = "auto", **s
 @contextlib.contextmanager
 def running(model: Model, **kw):
     """A server for model on a free loopback port, in a thread: yields its base URL."""
+    with running_server(model, **kw) as (base, _server):
+        yield base
+
+
+@contextlib.contextmanager
+def running_server(model: Model, **kw):
+    """running(), yielding the base URL and the uvicorn server (its .engine runs the decode)."""
     server = make_server(model, port=0, log_level="warning", **kw)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -64,7 +71,7 @@ def running(model: Model, **kw):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{bound_port(server)}"
+        yield f"http://127.0.0.1:{bound_port(server)}", server
     finally:
         server.should_exit = True
         thread.join(15)
@@ -291,6 +298,115 @@ def test_a_client_that_disconnects_frees_its_row_at_once(streamed):
         assert freed < 1.0
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "a", "max_tokens": 5, "seed": 1})
         assert r.status_code == 200
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(e[len("data: ") :]) for e in text.split("\n\n") if e.startswith("data: {")]
+
+
+def test_streamed_text_is_coalesced_and_an_end_is_sent_at_once(monkeypatch):
+    """With a 30 s gap between two events of a response, 3 streams of 300 characters each still end
+    within seconds (an ending choice wakes its response at once) in few events (text made during the
+    gap is sent together), and the events reassemble to generate's texts."""
+    from fastchar import serve
+
+    monkeypatch.setattr(serve, "EVENT_GAP", 30.0)
+    model = make_model()
+    body = {"prompt": "ab", "n": 3, "max_tokens": 300, "seed": 5, "stream": True}
+    with running(model, max_streams=4) as base:
+        t0 = time.monotonic()
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        took = time.monotonic() - t0
+    assert r.status_code == 200
+    texts, finish, done = sse(r.text)
+    assert done and texts == dict(enumerate(expected(model, body)))
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert took < 15, f"the ends waited for the event gap ({took:.1f} s)"
+    per_choice = [sum(c["index"] == i for e in _events(r.text) for c in e["choices"]) for i in range(3)]
+    assert max(per_choice) <= 3, per_choice  # the first text, and the rest with the end (one more if both raced)
+
+
+def test_64_streamed_clients_reassemble_to_generate():
+    """The benchmark's shape in small: 64 streamed clients at once on 64 rows (a full batch runs
+    several characters per call, events carry what gathered), each text equal to generate's."""
+    model = make_model()
+    bodies = [{"prompt": "ab"[: i % 3], "max_tokens": 150 + 7 * i, "seed": i, "top_p": 0.9, "stream": True}
+              for i in range(64)]  # fmt: skip
+
+    async def ask_all(base: str) -> list:
+        limits = httpx.Limits(max_connections=70, max_keepalive_connections=70)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.post(f"{base}/v1/completions", json=b) for b in bodies))
+
+    with running(model, max_streams=64) as base:
+        answers = asyncio.run(ask_all(base))
+        health = httpx.get(f"{base}/health").json()
+    events = 0
+    for body, r in zip(bodies, answers, strict=True):
+        texts, finish, done = sse(r.text)
+        assert done and texts == {0: expected(model, body)[0]} and finish == {0: "length"}, body
+        events += len(_events(r.text))
+    assert health["characters"] == sum(b["max_tokens"] for b in bodies)
+    assert events < health["characters"] / 2  # coalesced: far fewer events than characters
+
+
+def test_event_text_is_the_json_of_the_event():
+    from fastchar.serve import _EventText
+
+    head = {"id": "cmpl-x", "object": "text_completion", "created": 7, "model": 'm"\\'}
+    event = _EventText(head)
+    for i, text, finish in [(0, 'a"b\\c\n\u00e9\u2028', None), (3, "", "stop"), (1, "xyz", "length")]:
+        choice = {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+        assert event(i, text, finish) == f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+
+def test_a_slow_client_does_not_hold_up_the_others():
+    """A streamed response whose client reads nothing (a small receive buffer, soon full) keeps its
+    row and gathers its text in the server (its response waits to send), while other requests run to
+    the end with generate's texts."""
+    import socket
+
+    model = make_model()
+    with running_server(model, max_streams=3, max_queue=8) as (base, server):
+        port = int(base.rsplit(":", 1)[1])
+        slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", port))
+        try:
+            payload = json.dumps({"prompt": "ab", "max_tokens": 10_000_000 // 10, "stream": True}).encode()
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n"
+            slow.sendall(head.encode() + payload)
+            _wait_health(base, 1, 0, within=5)
+            for connection in server.server_state.connections:  # a slow link: no room to send ahead
+                connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            bodies = [{"prompt": "c", "max_tokens": 400, "seed": i, "stream": bool(i % 2)} for i in range(6)]
+
+            async def others() -> list:
+                async with httpx.AsyncClient(timeout=20) as client:
+                    return await asyncio.gather(*(client.post(f"{base}/v1/completions", json=b) for b in bodies))
+
+            t0 = time.monotonic()
+            answers = asyncio.run(others())
+            took = time.monotonic() - t0
+            for body, r in zip(bodies, answers, strict=True):
+                assert r.status_code == 200
+                got = sse(r.text)[0][0] if body["stream"] else r.json()["choices"][0]["text"]
+                assert got == expected(model, body)[0]
+            assert took < 15
+            assert httpx.get(f"{base}/health").json()["running"] == 1  # the slow stream runs on
+            (job,) = [s.job for s in server.engine._row_stream if s is not None]
+            # Once the buffers on the way are full its response cannot send: what the decode makes
+            # gathers in the job, to go out in one event later (a response that sends takes it every
+            # 20 ms or so: a few hundred characters here).
+            held = [0]
+            deadline = time.monotonic() + 30
+            while held[-1] < 5_000:
+                assert time.monotonic() < deadline, held
+                time.sleep(0.1)
+                held.append(sum(len(p) for p in job.pieces[0]))
+        finally:
+            slow.close()
+        _wait_health(base, 0, 0, within=5)  # and leaves once its client is gone
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
