@@ -372,8 +372,9 @@ def decode_state(model: Model, streams: int, window: int) -> DecodeState:
     B, S, V = streams, window, cfg.vocab_size
     plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
     size = B * cfg.n_layer * cfg.d_model * S
-    kcache = aligned_zeros(size, HUGE_PAGE).reshape(B, cfg.n_layer, cfg.d_model, S)
-    vcache = aligned_zeros(size, HUGE_PAGE).reshape(B, cfg.n_layer, cfg.n_head, S, cfg.head_size)
+    align = HUGE_PAGE if 4 * size >= HUGE_PAGE else 64  # a small cache (one stream) takes no 2 MB page
+    kcache = aligned_zeros(size, align).reshape(B, cfg.n_layer, cfg.d_model, S)
+    vcache = aligned_zeros(size, align).reshape(B, cfg.n_layer, cfg.n_head, S, cfg.head_size)
     return DecodeState(
         model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides, cfg.n_head, plan.logits,
         packed_weights(model, plan), np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
