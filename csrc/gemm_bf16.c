@@ -291,7 +291,11 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
 static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
                     const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
     int nr = choose_nr(e, N), mr = e->mr;
-    long kc_max = lmin(e->kc, K), kp_max = cdiv(kc_max, e->kstep);
+    /* Depth blocks of equal size (a multiple of 16), at most the engine's kc: K = 384 on a 256 kc
+     * was a 256 block and a 128 one, whose tiles paid their fixed costs twice as often. */
+    long kc_max = lmin(e->kc, K);
+    if (K > kc_max) kc_max = lmin(e->kc, cdiv(cdiv(K, cdiv(K, e->kc)), 16) * 16);
+    long kp_max = cdiv(kc_max, e->kstep);
     long nc_max = lmin(NC, cdiv(N, nr) * nr);
     long panels = cdiv(M, mr);
     if (nthreads > panels) nthreads = (int)panels;
@@ -323,8 +327,8 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
         word *ap = ws + b_words + (size_t)tid * a_words;
         for (long jc = 0; jc < N; jc += NC) {
             long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
-            for (long pc = 0; pc < K; pc += e->kc) {
-                long kc = lmin(e->kc, K - pc), kp = cdiv(kc, e->kstep);
+            for (long pc = 0; pc < K; pc += kc_max) {
+                long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
                 /* B panels: handed out one at a time (a thread without its core packs none), then
                  * everyone waits for them (the loop's barrier). */
 #ifdef _OPENMP
