@@ -133,8 +133,9 @@ static void FC_N(pack_a_l)(const float *src, long ld, long kc, long w, int W, wo
             return;                                                                                      \
         }                                                                                                \
         float tile[GM_MR][FC_VL * NVV];                                                                  \
-        for (int r = 0; r < GM_MR; ++r)                                                                  \
-            for (int v = 0; v < NVV; ++v) FC_N(vstore)(&tile[r][FC_VL * v], s[r][v]);                    \
+        /* unrolled like the loops above: a rolled loop here kept s on the stack in every call */      \
+        _Pragma("GCC unroll 8") for (int r = 0; r < GM_MR; ++r)                                          \
+            _Pragma("GCC unroll 3") for (int v = 0; v < NVV; ++v) FC_N(vstore)(&tile[r][FC_VL * v], s[r][v]); \
         for (int r = 0; r < m; ++r)                                                                      \
             for (int j = 0; j < n; ++j)                                                                  \
                 c[r * ldc + j] = beta != 0.0f ? tile[r][j] + beta * c[r * ldc + j] : tile[r][j];          \
