@@ -14,18 +14,12 @@
    block and reused by every row of C, so it costs little next to the products. */
 #undef GM_MR
 #undef GM_NV
-#undef GM_KC
 #if FC_VL == 8
 #define GM_MR 6
 #define GM_NV 2
-#ifndef FC_KC_AVX2
-#define FC_KC_AVX2 384
-#endif
-#define GM_KC FC_KC_AVX2
 #else
 #define GM_MR 8
 #define GM_NV 3
-#define GM_KC KC_F32
 #endif
 
 /* B, k-major source (lane l, depth k at src[k*ld + l]) -> panels [k][W] (W a multiple of FC_VL). */
@@ -157,7 +151,7 @@ GM_UKR(ukr_l3, 3, a[r * as + p])
 #undef GM_UKR
 
 static const engine FC_N(engine_f32) = {
-    1, GM_KC, GM_MR, FC_VL, GM_NV, FC_N(pack_b_k), FC_N(pack_b_l), FC_N(pack_a_k), FC_N(pack_a_l),
+    1, KC_F32, GM_MR, FC_VL, GM_NV, FC_N(pack_b_k), FC_N(pack_b_l), FC_N(pack_a_k), FC_N(pack_a_l),
     {NULL, FC_N(ukr_k1), FC_N(ukr_k2), GM_K3}, {NULL, FC_N(ukr_l1), FC_N(ukr_l2), GM_L3},
 };
 #undef GM_K3
