@@ -36,6 +36,22 @@ def test_bench_gemm_quick(capsys):
     assert "base     qkv      fwd" in capsys.readouterr().out
 
 
+def test_ab_gemm_compares_builds_and_paths(capsys):
+    """The same build twice (and on a second path where the CPU has one): one figure per build."""
+    from benchmarks import ab_gemm
+    from fastchar import _gemm, isa
+
+    if not _gemm.has_fp32():
+        pytest.skip("the generic path has no packed fp32 products to compare")
+    paths = [p for p in isa.runnable() if p != "generic"][:2]
+    builds = [f"{_gemm.__file__}@{p}" for p in paths] + [_gemm.__file__]
+    ab_gemm.main([*builds, "--models", "base", "--rounds", "1"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("base: "))
+    assert len(line.split(" GFLOP/s")[0].removeprefix("base: ").split(" | ")) == len(builds)
+    assert "qkv.fwd " in out and "lm_head.dW " in out
+
+
 def test_bench_attention_quick(capsys):
     from benchmarks import bench_attention
     from fastchar import isa
