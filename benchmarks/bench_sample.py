@@ -30,6 +30,7 @@ import dataclasses
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -70,7 +71,8 @@ def flop_per_char(cfg: ModelConfig) -> float:
 def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None) -> dict:
     """benchmarks/peak.c's fp32 and bf16 GFLOP/s on `threads` threads (on instruction set `isa`,
     "avx512" or "avx2", default the CPU's best: FASTCHAR_ISA=avx2 runs fastchar's AVX2 kernels, whose
-    limit is the AVX2 FMA peak) and its read GB/s for each buffer size; {} without gcc."""
+    limit is the AVX2 FMA peak), its read GB/s for each buffer size, and with threads > 1 a cache line's
+    round trip between two threads in ns; {} without gcc."""
     gcc = shutil.which("gcc")
     if gcc is None:
         return {}
@@ -98,22 +100,40 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
             m = re.search(r"([\d.]+) GB/s", out.stdout)
             if m:
                 limits[f"read_gbs_{mb:.2f}MB"] = float(m.group(1))
+        if threads > 1:  # what each hand-over between the threads of a one-stream step costs at least
+            out = subprocess.run([str(exe), "--latency"], capture_output=True, text=True)
+            m = re.search(r"([\d.]+) ns", out.stdout)
+            if m:
+                limits["round_trip_ns"] = float(m.group(1))
         return limits
 
 
-def time_fastchar(model: Model, tok: CharTokenizer, streams: int, n: int, top_p: float | None, repeats: int) -> float:
-    """Aggregate chars/s of `streams` streams (streams = 0: the single-prompt API), the long run (n
-    characters per stream) minus the short run (n/4)."""
-    kw = {} if streams == 0 else {"num_samples": streams}
-    short = max(n // 4, 1)
+def time_fastchar(
+    model: Model, tok: CharTokenizer, runs: list[tuple[int, int, float | None]], repeats: int
+) -> list[float]:
+    """Aggregate chars/s of each run (streams, n characters per stream, top_p; streams = 0: the
+    single-prompt API): the long run minus the short run (n/4), medians over `repeats` rounds. A
+    round times every run once, so a spell of load on the machine falls on all of them alike and
+    their ratios (1 < 8 < 64 streams) hold."""
+    longs: list[list[float]] = [[] for _ in runs]
+    shorts: list[list[float]] = [[] for _ in runs]
 
-    def run(m: int) -> None:
+    def timed(streams: int, m: int, top_p: float | None) -> float:
+        kw = {} if streams == 0 else {"num_samples": streams}
+        t0 = time.perf_counter()
         generate(model, tok, PROMPT, m, top_p=top_p, seed=0, **kw)
+        return time.perf_counter() - t0
 
-    run(short)  # warm-up: compile, caches, thread pool
-    t_long = median_time(lambda: run(n), repeats, warmup=0)
-    t_short = median_time(lambda: run(short), repeats, warmup=0)
-    return max(streams, 1) * (n - short) / max(t_long - t_short, 1e-9)
+    for streams, n, top_p in runs:
+        timed(streams, max(n // 4, 1), top_p)  # warm-up: compile, caches, thread pool
+    for _ in range(repeats):
+        for i, (streams, n, top_p) in enumerate(runs):
+            longs[i].append(timed(streams, n, top_p))
+            shorts[i].append(timed(streams, max(n // 4, 1), top_p))
+    return [
+        max(streams, 1) * (n - max(n // 4, 1)) / max(statistics.median(lo) - statistics.median(sh), 1e-9)
+        for (streams, n, _), lo, sh in zip(runs, longs, shorts, strict=True)
+    ]
 
 
 def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats: int, threads: int) -> float:
@@ -192,8 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"# limits ({pr}): peak {peak[pr] or float('nan'):.0f} GFLOP/s -> {(peak[pr] or 0) * 1e9 / flop:,.0f} "
             f"chars/s; read {bw or float('nan'):.1f} GB/s of {sizes[pr]:.2f} MB -> "
-            f"{(bw or 0) * 1e3 / sizes[pr]:,.0f} chars/s\n"
+            f"{(bw or 0) * 1e3 / sizes[pr]:,.0f} chars/s"
         )
+    if "round_trip_ns" in limits:
+        print(f"# a cache line's round trip between two threads: {limits['round_trip_ns']:.0f} ns")
+    print()
     head = f"| {'run':30} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>10} | of bandwidth | of peak |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -201,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         bw = args.bandwidth or limits.get(f"read_gbs_{sizes[precision]:.2f}MB")
         bw_chars = bw * 1e3 / sizes[precision] if bw else None
         peak_chars = peak[precision] * 1e9 / flop if peak[precision] else None
-        for name, streams, n in rows:
-            a = time_fastchar(model, tok, streams, n, None, args.repeats)
-            b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
+        runs = [(streams, n, top_p) for _, streams, n in rows for top_p in (None, 0.9)]
+        rates = time_fastchar(model, tok, runs, args.repeats)
+        for k, (name, streams, _) in enumerate(rows):
+            a, b = rates[2 * k], rates[2 * k + 1]
             f_bw = b / bw_chars if bw_chars and streams <= 1 else None  # the bound of one stream only
             f_peak = b / peak_chars if peak_chars else None
             key = name if precision == "fp32" else f"{name}, bf16"
@@ -211,6 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
             fb = f"{f_bw:12.1%}" if f_bw is not None else f"{'n/a' if streams <= 1 else '':>12}"
             fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
             print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
+        many = [rates[2 * k + 1] for k, (_, streams, _) in enumerate(rows) if streams > 0]
+        ok = all(a < b for a, b in zip(many, many[1:], strict=False))
+        res.setdefault("more_streams_faster", {})[precision] = ok
+        print(f"# {precision}, top-p 0.9: more streams, more chars/s in all (1 < 8 < 64): {'yes' if ok else 'NO'}")
     if not args.no_torch:
         model, tok = next(iter(models.values()))
         tokens = [int(t) for t in tok.encode(PROMPT)]
