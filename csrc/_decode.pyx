@@ -222,7 +222,8 @@ cdef void _stage(Net* net) noexcept nogil:
             _task(net, i)
         return
     fc_publish(net.team, net.ntask)
-    while True:
+    _task(net, 0)
+    while True:  # then any task a helper has not started
         t = fc_claim(net.team)
         if t < 0:
             break
@@ -370,6 +371,7 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     scores (nt, S), then the cos and sin rows (rope_rows, HS/2)); returns the block, which the caller frees."""
     team.next = 0
     team.limit = 0
+    team.own = 0
     team.done = 0
     team.quit = 0
     net.params, net.table, net.eps, net.inv_freq, net.scratch = params, table, eps, inv_freq, scratch

@@ -21,6 +21,7 @@ cdef extern from "fc_decode.h" nogil:
     ctypedef struct fc_team:
         long next
         long limit
+        long own
         long done
         int quit
     int fc_max_threads() noexcept
