@@ -42,7 +42,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -170,6 +170,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     if net.kind == STAGE_ATTENTION:
         if h1 <= h0:
             return
+        fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
         j0 = h0 * (C // net.n_head)
         j1 = h1 * (C // net.n_head)
         for part in range(3):
@@ -193,6 +194,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     j1 = _split(Nd, i + 1, net.ntask)
     if j1 <= j0:
         return
+    fc_prefetch(net.xin, M * net.Kd * sizeof(float))  # written by the other threads' tasks just before
     _product(net, i, y, net.xin, net.w, net.wp, M, net.Kd, Nd, j0, j1)
     if net.post == POST_RESIDUAL:
         for m in range(M):
@@ -231,6 +233,8 @@ cdef void _stage(Net* net) noexcept nogil:
         fc_finish(net.team)
     if fc_wait_done(net.team, SLOW_WAIT):
         net.solo = True
+    if net.kind != STAGE_SAMPLE:
+        fc_prefetch(net.y, net.M * (net.C if net.kind == STAGE_ATTENTION else net.Nd) * sizeof(float))
 
 
 cdef void _helper(Net* net) noexcept nogil:
