@@ -71,6 +71,53 @@ cdef int MAX_SOLO_CALLS = 1024
 cdef int _solo_left = 0
 cdef int _solo_next = SOLO_CALLS
 
+# A call of one running row (one stream) picks a team or one thread by measurement. The team meets at
+# about 16 hand-overs a character, each costing a few cache-line round trips between the cores, and on
+# a virtual machine that round trip depends on where the host runs the two virtual CPUs (70 ns and
+# 230 ns on one 2-core guest, an hour apart): at the long one, two threads made a base-model
+# character no faster than one, and a 64-wide model's 40 % slower. So after every PROBE_CALLS one-row
+# calls that only draw (no prompt), the next PROBE_LEN run on the other count, and the count with the
+# fewer seconds a character (the better of its last two calls) is kept; both give the same characters.
+cdef int PROBE_CALLS = 32
+cdef int PROBE_LEN = 2
+cdef double _per_char[2][2]  # seconds a character of the last two timed calls on one thread [0], a team [1]
+cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
+cdef bint _one_thread = False
+cdef bint _fixed = False  # set_one_row_threads: no probes
+
+
+cdef double _best(int team) noexcept nogil:
+    cdef double a = _per_char[team][0], b = _per_char[team][1]
+    return a if b == 0.0 or (a > 0.0 and a < b) else b
+
+
+def one_row_threads() -> tuple:
+    """(threads a one-row call runs on now: 1, or 0 for the team of fastchar.set_threads; seconds a
+    character on one thread and on the team, the better of the last two calls each, 0.0 if none)."""
+    return (1 if _one_thread else 0, _best(0), _best(1))
+
+
+def set_one_row_threads(one: object = None) -> None:
+    """One-row calls on one thread (True) or on the team (False) from now on, without probes; None:
+    forget the measurements, start on the team and choose by measurement again (the default)."""
+    global _probe_left, _one_thread, _fixed
+    for i in range(2):
+        _per_char[i][0] = _per_char[i][1] = 0.0
+    _probe_left = 2
+    _one_thread = bool(one)
+    _fixed = one is not None
+
+
+def _timed_call(bint team, double per_char, bint probe) -> None:
+    """What a timed one-row call reports (for tests of the choice)."""
+    _chose(team, per_char, probe)
+
+
+def _probing() -> bool:
+    """Whether the next timed one-row call is a probe."""
+    return not _fixed and _probe_left <= 0
+
+
 # What a stage's tasks do
 cdef enum:
     STAGE_MATMUL = 0  # a column slice of a product, then the row's post-op on that slice
@@ -714,6 +761,17 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         masks = np.asarray(active, np.int32).reshape(1, B).copy()
 
     nt = _team_size(C)
+    cdef Py_ssize_t running = 0
+    for b in range(B):
+        running += active[b] != 0
+    cdef bint one_row = nt > 1 and running == 1
+    cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
+    cdef bint probe = timed and not _fixed and _probe_left <= 0
+    if probe and _probe_left == 0:  # a probe starts: the other count's old times are stale
+        _per_char[not _one_thread][0] = _per_char[not _one_thread][1] = 0.0
+    cdef double t_call = fc_now()
+    if one_row and _one_thread != probe:  # one thread: the choice, or the probe of a team that is not
+        nt = 1
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)
@@ -768,6 +826,20 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
             _run_batch(jp)
     free(block)
     _after_call(net.solo, nt, job.t_end)
+    if timed and not net.solo:  # (a call that went solo half way measured neither)
+        _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
+
+
+cdef void _chose(bint team, double per_char, bint probe):
+    """After a timed one-row call: keep its time per character; at the end of a probe keep the faster count."""
+    global _probe_left, _one_thread
+    _per_char[team][1] = _per_char[team][0]
+    _per_char[team][0] = per_char
+    _probe_left -= 1
+    if probe and _probe_left <= -PROBE_LEN:
+        if _best(0) > 0.0 and _best(1) > 0.0:
+            _one_thread = _best(0) < _best(1)
+        _probe_left = PROBE_CALLS
 
 
 cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,
