@@ -78,8 +78,12 @@ cdef int _solo_next = SOLO_CALLS
 # character no faster than one, and a 64-wide model's 40 % slower. So after every PROBE_CALLS one-row
 # calls that only draw (no prompt), the next PROBE_LEN run on the other count, and the count with the
 # fewer seconds a character (the better of its last two calls) is kept; both give the same characters.
+# A probe that keeps the count doubles the calls to the next (up to MAX_PROBE_CALLS): a probe of the
+# slower count costs its share of the calls.
 cdef int PROBE_CALLS = 32
+cdef int MAX_PROBE_CALLS = 1024
 cdef int PROBE_LEN = 2
+cdef int _probe_every = PROBE_CALLS
 cdef double _per_char[2][2]  # seconds a character of the last two timed calls on one thread [0], a team [1]
 cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
@@ -100,10 +104,11 @@ def one_row_threads() -> tuple:
 def set_one_row_threads(one: object = None) -> None:
     """One-row calls on one thread (True) or on the team (False) from now on, without probes; None:
     forget the measurements, start on the team and choose by measurement again (the default)."""
-    global _probe_left, _one_thread, _fixed
+    global _probe_left, _one_thread, _fixed, _probe_every
     for i in range(2):
         _per_char[i][0] = _per_char[i][1] = 0.0
     _probe_left = 2
+    _probe_every = PROBE_CALLS
     _one_thread = bool(one)
     _fixed = one is not None
 
@@ -832,14 +837,17 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
 
 cdef void _chose(bint team, double per_char, bint probe):
     """After a timed one-row call: keep its time per character; at the end of a probe keep the faster count."""
-    global _probe_left, _one_thread
+    global _probe_left, _one_thread, _probe_every
+    cdef bint one
     _per_char[team][1] = _per_char[team][0]
     _per_char[team][0] = per_char
     _probe_left -= 1
     if probe and _probe_left <= -PROBE_LEN:
         if _best(0) > 0.0 and _best(1) > 0.0:
-            _one_thread = _best(0) < _best(1)
-        _probe_left = PROBE_CALLS
+            one = _best(0) < _best(1)
+            _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
+            _one_thread = one
+        _probe_left = _probe_every
 
 
 cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,

@@ -156,6 +156,17 @@ def test_one_row_calls_keep_the_faster_thread_count():
         cydecode._timed_call(True, 3e-6, True)
         cydecode._timed_call(True, 4e-6, True)  # the team now: 3 us
         assert cydecode.one_row_threads() == (0, 5e-6, 3e-6)
+        gaps = []  # probes that keep the count come twice as far apart each time
+        for _ in range(3):
+            n = 0
+            while not cydecode._probing():
+                cydecode._timed_call(True, 3e-6, False)
+                n += 1
+            gaps.append(n)
+            cydecode._timed_call(False, 6e-6, True)
+            cydecode._timed_call(False, 6e-6, True)
+            assert cydecode.one_row_threads()[0] == 0
+        assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]
     finally:
         cydecode.set_one_row_threads(None)
 
