@@ -42,7 +42,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -275,13 +275,13 @@ cdef void _stage(Net* net) noexcept nogil:
         for i in range(net.ntask):
             _task(net, i)
         return
-    fc_publish(net.team, net.ntask)
+    fc_publish(net.team, net.ntask - 1)
     _task(net, 0)
     while True:  # then any task a helper has not started
         t = fc_claim(net.team)
         if t < 0:
             break
-        _task(net, t % net.ntask)
+        _task(net, 1 + t % (net.ntask - 1))
         fc_finish(net.team)
     if fc_wait_done(net.team, SLOW_WAIT):
         net.solo = True
@@ -290,13 +290,13 @@ cdef void _stage(Net* net) noexcept nogil:
 
 
 cdef void _helper(Net* net) noexcept nogil:
-    """Every other thread: run published tasks (never a stage's first, the main thread's) until the
-    main thread is done."""
+    """Every other thread: run published tasks (a stage's first is the main thread's, never
+    published) until the main thread is done."""
     cdef long t, spins = 0
     while True:
-        t = fc_claim_helper(net.team, net.ntask)
+        t = fc_claim(net.team)
         if t >= 0:
-            _task(net, t % net.ntask)
+            _task(net, 1 + t % (net.ntask - 1))
             fc_finish(net.team)
             spins = 0
         elif fc_quitting(net.team):
@@ -427,7 +427,6 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     scores (nt, S), then the cos and sin rows (rope_rows, HS/2)); returns the block, which the caller frees."""
     team.next = 0
     team.limit = 0
-    team.own = 0
     team.done = 0
     team.quit = 0
     net.params, net.table, net.eps, net.inv_freq, net.scratch = params, table, eps, inv_freq, scratch

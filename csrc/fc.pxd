@@ -21,13 +21,11 @@ cdef extern from "fc_decode.h" nogil:
     ctypedef struct fc_team:
         long next
         long limit
-        long own
         long done
         int quit
     int fc_max_threads() noexcept
     int fc_thread_num() noexcept
     long fc_claim(fc_team* t) noexcept
-    long fc_claim_helper(fc_team* t, long ntask) noexcept
     void fc_finish(fc_team* t) noexcept
     void fc_publish(fc_team* t, long n) noexcept
     int fc_wait_done(fc_team* t, double slow) noexcept

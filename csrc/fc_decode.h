@@ -19,18 +19,17 @@ static inline int fc_max_threads(void) { return 1; }
 static inline int fc_thread_num(void) { return 0; }
 #endif
 
-/* Work sharing without barriers. The main thread publishes a stage of n tasks (tickets
-   limit..limit+n-1) and takes the first itself without claiming it (it sets next past it before
-   the new limit shows); every thread claims the other tickets until none is left; the main thread
-   then waits until all are finished. A helper that is descheduled (another process on the core)
-   just claims nothing, and the main thread runs its tasks itself: it only ever waits for a task
-   already under way. Counters on their own cache lines; the main thread's own tickets are counted
-   beside limit (its line), not in done, so that a stage moves as few lines between the cores as it
-   can: limit and next to the helper, done back. */
+/* Work sharing without barriers. A stage is n tasks: the main thread runs task 0 itself, and
+   publishes the other n - 1 as tickets (limit..limit+n-2: ticket t is task 1 + t % (n - 1)) that
+   every thread claims until none is left; the main thread then waits until all are finished. A
+   helper that is descheduled (another process on the core) just claims nothing, and the main
+   thread runs its tasks itself: it only ever waits for a task already under way. Counters on their
+   own cache lines, so that a stage moves as few lines between the cores as it can: the main thread
+   writes only limit, the claims (next) stay in the helpers' caches unless the main thread takes a
+   task, and done comes back. */
 typedef struct {
     long next __attribute__((aligned(64)));
     long limit __attribute__((aligned(64)));
-    long own; /* main thread only: the first tickets it took without claiming them */
     long done __attribute__((aligned(64)));
     int quit __attribute__((aligned(64)));
 } fc_team;
@@ -47,28 +46,10 @@ static inline long fc_claim(fc_team *t) {
         if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
     return -1;
 }
-/* A helper's claim: as fc_claim, but never the first task of a stage (ticket % ntask == 0), the
-   main thread's. So each thread works on the same share of the weights stage after stage, and
-   that share stays in its core's cache; a helper that is late still loses its task to the main
-   thread. */
-static inline long fc_claim_helper(fc_team *t, long ntask) {
-    long n = __atomic_load_n(&t->next, __ATOMIC_ACQUIRE);
-    while (n < __atomic_load_n(&t->limit, __ATOMIC_ACQUIRE)) {
-        if (n % ntask == 0) return -1;
-        if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
-    }
-    return -1;
-}
 static inline void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
-/* Main thread only, every ticket of the last stage finished: publish a stage of n tasks, whose
-   first (task 0) is the main thread's to run now. The stage's description is written before this.
-   (A helper that read next before this and limit after finds ticket % ntask == 0 and claims
-   nothing; its compare-exchange could not succeed anyway, next having moved.) */
-static inline void fc_publish(fc_team *t, long n) {
-    t->own += 1;
-    __atomic_store_n(&t->next, t->limit + 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE);
-}
+/* Main thread only, every ticket of the last stage finished: publish n tickets. The stage's
+   description is written before this. */
+static inline void fc_publish(fc_team *t, long n) { __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE); }
 static inline double fc_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -80,7 +61,7 @@ static inline int fc_wait_done(fc_team *t, double slow) {
     long spins = 0;
     double t0 = 0.0;
     int late = 0;
-    while (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) + t->own < t->limit) {
+    while (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) < t->limit) {
         if (++spins < 4096) {
             fc_pause();
             continue;
