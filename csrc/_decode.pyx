@@ -88,6 +88,7 @@ cdef double _per_char[2][2]  # seconds a character of the last two timed calls o
 cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
 cdef bint _fixed = False  # set_one_row_threads: no probes
+cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
 
 
 cdef double _best(int team) noexcept nogil:
@@ -99,6 +100,12 @@ def one_row_threads() -> tuple:
     """(threads a one-row call runs on now: 1, or 0 for the team of fastchar.set_threads; seconds a
     character on one thread and on the team, the better of the last two calls each, 0.0 if none)."""
     return (1 if _one_thread else 0, _best(0), _best(1))
+
+
+def one_row_calls() -> tuple:
+    """(one-row calls run on one thread, on a team) since the process started: the share of one
+    thread that a benchmark of one stream saw."""
+    return (_calls[0], _calls[1])
 
 
 def set_one_row_threads(one: object = None) -> None:
@@ -776,6 +783,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef double t_call = fc_now()
     if one_row and _one_thread != probe:  # one thread: the choice, or the probe of a team that is not
         nt = 1
+    if one_row:
+        _calls[nt > 1] += 1
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)

@@ -114,6 +114,7 @@ def test_bench_sample_quick(capsys):
     if "bf16" in precisions:
         assert record["chars/s"]["one stream, bf16"]["temperature"] > 0
     assert set(record["more_streams_faster"]) == set(precisions)
+    assert 0.0 <= record["chars/s"]["one stream"]["one_thread_share"] <= 1.0  # the Cython loop's choice, seen
     assert "| N = 8 streams, aggregate" in capsys.readouterr().out
 
 
