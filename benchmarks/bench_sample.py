@@ -14,7 +14,8 @@ no window refill).
 The machine's limits come from benchmarks/peak.c (compiled here with gcc -march=native, or given
 with --peak-fp32 / --peak-bf16 / --bandwidth): a one-stream step reads every product weight once
 (3.2 MB in fp32, 1.6 MB in bf16 for the base model), so its limit is the read bandwidth of a buffer
-of that size on the threads used divided by that size ("of bandwidth"); many streams do
+of that size on the threads used divided by that size ("of bandwidth": the Cython loop runs one
+stream on one thread or on all by measurement, and the row says which it mostly used); many streams do
 matrix-matrix work bound by arithmetic, so their limit is the fp32 (or bf16) FMA peak divided by
 the useful FLOP per character, 2 x product weights + 4 L C S for attention over a full cache of S
 positions ("of peak").
@@ -30,6 +31,7 @@ import dataclasses
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -70,7 +72,8 @@ def flop_per_char(cfg: ModelConfig) -> float:
 def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None) -> dict:
     """benchmarks/peak.c's fp32 and bf16 GFLOP/s on `threads` threads (on instruction set `isa`,
     "avx512" or "avx2", default the CPU's best: FASTCHAR_ISA=avx2 runs fastchar's AVX2 kernels, whose
-    limit is the AVX2 FMA peak) and its read GB/s for each buffer size; {} without gcc."""
+    limit is the AVX2 FMA peak), its read GB/s for each buffer size, and with threads > 1 a cache line's
+    round trip between two threads in ns; {} without gcc."""
     gcc = shutil.which("gcc")
     if gcc is None:
         return {}
@@ -94,26 +97,62 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
             if m and float(m.group(1)) > 0:
                 limits[key] = float(m.group(1))
         for mb in buffers_mb:
-            out = subprocess.run([str(exe), "--bandwidth", f"{mb:.3f}", str(threads)], capture_output=True, text=True)
-            m = re.search(r"([\d.]+) GB/s", out.stdout)
+            for n, suffix in ((threads, ""), (1, "_1thread")) if threads > 1 else ((threads, ""),):
+                out = subprocess.run([str(exe), "--bandwidth", f"{mb:.3f}", str(n)], capture_output=True, text=True)
+                m = re.search(r"([\d.]+) GB/s", out.stdout)
+                if m:
+                    limits[f"read_gbs_{mb:.2f}MB{suffix}"] = float(m.group(1))
+        if threads > 1:  # what each hand-over between the threads of a one-stream step costs at least
+            out = subprocess.run([str(exe), "--latency"], capture_output=True, text=True)
+            m = re.search(r"([\d.]+) ns", out.stdout)
             if m:
-                limits[f"read_gbs_{mb:.2f}MB"] = float(m.group(1))
+                limits["round_trip_ns"] = float(m.group(1))
         return limits
 
 
-def time_fastchar(model: Model, tok: CharTokenizer, streams: int, n: int, top_p: float | None, repeats: int) -> float:
-    """Aggregate chars/s of `streams` streams (streams = 0: the single-prompt API), the long run (n
-    characters per stream) minus the short run (n/4)."""
-    kw = {} if streams == 0 else {"num_samples": streams}
-    short = max(n // 4, 1)
+def one_row_calls() -> tuple[int, int]:
+    """(one-stream calls of the Cython loop run on one thread, on a team) so far; (0, 0) without it."""
+    try:
+        from fastchar import _cydecode
+    except ImportError:
+        return 0, 0
+    return _cydecode.one_row_calls()
 
-    def run(m: int) -> None:
+
+def time_fastchar(
+    model: Model, tok: CharTokenizer, runs: list[tuple[int, int, float | None]], repeats: int
+) -> tuple[list[float], list[float | None]]:
+    """Aggregate chars/s of each run (streams, n characters per stream, top_p; streams = 0: the
+    single-prompt API): the long run minus the short run (n/4), medians over `repeats` rounds. A
+    round times every run once, so a spell of load on the machine falls on all of them alike and
+    their ratios (1 < 8 < 64 streams) hold. Also each run's share of one-stream calls that the
+    Cython loop ran on one thread (it chooses by measurement; None: no such calls)."""
+    longs: list[list[float]] = [[] for _ in runs]
+    shorts: list[list[float]] = [[] for _ in runs]
+    calls = [[0, 0] for _ in runs]
+
+    def timed(i: int, streams: int, m: int, top_p: float | None) -> float:
+        kw = {} if streams == 0 else {"num_samples": streams}
+        before = one_row_calls()
+        t0 = time.perf_counter()
         generate(model, tok, PROMPT, m, top_p=top_p, seed=0, **kw)
+        dt = time.perf_counter() - t0
+        for k, (b, a) in enumerate(zip(before, one_row_calls(), strict=True)):
+            calls[i][k] += a - b
+        return dt
 
-    run(short)  # warm-up: compile, caches, thread pool
-    t_long = median_time(lambda: run(n), repeats, warmup=0)
-    t_short = median_time(lambda: run(short), repeats, warmup=0)
-    return max(streams, 1) * (n - short) / max(t_long - t_short, 1e-9)
+    for i, (streams, n, top_p) in enumerate(runs):
+        timed(i, streams, max(n // 4, 1), top_p)  # warm-up: compile, caches, thread pool
+    calls = [[0, 0] for _ in runs]
+    for _ in range(repeats):
+        for i, (streams, n, top_p) in enumerate(runs):
+            longs[i].append(timed(i, streams, n, top_p))
+            shorts[i].append(timed(i, streams, max(n // 4, 1), top_p))
+    rates = [
+        max(streams, 1) * (n - max(n // 4, 1)) / max(statistics.median(lo) - statistics.median(sh), 1e-9)
+        for (streams, n, _), lo, sh in zip(runs, longs, shorts, strict=True)
+    ]
+    return rates, [c[0] / (c[0] + c[1]) if c[0] + c[1] else None for c in calls]
 
 
 def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats: int, threads: int) -> float:
@@ -189,11 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for pr in args.precision:
         bw = args.bandwidth or limits.get(f"read_gbs_{sizes[pr]:.2f}MB")
+        bw1 = limits.get(f"read_gbs_{sizes[pr]:.2f}MB_1thread")
+        if bw1:
+            print(f"# read bandwidth of {sizes[pr]:.2f} MB on one thread: {bw1:.1f} GB/s")
         print(
             f"# limits ({pr}): peak {peak[pr] or float('nan'):.0f} GFLOP/s -> {(peak[pr] or 0) * 1e9 / flop:,.0f} "
             f"chars/s; read {bw or float('nan'):.1f} GB/s of {sizes[pr]:.2f} MB -> "
-            f"{(bw or 0) * 1e3 / sizes[pr]:,.0f} chars/s\n"
+            f"{(bw or 0) * 1e3 / sizes[pr]:,.0f} chars/s"
         )
+    if "round_trip_ns" in limits:
+        print(f"# a cache line's round trip between two threads: {limits['round_trip_ns']:.0f} ns")
+    print()
     head = f"| {'run':30} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>10} | of bandwidth | of peak |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -201,16 +246,31 @@ def main(argv: list[str] | None = None) -> dict:
         bw = args.bandwidth or limits.get(f"read_gbs_{sizes[precision]:.2f}MB")
         bw_chars = bw * 1e3 / sizes[precision] if bw else None
         peak_chars = peak[precision] * 1e9 / flop if peak[precision] else None
-        for name, streams, n in rows:
-            a = time_fastchar(model, tok, streams, n, None, args.repeats)
-            b = time_fastchar(model, tok, streams, n, 0.9, args.repeats)
+        runs = [(streams, n, top_p) for _, streams, n in rows for top_p in (None, 0.9)]
+        rates, one_thread = time_fastchar(model, tok, runs, args.repeats)
+        bw1 = args.bandwidth or limits.get(f"read_gbs_{sizes[precision]:.2f}MB_1thread")
+        for k, (name, streams, _) in enumerate(rows):
+            a, b = rates[2 * k], rates[2 * k + 1]
+            share = one_thread[2 * k + 1] if streams <= 1 else None  # of the top-p run's calls
             f_bw = b / bw_chars if bw_chars and streams <= 1 else None  # the bound of one stream only
+            f_bw1 = b / (bw1 * 1e3 / sizes[precision]) if bw1 and streams <= 1 else None
+            used = f_bw1 if share is not None and share > 0.5 and f_bw1 is not None else f_bw  # the threads used
             f_peak = b / peak_chars if peak_chars else None
             key = name if precision == "fp32" else f"{name}, bf16"
-            res["chars/s"][key] = {"temperature": a, "top_p_0.9": b, "of_bandwidth": f_bw, "of_peak": f_peak}
-            fb = f"{f_bw:12.1%}" if f_bw is not None else f"{'n/a' if streams <= 1 else '':>12}"
+            res["chars/s"][key] = {"temperature": a, "top_p_0.9": b, "of_bandwidth": used, "of_peak": f_peak,
+                                   "one_thread_share": share, "of_bandwidth_all_threads": f_bw,
+                                   "of_bandwidth_one_thread": f_bw1}  # fmt: skip
+            fb = f"{used:12.1%}" if used is not None else f"{'n/a' if streams <= 1 else '':>12}"
             fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
             print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
+            if share is not None and f_bw is not None:
+                print(f"#   ran on one thread in {share:.0%} of its calls (chosen by measurement); "
+                      f"of {threads} threads' bandwidth {f_bw:.1%}"
+                      + (f", of one thread's {f_bw1:.1%}" if f_bw1 is not None else ""))  # fmt: skip
+        many = [rates[2 * k + 1] for k, (_, streams, _) in enumerate(rows) if streams > 0]
+        ok = all(a < b for a, b in zip(many, many[1:], strict=False))
+        res.setdefault("more_streams_faster", {})[precision] = ok
+        print(f"# {precision}, top-p 0.9: more streams, more chars/s in all (1 < 8 < 64): {'yes' if ok else 'NO'}")
     if not args.no_torch:
         model, tok = next(iter(models.values()))
         tokens = [int(t) for t in tok.encode(PROMPT)]

@@ -4,6 +4,7 @@
  *   gcc -O3 -fopenmp benchmarks/peak.c -o /tmp/peak && /tmp/peak 2          # 1 and 2 threads, best ISA
  *   /tmp/peak 2 avx2                                                         # the AVX2 fp32 limit
  *   /tmp/peak --bandwidth 3.2 2      # read bandwidth of a 3.2 MB buffer on 2 threads (see read_bandwidth)
+ *   /tmp/peak --latency              # a cache line's round trip between two threads (see round_trip)
  *
  * Each thread runs 12 independent accumulator chains (enough to cover the FMA latency on two pipes)
  * for a fixed count, reported as the median of 5 repeats. An FMA is 2 FLOP per fp32 lane (32 per
@@ -135,7 +136,37 @@ static double read_bandwidth(int threads, double megabytes) {
     return (double)nvec * sizeof(bw_vec) * reps / times[2] / 1e9;
 }
 
+/* The round trip of a cache line between two threads (each writes the turn the other waits for),
+ * median of 5 runs of 100,000 round trips: what each hand-over between the threads of a one-stream
+ * decode step costs at least (it meets the other thread about 16 times a character). On a virtual
+ * machine it depends on where the host runs the two virtual CPUs (same core complex or not). */
+static double round_trip(void) {
+    static volatile long turn __attribute__((aligned(64)));
+    const long n = 100000;
+    double times[5];
+    for (int r = 0; r < 5; ++r) {
+        turn = 0;
+        double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(2)
+        {
+            long me = omp_get_thread_num();
+            if (omp_get_num_threads() == 2)
+                for (long i = 0; i < n; ++i) {
+                    while (turn != 2 * i + me) _mm_pause();
+                    turn = 2 * i + me + 1;
+                }
+        }
+        times[r] = omp_get_wtime() - t0;
+    }
+    qsort(times, 5, sizeof(double), cmp);
+    return times[2] / n * 1e9;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--latency") == 0) {
+        printf("round trip between 2 threads: %.0f ns\n", round_trip());
+        return 0;
+    }
     if (argc > 1 && strcmp(argv[1], "--bandwidth") == 0) {
         double mb = argc > 2 ? atof(argv[2]) : 3.2;
         int threads = argc > 3 ? atoi(argv[3]) : 1;

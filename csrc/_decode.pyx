@@ -42,7 +42,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_claim_helper, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -70,6 +70,65 @@ cdef int SOLO_CALLS = 16
 cdef int MAX_SOLO_CALLS = 1024
 cdef int _solo_left = 0
 cdef int _solo_next = SOLO_CALLS
+
+# A call of one running row (one stream) picks a team or one thread by measurement. The team meets at
+# about 16 hand-overs a character, each costing a few cache-line round trips between the cores, and on
+# a virtual machine that round trip depends on where the host runs the two virtual CPUs (70 ns and
+# 230 ns on one 2-core guest, an hour apart): at the long one, two threads made a base-model
+# character no faster than one, and a 64-wide model's 40 % slower. So after every PROBE_CALLS one-row
+# calls that only draw (no prompt), the next PROBE_LEN run on the other count, and the count with the
+# fewer seconds a character (the better of its last two calls) is kept; both give the same characters.
+# A probe that keeps the count doubles the calls to the next (up to MAX_PROBE_CALLS): a probe of the
+# slower count costs its share of the calls.
+cdef int PROBE_CALLS = 32
+cdef int MAX_PROBE_CALLS = 1024
+cdef int PROBE_LEN = 2
+cdef int _probe_every = PROBE_CALLS
+cdef double _per_char[2][2]  # seconds a character of the last two timed calls on one thread [0], a team [1]
+cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
+cdef bint _one_thread = False
+cdef bint _fixed = False  # set_one_row_threads: no probes
+cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
+
+
+cdef double _best(int team) noexcept nogil:
+    cdef double a = _per_char[team][0], b = _per_char[team][1]
+    return a if b == 0.0 or (a > 0.0 and a < b) else b
+
+
+def one_row_threads() -> tuple:
+    """(threads a one-row call runs on now: 1, or 0 for the team of fastchar.set_threads; seconds a
+    character on one thread and on the team, the better of the last two calls each, 0.0 if none)."""
+    return (1 if _one_thread else 0, _best(0), _best(1))
+
+
+def one_row_calls() -> tuple:
+    """(one-row calls run on one thread, on a team) since the process started: the share of one
+    thread that a benchmark of one stream saw."""
+    return (_calls[0], _calls[1])
+
+
+def set_one_row_threads(one: object = None) -> None:
+    """One-row calls on one thread (True) or on the team (False) from now on, without probes; None:
+    forget the measurements, start on the team and choose by measurement again (the default)."""
+    global _probe_left, _one_thread, _fixed, _probe_every
+    for i in range(2):
+        _per_char[i][0] = _per_char[i][1] = 0.0
+    _probe_left = 2
+    _probe_every = PROBE_CALLS
+    _one_thread = bool(one)
+    _fixed = one is not None
+
+
+def _timed_call(bint team, double per_char, bint probe) -> None:
+    """What a timed one-row call reports (for tests of the choice)."""
+    _chose(team, per_char, probe)
+
+
+def _probing() -> bool:
+    """Whether the next timed one-row call is a probe."""
+    return not _fixed and _probe_left <= 0
+
 
 # What a stage's tasks do
 cdef enum:
@@ -170,6 +229,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     if net.kind == STAGE_ATTENTION:
         if h1 <= h0:
             return
+        fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
         j0 = h0 * (C // net.n_head)
         j1 = h1 * (C // net.n_head)
         for part in range(3):
@@ -193,6 +253,7 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     j1 = _split(Nd, i + 1, net.ntask)
     if j1 <= j0:
         return
+    fc_prefetch(net.xin, M * net.Kd * sizeof(float))  # written by the other threads' tasks just before
     _product(net, i, y, net.xin, net.w, net.wp, M, net.Kd, Nd, j0, j1)
     if net.post == POST_RESIDUAL:
         for m in range(M):
@@ -221,25 +282,28 @@ cdef void _stage(Net* net) noexcept nogil:
         for i in range(net.ntask):
             _task(net, i)
         return
-    fc_publish(net.team, net.ntask)
-    while True:
+    fc_publish(net.team, net.ntask - 1)
+    _task(net, 0)
+    while True:  # then any task a helper has not started
         t = fc_claim(net.team)
         if t < 0:
             break
-        _task(net, t % net.ntask)
+        _task(net, 1 + t % (net.ntask - 1))
         fc_finish(net.team)
     if fc_wait_done(net.team, SLOW_WAIT):
         net.solo = True
+    if net.kind != STAGE_SAMPLE:
+        fc_prefetch(net.y, net.M * (net.C if net.kind == STAGE_ATTENTION else net.Nd) * sizeof(float))
 
 
 cdef void _helper(Net* net) noexcept nogil:
-    """Every other thread: run published tasks (never a stage's first, the main thread's) until the
-    main thread is done."""
+    """Every other thread: run published tasks (a stage's first is the main thread's, never
+    published) until the main thread is done."""
     cdef long t, spins = 0
     while True:
-        t = fc_claim_helper(net.team, net.ntask)
+        t = fc_claim(net.team)
         if t >= 0:
-            _task(net, t % net.ntask)
+            _task(net, 1 + t % (net.ntask - 1))
             fc_finish(net.team)
             spins = 0
         elif fc_quitting(net.team):
@@ -708,6 +772,19 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         masks = np.asarray(active, np.int32).reshape(1, B).copy()
 
     nt = _team_size(C)
+    cdef Py_ssize_t running = 0
+    for b in range(B):
+        running += active[b] != 0
+    cdef bint one_row = nt > 1 and running == 1
+    cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
+    cdef bint probe = timed and not _fixed and _probe_left <= 0
+    if probe and _probe_left == 0:  # a probe starts: the other count's old times are stale
+        _per_char[not _one_thread][0] = _per_char[not _one_thread][1] = 0.0
+    cdef double t_call = fc_now()
+    if one_row and _one_thread != probe:  # one thread: the choice, or the probe of a team that is not
+        nt = 1
+    if one_row:
+        _calls[nt > 1] += 1
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)
@@ -762,6 +839,23 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
             _run_batch(jp)
     free(block)
     _after_call(net.solo, nt, job.t_end)
+    if timed and not net.solo:  # (a call that went solo half way measured neither)
+        _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
+
+
+cdef void _chose(bint team, double per_char, bint probe):
+    """After a timed one-row call: keep its time per character; at the end of a probe keep the faster count."""
+    global _probe_left, _one_thread, _probe_every
+    cdef bint one
+    _per_char[team][1] = _per_char[team][0]
+    _per_char[team][0] = per_char
+    _probe_left -= 1
+    if probe and _probe_left <= -PROBE_LEN:
+        if _best(0) > 0.0 and _best(1) > 0.0:
+            one = _best(0) < _best(1)
+            _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
+            _one_thread = one
+        _probe_left = _probe_every
 
 
 cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,

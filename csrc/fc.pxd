@@ -26,11 +26,11 @@ cdef extern from "fc_decode.h" nogil:
     int fc_max_threads() noexcept
     int fc_thread_num() noexcept
     long fc_claim(fc_team* t) noexcept
-    long fc_claim_helper(fc_team* t, long ntask) noexcept
     void fc_finish(fc_team* t) noexcept
     void fc_publish(fc_team* t, long n) noexcept
     int fc_wait_done(fc_team* t, double slow) noexcept
     void fc_idle(long* spins) noexcept
+    void fc_prefetch(const void* p, size_t nbytes) noexcept
     double fc_now() noexcept
     void fc_set_quit(fc_team* t) noexcept
     int fc_quitting(fc_team* t) noexcept

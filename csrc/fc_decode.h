@@ -19,11 +19,14 @@ static inline int fc_max_threads(void) { return 1; }
 static inline int fc_thread_num(void) { return 0; }
 #endif
 
-/* Work sharing without barriers. The main thread publishes a stage of n tasks (tickets
-   limit..limit+n-1); every thread claims tickets until none is left; the main thread then waits
-   until all are finished. A helper that is descheduled (another process on the core) just claims
-   nothing, and the main thread runs its tasks itself: it only ever waits for a task already under
-   way. Counters on their own cache lines. */
+/* Work sharing without barriers. A stage is n tasks: the main thread runs task 0 itself, and
+   publishes the other n - 1 as tickets (limit..limit+n-2: ticket t is task 1 + t % (n - 1)) that
+   every thread claims until none is left; the main thread then waits until all are finished. A
+   helper that is descheduled (another process on the core) just claims nothing, and the main
+   thread runs its tasks itself: it only ever waits for a task already under way. Counters on their
+   own cache lines, so that a stage moves as few lines between the cores as it can: the main thread
+   writes only limit, the claims (next) stay in the helpers' caches unless the main thread takes a
+   task, and done comes back. */
 typedef struct {
     long next __attribute__((aligned(64)));
     long limit __attribute__((aligned(64)));
@@ -43,20 +46,9 @@ static inline long fc_claim(fc_team *t) {
         if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
     return -1;
 }
-/* A helper's claim: as fc_claim, but never the first task of a stage (ticket % ntask == 0), which
-   the main thread claims as soon as it publishes. So each thread works on the same share of the
-   weights stage after stage, and that share stays in its core's cache; a helper that is late
-   still loses its task to the main thread. */
-static inline long fc_claim_helper(fc_team *t, long ntask) {
-    long n = __atomic_load_n(&t->next, __ATOMIC_ACQUIRE);
-    while (n < __atomic_load_n(&t->limit, __ATOMIC_ACQUIRE)) {
-        if (n % ntask == 0) return -1;
-        if (__atomic_compare_exchange_n(&t->next, &n, n + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return n;
-    }
-    return -1;
-}
 static inline void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
-/* Main thread only: the stage's description is written before this. */
+/* Main thread only, every ticket of the last stage finished: publish n tickets. The stage's
+   description is written before this. */
 static inline void fc_publish(fc_team *t, long n) { __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE); }
 static inline double fc_now(void) {
     struct timespec ts;
@@ -84,6 +76,13 @@ static inline int fc_wait_done(fc_team *t, double slow) {
 static inline void fc_idle(long *spins) {
     if (++*spins < 16384) fc_pause();
     else sched_yield();
+}
+/* Ask for the lines of p[0:bytes] (at most 8 KB) at once: rows another core has just written come
+   over together, not one by one as a product's loop reaches them. */
+static inline void fc_prefetch(const void *p, size_t bytes) {
+    const char *c = (const char *)p;
+    if (bytes > 8192) bytes = 8192;
+    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 static inline void fc_set_quit(fc_team *t) { __atomic_store_n(&t->quit, 1, __ATOMIC_RELEASE); }
 static inline int fc_quitting(fc_team *t) { return __atomic_load_n(&t->quit, __ATOMIC_ACQUIRE); }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from benchmarks import bench_kernels, bench_train
@@ -127,6 +129,8 @@ def test_bench_sample_quick(capsys):
     assert record["chars/s"]["N = 64 streams, aggregate"]["top_p_0.9"] > 0
     if "bf16" in precisions:
         assert record["chars/s"]["one stream, bf16"]["temperature"] > 0
+    assert set(record["more_streams_faster"]) == set(precisions)
+    assert 0.0 <= record["chars/s"]["one stream"]["one_thread_share"] <= 1.0  # the Cython loop's choice, seen
     assert "| N = 8 streams, aggregate" in capsys.readouterr().out
 
 
@@ -138,3 +142,14 @@ def test_bench_contention_runs_the_trainer_beside_a_busy_loop(capsys):
     assert [row[1] for row in rows] == [0, 1]
     assert all(float(row[3].replace(",", "")) > 0 for row in rows)
     assert "| generic | 1 | chooser |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # compiles and runs benchmarks/peak.c
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="benchmarks/peak.c needs gcc")
+def test_machine_limits_measure_peak_bandwidth_and_round_trip():
+    from benchmarks.bench_sample import machine_limits
+
+    limits = machine_limits(2, [0.5])
+    assert limits["fp32_gflops"] > 1
+    assert limits["read_gbs_0.50MB"] > 0.1
+    assert 1 < limits["round_trip_ns"] < 1e6

@@ -139,6 +139,54 @@ def test_one_stream_is_the_batch_of_one_row_and_the_state_is_checked():
         cydecode.generate_batch(bad, out, u[:1], True, no_logits)
 
 
+def test_one_row_calls_keep_the_faster_thread_count():
+    """The choice between a team and one thread for one stream: two calls on the kept count, then a
+    probe of two calls on the other; the faster per character (the better of the two) is kept."""
+    cydecode.set_one_row_threads(None)
+    try:
+        for _ in range(2):
+            assert not cydecode._probing()
+            cydecode._timed_call(True, 10e-6, False)  # the team: 10 us a character
+        assert cydecode._probing()
+        cydecode._timed_call(False, 7e-6, True)
+        cydecode._timed_call(False, 5e-6, True)  # one thread: 5 us
+        assert cydecode.one_row_threads() == (1, 5e-6, 10e-6)
+        while not cydecode._probing():
+            cydecode._timed_call(False, 5e-6, False)
+        cydecode._timed_call(True, 3e-6, True)
+        cydecode._timed_call(True, 4e-6, True)  # the team now: 3 us
+        assert cydecode.one_row_threads() == (0, 5e-6, 3e-6)
+        gaps = []  # probes that keep the count come twice as far apart each time
+        for _ in range(3):
+            n = 0
+            while not cydecode._probing():
+                cydecode._timed_call(True, 3e-6, False)
+                n += 1
+            gaps.append(n)
+            cydecode._timed_call(False, 6e-6, True)
+            cydecode._timed_call(False, 6e-6, True)
+            assert cydecode.one_row_threads()[0] == 0
+        assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]
+    finally:
+        cydecode.set_one_row_threads(None)
+
+
+def test_one_stream_text_is_the_same_on_one_thread_and_on_the_team():
+    model = make_model("rope", ctx=16)
+    set_threads(2)
+    texts = {}
+    try:
+        for one in (True, False):
+            cydecode.set_one_row_threads(one)
+            texts[one] = generate(model, TOK, "ab", 400, top_p=0.9, seed=3)
+            _, on_one, on_team = cydecode.one_row_threads()
+            assert (on_team if one else on_one) == 0.0  # every timed call ran on the count chosen
+    finally:
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
+    assert texts[True] == texts[False]
+
+
 @pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
 def test_bf16_model_decodes_with_bf16_products_batch_independent():
     model = make_model("rope", precision="bf16")
