@@ -47,6 +47,11 @@ EXTENSIONS = [
     # packed bf16/fp32 products and attention, compiled per instruction-set path (csrc/fc_each_isa.h)
     ("fastchar._gemm", ["csrc/_gemm.pyx", "csrc/gemm_bf16.c", "csrc/attention.c", "csrc/fc_isa.c"]),
 ]
+# x86-64: the Cython kernels once more, compiled with AVX2 + FMA (imported on the avx2 and avx512 paths
+# only, see fastchar/backends/cython_cpu.py); ISA_FLAGS names each such module's extra flags.
+ISA_FLAGS = {"fastchar._cykernels_avx2": ["-mavx2", "-mfma"]}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    EXTENSIONS.append(("fastchar._cykernels_avx2", ["csrc/_kernels_avx2.pyx"]))
 INCLUDE_DIRS = ["csrc"]
 BUILD_INFO = "_build_info.json"  # written into the fastchar package, next to the extensions
 
@@ -245,7 +250,9 @@ class BuildExt(build_ext):
             self.force = True
         for ext in self.extensions:
             ext.optional = not _requires_cython(os.environ)
-            ext.extra_compile_args = self.flags.compile_args + list(ext.extra_compile_args)
+            # gcc and clang only (MSVC has no -mavx2): elsewhere the module is the plain kernels again
+            isa = ISA_FLAGS.get(ext.name, []) if self.flags.family != "msvc" else []
+            ext.extra_compile_args = self.flags.compile_args + isa + list(ext.extra_compile_args)
             ext.extra_link_args = self.flags.link_args + list(ext.extra_link_args)
         super().build_extensions()
 

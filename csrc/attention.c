@@ -9,8 +9,10 @@
  * Forward, per head: K is transposed once into kt (HS, Tp) scratch (Tp = T rounded up to 16,
  * zero-padded) so that a vector of scores of one query row is HS broadcast-FMAs; the row's softmax
  * runs on vectors (fc_expf lane by lane); out[t] = sum_t2 att[t, t2] v[t2] keeps HS/VL accumulators.
- * The head's value rows are packed contiguously first (T x HS): rows of qkv lie 3C floats apart
- * and, walked in order, fall into a few L1 sets and evict one another.
+ * The head's query and value rows are packed contiguously first (T x HS): rows of qkv lie 3C floats
+ * apart and, walked in order, fall into a few L1 sets and evict one another (reading the queries in
+ * place made the scores 2x slower at T = 256, HS = 16). An att of ATT_STREAM_BYTES and more is
+ * written with streaming stores (fc_simd.h's vstore_nt) where its rows are aligned to the vector.
  * Backward, per head: V is transposed the same way for dP = dy v^T; each row then gets the
  * softmax backward dS = att * (dP - sum(att * dP)) * scale and dq[t] += dS k;
  * then dK = dS^T Q and dV = P^T dY a block of VL key rows at a time (one accumulator per key),
@@ -63,6 +65,9 @@ static void pack_head(float *dst, const float *src, long ld, long T, long HS) {
 }
 
 enum { ATT_PORTABLE_T_AVX512 = 128 };
+/* att of at least this many bytes is written with streaming stores (half of a 32 MB L3: below it,
+   the backward may still find the forward's att in the caches) */
+#define ATT_STREAM_BYTES (16.0 * 1024 * 1024)
 
 #define FC_BODY "attention_body.h"
 #include "fc_each_isa.h"

@@ -12,6 +12,13 @@ FC_SIMD_INLINE vf FC_N(vload_n)(const float *p, long cnt) {
     return cnt >= FC_VL ? FC_N(vload)(p) : FC_N(vload_part)(p, cnt < 0 ? 0 : cnt);
 }
 
+/* dst[t*HS + d] = src[t*ld + d]: one head's rows packed contiguously (attention.c's pack_head), in
+   vectors: HS is a multiple of FC_VL, and a libc memcpy call per 64-byte row cost 5-10 % of a head. */
+static void FC_N(pack_rows)(float *dst, const float *src, long ld, long T, long HS) {
+    for (long t = 0; t < T; ++t)
+        for (long d = 0; d < HS; d += FC_VL) FC_N(vstore)(dst + t * HS + d, FC_N(vload)(src + t * ld + d));
+}
+
 /* Dropout on the probabilities: for the FC_VL flat indices i0 .. of att, dscale where
    fc_dropout_hash(i, key) >= thr (csrc/fc_math.h), else 0; the same mask as every backend's. */
 FC_SIMD_INLINE vf FC_N(keep_scale)(long long i0, const fc_att_dropout *drop) {
@@ -280,13 +287,17 @@ static void FC_N(add_key_block)(float *o, long ldo, const float *w, long ldw, co
    packed values (T x HS) and the scores S (T x Tp). With drop, S holds att * mask for the values
    (att keeps the probabilities before dropout; base: att's flat index of this head's [0, 0]). */
 static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T, long C, long HS, float *ws,
-                               const fc_att_dropout *drop, long long base) {
+                               const fc_att_dropout *drop, long long base, int big) {
+    /* att larger than the caches (big) is written with streaming stores where its rows allow: a
+       store that misses reads the line first, and the backward finds none of it in the caches anyway */
+    const int stream = big && T % FC_VL == 0 && (unsigned long)att % (FC_VL * sizeof(float)) == 0;
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
-    float *kt = ws, *vp = ws + HS * Tp, *S = vp + HS * Tp;
+    float *kt = ws, *vp = ws + HS * Tp, *qp = vp + HS * Tp, *S = qp + HS * Tp;
     transpose_head(kt, qkv + C, C3, T, Tp, HS);
-    pack_head(vp, qkv + 2 * C, C3, T, HS);
+    FC_N(pack_rows)(vp, qkv + 2 * C, C3, T, HS);
+    FC_N(pack_rows)(qp, qkv, C3, T, HS);
     const float scale = 1.0f / sqrtf((float)HS);
-    FC_N(scores)(S, Tp, qkv, C3, kt, Tp, T, HS, scale, -INFINITY);
+    FC_N(scores)(S, Tp, qp, HS, kt, Tp, T, HS, scale, -INFINITY);
     for (long t = 0; t < T; ++t) {
         long n = t + 1, nv = (n + FC_VL - 1) / FC_VL;
         float *s = S + t * Tp;
@@ -299,14 +310,29 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
         if (j < nv) mx = FC_N(vmax)(mx, FC_N(vload)(s + FC_VL * j));
         const vf m = FC_N(vset1)(FC_N(vhmax)(FC_N(vmax)(mx, mx2)));
         vf sum = FC_N(vzero)(), sum2 = sum;
-        for (j = 0; j < nv; ++j) {
-            vf e = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m));
+        for (j = 0; j + 1 < nv; ++j) { /* whole vectors below the diagonal: no mask */
+            vf e = FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m);
             FC_N(vstore)(s + FC_VL * j, e);
             if (j & 1) sum2 += e;
             else sum += e;
         }
+        { /* the diagonal's vector: lanes >= n are 0 */
+            vf e = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vexp)(FC_N(vload)(s + FC_VL * j) - m));
+            FC_N(vstore)(s + FC_VL * j, e);
+            sum += e;
+        }
         const vf inv = FC_N(vset1)(1.0f / FC_N(vhsum)(sum + sum2));
         float *a = att + t * T;
+        if (stream) { /* whole aligned rows, zeros above the diagonal included, past the caches */
+            for (long j = 0; j < nv; ++j) {
+                vf p = FC_N(vload)(s + FC_VL * j) * inv;
+                FC_N(vstore_nt)(a + FC_VL * j, p);
+                if (drop) p = p * FC_N(keep_scale)(base + t * T + FC_VL * j, drop);
+                FC_N(vstore)(s + FC_VL * j, p);
+            }
+            for (long j = nv; FC_VL * j < T; ++j) FC_N(vstore_nt)(a + FC_VL * j, FC_N(vzero)());
+            continue;
+        }
         for (long j = 0; j < nv; ++j) {
             vf p = FC_N(vload)(s + FC_VL * j) * inv;
             if (FC_VL * (j + 1) <= T) FC_N(vstore)(a + FC_VL * j, p);
@@ -317,6 +343,7 @@ static void FC_N(forward_head)(float *out, float *att, const float *qkv, long T,
         }
         if (FC_VL * nv < T) memset(a + FC_VL * nv, 0, (size_t)(T - FC_VL * nv) * sizeof(float));
     }
+    if (stream) FC_N(vstore_fence)();
     FC_N(weighted_all)(HS, out, C, 0, S, Tp, vp, HS, T);
 }
 
@@ -328,9 +355,9 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
     const long C3 = 3 * C, Tp = (T + 15) / 16 * 16;
     float *vt = ws, *kp = vt + HS * Tp, *qp = kp + HS * Tp, *dyp = qp + HS * Tp, *S = dyp + HS * Tp;
     transpose_head(vt, qkv + 2 * C, C3, T, Tp, HS);
-    pack_head(kp, qkv + C, C3, T, HS);
-    pack_head(qp, qkv, C3, T, HS);
-    pack_head(dyp, dout, C, T, HS);
+    FC_N(pack_rows)(kp, qkv + C, C3, T, HS);
+    FC_N(pack_rows)(qp, qkv, C3, T, HS);
+    FC_N(pack_rows)(dyp, dout, C, T, HS);
     const float scale = 1.0f / sqrtf((float)HS);
     FC_N(scores)(S, Tp, dyp, HS, vt, Tp, T, HS, 1.0f, 0.0f);
     for (long t = 0; t < T; ++t) {
@@ -342,18 +369,19 @@ static void FC_N(backward_head)(float *dqkv, const float *dout, const float *qkv
                 FC_N(vstore)(s + FC_VL * j, FC_N(vload)(s + FC_VL * j) * FC_N(keep_scale)(base + t * T + FC_VL * j, drop));
         /* sum(att * dP): four partial sums (one FMA chain ran at the FMA's latency, not its rate) */
         vf dot[4] = {FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)(), FC_N(vzero)()};
-        long j = 0;
-        for (; j + 4 <= nv; j += 4)
+        long j = 0; /* whole vectors below the diagonal (j < nv - 1) load att plainly; the last one masked */
+        for (; j + 5 <= nv; j += 4)
             for (int u = 0; u < 4; ++u)
-                dot[u] = FC_N(vfma)(dot[u], FC_N(vload_n)(a + FC_VL * (j + u), n - FC_VL * (j + u)),
-                                    FC_N(vload)(s + FC_VL * (j + u)));
-        for (; j < nv; ++j)
-            dot[0] = FC_N(vfma)(dot[0], FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j), FC_N(vload)(s + FC_VL * j));
+                dot[u] = FC_N(vfma)(dot[u], FC_N(vload)(a + FC_VL * (j + u)), FC_N(vload)(s + FC_VL * (j + u)));
+        for (; j + 1 < nv; ++j) dot[0] = FC_N(vfma)(dot[0], FC_N(vload)(a + FC_VL * j), FC_N(vload)(s + FC_VL * j));
+        const vf alast = FC_N(vand0)(FC_N(vlt)(n - FC_VL * j), FC_N(vload_n)(a + FC_VL * j, T - FC_VL * j));
+        dot[1] = FC_N(vfma)(dot[1], alast, FC_N(vload)(s + FC_VL * j));
         const vf rd = FC_N(vset1)(FC_N(vhsum)((dot[0] + dot[1]) + (dot[2] + dot[3]))), sc = FC_N(vset1)(scale);
-        for (long j = 0; j < nv; ++j) {
-            vf p = FC_N(vload_n)(a + FC_VL * j, n - FC_VL * j);
+        for (j = 0; j + 1 < nv; ++j) {
+            vf p = FC_N(vload)(a + FC_VL * j);
             FC_N(vstore)(s + FC_VL * j, p * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
         }
+        FC_N(vstore)(s + FC_VL * j, alast * (FC_N(vload)(s + FC_VL * j) - rd) * sc);
     }
     FC_N(weighted_all)(HS, dqkv, C3, !overwrite, S, Tp, kp, HS, T); /* dq += dS k */
     for (long j0 = 0; j0 < T; j0 += FC_VL) FC_N(add_key_block)(dqkv + C, C3, S, Tp, qp, j0, T, HS, overwrite); /* dk += dS^T q */
@@ -374,6 +402,7 @@ static void FC_N(attention_heads)(int backward, float *o, const float *dout, flo
                                   long T, long C, long NH, const fc_att_dropout *drop, int nthreads, int *failed,
                                   int overwrite) {
     long HS = C / NH, Tp = (T + 15) / 16 * 16;
+    const int big = (double)B * NH * T * T * sizeof(float) >= ATT_STREAM_BYTES;
     int bad = 0;
     (void)nthreads; /* without OpenMP */
 #ifdef _OPENMP
@@ -395,7 +424,7 @@ static void FC_N(attention_heads)(int backward, float *o, const float *dout, flo
                                     att + bh * T * T, T, C, HS, ws, drop, (long long)bh * T * T, overwrite);
             else
                 FC_N(forward_head)(o + b * T * C + h * HS, att + bh * T * T, qkv + b * T * 3 * C + h * HS, T, C, HS, ws,
-                                   drop, (long long)bh * T * T);
+                                   drop, (long long)bh * T * T, big);
         }
     }
     *failed = bad;

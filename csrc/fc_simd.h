@@ -7,6 +7,8 @@
    vfma(acc, a, b) acc + a * b, one fused multiply-add (GCC and clang contract it where FMA exists)
    vmax(a, b), vsel(mask, a, b) (mask lanes all ones: a, else b), vand0(mask, a) (a or 0.0f)
    vlanes()        (0, 1, .., FC_VL-1) as vi; vlt(n) the mask of lanes < n
+   vstore_nt(p, v) a streaming store, past the caches (p aligned to the vector; NEON: vstore),
+   vstore_fence()  after a kernel's last vstore_nt (other threads read what they wrote)
    vexp(x)         exp(x) for x <= 0 (the steps of fc_math.h's fc_expf)
    vhsum(v), vhmax(v) horizontal sum (a fixed pairwise order) and maximum */
 #undef vf
@@ -29,6 +31,9 @@ typedef unsigned int vu __attribute__((vector_size(FC_VL * 4), aligned(4)));
 #endif
 
 #define FC_SIMD_INLINE static inline __attribute__((always_inline))
+#ifdef FC_BUILD_X86
+#include <immintrin.h> /* vmax, vstore_nt: see there */
+#endif
 
 /* vf's alignment is 4 bytes: these are unaligned loads and stores (vmovups), which GCC keeps in
    registers; a memcpy-based load made GCC 12 bounce AVX2 vectors through the stack. */
@@ -65,7 +70,27 @@ FC_SIMD_INLINE vi FC_N(vlanes)(void) {
 FC_SIMD_INLINE vf FC_N(vfma)(vf acc, vf a, vf b) { return acc + a * b; }
 FC_SIMD_INLINE vf FC_N(vsel)(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 FC_SIMD_INLINE vf FC_N(vand0)(vi mask, vf a) { return (vf)((vi)a & mask); }
+/* x86: one vmaxps (the compare-and-blend of vsel is two instructions, and the softmax's exp runs
+   one per score); elsewhere the portable form, which the compilers turn into fmax. The intrinsics
+   name the same instruction on every x86 path, so this stays one source. */
+#if defined(FC_BUILD_X86) && FC_VL == 16
+FC_SIMD_INLINE vf FC_N(vmax)(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+FC_SIMD_INLINE void FC_N(vstore_nt)(float *p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+FC_SIMD_INLINE void FC_N(vstore_fence)(void) { _mm_sfence(); }
+#elif defined(FC_BUILD_X86) && FC_VL == 8
+/* builtins, not intrinsics: GCC refuses to inline the AVX intrinsics into the tune=haswell pass */
+FC_SIMD_INLINE vf FC_N(vmax)(vf a, vf b) { return (vf)__builtin_ia32_maxps256((__v8sf)a, (__v8sf)b); }
+#ifdef __clang__
+FC_SIMD_INLINE void FC_N(vstore_nt)(float *p, vf v) { __builtin_nontemporal_store((__v8sf)v, (__v8sf *)p); }
+#else
+FC_SIMD_INLINE void FC_N(vstore_nt)(float *p, vf v) { __builtin_ia32_movntps256(p, (__v8sf)v); }
+#endif
+FC_SIMD_INLINE void FC_N(vstore_fence)(void) { __builtin_ia32_sfence(); }
+#else
 FC_SIMD_INLINE vf FC_N(vmax)(vf a, vf b) { return FC_N(vsel)(a > b, a, b); }
+FC_SIMD_INLINE void FC_N(vstore_nt)(float *p, vf v) { FC_N(vstore)(p, v); }
+FC_SIMD_INLINE void FC_N(vstore_fence)(void) {}
+#endif
 FC_SIMD_INLINE vi FC_N(vlt)(long n) { return FC_N(vlanes)() < FC_N(viset1)((int)(n < 0 ? 0 : n > FC_VL ? FC_VL : n)); }
 /* Halving steps: fold(v, w) moves lanes w..2w-1 down to 0..w-1, so v + fold(v, w) adds lane i + w
    to lane i (the pairwise order of the scalar loop below, kept where there is no shuffle builtin). */

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,9 @@ class Model:
             raise ValueError(f"backend {self.kernels.name!r} runs float32 only; use backend='numpy'")
         self.precision = precision
         self._plan_kernels = plan_kernels(self.kernels, precision, cfg)  # checks precision here, not at step 1
+        optimizer = {k: self._plan_kernels[k][0] for k in ("grad_norm", "adamw_update") if k in self._plan_kernels}
+        if optimizer:  # the optimizer's kernels as the plan chose them (cython: AVX2 + FMA builds)
+            self.kernels = SimpleNamespace(**{**vars(self.kernels), **optimizer})
         specs = param_specs(cfg)
         self.params = Arena(specs, self.dtype)
         self.grads = Arena(specs, self.dtype)

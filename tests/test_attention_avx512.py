@@ -51,6 +51,37 @@ def test_attention_matches_reference(vector_path, rng, B, T, C, NH):
     _close(dqkv, want, "attention_backward", "dqkv")
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_streamed_att_matches_reference(vector_path, rng, offset):
+    """att of 16 MB and more (here 33.5 MB, the long shape) is written with streaming stores when its
+    rows are aligned to the vector (offset 0) and with ordinary ones otherwise (offset 1: att starts
+    one float into its buffer); both agree with the reference, on 1 and 2 threads alike."""
+    B, T, C, NH = 16, 256, 128, 8
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    buf = np.full(B * NH * T * T + 16, np.nan, np.float32)
+    start = (-buf.ctypes.data % 64) // 4 + offset
+    att = buf[start : start + B * NH * T * T].reshape(B, NH, T, T)
+    out = np.full((B, T, C), np.nan, np.float32)
+    want_out, want_att = np.zeros_like(out), np.zeros((B, NH, T, T), np.float32)
+    ref.attention_forward(want_out, want_att, qkv)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    want = np.zeros_like(qkv)
+    ref.attention_backward(want, np.zeros_like(want_att), dout, qkv, want_att)
+    got = []
+    for threads in (1, 2):
+        att[...] = np.nan
+        _gemm.attention_forward(out, att, qkv, threads)
+        _close(out, want_out, "attention_forward", "out")
+        _close(att, want_att, "attention_forward", "att")
+        assert not np.triu(att, k=1).any()
+        dqkv = np.full_like(qkv, np.nan)
+        _gemm.attention_backward(dqkv, np.empty_like(want_att), dout, qkv, att, threads, True)
+        _close(dqkv, want, "attention_backward", "dqkv")
+        got.append((out.copy(), att.copy(), dqkv))
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_threads_split_heads_without_changing_results(vector_path, rng):
     B, T, C, NH = 3, 40, 64, 4
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)

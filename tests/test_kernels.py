@@ -40,13 +40,42 @@ def copy_args(args: dict) -> dict:
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("backend_name", compiled_backends())
 def test_kernel_matches_reference(backend_name: str, kernel: str, shape: tuple) -> None:
+    check_kernel(backend_name, getattr(get_backend(backend_name), kernel), kernel, shape)
+
+
+def _avx2_kernels():
+    """fastchar._cykernels_avx2 where the avx2 or avx512 path runs and it is built (x86-64), else None."""
+    from fastchar import isa
+    from fastchar.backends.cython_cpu import isa_kernels
+
+    try:
+        module = isa_kernels(isa.selection().path)
+    except ImportError:
+        return None
+    return module if module.__name__ == "fastchar._cykernels_avx2" else None
+
+
+@pytest.mark.skipif(
+    "cython" not in compiled_backends() or _avx2_kernels() is None,
+    reason="fastchar._cykernels_avx2 runs on x86-64 CPUs with AVX2 + FMA only (and FASTCHAR_ISA above generic)",
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}C{}NH{}V{}".format(*s))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_avx2_build_of_cython_kernels_matches_reference(kernel: str, shape: tuple) -> None:
+    """The Cython kernels compiled with AVX2 + FMA (the avx2 and avx512 paths' element-wise kernels),
+    against the reference with the same tolerances."""
+    check_kernel("cython (AVX2 + FMA)", getattr(_avx2_kernels(), kernel), kernel, shape)
+
+
+def check_kernel(backend_name: str, fn, kernel: str, shape: tuple) -> None:
+    """fn (backend_name's `kernel`) against the reference at one shape: outputs, saved buffers, gradients."""
     r = np.random.default_rng(zlib.crc32(repr((kernel, shape)).encode()))
     args = make_args(kernel, shape, r)
     expected, actual = copy_args(args), copy_args(args)
     for name in SCRATCH.get(kernel, ()):  # scratch holds garbage: a kernel must write before it reads
         actual[name].fill(np.nan)
     want = getattr(ref, kernel)(*expected.values())
-    got = getattr(get_backend(backend_name), kernel)(*actual.values())
+    got = fn(*actual.values())
     rtol, atol = tol(kernel)
     if kernel == "grad_norm":
         assert got == pytest.approx(want, rel=rtol), f"{backend_name}.{kernel}: {got} != {want}"

@@ -10,6 +10,8 @@ differences where |g| is tiny, so the loss curves agree to 1e-4 relative.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from conftest import compiled_backends
@@ -58,10 +60,15 @@ CFG16 = ModelConfig(vocab_size=13, d_model=32, n_layer=2, n_head=2, ctx=21, mlp_
 def test_parity_on_every_isa_path(isa_path, cfg):
     """The cython backend on each instruction-set path (its products and attention) against the
     reference, with the tolerances above: the paths differ only in the order of fp32 sums."""
-    planned = set(Model(cfg, backend="cython", seed=0)._plan_kernels)  # the kernels fastchar._gemm supplies
+    plan = Model(cfg, backend="cython", seed=0)._plan_kernels
+    home = {name: getattr(getattr(fn, "func", fn), "__module__", "") for name, (fn, _) in plan.items()}
+    planned = {name for name, module in home.items() if module == "fastchar._gemm"}  # fastchar._gemm's kernels
     vector = isa_path != "generic"
     assert ("matmul_forward" in planned) == vector, planned
     assert ("attention_dropout_backward" in planned) == (vector and cfg.d_model // cfg.n_head == 16), planned
+    # x86-64: the element-wise kernels compiled for AVX2 + FMA on the vector paths only
+    avx2_module = vector and importlib.util.find_spec("fastchar._cykernels_avx2") is not None
+    assert (home.get("relu2_forward") == "fastchar._cykernels_avx2") == avx2_module, home
     assert_same_model_step(cfg, "cython", B=3)
 
 

@@ -12,6 +12,8 @@ calls; fastchar.threads sizes them through the hooks below and pins BLAS to one 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 try:
     from fastchar._cykernels import *  # noqa: F403  (every name of fastchar.backends.KERNELS)
     from fastchar._cykernels import openmp_enabled, openmp_max_threads, set_openmp_threads
@@ -41,7 +43,8 @@ def plan_kernels(precision: str, cfg: object) -> dict:
     AVX512_BF16; a clear ConfigError where the path lacks it. fp32: the packed fp32 products (they
     need no OpenBLAS, so OPENBLAS_CORETYPE and import order no longer matter) and the vectorised
     attention where the head size suits it; on the generic path the sgemm kernels stay.
-    FASTCHAR_GEMM=blas keeps the sgemm kernels for fp32 (for comparisons).
+    FASTCHAR_GEMM=blas keeps the sgemm kernels for fp32 (for comparisons). On the avx2 and avx512
+    paths every other kernel of the plan comes from fastchar._cykernels_avx2 (isa_kernels).
     """
     import os
 
@@ -88,16 +91,40 @@ def plan_kernels(precision: str, cfg: object) -> dict:
         for kind in ("attention", "attention_dropout"):
             for name in (kind + "_forward", kind + "_backward"):
                 kernels[name] = (getattr(_gemm, name), why)
-    return {**kernels, **_overwrite_variants(kernels)}
+    own = isa_kernels(chosen.path)
+    variants = _overwrite_variants(kernels, own)  # of fastchar._gemm's kernels and cython's element-wise ones
+    if own.__name__ != "fastchar._cykernels":
+        from fastchar.backends import KERNELS
+
+        why = f"cython's own kernel compiled for AVX2 + FMA ({own.__name__}, the {chosen.path} path)"
+        for name in KERNELS:
+            if name not in kernels and hasattr(own, name):
+                kernels[name] = (getattr(own, name), why)
+    return {**kernels, **variants}
 
 
-def _overwrite_variants(kernels: dict) -> dict:
+def isa_kernels(path: str) -> ModuleType:
+    """The module of the Cython kernels for instruction-set path `path`: fastchar._cykernels_avx2 (the
+    same source compiled with AVX2 + FMA, setup.py) on the avx2 and avx512 paths where it was built,
+    else fastchar._cykernels. Imported only there: its code would not run on a CPU without AVX2."""
+    from fastchar import _cykernels
+
+    if path not in ("avx2", "avx512"):
+        return _cykernels
+    try:
+        from fastchar import _cykernels_avx2
+    except ImportError:  # not x86-64, or its build failed: the baseline kernels
+        return _cykernels
+    return _cykernels_avx2
+
+
+def _overwrite_variants(kernels: dict, own: ModuleType) -> dict:
     """The "<kernel>@overwrite" plan entries (fastchar.graph.OVERWRITE): the backward kernels that write
     the gradients of their activation inputs instead of accumulating into them, bound where the op is
-    the first of the backward to write them, so that those slots need no zeroing (nor reading back)."""
+    the first of the backward to write them, so that those slots need no zeroing (nor reading back).
+    own: the module of the Cython kernels on this path (isa_kernels)."""
     from functools import partial
 
-    from fastchar import _cykernels
     from fastchar.graph import OVERWRITE
 
     why = "first writer of its input gradients: writes them (the model does not zero those slots)"
@@ -107,7 +134,7 @@ def _overwrite_variants(kernels: dict) -> dict:
             fn, reason = kernels[name]
             out[name + OVERWRITE] = (partial(fn, overwrite=True), f"{reason}; {why}")
     for name in ("relu2_backward", "gelu_backward", "residual_backward"):
-        out[name + OVERWRITE] = (partial(getattr(_cykernels, name), overwrite=True), f"cython's own kernel; {why}")
+        out[name + OVERWRITE] = (partial(getattr(own, name), overwrite=True), f"cython's own kernel; {why}")
     return out
 
 
