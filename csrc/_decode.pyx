@@ -292,8 +292,6 @@ cdef void _stage(Net* net) noexcept nogil:
         fc_finish(net.team)
     if fc_wait_done(net.team, SLOW_WAIT):
         net.solo = True
-    if net.kind != STAGE_SAMPLE:
-        fc_prefetch(net.y, net.M * (net.C if net.kind == STAGE_ATTENTION else net.Nd) * sizeof(float))
 
 
 cdef void _helper(Net* net) noexcept nogil:
