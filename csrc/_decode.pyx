@@ -89,6 +89,14 @@ cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
 cdef bint _fixed = False  # set_one_row_threads: no probes
 cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
+cdef long _stages_run = 0  # stages of the decode loops (see _stage), since the process started
+
+
+def stages_run() -> int:
+    """Stages the decode loops have run since the process started: a stage is one meeting of the
+    threads (a product, an attention, a fused pair of them, or the draws of many streams), run on
+    one thread or shared."""
+    return _stages_run
 
 
 cdef double _best(int team) noexcept nogil:
@@ -135,6 +143,16 @@ cdef enum:
     STAGE_MATMUL = 0  # a column slice of a product, then the row's post-op on that slice
     STAGE_ATTENTION = 1  # q, k, v of a range of heads, rope, append to the cache, attention
     STAGE_SAMPLE = 2  # draw the next token of a range of the streams (Batch.draw)
+    STAGE_ATTENTION_OUT = 3  # STAGE_ATTENTION of a part's heads, then that part's share of the out product
+    STAGE_MLP = 4  # a part's columns of the MLP's first product and activation, then its share of the second
+
+# A fused stage (STAGE_ATTENTION_OUT, STAGE_MLP) splits its second product over K in NPART fixed parts:
+# part p's task multiplies the rows it computed itself (its heads' attention, its hidden columns) by
+# the matching rows of the weights into net.part[p], and the main thread adds x2 + (part 0 + part 1)
+# after the stage. So the product and the op before it need no meeting of the threads between them
+# (8 stages a character instead of 16 at the base model), and the sum has the same order whatever the
+# thread count, the batch or the stream.
+DEF NPART = 2
 
 # Fewer streams than this draw on the main thread (a stage's handshake costs more than the draws)
 cdef Py_ssize_t SAMPLE_STAGE_ROWS = 4
@@ -163,7 +181,12 @@ cdef struct Net:
     uint32_t* xw  # (ntask, xw_stride): each task's input rows as bf16 pairs
     Py_ssize_t xw_stride
     Py_ssize_t ntask
+    Py_ssize_t nt  # tasks of the published stage: ntask, or min(ntask, NPART) for a fused one
     bint solo  # the main thread runs every task itself, publishing none (see _stage)
+    long stages  # stages run (published or solo) since _setup_net
+    bint fuse  # the model's shapes allow fused stages (see _setup_net)
+    float* part  # (NPART, rows, C): each part's share of a fused stage's second product
+    Py_ssize_t part_stride
     # the stage
     int kind
     int post
@@ -174,6 +197,11 @@ cdef struct Net:
     const float* wp  # the stage's packed weights (when net.packed)
     float* qkv
     Py_ssize_t M, Kd, Nd, n0
+    # a fused stage's second product: y2 (M, Nd2) = x2 + x (M, Kd2 = the first's output) @ w2
+    float* y2
+    const float* w2
+    const float* wp2
+    Py_ssize_t Nd2
     float* kc
     float* vc
     int64_t pos0
@@ -203,71 +231,120 @@ cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcep
 cdef inline void _product(Net* net, Py_ssize_t i, float* y, const float* x, const float* w, const float* wp,
                           Py_ssize_t M, Py_ssize_t Kd, Py_ssize_t Nd, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
     """y[:M, j0:j1] = x[:M] @ W[:, j0:j1] for task i (W (Kd, Nd): w in params, or wp packed)."""
+    _product_k(net, i, y, x, Kd, w, wp, M, Kd, 0, Kd, Nd, j0, j1)
+
+
+cdef inline void _product_k(Net* net, Py_ssize_t i, float* y, const float* x, Py_ssize_t ldx, const float* w,
+                            const float* wp, Py_ssize_t M, Py_ssize_t Kd, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t Nd,
+                            Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """y[:M, j0:j1] = x[:M, k0:k1] @ W[k0:k1, j0:j1] for task i; x row stride ldx, y's Nd."""
     if net.bf16:
-        fc_matmul_packed_bf16(y, x, <const uint32_t*>wp, M, Kd, Nd, Nd, j0, j1, net.xw + i * net.xw_stride)
+        fc_matmul_packed_bf16(y, x, ldx, <const uint32_t*>wp, M, Kd, k0, k1, Nd, j0, j1, net.xw + i * net.xw_stride)
     elif net.packed != NULL:
-        fc_matmul_packed(y, x, wp, M, Kd, Nd, Nd, j0, j1)
+        fc_matmul_packed(y, x, ldx, wp, M, Kd, k0, k1, Nd, j0, j1)
     else:
-        fc_matmul(y + j0, x, w + j0, M, Kd, j1 - j0, Nd, Nd)
+        fc_matmul(y + j0, x + k0, ldx, w + k0 * Nd + j0, M, k1 - k0, j1 - j0, Nd, Nd)
 
 
-cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
-    """Task i of the published stage: a column slice of its matrix product (and the post-op on that
-    slice), or a range of attention heads: their columns of q, k and v (so no other task's output is
-    needed), rotary positions, the keys and values into the cache, and attention. Each value is
-    computed as it would be in one piece."""
-    cdef Py_ssize_t C = net.C, S = net.S, M = net.M, Nd = net.Nd, HS = net.C // net.n_head
-    cdef Py_ssize_t j0, j1, m, j, h, part, slot
-    cdef Py_ssize_t h0 = net.n_head * i // net.ntask, h1 = net.n_head * (i + 1) // net.ntask
+cdef inline void _post(int post, float* y, const float* x2, Py_ssize_t M, Py_ssize_t Nd, Py_ssize_t j0,
+                       Py_ssize_t j1) noexcept nogil:
+    """A product's post-op on y[:M, j0:j1] (row stride Nd): + x2, relu2 or gelu."""
+    cdef Py_ssize_t m, j
     cdef float r
-    cdef float* y = net.y
-    cdef float* kc
-    cdef float* vc
-    if net.kind == STAGE_SAMPLE:
-        _sample_rows(net.job, i, net.job.ndraw * i // net.ntask, net.job.ndraw * (i + 1) // net.ntask)
-        return
-    if net.kind == STAGE_ATTENTION:
-        if h1 <= h0:
-            return
-        fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
-        j0 = h0 * (C // net.n_head)
-        j1 = h1 * (C // net.n_head)
-        for part in range(3):
-            _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
-        if net.post == POST_ROPE:
-            fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
-        if net.batch:
-            fc_attention_rows(y, net.qkv, net.kall, net.vall, net.rstream, net.rslot, net.rn, net.L, net.layer, M, C, S,
-                              net.n_head, h0, h1, net.scores + i * S)
-            return
-        for m in range(M):
-            slot = (net.pos0 + m) % S
-            for j in range(j0, j1):
-                net.kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-            for h in range(h0, h1):
-                for j in range(HS):
-                    net.vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
-        fc_attention(y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
-        return
-    j0 = _split(Nd, i, net.ntask)
-    j1 = _split(Nd, i + 1, net.ntask)
-    if j1 <= j0:
-        return
-    fc_prefetch(net.xin, M * net.Kd * sizeof(float))  # written by the other threads' tasks just before
-    _product(net, i, y, net.xin, net.w, net.wp, M, net.Kd, Nd, j0, j1)
-    if net.post == POST_RESIDUAL:
+    if post == POST_RESIDUAL:
         for m in range(M):
             for j in range(m * Nd + j0, m * Nd + j1):
-                y[j] = net.x2[j] + y[j]
-    elif net.post == POST_RELU2:
+                y[j] = x2[j] + y[j]
+    elif post == POST_RELU2:
         for m in range(M):
             for j in range(m * Nd + j0, m * Nd + j1):
                 r = y[j] if y[j] > 0 else 0.0
                 y[j] = r * r
-    elif net.post == POST_GELU:
+    elif post == POST_GELU:
         for m in range(M):
             for j in range(m * Nd + j0, m * Nd + j1):
                 y[j] = fc_gelu(y[j])
+
+
+cdef inline void _parts_out(Net* net, Py_ssize_t i, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t p) noexcept nogil:
+    """A fused stage's part p: net.part[p] (M, Nd2) = x[:, k0:k1] @ w2[k0:k1, :], x the stage's first output."""
+    _product_k(net, i, net.part + p * net.part_stride, net.y, net.Nd, net.w2, net.wp2, net.M, net.Nd, k0, k1,
+               net.Nd2, 0, net.Nd2)
+
+
+cdef void _sum_parts(Net* net) noexcept nogil:
+    """Main thread, after a fused stage: y2 = x2 + (part 0 + part 1 + ...), in part order."""
+    cdef Py_ssize_t c, p, n = net.M * net.Nd2
+    cdef float s
+    for c in range(n):
+        s = net.part[c]
+        for p in range(1, NPART):
+            s = s + net.part[p * net.part_stride + c]
+        net.y2[c] = net.x2[c] + s
+
+
+cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept nogil:
+    """Heads h0..h1-1 of the published attention: their columns of q, k and v (so no other task's
+    output is needed), rotary positions, the keys and values into the cache, and attention."""
+    cdef Py_ssize_t C = net.C, S = net.S, M = net.M, HS = net.C // net.n_head
+    cdef Py_ssize_t j0 = h0 * HS, j1 = h1 * HS, m, j, h, part, slot
+    if h1 <= h0:
+        return
+    fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
+    for part in range(3):
+        _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
+    if net.post == POST_ROPE:
+        fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
+    if net.batch:
+        fc_attention_rows(net.y, net.qkv, net.kall, net.vall, net.rstream, net.rslot, net.rn, net.L, net.layer, M, C,
+                          S, net.n_head, h0, h1, net.scores + i * S)
+        return
+    for m in range(M):
+        slot = (net.pos0 + m) % S
+        for j in range(j0, j1):
+            net.kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
+        for h in range(h0, h1):
+            for j in range(HS):
+                net.vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
+    fc_attention(net.y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
+
+
+cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
+    """Task i of the published stage: a column slice of its matrix product (and the post-op on that
+    slice), a range of attention heads (_heads), or a range of a fused stage's parts: a part's heads
+    or hidden columns, then its share of the second product (_parts_out). Each value is computed as
+    it would be in one piece, or (a fused stage's second product) in the same NPART parts."""
+    cdef Py_ssize_t j0, j1, p, p0, p1
+    cdef Py_ssize_t HS = net.C // net.n_head
+    if net.kind == STAGE_SAMPLE:
+        _sample_rows(net.job, i, net.job.ndraw * i // net.ntask, net.job.ndraw * (i + 1) // net.ntask)
+        return
+    if net.kind == STAGE_ATTENTION:
+        _heads(net, i, net.n_head * i // net.ntask, net.n_head * (i + 1) // net.ntask)
+        return
+    if net.kind == STAGE_ATTENTION_OUT or net.kind == STAGE_MLP:
+        p0 = NPART * i // net.nt
+        p1 = NPART * (i + 1) // net.nt
+        if net.kind == STAGE_ATTENTION_OUT:
+            _heads(net, i, net.n_head * p0 // NPART, net.n_head * p1 // NPART)
+            for p in range(p0, p1):
+                _parts_out(net, i, net.n_head * p // NPART * HS, net.n_head * (p + 1) // NPART * HS, p)
+            return
+        j0 = _split(net.Nd, p0, NPART)
+        j1 = _split(net.Nd, p1, NPART)
+        fc_prefetch(net.xin, net.M * net.Kd * sizeof(float))  # written by the main thread just before
+        _product(net, i, net.y, net.xin, net.w, net.wp, net.M, net.Kd, net.Nd, j0, j1)
+        _post(net.post, net.y, NULL, net.M, net.Nd, j0, j1)
+        for p in range(p0, p1):
+            _parts_out(net, i, _split(net.Nd, p, NPART), _split(net.Nd, p + 1, NPART), p)
+        return
+    j0 = _split(net.Nd, i, net.ntask)
+    j1 = _split(net.Nd, i + 1, net.ntask)
+    if j1 <= j0:
+        return
+    fc_prefetch(net.xin, net.M * net.Kd * sizeof(float))  # written by the other threads' tasks just before
+    _product(net, i, net.y, net.xin, net.w, net.wp, net.M, net.Kd, net.Nd, j0, j1)
+    _post(net.post, net.y, net.x2, net.M, net.Nd, j0, j1)
 
 
 cdef void _stage(Net* net) noexcept nogil:
@@ -278,17 +355,18 @@ cdef void _stage(Net* net) noexcept nogil:
     """
     cdef long t
     cdef Py_ssize_t i
+    net.stages += 1
     if net.solo:
-        for i in range(net.ntask):
+        for i in range(net.nt):
             _task(net, i)
         return
-    fc_publish(net.team, net.ntask - 1)
+    fc_publish(net.team, net.nt - 1)
     _task(net, 0)
     while True:  # then any task a helper has not started
         t = fc_claim(net.team)
         if t < 0:
             break
-        _task(net, 1 + t % (net.ntask - 1))
+        _task(net, 1 + t % (net.nt - 1))
         fc_finish(net.team)
     if fc_wait_done(net.team, SLOW_WAIT):
         net.solo = True
@@ -301,7 +379,7 @@ cdef void _helper(Net* net) noexcept nogil:
     while True:
         t = fc_claim(net.team)
         if t >= 0:
-            _task(net, 1 + t % (net.ntask - 1))
+            _task(net, 1 + t % (net.nt - 1))
             fc_finish(net.team)
             spins = 0
         elif fc_quitting(net.team):
@@ -310,14 +388,35 @@ cdef void _helper(Net* net) noexcept nogil:
             fc_idle(&spins)
 
 
+cdef inline bint _fuses(Net* net, const int64_t* row, const int64_t* nxt) noexcept nogil:
+    """Whether row (an attention, or a product with an activation after it) and nxt form a fused
+    stage: nxt is a product of row's output into the residual stream (C wide), with the residual add
+    after it, over the same rows."""
+    return (net.fuse and nxt != NULL and nxt[OPC] == OP_MATMUL and nxt[POST] == POST_RESIDUAL and nxt[IN] == row[OUT]
+            and nxt[K] == (net.C if row[OPC] == OP_ATTENTION else row[N]) and nxt[N] == net.C and nxt[IN2] >= 0
+            and (net.batch or (row[ROWS] == ROWS_ALL and nxt[ROWS] == ROWS_ALL))
+            and (row[OPC] == OP_ATTENTION or row[N] >= 16 * NPART))
+
+
+cdef inline void _second(Net* net, const int64_t* nxt, Py_ssize_t r) noexcept nogil:
+    """A fused stage's second product: table row nxt (index r)."""
+    net.y2 = net.scratch + nxt[OUT]
+    net.x2 = net.scratch + nxt[IN2]
+    net.w2 = net.params + nxt[W]
+    net.wp2 = net.packed + net.poff[r] if net.packed != NULL else NULL
+    net.Nd2 = nxt[N]
+    net.nt = net.ntask if net.ntask < NPART else NPART
+
+
 cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0, Py_ssize_t M) noexcept nogil:
     """Encode tokens[:M] at positions pos0..pos0+M-1 by walking the decode table, appending their
     keys and values to the cache (which holds n0 rows before); the last row's logits (V,) land in
     the table's last output slot.
     Main thread; the helpers share the matrix products (by output columns, so each streams a share
     of the weights) and the attention heads."""
-    cdef Py_ssize_t r, m, c, Mr, Kd, Nd, S = net.S, C = net.C
+    cdef Py_ssize_t r = 0, m, c, Mr, Kd, Nd, S = net.S, C = net.C
     cdef const int64_t* row
+    cdef const int64_t* nxt
     cdef const float* xin
     cdef float* out
     cdef float* scratch = net.scratch
@@ -332,8 +431,10 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
         fc_rope_tables(net.rope_cos, net.rope_sin, net.inv_freq, net.half, pos0, M)
     net.n0 = n0
     net.pos0 = pos0
-    for r in range(net.R):
+    while r < net.R:
         row = net.table + r * NCOL
+        nxt = row + NCOL if r + 1 < net.R else NULL
+        r += 1
         Mr = M if row[ROWS] == ROWS_ALL or net.batch else 1  # a batch needs every stream's logits
         Kd = row[K]
         Nd = row[N]
@@ -347,34 +448,49 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                         v = v + net.params[row[W2] + ((net.rpos[m] if net.batch else pos0 + m)) * Nd + c]
                     out[m * Nd + c] = v
         elif row[OPC] == OP_RMSNORM:
-            fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
+            fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r - 1])
         elif row[OPC] == OP_LAYERNORM:
-            fc_layernorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r])
+            fc_layernorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r - 1])
         elif row[OPC] == OP_MATMUL_T:
             # weights stored [out, in] (a tied head reading wte): packed transposed, or dot products
             if net.packed != NULL:
-                _product(net, 0, out, xin, NULL, net.packed + net.poff[r], Mr, Kd, Nd, 0, Nd)
+                _product(net, 0, out, xin, NULL, net.packed + net.poff[r - 1], Mr, Kd, Nd, 0, Nd)
             else:
                 fc_matmul_t(out, xin, net.params + row[W], Mr, Kd, Nd, Nd)
         elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and Mr == 1:
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
-            _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r] if net.packed != NULL else NULL,
+            _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r - 1] if net.packed != NULL else NULL,
                      1, Kd, Nd, 0, Nd)  # task 0's scratch: no stage is running
         elif row[OPC] == OP_MATMUL:
             net.kind = STAGE_MATMUL
             net.y, net.xin, net.w, net.M, net.Kd, net.Nd, net.post = out, xin, net.params + row[W], Mr, Kd, Nd, row[POST]
             net.x2 = scratch + row[IN2] if row[IN2] >= 0 else NULL
-            net.wp = net.packed + net.poff[r] if net.packed != NULL else NULL
+            net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
+            net.nt = net.ntask
+            if (row[POST] == POST_RELU2 or row[POST] == POST_GELU) and _fuses(net, row, nxt):
+                net.kind = STAGE_MLP
+                _second(net, nxt, r)
+                r += 1
             _stage(net)
+            if net.kind == STAGE_MLP:
+                _sum_parts(net)
         elif row[OPC] == OP_ATTENTION:
             net.kind = STAGE_ATTENTION
             net.y, net.xin, net.w, net.M, net.post = out, xin, net.params + row[W], Mr, row[POST]
+            net.Nd = C
             net.qkv = scratch + row[IN2]
-            net.wp = net.packed + net.poff[r] if net.packed != NULL else NULL
+            net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
             net.layer = row[LAYER]
             net.kc = net.kcache + row[LAYER] * S * C
             net.vc = net.vcache + row[LAYER] * S * C
+            net.nt = net.ntask
+            if _fuses(net, row, nxt):
+                net.kind = STAGE_ATTENTION_OUT
+                _second(net, nxt, r)
+                r += 1
             _stage(net)
+            if net.kind == STAGE_ATTENTION_OUT:
+                _sum_parts(net)
         elif row[OPC] == OP_RESIDUAL:
             for c in range(Mr * Nd):
                 out[c] = xin[c] + scratch[row[IN2] + c]
@@ -429,24 +545,30 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
                        const double* inv_freq, Py_ssize_t half, float* scratch, Py_ssize_t R, Py_ssize_t S,
                        Py_ssize_t C, Py_ssize_t n_head, int nt, Py_ssize_t rope_rows) except NULL:
     """What both drivers' Net share: the model, an idle team, and the per-call scratch block (attention
-    scores (nt, S), then the cos and sin rows (rope_rows, HS/2)); returns the block, which the caller frees."""
+    scores (nt, S), the cos and sin rows (rope_rows, HS/2), then the fused stages' parts (NPART,
+    rope_rows, C)); returns the block, which the caller frees."""
     team.next = 0
     team.limit = 0
     team.done = 0
     team.quit = 0
     net.params, net.table, net.eps, net.inv_freq, net.scratch = params, table, eps, inv_freq, scratch
     net.R, net.S, net.C, net.half, net.n_head = R, S, C, half, n_head
-    cdef size_t nblock = (nt * S + 2 * rope_rows * half + 16) // 16 * 16  # whole 64-byte lines
-    cdef float* block = <float*>aligned_alloc(64, nblock * sizeof(float))
+    cdef size_t head = (nt * S + 2 * rope_rows * half + 16) // 16 * 16  # whole 64-byte lines
+    net.part_stride = (rope_rows * C + 15) // 16 * 16
+    cdef float* block = <float*>aligned_alloc(64, (head + NPART * net.part_stride) * sizeof(float))
     if block == NULL:
         raise MemoryError()
     net.scores = block
     net.rope_cos = block + nt * S
     net.rope_sin = net.rope_cos + rope_rows * half
+    net.part = block + head
+    # a fused stage's parts are whole heads and 16-column blocks (bf16 pairs, one line of y)
+    net.fuse = n_head % NPART == 0 and (C // NPART) % 16 == 0
     net.team = team
     net.ntask = nt
     net.solo = False
     net.batch = False
+    net.stages = 0
     return block
 
 
@@ -646,6 +768,7 @@ cdef void _run_group(Batch* job) noexcept nogil:
             _sample_rows(job, 0, 0, job.ndraw)
         else:
             net.kind = STAGE_SAMPLE
+            net.nt = net.ntask
             _stage(net)
         if i + 1 == N and not job.advance_last:
             break
@@ -699,6 +822,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     instead, each group on one thread with its own scratch (no handshake between the threads at
     every product: the threads take the next group as they finish one).
     """
+    global _stages_run
     cdef const float[::1] params = st.params
     cdef const int64_t[:, ::1] table = st.table
     cdef const double[::1] eps = st.eps
@@ -836,6 +960,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         with nogil:
             _run_batch(jp)
     free(block)
+    _stages_run += net.stages
     _after_call(net.solo, nt, job.t_end)
     if timed and not net.solo:  # (a call that went solo half way measured neither)
         _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
@@ -860,6 +985,7 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
                         Py_ssize_t rows_cap) except *:
     """generate_batch's groups (masks (ngroups, B)) on nt threads side by side: each thread takes the
     next group and runs all its steps alone (a Net of one task, its own scratch), as job would."""
+    global _stages_run
     import numpy as np
 
     cdef const float[::1] params = st.params
@@ -915,6 +1041,7 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
         if blocks != NULL:
             for t in range(nt):
                 free(blocks[t])
+                _stages_run += _own(own, pad, t)[0].stages if own != NULL else 0
         free(own)
         free(blocks)
 
@@ -928,27 +1055,30 @@ cdef inline (Net*, fc_team*, Batch*) _own(char* own, size_t pad, Py_ssize_t t) n
 
 
 def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w, Py_ssize_t j0, Py_ssize_t j1,
-                  str precision="fp32") -> None:
-    """y[:, j0:j1] = x @ w[:, j0:j1] through the packing and the packed product of the decode loops
-    (for the tests; the other columns of y are left alone). y (M, N), x (M, K), w (K, N) float32.
-    Needs packed_available(precision)."""
+                  str precision="fp32", Py_ssize_t k0=0, object k1=None) -> None:
+    """y[:, j0:j1] = x[:, k0:k1] @ w[k0:k1, j0:j1] through the packing (of all of w) and the packed
+    product of the decode loops (for the tests; the other columns of y are left alone). y (M, N),
+    x (M, K), w (K, N) float32; k1 None: K; bf16 needs k0 even. Needs packed_available(precision)."""
     import numpy as np
 
     cdef Py_ssize_t M = x.shape[0], Kd = x.shape[1], Nd = w.shape[1]
+    cdef Py_ssize_t kend = Kd if k1 is None else k1
     if not packed_available(precision):
         raise RuntimeError(f"no packed {precision} product on this path (the generic path has none; bf16 needs avx512)")
     if w.shape[0] != Kd or y.shape[0] != M or y.shape[1] != Nd or not 0 <= j0 <= j1 <= Nd or M == 0 or Kd == 0:
         raise ValueError("need y (M, N), x (M, K), w (K, N), 0 <= j0 <= j1 <= N, M, K > 0")
+    if not 0 <= k0 < kend <= Kd or (precision == "bf16" and k0 % 2):
+        raise ValueError("need 0 <= k0 < k1 <= K (k0 even in bf16)")
     cdef uint32_t[::1] pk
     cdef uint32_t[::1] xw = np.zeros(M * ((Kd + 1) // 2), np.uint32)
     if precision == "bf16":
         pk = np.zeros(fc_packed_size_bf16(Kd, Nd), np.uint32)
         fc_pack16_bf16(&pk[0], &w[0, 0], Kd, Nd, Nd)
-        fc_matmul_packed_bf16(&y[0, 0], &x[0, 0], &pk[0], M, Kd, Nd, Nd, j0, j1, &xw[0])
+        fc_matmul_packed_bf16(&y[0, 0], &x[0, 0], Kd, &pk[0], M, Kd, k0, kend, Nd, j0, j1, &xw[0])
     else:
         pk = np.zeros(fc_packed_size(Kd, Nd), np.uint32)
         fc_pack16(<float*>&pk[0], &w[0, 0], Kd, Nd, Nd)
-        fc_matmul_packed(&y[0, 0], &x[0, 0], <float*>&pk[0], M, Kd, Nd, Nd, j0, j1)
+        fc_matmul_packed(&y[0, 0], &x[0, 0], Kd, <float*>&pk[0], M, Kd, k0, kend, Nd, j0, j1)
 
 
 def tile_rows() -> int:

@@ -16,17 +16,17 @@
 #define DP_NP (FC_VL == 16 ? 2 : 1)
 
 #define DP_TILE(NAME, MR, NP)                                                                           \
-    static void FC_N(NAME)(float *y, ptrdiff_t ldy, const float *x, ptrdiff_t K, const float *wp, const int *lo, \
-                           const int *hi) {                                                             \
+    static void FC_N(NAME)(float *y, ptrdiff_t ldy, const float *x, ptrdiff_t ldx, ptrdiff_t K, const float *wp, \
+                           ptrdiff_t kp, const int *lo, const int *hi) {                                \
         vf acc[MR][NP * DP_PV];                                                                         \
         for (int r = 0; r < MR; r++)                                                                    \
             for (int q = 0; q < NP * DP_PV; q++) acc[r][q] = FC_N(vzero)();                             \
         for (ptrdiff_t k = 0; k < K; k++) {                                                             \
             vf w[NP * DP_PV];                                                                           \
             for (int q = 0; q < NP; q++)                                                                \
-                for (int v = 0; v < DP_PV; v++) w[q * DP_PV + v] = FC_N(vload)(wp + (q * K + k) * 16 + v * FC_VL); \
+                for (int v = 0; v < DP_PV; v++) w[q * DP_PV + v] = FC_N(vload)(wp + (q * kp + k) * 16 + v * FC_VL); \
             for (int r = 0; r < MR; r++) {                                                              \
-                const vf a = FC_N(vset1)(x[r * K + k]);                                                 \
+                const vf a = FC_N(vset1)(x[r * ldx + k]);                                               \
                 for (int q = 0; q < NP * DP_PV; q++) acc[r][q] = FC_N(vfma)(acc[r][q], a, w[q]);        \
             }                                                                                           \
         }                                                                                               \
@@ -52,12 +52,14 @@ DP_TILE(tile_one_3, 1, 3)
 DP_TILE(tile_one_2, 1, 2)
 #undef DP_TILE
 
-/* y[:M, j0:j1] = x[:M] @ w[:, j0:j1], w packed (see fc_matmul_packed in fc_decode.h). One row (a
-   single stream): 4 panels in flight hide the FMA latency; more rows: DP_NP panels per tile. */
-static void FC_N(matmul_packed)(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t ldy,
-                                ptrdiff_t j0, ptrdiff_t j1) {
-    ptrdiff_t p1 = (j1 + 15) / 16;
+/* y[:M, j0:j1] = x[:M, k0:k1] @ w[k0:k1, j0:j1], w (K, N) packed, x row stride ldx (see
+   fc_matmul_packed in fc_decode.h). One row (a single stream): 4 panels in flight hide the FMA
+   latency; more rows: DP_NP panels per tile. */
+static void FC_N(matmul_packed)(float *y, const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t M, ptrdiff_t K,
+                                ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
+    ptrdiff_t p1 = (j1 + 15) / 16, Kr = k1 - k0;
     int np = M < 4 ? 4 : DP_NP;
+    x += k0;
     for (ptrdiff_t p = j0 / 16; p < p1; p += np) {
         int n = p1 - p < np ? (int)(p1 - p) : np, lo[4], hi[4];
         for (int q = 0; q < n; q++) {
@@ -66,28 +68,30 @@ static void FC_N(matmul_packed)(float *y, const float *x, const float *wp, ptrdi
             hi[q] = j1 < c0 + 16 ? (int)(j1 - c0) : 16;
         }
         float *yp = y + p * 16;
-        const float *w = wp + p * 16 * K;
+        const float *w = wp + (p * K + k0) * 16;
+#define DP_CALL(TILE) FC_N(TILE)(yp + m * ldy, ldy, x + m * ldx, ldx, Kr, w, K, lo, hi)
         if (M < 4) {
             for (ptrdiff_t m = 0; m < M; m++) {
-                if (n == 4) FC_N(tile_one_4)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-                else if (n == 3) FC_N(tile_one_3)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-                else if (n == 2) FC_N(tile_one_2)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-                else FC_N(tile_one_1)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
+                if (n == 4) DP_CALL(tile_one_4);
+                else if (n == 3) DP_CALL(tile_one_3);
+                else if (n == 2) DP_CALL(tile_one_2);
+                else DP_CALL(tile_one_1);
             }
             continue;
         }
         ptrdiff_t m = 0;
         if (n == DP_NP) {
-            for (; m + DP_ROWS <= M; m += DP_ROWS) FC_N(tile_multi)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-            for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) FC_N(tile_half)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
+            for (; m + DP_ROWS <= M; m += DP_ROWS) DP_CALL(tile_multi);
+            for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) DP_CALL(tile_half);
             for (; m < M; m++)
-                if (DP_NP == 2) FC_N(tile_one_2)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-                else FC_N(tile_one_1)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
+                if (DP_NP == 2) DP_CALL(tile_one_2);
+                else DP_CALL(tile_one_1);
         } else { /* the ragged last panel of the two-panel tiles (AVX-512) */
-            for (; m + DP_ROWS <= M; m += DP_ROWS) FC_N(tile_multi_1)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-            for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) FC_N(tile_half_1)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
-            for (; m < M; m++) FC_N(tile_one_1)(yp + m * ldy, ldy, x + m * K, K, w, lo, hi);
+            for (; m + DP_ROWS <= M; m += DP_ROWS) DP_CALL(tile_multi_1);
+            for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) DP_CALL(tile_half_1);
+            for (; m < M; m++) DP_CALL(tile_one_1);
         }
+#undef DP_CALL
     }
 }
 

@@ -34,19 +34,20 @@ cdef extern from "fc_decode.h" nogil:
     double fc_now() noexcept
     void fc_set_quit(fc_team* t) noexcept
     int fc_quitting(fc_team* t) noexcept
-    void fc_matmul(float* y, const float* x, const float* w, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
-                   Py_ssize_t ldy, Py_ssize_t ldw) noexcept
+    void fc_matmul(float* y, const float* x, Py_ssize_t ldx, const float* w, Py_ssize_t M, Py_ssize_t K,
+                   Py_ssize_t N, Py_ssize_t ldy, Py_ssize_t ldw) noexcept
     Py_ssize_t fc_packed_size(Py_ssize_t K, Py_ssize_t N) noexcept
     void fc_pack16(float* dst, const float* w, Py_ssize_t K, Py_ssize_t N, Py_ssize_t ldw) noexcept
     int fc_packed_ok() noexcept
     int fc_decode_tile_rows() noexcept
-    void fc_matmul_packed(float* y, const float* x, const float* wp, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
-                          Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1) noexcept
+    void fc_matmul_packed(float* y, const float* x, Py_ssize_t ldx, const float* wp, Py_ssize_t M, Py_ssize_t K,
+                          Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1) noexcept
     Py_ssize_t fc_packed_size_bf16(Py_ssize_t K, Py_ssize_t N) noexcept
     void fc_pack16_bf16(uint32_t* dst, const float* w, Py_ssize_t K, Py_ssize_t N, Py_ssize_t ldw) noexcept
     int fc_packed_bf16_ok() noexcept
-    void fc_matmul_packed_bf16(float* y, const float* x, const uint32_t* wp, Py_ssize_t M, Py_ssize_t K,
-                               Py_ssize_t N, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1, uint32_t* xw) noexcept
+    void fc_matmul_packed_bf16(float* y, const float* x, Py_ssize_t ldx, const uint32_t* wp, Py_ssize_t M,
+                               Py_ssize_t K, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t ldy, Py_ssize_t j0,
+                               Py_ssize_t j1, uint32_t* xw) noexcept
     void fc_attention(float* out, const float* qkv, const float* kt, const float* vt, Py_ssize_t n0,
                       Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0,
                       Py_ssize_t h1, float* scores) noexcept

@@ -18,17 +18,17 @@
 #define FC_CLONES
 #endif
 
-/* y[:M] = x[:M] @ w; y (M, N) with row stride ldy, x (M, K), w (K, N) with row stride ldw, all
-   row-major (a column slice y[:, j0:j1] = x @ w[:, j0:j1] is y + j0, w + j0, N = j1 - j0). Four
+/* y[:M] = x[:M] @ w; y (M, N) with row stride ldy, x (M, K) with row stride ldx, w (K, N) with row
+   stride ldw, all row-major (a column slice y[:, j0:j1] = x @ w[:, j0:j1] is y + j0, w + j0, N = j1 - j0). Four
    input channels per pass over an output row; output rows in blocks of four, so each weight
    element loaded feeds four rows. Every output element is computed the same way whatever the
    slice, so splitting the columns across threads changes no value. */
-void fc_matmul(float *restrict y, const float *restrict x, const float *restrict w, ptrdiff_t M, ptrdiff_t K,
-               ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t ldw) {
+void fc_matmul(float *restrict y, const float *restrict x, ptrdiff_t ldx, const float *restrict w, ptrdiff_t M,
+               ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t ldw) {
     ptrdiff_t K4 = K - K % 4, m = 0, i, j;
     for (; m + 4 <= M; m += 4) {
         float *y0 = y + m * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy, *y3 = y2 + ldy;
-        const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        const float *x0 = x + m * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
         for (j = 0; j < N; j++) y0[j] = y1[j] = y2[j] = y3[j] = 0.0f;
         for (i = 0; i < K4; i += 4) {
             const float *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
@@ -57,7 +57,7 @@ void fc_matmul(float *restrict y, const float *restrict x, const float *restrict
     }
     for (; m < M; m++) {
         float *yr = y + m * ldy;
-        const float *xr = x + m * K;
+        const float *xr = x + m * ldx;
         for (j = 0; j < N; j++) yr[j] = 0.0f;
         for (i = 0; i < K4; i += 4) {
             const float *w0 = w + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
@@ -119,9 +119,10 @@ FC_TBF16 static inline __mmask16 lanes(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t j1) 
 int fc_packed_bf16_ok(void) { return fc_isa_bf16(); }
 
 
-/* As tile, with bf16 pairs: acc = vdpbf16ps(acc, xw[r, p], w[p, panel]) for p = 0..K2-1. */
+/* As tile, with bf16 pairs: acc = vdpbf16ps(acc, xw[r, p], w[p, panel]) for p = 0..K2-1; xw rows of K2
+   pairs, panels kp2 pairs apart. */
 FC_TBF16 static inline __attribute__((always_inline)) void tile_bf16(float *y, ptrdiff_t ldy, const uint32_t *xw,
-                                                                     ptrdiff_t K2, const uint32_t *wp,
+                                                                     ptrdiff_t K2, const uint32_t *wp, ptrdiff_t kp2,
                                                                      const __mmask16 *mask, int MR, int NP) {
     __m512 acc[8][4];
     ptrdiff_t k;
@@ -130,7 +131,7 @@ FC_TBF16 static inline __attribute__((always_inline)) void tile_bf16(float *y, p
         for (q = 0; q < NP; q++) acc[r][q] = _mm512_setzero_ps();
     for (k = 0; k < K2; k++) {
         __m512bh w[4];
-        for (q = 0; q < NP; q++) w[q] = (__m512bh)_mm512_loadu_si512(wp + (q * K2 + k) * 16);
+        for (q = 0; q < NP; q++) w[q] = (__m512bh)_mm512_loadu_si512(wp + (q * kp2 + k) * 16);
         for (r = 0; r < MR; r++) {
             __m512bh a = (__m512bh)_mm512_set1_epi32((int)xw[r * K2 + k]);
             for (q = 0; q < NP; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], a, w[q]);
@@ -141,13 +142,13 @@ FC_TBF16 static inline __attribute__((always_inline)) void tile_bf16(float *y, p
 }
 
 FC_TBF16 static inline __attribute__((always_inline)) void panels_bf16(float *y, const uint32_t *xw,
-                                                                       const uint32_t *wp, ptrdiff_t M,
+                                                                       const uint32_t *wp, ptrdiff_t kp2, ptrdiff_t M,
                                                                        ptrdiff_t K2, ptrdiff_t ldy,
                                                                        const __mmask16 *mask, int NP) {
     ptrdiff_t m = 0;
-    for (; m + 8 <= M; m += 8) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 8, NP);
-    for (; m + 4 <= M; m += 4) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 4, NP);
-    for (; m < M; m++) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, mask, 1, NP);
+    for (; m + 8 <= M; m += 8) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, kp2, mask, 8, NP);
+    for (; m + 4 <= M; m += 4) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, kp2, mask, 4, NP);
+    for (; m < M; m++) tile_bf16(y + m * ldy, ldy, xw + m * K2, K2, wp, kp2, mask, 1, NP);
 }
 
 /* xw (K2,) = x (K,) as bf16 pairs, 32 floats at a time: vcvtne2ps2bf16 rounds as bf16_bits does, and
@@ -163,29 +164,29 @@ FC_TBF16 static void to_pairs(uint32_t *xw, const float *x, ptrdiff_t K) {
     }
 }
 
-FC_TBF16 void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K,
-                                    ptrdiff_t N, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
-    ptrdiff_t p, p1 = (j1 + 15) / 16, q, m, K2 = (K + 1) / 2;
+FC_TBF16 void fc_matmul_packed_bf16(float *y, const float *x, ptrdiff_t ldx, const uint32_t *wp, ptrdiff_t M,
+                                    ptrdiff_t K, ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1,
+                                    uint32_t *xw) {
+    ptrdiff_t p, p1 = (j1 + 15) / 16, q, m, kp2 = (K + 1) / 2, K2 = (k1 - k0 + 1) / 2;
     __mmask16 mask[4];
-    (void)N;
-    for (m = 0; m < M; m++) to_pairs(xw + m * K2, x + m * K, K);
+    for (m = 0; m < M; m++) to_pairs(xw + m * K2, x + m * ldx + k0, k1 - k0);
     int np = M < 4 ? 4 : 2;
     for (p = j0 / 16; p < p1; p += np) {
         int n = p1 - p < np ? (int)(p1 - p) : np;
         for (q = 0; q < n; q++) mask[q] = lanes(p + q, j0, j1);
         float *yp = y + p * 16;
-        const uint32_t *w = wp + p * 16 * K2;
-        if (n == 4) panels_bf16(yp, xw, w, M, K2, ldy, mask, 4);
-        else if (n == 3) panels_bf16(yp, xw, w, M, K2, ldy, mask, 3);
-        else if (n == 2) panels_bf16(yp, xw, w, M, K2, ldy, mask, 2);
-        else panels_bf16(yp, xw, w, M, K2, ldy, mask, 1);
+        const uint32_t *w = wp + (p * kp2 + k0 / 2) * 16;
+        if (n == 4) panels_bf16(yp, xw, w, kp2, M, K2, ldy, mask, 4);
+        else if (n == 3) panels_bf16(yp, xw, w, kp2, M, K2, ldy, mask, 3);
+        else if (n == 2) panels_bf16(yp, xw, w, kp2, M, K2, ldy, mask, 2);
+        else panels_bf16(yp, xw, w, kp2, M, K2, ldy, mask, 1);
     }
 }
 #else
 int fc_packed_bf16_ok(void) { return 0; }
-void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
-                           ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
-    (void)y, (void)x, (void)wp, (void)M, (void)K, (void)N, (void)ldy, (void)j0, (void)j1, (void)xw;
+void fc_matmul_packed_bf16(float *y, const float *x, ptrdiff_t ldx, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K,
+                           ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw) {
+    (void)y, (void)x, (void)ldx, (void)wp, (void)M, (void)K, (void)k0, (void)k1, (void)ldy, (void)j0, (void)j1, (void)xw;
 }
 #endif
 
@@ -259,18 +260,17 @@ int fc_decode_tile_rows(void) {
     }
 }
 
-void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
-                      ptrdiff_t j0, ptrdiff_t j1) {
-    (void)N;
+void fc_matmul_packed(float *y, const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t k0,
+                      ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
-    case FC_ISA_AVX512: matmul_packed_avx512(y, x, wp, M, K, ldy, j0, j1); return;
-    case FC_ISA_AVX2: matmul_packed_avx2(y, x, wp, M, K, ldy, j0, j1); return;
+    case FC_ISA_AVX512: matmul_packed_avx512(y, x, ldx, wp, M, K, k0, k1, ldy, j0, j1); return;
+    case FC_ISA_AVX2: matmul_packed_avx2(y, x, ldx, wp, M, K, k0, k1, ldy, j0, j1); return;
 #endif
 #ifdef FC_BUILD_NEON
-    case FC_ISA_NEON: matmul_packed_neon(y, x, wp, M, K, ldy, j0, j1); return;
+    case FC_ISA_NEON: matmul_packed_neon(y, x, ldx, wp, M, K, k0, k1, ldy, j0, j1); return;
 #endif
-    default: (void)y, (void)x, (void)wp, (void)M, (void)K, (void)ldy, (void)j0, (void)j1;
+    default: (void)y, (void)x, (void)ldx, (void)wp, (void)M, (void)K, (void)k0, (void)k1, (void)ldy, (void)j0, (void)j1;
     }
 }
 

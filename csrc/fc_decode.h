@@ -97,23 +97,25 @@ int fc_packed_ok(void);
 /* The rows of fc_matmul_packed's full tile on the path in use (decode_body.h's DP_ROWS; 1 on the
    generic path): a batch of a multiple of it runs no ragged tile. */
 int fc_decode_tile_rows(void);
-/* y[:M, j0:j1] = x[:M] @ w[:, j0:j1] with w packed by fc_pack16 (N its column count); y row stride
-   ldy, x (M, K) rows contiguous. Every output element is one fused multiply-add chain over k = 0..K-1
-   from zero, whatever M, the row's place in the batch and the column range: the result does not
-   depend on how rows are batched or columns split. */
-void fc_matmul_packed(float *y, const float *x, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
-                      ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1);
+/* y[:M, j0:j1] = x[:M, k0:k1] @ w[k0:k1, j0:j1] with w (K, N) packed by fc_pack16; y row stride ldy, x
+   row stride ldx (x points at column 0). Every output element is one fused multiply-add chain over
+   k = k0..k1-1 from zero, whatever M, the row's place in the batch and the column range: the result
+   does not depend on how rows are batched or columns split. A product over all of K is k0 = 0,
+   k1 = K; a part of K (k0 < k1 inside it) is what a task of a fused stage sums (_decode.pyx). */
+void fc_matmul_packed(float *y, const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t k0,
+                      ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1);
 /* The same in bf16 (AVX512_BF16): w packed by fc_pack16_bf16 as ceil(N/16) panels of [ceil(K/2)][16]
    words, a word the bf16 pair (w[2p, j], w[2p+1, j]) rounded to nearest even (low half first); x's
-   rows are rounded the same way into xw (M, ceil(K/2)) words first. Each output element is one
-   vdpbf16ps chain over the pairs from zero: again independent of the batch and the split. */
+   rows x[m, k0:k1] are rounded the same way into xw (M, ceil((k1-k0)/2)) words first (k0 even). Each
+   output element is one vdpbf16ps chain over the pairs from k0: again independent of the batch and
+   the split. */
 ptrdiff_t fc_packed_size_bf16(ptrdiff_t K, ptrdiff_t N);
 void fc_pack16_bf16(uint32_t *dst, const float *w, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldw);
 int fc_packed_bf16_ok(void);
-void fc_matmul_packed_bf16(float *y, const float *x, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
-                           ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw);
-void fc_matmul(float *y, const float *x, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N, ptrdiff_t ldy,
-               ptrdiff_t ldw);
+void fc_matmul_packed_bf16(float *y, const float *x, ptrdiff_t ldx, const uint32_t *wp, ptrdiff_t M, ptrdiff_t K,
+                           ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw);
+void fc_matmul(float *y, const float *x, ptrdiff_t ldx, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+               ptrdiff_t ldy, ptrdiff_t ldw);
 /* Attention of M new rows against the cache: kt (C, S) keys time-last, vt (NH, S, HS) values
    position-major per head (decode_attention_body.h). */
 void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,

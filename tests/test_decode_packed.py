@@ -76,6 +76,32 @@ def test_a_rows_values_do_not_depend_on_the_batch_or_the_column_split(precision)
     np.testing.assert_array_equal(split, whole)
 
 
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_a_part_of_k_is_its_own_chain_and_the_parts_sum_to_the_product(M, precision):
+    """x[:, k0:k1] @ w[k0:k1] (a fused stage's part): float64 agreement, nothing written outside the
+    columns, and parts of 16-column blocks add up to the whole product to float32 rounding."""
+    r = np.random.default_rng(M)
+    K, N = 96, 72
+    x = r.normal(size=(M, K)).astype(np.float32)
+    w = r.normal(size=(K, N)).astype(np.float32)
+    xr, wr = (round_bf16(x), round_bf16(w)) if precision == "bf16" else (x, w)
+    parts = []
+    for k0, k1 in [(0, 32), (32, 80), (80, 96)]:
+        exact = xr[:, k0:k1].astype(np.float64) @ wr[k0:k1].astype(np.float64)
+        y = np.full((M, N), np.nan, np.float32)
+        cydecode.matmul_packed(y, x, w, 5, 70, precision, k0, k1)
+        np.testing.assert_allclose(y[:, 5:70], exact[:, 5:70], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+        assert np.isnan(y[:, :5]).all() and np.isnan(y[:, 70:]).all()
+        one = np.full((1, N), np.nan, np.float32)
+        cydecode.matmul_packed(one, x[M - 1 :], w, 5, 70, precision, k0, k1)
+        np.testing.assert_array_equal(one[0, 5:70], y[M - 1, 5:70])  # the batch does not matter
+        parts.append(y[:, 5:70])
+    whole = product(x, w, 0, N, precision)[:, 5:70]
+    np.testing.assert_allclose(parts[0] + parts[1] + parts[2], whole, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    with pytest.raises(ValueError, match="k0"):
+        cydecode.matmul_packed(y, x, w, 0, N, precision, 40, 40)
+
+
 def test_pack_weights_follows_the_path():
     """Every vector path packs the same weights (16-column panels on every vector width); generic packs none."""
     code = (

@@ -2,7 +2,9 @@
 
 - The batched loop (cython `generate_batch`) gives every stream the logits it gets alone (the batch
   of one row), bit for bit, at every position, across window refills (learned positions) and slides
-  (rope), on every instruction-set path: each row's values never depend on the other rows.
+  (rope), on every instruction-set path: each row's values never depend on the other rows. Both
+  with fused stages (an even head count: attention + out product, and the MLP's two products, each
+  one stage with the second product summed over two fixed parts of K) and without (three heads).
 - Stream i's text with seed s is the same alone as among 63 other streams.
 - Stop strings: at the start, across a window refill, never produced; the API and the CLI.
 - fc_token_probs (top-k by selection, top-p by partial extraction, no sort) equals the sorted
@@ -30,17 +32,25 @@ cydecode = pytest.importorskip("fastchar._cydecode", reason="the Cython extensio
 TOK = CharTokenizer("abcdefghij\n")
 
 
-def make_model(position: str, ctx: int = 8, backend: str = "cython", precision: str = "fp32") -> Model:
-    cfg = ModelConfig(vocab_size=11, d_model=24, n_layer=2, n_head=3, ctx=ctx, mlp_hidden=48, position=position)
+# (d_model, n_head, mlp_hidden): three heads run 4 stages a layer; two heads of 16 fuse them into 2
+SHAPES = {"unfused": (24, 3, 48), "fused": (32, 2, 64)}
+
+
+def make_model(
+    position: str, ctx: int = 8, backend: str = "cython", precision: str = "fp32", shape: str = "unfused"
+) -> Model:
+    C, H, hidden = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=11, d_model=C, n_layer=2, n_head=H, ctx=ctx, mlp_hidden=hidden, position=position)
     m = Model(cfg, backend=backend, seed=4, precision=precision)
     m.params.flat[:] += np.random.default_rng(0).normal(0, 0.3, m.params.flat.size).astype(np.float32)
     return m
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
+def test_batched_logits_equal_64_single_stream_decodes(isa_path, position, shape):
     """On every instruction-set path (isa_path), bit for bit."""
-    model = make_model(position)
+    model = make_model(position, shape=shape)
     B, N = 64, 40  # 40 > 4 windows of 8: several refills (learned) or slides (rope)
     r = np.random.default_rng(5)
     prompts = [[int(t) for t in r.integers(0, 11, 1 + b % 8)] for b in range(B)]
@@ -57,14 +67,14 @@ def test_batched_logits_equal_64_single_stream_decodes(isa_path, position):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads, shape", [(1, "unfused"), (2, "unfused"), (2, "fused")])
 @pytest.mark.parametrize("streams_per_group", [1, 5])
-def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_group, threads, precision):
+def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_group, threads, shape, precision):
     """generate_batch runs the streams group after group (one thread) or groups side by side (two):
     the tokens and logits are those of one big group; stopped streams stay out."""
     if precision == "bf16" and not cydecode.packed_available("bf16"):
         pytest.skip("no AVX512_BF16: bf16 models decode in fp32")
-    model = make_model("rope", precision=precision)
+    model = make_model("rope", precision=precision, shape=shape)
     B, N = 12, 30
     prompts = [[b % 11, (5 * b) % 11] for b in range(B)]
     whole = np.zeros((B, N, 11), np.float32)
@@ -171,8 +181,9 @@ def test_one_row_calls_keep_the_faster_thread_count():
         cydecode.set_one_row_threads(None)
 
 
-def test_one_stream_text_is_the_same_on_one_thread_and_on_the_team():
-    model = make_model("rope", ctx=16)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_stream_text_is_the_same_on_one_thread_and_on_the_team(shape):
+    model = make_model("rope", ctx=16, shape=shape)
     set_threads(2)
     texts = {}
     try:
@@ -188,9 +199,10 @@ def test_one_stream_text_is_the_same_on_one_thread_and_on_the_team():
 
 
 @pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
-def test_bf16_model_decodes_with_bf16_products_batch_independent():
-    model = make_model("rope", precision="bf16")
-    fp32 = make_model("rope")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_model_decodes_with_bf16_products_batch_independent(shape):
+    model = make_model("rope", precision="bf16", shape=shape)
+    fp32 = make_model("rope", shape=shape)
     B, N = 16, 20
     prompts = [[b % 11, (3 * b) % 11] for b in range(B)]
     batched = np.zeros((B, N, 11), np.float32)
@@ -204,6 +216,37 @@ def test_bf16_model_decodes_with_bf16_products_batch_independent():
     np.testing.assert_allclose(batched[0, 0], model.logits[0, -1], rtol=1e-4, atol=1e-4)
     fp32.forward(np.array([prompts[0]]))
     assert np.abs(batched[0, 0] - fp32.logits[0, -1]).max() > 1e-4
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_stages_halve_the_meetings_and_keep_the_logits(isa_path, threads):
+    """Two heads of 16: each layer runs 2 stages, not 4 (stages_run counts them), on one thread and on
+    two, and every draw's logits still equal a full forward over the cached tokens."""
+    C, H, hidden = SHAPES["fused"]
+    set_threads(threads)
+    try:
+        counts = {}
+        for shape in SHAPES:
+            model = make_model("rope", ctx=16, shape=shape)
+            before = cydecode.stages_run()
+            generate(model, TOK, "abc", 40, top_p=0.9, seed=1)
+            counts[shape] = cydecode.stages_run() - before
+    finally:
+        set_threads()
+    L = model.cfg.n_layer
+    assert counts["unfused"] % (4 * L) == 0 and counts["unfused"] > 0
+    assert counts["fused"] * 2 == counts["unfused"]
+    n = 11  # the prompt and the draws fit the window: the cache holds what a full forward sees
+    logits = np.zeros((n, 11), np.float32)
+    prompt = [3, 1, 4, 1, 5]
+    ids = [int(t) for b in compiled_tokens(model, prompt, n, 1.0, None, None, np.random.default_rng(2), 16,
+                                           logits=logits) for t in b]  # fmt: skip
+    cached = list(prompt)
+    for i, token in enumerate(ids):
+        model.forward(np.array([cached]))
+        np.testing.assert_allclose(logits[i], model.logits[0, -1], rtol=1e-4, atol=1e-5, err_msg=f"draw {i}")
+        cached.append(token)
+    assert (C, H, hidden) == (model.cfg.d_model, model.cfg.n_head, model.cfg.mlp_hidden)
 
 
 def test_stream_text_does_not_depend_on_the_other_streams(isa_path):
