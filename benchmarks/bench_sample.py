@@ -110,26 +110,29 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
         return limits
 
 
-def one_row_calls() -> tuple[int, int]:
-    """(one-stream calls of the Cython loop run on one thread, on a team) so far; (0, 0) without it."""
+def one_row_calls() -> tuple[int, int, int]:
+    """(one-stream calls of the Cython loop run on one thread, on a team, stages it ran: meetings of
+    the threads) so far; zeros without it."""
     try:
         from fastchar import _cydecode
     except ImportError:
-        return 0, 0
-    return _cydecode.one_row_calls()
+        return 0, 0, 0
+    return (*_cydecode.one_row_calls(), _cydecode.stages_run())
 
 
 def time_fastchar(
     model: Model, tok: CharTokenizer, runs: list[tuple[int, int, float | None]], repeats: int
-) -> tuple[list[float], list[float | None]]:
+) -> tuple[list[float], list[float | None], list[float]]:
     """Aggregate chars/s of each run (streams, n characters per stream, top_p; streams = 0: the
     single-prompt API): the long run minus the short run (n/4), medians over `repeats` rounds. A
     round times every run once, so a spell of load on the machine falls on all of them alike and
     their ratios (1 < 8 < 64 streams) hold. Also each run's share of one-stream calls that the
-    Cython loop ran on one thread (it chooses by measurement; None: no such calls)."""
+    Cython loop ran on one thread (it chooses by measurement; None: no such calls), and each run's
+    stages (meetings of the threads) per step of its streams: per character of one stream."""
     longs: list[list[float]] = [[] for _ in runs]
     shorts: list[list[float]] = [[] for _ in runs]
-    calls = [[0, 0] for _ in runs]
+    calls = [[0, 0, 0] for _ in runs]
+    steps = [0 for _ in runs]
 
     def timed(i: int, streams: int, m: int, top_p: float | None) -> float:
         kw = {} if streams == 0 else {"num_samples": streams}
@@ -139,11 +142,13 @@ def time_fastchar(
         dt = time.perf_counter() - t0
         for k, (b, a) in enumerate(zip(before, one_row_calls(), strict=True)):
             calls[i][k] += a - b
+        steps[i] += m
         return dt
 
     for i, (streams, n, top_p) in enumerate(runs):
         timed(i, streams, max(n // 4, 1), top_p)  # warm-up: compile, caches, thread pool
-    calls = [[0, 0] for _ in runs]
+    calls = [[0, 0, 0] for _ in runs]
+    steps = [0 for _ in runs]
     for _ in range(repeats):
         for i, (streams, n, top_p) in enumerate(runs):
             longs[i].append(timed(i, streams, n, top_p))
@@ -152,7 +157,8 @@ def time_fastchar(
         max(streams, 1) * (n - max(n // 4, 1)) / max(statistics.median(lo) - statistics.median(sh), 1e-9)
         for (streams, n, _), lo, sh in zip(runs, longs, shorts, strict=True)
     ]
-    return rates, [c[0] / (c[0] + c[1]) if c[0] + c[1] else None for c in calls]
+    shares = [c[0] / (c[0] + c[1]) if c[0] + c[1] else None for c in calls]
+    return rates, shares, [c[2] / n for c, n in zip(calls, steps, strict=True)]
 
 
 def time_torch(cfg: ModelConfig, tokens: list[int], batch: int, n: int, repeats: int, threads: int) -> float:
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         bw_chars = bw * 1e3 / sizes[precision] if bw else None
         peak_chars = peak[precision] * 1e9 / flop if peak[precision] else None
         runs = [(streams, n, top_p) for _, streams, n in rows for top_p in (None, 0.9)]
-        rates, one_thread = time_fastchar(model, tok, runs, args.repeats)
+        rates, one_thread, stages = time_fastchar(model, tok, runs, args.repeats)
         bw1 = args.bandwidth or limits.get(f"read_gbs_{sizes[precision]:.2f}MB_1thread")
         for k, (name, streams, _) in enumerate(rows):
             a, b = rates[2 * k], rates[2 * k + 1]
@@ -259,14 +265,15 @@ def main(argv: list[str] | None = None) -> dict:
             key = name if precision == "fp32" else f"{name}, bf16"
             res["chars/s"][key] = {"temperature": a, "top_p_0.9": b, "of_bandwidth": used, "of_peak": f_peak,
                                    "one_thread_share": share, "of_bandwidth_all_threads": f_bw,
-                                   "of_bandwidth_one_thread": f_bw1}  # fmt: skip
+                                   "of_bandwidth_one_thread": f_bw1, "stages_per_step": stages[2 * k + 1]}  # fmt: skip
             fb = f"{used:12.1%}" if used is not None else f"{'n/a' if streams <= 1 else '':>12}"
             fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
             print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
             if share is not None and f_bw is not None:
                 print(f"#   ran on one thread in {share:.0%} of its calls (chosen by measurement); "
                       f"of {threads} threads' bandwidth {f_bw:.1%}"
-                      + (f", of one thread's {f_bw1:.1%}" if f_bw1 is not None else ""))  # fmt: skip
+                      + (f", of one thread's {f_bw1:.1%}" if f_bw1 is not None else "")
+                      + f"; {stages[2 * k + 1]:.1f} stages a character")  # fmt: skip
         many = [rates[2 * k + 1] for k, (_, streams, _) in enumerate(rows) if streams > 0]
         ok = all(a < b for a, b in zip(many, many[1:], strict=False))
         res.setdefault("more_streams_faster", {})[precision] = ok

@@ -131,6 +131,8 @@ def test_bench_sample_quick(capsys):
         assert record["chars/s"]["one stream, bf16"]["temperature"] > 0
     assert set(record["more_streams_faster"]) == set(precisions)
     assert 0.0 <= record["chars/s"]["one stream"]["one_thread_share"] <= 1.0  # the Cython loop's choice, seen
+    # the base model (4 layers): 2 fused stages a layer and character, plus the prompt's 8 per call
+    assert 8 <= record["chars/s"]["one stream"]["stages_per_step"] < 16
     assert "| N = 8 streams, aggregate" in capsys.readouterr().out
 
 
