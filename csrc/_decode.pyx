@@ -1081,6 +1081,33 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
         fc_matmul_packed(&y[0, 0], &x[0, 0], Kd, <float*>&pk[0], M, Kd, k0, kend, Nd, j0, j1)
 
 
+def row_stages(const int64_t[:, ::1] table, Py_ssize_t C, Py_ssize_t n_head) -> list:
+    """What each row of a decode table runs as in one step of one stream (fastchar.sampler.describe_decode):
+    "stage i" (a meeting of the threads), "stage i, fused" (the second product of a fused stage,
+    summed over NPART parts of K), or "main thread"."""
+    if table.shape[1] != NCOL:
+        raise ValueError(f"table must have {NCOL} columns (fastchar.graph.decode_table)")
+    cdef Net net
+    net.C, net.n_head, net.batch = C, n_head, False
+    net.fuse = n_head % NPART == 0 and (C // NPART) % 16 == 0
+    cdef Py_ssize_t r = 0, R = table.shape[0], stage = 0
+    cdef const int64_t* row
+    names = []
+    while r < R:
+        row = &table[r, 0]
+        if row[OPC] == OP_ATTENTION or (row[OPC] == OP_MATMUL and (row[ROWS] == ROWS_ALL or row[POST] != POST_NONE)):
+            names.append(f"stage {stage}")
+            if (row[OPC] == OP_ATTENTION or row[POST] == POST_RELU2 or row[POST] == POST_GELU) and _fuses(
+                    &net, row, &table[r + 1, 0] if r + 1 < R else NULL):
+                names.append(f"stage {stage}, fused ({NPART} parts of K)")
+                r += 1
+            stage += 1
+        else:
+            names.append("main thread")
+        r += 1
+    return names
+
+
 def tile_rows() -> int:
     """The rows of the packed product's full tile on the path in use (8 avx512, 6 avx2, 4 neon, 1
     generic): groups of a multiple of it run no ragged tile (fastchar.sampler.cache_groups)."""

@@ -66,6 +66,10 @@ from fastchar.tokenizer import CharTokenizer
 # Characters per call of a compiled generation loop: big enough that the Python call (~10 us) is
 # noise, small enough that `stream` still hands out text as it is made.
 DECODE_CHUNK = 32
+# generate() hands out nothing before the end: without stop strings it calls the loop this many
+# characters at a time. A call costs ~40 us (Python, and caches the Python work left cold): 3 % of
+# a one-stream character at 32 a call, measured on a Zen 4.
+GENERATE_CHUNK = 256
 # Streams whose caches together fit this are stepped together (cache_groups; 8 streams of the base
 # model). Measured on a Zen 4 (1 MB L2 per core), base model, 64 streams, one thread: 43.6 -> 26.8
 # CPU us per char with groups of 1 to 4 MB; two threads side by side (1 MB, 2 MB): 1.8-1.9x one.
@@ -504,7 +508,8 @@ def compiled_tokens(
 
 def describe_decode(model: Model, window: int | None = None) -> list[str]:
     """One line per call of a decode step of `model`: the compiled loop's table rows (opcode, fused
-    post-op, the function that runs it and why), or the Python loop's kernel calls (KVCache)."""
+    post-op, the function that runs it and why; in the Cython loop also the stage it runs in, see
+    `_cydecode.row_stages`), or the Python loop's kernel calls (KVCache)."""
     from fastchar.graph import function_name
     from fastchar.ops import OPCODE_NAMES, POST_NAMES, POST_RECORD
 
@@ -519,14 +524,16 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
     plan = decode_table(model.cfg, model.params.offsets, check_window(model, window))
     column = 0 if model.backend == "cython" else 1
     packed, why = False, "compiled loop"
+    stages = ["compiled loop"] * len(plan.table)
     if model.backend == "cython":
-        from fastchar import _cydecode
+        from fastchar import _cydecode, isa
 
         packed = _cydecode.packed_available(model.precision)
-        isa = "AVX-512F+BF16" if model.precision == "bf16" else "AVX-512F"
-        why = f"{model.precision} weights packed in 16-column panels ({isa})" if packed else "fp32, unpacked"
+        path = "AVX-512F+BF16" if model.precision == "bf16" else isa.path()
+        why = f"{model.precision} weights packed in 16-column panels ({path})" if packed else "fp32, unpacked"
+        stages = _cydecode.row_stages(plan.table, model.cfg.d_model, model.cfg.n_head)
     lines = []
-    for row in plan.table:
+    for row, stage in zip(plan.table, stages, strict=True):
         rec = OPCODE_RECORD[int(row[OPC])]
         fn = rec.decode_functions[column] if rec.decode_functions else "inline"
         post = POST_NAMES[int(row[POST])]
@@ -541,7 +548,7 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
             elif chosen:
                 fn = chosen + (" + " + fn.split(" + ", 1)[1] if " + " in fn else "")
         lines.append(f"decode   {name:<17} K={int(row[K]):<4} N={int(row[N]):<5} {model.backend}: {fn:<44} "
-                     f"{why if product else 'compiled loop'}")  # fmt: skip
+                     f"{stage:<28} {why if product else ''}".rstrip())  # fmt: skip
     return lines
 
 
@@ -740,11 +747,12 @@ def _one_stream(
     top_p: float | None,
     rng: np.random.Generator,
     window: int,
+    chunk: int = DECODE_CHUNK,
 ) -> Iterator[str]:
     """One stream's new text, a chunk (compiled loop) or a character (Python loop) at a time."""
     chars = tokenizer.chars
     if compiled_loop(model) is not None:
-        for block in compiled_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
+        for block in compiled_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window, chunk):
             yield "".join([chars[t] for t in block])
     else:
         for token in python_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
@@ -892,13 +900,14 @@ def _stream_one(
     seed: int | None,
     ctx: int | None,
     stop: str | list[str] | None,
+    chunk: int = DECODE_CHUNK,
 ) -> Iterator[str]:
     """One stream's characters; the options are checked here, at the call, not at the first next()."""
     _check(model, tokenizer, temperature, top_k, top_p, max_new_tokens, seed)
     stops = check_stop(stop)
     ids = _prompt_ids(tokenizer, prompt)
     window = check_window(model, ctx)
-    return _one_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, window, stops)
+    return _one_text(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, window, stops, chunk)
 
 
 def _one_text(
@@ -912,10 +921,11 @@ def _one_text(
     seed: int | None,
     window: int,
     stops: list[str],
+    chunk: int = DECODE_CHUNK,
 ) -> Iterator[str]:
     rng = np.random.default_rng(seed)
     scan = StopScan(stops) if stops else None
-    for piece in _one_stream(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, rng, window):
+    for piece in _one_stream(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, rng, window, chunk):
         if scan is not None:
             piece = scan.feed(piece)
         yield from piece
@@ -942,8 +952,9 @@ def generate(
     several streams (a list of prompts or num_samples) a list, stream i's text at i."""
     prompts = prompt_list(prompt, num_samples)
     if prompts is None:
+        chunk = DECODE_CHUNK if stop else GENERATE_CHUNK  # (a stop string ends a stream within its chunk)
         return prompt + "".join(_stream_one(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                                            seed, ctx, stop))  # fmt: skip
+                                            seed, ctx, stop, chunk))  # fmt: skip
     texts = list(prompts)
     for i, piece in stream_many(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, ctx, stop):
         texts[i] += piece

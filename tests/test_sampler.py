@@ -101,6 +101,10 @@ def test_same_seed_same_text(model):
     c = generate(model, TOK, "abc", 40, temperature=1.0, top_p=0.9, seed=8)
     assert a == b and a != c and a.startswith("abc") and len(a) == 43
     assert "".join(stream(model, TOK, "abc", 40, temperature=1.0, top_p=0.9, seed=7)) == a[3:]
+    # generate calls the compiled loop GENERATE_CHUNK characters at a time, stream DECODE_CHUNK: same text
+    long = generate(model, TOK, "abc", 600, temperature=1.0, top_p=0.9, seed=7)
+    assert "".join(stream(model, TOK, "abc", 600, temperature=1.0, top_p=0.9, seed=7)) == long[3:]
+    assert long[:43] == a
 
 
 def test_greedy_generation_matches_full_forward(model):

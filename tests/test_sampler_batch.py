@@ -249,6 +249,18 @@ def test_fused_stages_halve_the_meetings_and_keep_the_logits(isa_path, threads):
     assert (C, H, hidden) == (model.cfg.d_model, model.cfg.n_head, model.cfg.mlp_hidden)
 
 
+def test_the_decode_plan_names_each_rows_stage():
+    """`fastchar info --plan` (describe_decode) says which rows share a stage: 2 a layer fused, 4 not."""
+    from fastchar.sampler import describe_decode
+
+    for shape, per_layer in (("fused", 2), ("unfused", 4)):
+        lines = describe_decode(make_model("rope", shape=shape))
+        stages = {line.split("stage ")[1].split()[0].rstrip(",") for line in lines if "stage " in line}
+        assert len(stages) == per_layer * 2, (shape, lines)  # 2 layers
+        assert sum("fused (2 parts of K)" in line for line in lines) == (2 * 2 if shape == "fused" else 0)
+        assert "main thread" in lines[-1]  # the head's one-row product
+
+
 def test_stream_text_does_not_depend_on_the_other_streams(isa_path):
     model = make_model("learned", ctx=12)
     prompts = [f"{'abcdefghij'[i % 10]}a" for i in range(64)]
