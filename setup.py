@@ -231,7 +231,7 @@ class BuildExt(build_ext):
         super().initialize_options()
         self.flags: Flags | None = None
         self.failures: dict[str, str] = {}  # extension -> why it was not built
-        self.forced = False
+        self.forced = ""
 
     def build_extensions(self) -> None:
         family, version = compiler_identity(self.compiler)
@@ -245,7 +245,8 @@ class BuildExt(build_ext):
             hint = "; on macOS: `brew install libomp`, then reinstall" if family == "apple-clang" else ""
             note = self.flags.openmp_note
             _say(f"WARNING: building without OpenMP, the Cython kernels will run on one thread ({note}){hint}")
-        self.forced = os.environ.get("FASTCHAR_FORCE_BUILD_FAILURE") == "1"
+        # "1": every extension fails to compile; a module's name: that one only (for the tests)
+        self.forced = os.environ.get("FASTCHAR_FORCE_BUILD_FAILURE", "")
         if self._flags_changed():
             self.force = True
         for ext in self.extensions:
@@ -257,7 +258,8 @@ class BuildExt(build_ext):
         super().build_extensions()
 
     def build_extension(self, ext: Extension) -> None:
-        if self.forced:
+        forced = self.forced in ("1", ext.name)
+        if forced:
             # A real compiler failure, so the fallback path is the one a broken install takes.
             os.makedirs(self.build_temp, exist_ok=True)
             failing = os.path.join(self.build_temp, "fastchar_forced_failure.c")
@@ -270,8 +272,8 @@ class BuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:  # any failure of an optional extension must leave the install working
             reason = f"{type(exc).__name__}: {exc}".strip()
-            if self.forced:
-                reason = "forced by FASTCHAR_FORCE_BUILD_FAILURE=1"
+            if forced:
+                reason = f"forced by FASTCHAR_FORCE_BUILD_FAILURE={self.forced}"
             self.failures[ext.name] = reason
             with contextlib.suppress(OSError):
                 os.remove(self.get_ext_fullpath(ext.name))  # never ship a stale build of it
@@ -282,9 +284,13 @@ class BuildExt(build_ext):
         super().run()
         if self.failures:
             reasons = "; ".join(dict.fromkeys(self.failures.values()))
+            if all(name in ISA_FLAGS for name in self.failures):  # builds for an instruction set only
+                instead = "the cython backend uses its baseline build of those kernels (fastchar._cykernels)"
+            else:
+                instead = "fastchar will run on the numba and numpy backends"
             _say(
-                f"WARNING: {', '.join(self.failures)} not built ({reasons}): fastchar will run on the numba and "
-                "numpy backends (`pip install -v` shows the compiler's output)"
+                f"WARNING: {', '.join(self.failures)} not built ({reasons}): {instead} "
+                "(`pip install -v` shows the compiler's output)"
             )
         info = self._build_info()
         targets = [os.path.join(self.build_lib, "fastchar")]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 BUILD_INFO = Path(__file__).with_name("_build_info.json")
 KERNELS_MODULE = "fastchar._cykernels"
+# builds of a module for an instruction set, and the module that serves when one is missing
+BASELINE = {"fastchar._cykernels_avx2": KERNELS_MODULE}
 BUILD_HINT = (
     "install a C compiler and reinstall (`pip install -v -e .` shows the compiler's output), or use --backend numba"
 )
@@ -62,7 +64,8 @@ def build_notes(info: dict | None = None, openmp: bool | None = None) -> list[st
             f"fastchar runs on numba and numpy; to get them: {BUILD_HINT}"
         ]
     for name, why in failed.items():
-        notes.append(f"{name} was not built at install ({why}); its Python fallback is used")
+        instead = f"its baseline build {BASELINE[name]}" if name in BASELINE else "its Python fallback"
+        notes.append(f"{name} was not built at install ({why}); {instead} is used")
     if openmp is False:
         family = (info or {}).get("family", "")
         detail = (info or {}).get("openmp_note") or "no OpenMP"

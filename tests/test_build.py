@@ -280,6 +280,18 @@ def test_forced_build_failure_still_installs(tmp_path):
     assert len(warnings) == 1 and "numba" in warnings[0]  # one line at install
 
 
+@pytest.mark.slow  # compiles the other extensions
+@pytest.mark.skipif("fastchar._cykernels_avx2" not in setup_py.ISA_FLAGS, reason="x86-64 only: no AVX2 build here")
+def test_a_failed_avx2_build_keeps_the_cython_backend_and_says_so(tmp_path):
+    run, lib = _build(tmp_path, FASTCHAR_FORCE_BUILD_FAILURE="fastchar._cykernels_avx2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = json.loads((lib / "fastchar" / "_build_info.json").read_text())
+    failed = {name for name, why in info["extensions"].items() if why}
+    assert failed == {"fastchar._cykernels_avx2"}
+    (warning,) = [line for line in run.stderr.splitlines() if "not built" in line]
+    assert "baseline build" in warning and "numba" not in warning
+
+
 def test_forced_build_failure_fails_when_cython_is_required(tmp_path):
     run, _ = _build(tmp_path, FASTCHAR_FORCE_BUILD_FAILURE="1", FASTCHAR_REQUIRE_BACKENDS="numba,cython")
     assert run.returncode != 0
@@ -294,6 +306,9 @@ def test_build_notes():
     failed = {"family": "gcc", "extensions": {"fastchar._cykernels": "CompileError: boom", "fastchar._cydecode": "x"}}
     (note,) = build_notes(failed, openmp=None)
     assert "CompileError: boom" in note and "numba" in note
+    avx2 = {"family": "gcc", "extensions": {"fastchar._cykernels": None, "fastchar._cykernels_avx2": "boom"}}
+    (note,) = build_notes(avx2, openmp=True)
+    assert "baseline build fastchar._cykernels is used" in note and "Python" not in note
     decode_only = {"family": "msvc", "extensions": {"fastchar._cykernels": None, "fastchar._cydecode": "C2065"}}
     (note,) = build_notes(decode_only, openmp=True)
     assert "fastchar._cydecode" in note and "C2065" in note
