@@ -70,8 +70,6 @@ typedef struct {
     pack_fn pack_b_k, pack_b_l; /* B from a k-major (B) or lane-major (W^T) source */
     pack_fn pack_a_k, pack_a_l; /* A from a k-major (A^T) or lane-major (A) source */
     ukr_fn ukr_k[4], ukr_l[4];  /* by vectors per panel, for the A panels of pack_a_k / pack_a_l */
-    int b_by_depth; /* 1: a k-major B block is packed in depth slices across all its panels (whole
-                       rows read in order), 0: one panel (nr columns of every row) at a time */
 } engine;
 
 #define FC_BODY "gemm_f32_body.h"
@@ -101,7 +99,7 @@ FC_T_BF16 FC_INLINE __mmask16 lanes16(long n) { return n >= 16 ? (__mmask16)0xFF
 
 /* k-major source: element (lane l, depth k) at src[k*ld + l]. Row pair by row pair (depth 2p, 2p+1),
  * each walked along up to KM_LANES lanes, 16 (one cache line) at a time, so the rows are read in
- * order; gemm_run hands it B in depth slices of whole rows (engine.b_by_depth). */
+ * order; gemm_run hands it B in depth slices of whole rows (by_depth). */
 enum { KM_LANES = 1024 }; /* lanes per pass over the depth (a B block of NC = 768 in one); destinations computed once */
 FC_T_BF16 static void pack_bf16_kmajor(const float *src, long ld, long kc, long w, int W, word *dst, long ps) {
     const __m512i idx = pair_interleave_index();
@@ -251,7 +249,7 @@ DEF_UKR(ukr_bf16_3, 3)
 
 static const engine ENGINE_BF16 = {2, KC_BF16, MR, 16, NV, pack_bf16_kmajor, pack_bf16_lanemajor, pack_bf16_kmajor,
                                    pack_bf16_lanemajor, {NULL, ukr_bf16_1, ukr_bf16_2, ukr_bf16_3},
-                                   {NULL, ukr_bf16_1, ukr_bf16_2, ukr_bf16_3}, 1};
+                                   {NULL, ukr_bf16_1, ukr_bf16_2, ukr_bf16_3}};
 #endif /* FC_BUILD_X86 */
 
 /* ---- Workspace: one growing 64-byte-aligned buffer per calling thread ---- */
@@ -337,7 +335,7 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
      * operands in cache: wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s;
      * all of wide's products on 2 threads from 391 to 398. About 4 slices per thread, each a
      * multiple of 8 depth pairs. */
-    const int by_depth = e->b_by_depth && !trans_b;
+    const int by_depth = e->kstep == 2 && !trans_b; /* the bf16 engine; fp32 keeps its panel-wise packing */
     const long slice = cdiv(cdiv(kp_max, 4L * nthreads), 8) * 8;
     /* Row chunks: about 4 per thread, but at least MCHUNK_MIN rows (a chunk streams every B panel
      * from L2 once, so fewer rows than that make the product L2-bound: dW with M = 128) and at most
