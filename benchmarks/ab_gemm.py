@@ -28,7 +28,7 @@ from fastchar import isa
 LAYERS = {"base": 4, "wide": 4, "long": 4, "nanogpt": 6}
 
 
-def load(spec: str, index: int):
+def load(spec: str, index: int, bf16: bool = False):
     """The _gemm module of a built file, switched onto the path named after '@' (else fastchar.isa's)."""
     path, _, forced = spec.partition("@")
     loader = importlib.util.spec_from_file_location(f"fastchar_ab{index}._gemm", path)
@@ -36,7 +36,7 @@ def load(spec: str, index: int):
         raise SystemExit(f"error: {path} is not a loadable extension module (give the _gemm .so file)")
     module = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(module)
-    module._set_isa(isa.CODES[forced or isa.selection().path], False)
+    module._set_isa(isa.CODES[forced or isa.selection().path], bf16)
     return module
 
 
@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["wide", "nanogpt"], choices=list(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the products' precision")
     args = p.parse_args(argv)
-    mods = [load(s, i) for i, s in enumerate(args.builds)]
+    bf16 = args.precision == "bf16"
+    mods = [load(s, i, bf16) for i, s in enumerate(args.builds)]
     rng = np.random.default_rng(0)
     print(f"builds: {', '.join(args.builds)}; threads {args.threads}; best of {args.rounds} rounds")
     for name in args.models:
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
                 M, Nc, K, ta, tb = product_args(prod, N, IC, OC)
                 c, a, b = operands(prod, N, IC, OC, rng)
                 want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+                tol = 2e-2 if bf16 else 1e-4  # bf16 operands carry 8 significant bits
                 for m in mods:
-                    m.gemm(c, a, b, ta, tb, 0.0, "fp32", args.threads)
-                    assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), (layer, prod)
+                    m.gemm(c, a, b, ta, tb, 0.0, args.precision, args.threads)
+                    assert np.abs(c - want).max() <= tol * np.abs(want).max(), (layer, prod)
                 fl = 2.0 * M * Nc * K
                 calls = max(1, int(3e8 / fl))
                 best = np.full(len(mods), np.inf)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                     for i, m in enumerate(mods):
                         t0 = time.perf_counter()
                         for _ in range(calls):
-                            m.gemm(c, a, b, ta, tb, 0.0, "fp32", args.threads)
+                            m.gemm(c, a, b, ta, tb, 0.0, args.precision, args.threads)
                         best[i] = min(best[i], (time.perf_counter() - t0) / calls)
                 total += best * count
                 flops += fl * count

@@ -148,6 +148,31 @@ def test_threads_do_not_change_the_result(rng, precision):
 
 
 @needs_bf16
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "M,N,K",
+    [(768, 1024, 256), (256, 1024, 768), (37, 1000, 333), (50, 97, 1100), (9, 1, 17)],
+    ids=["wide-fc-fwd", "wide-fc-dW", "odd-two-column-blocks", "ragged-two-depth-blocks", "one-column"],
+)
+def test_bf16_k_major_b_in_depth_slices(rng, threads, M, N, K):
+    """The bf16 k-major B (the forward's weights, dW's dout) is packed in depth slices shared out
+    between the threads: wide's N = 1024 products, an odd depth whose last slice ends in half a
+    pair, ragged panels across two column blocks, two depth blocks; every thread count the same sums."""
+    for ta in (False, True):
+        a, b, A, B = _operands(rng, M, N, K, ta, False)
+        c = np.full((M, N), np.nan, np.float32)
+        with isa.force("avx512"):
+            _gemm.gemm(c, a, b, ta, False, 0.0, "bf16", threads)
+        want, scale = _want(A, B, "bf16")
+        _assert_close(c, want, scale, f"bf16 M,N,K={M},{N},{K} trans_a={ta} threads={threads}")
+        if threads > 1:
+            one = np.empty_like(c)
+            with isa.force("avx512"):
+                _gemm.gemm(one, a, b, ta, False, 0.0, "bf16", 1)
+            np.testing.assert_array_equal(c, one)
+
+
+@needs_bf16
 def test_bf16_keeps_nan_and_inf(rng):
     a = rng.standard_normal((9, 20)).astype(np.float32)
     b = rng.standard_normal((20, 40)).astype(np.float32)
