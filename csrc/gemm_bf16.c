@@ -332,13 +332,26 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
                 long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
                 /* B panels: handed out one at a time (a thread without its core packs none), then
                  * everyone waits for them (the loop's barrier). */
+                if (e->kstep == 1 && !trans_b) {
+                    /* fp32, k-major B: depth slices of all the panels, so that each thread reads
+                     * whole source rows front to back (see pack_b_k in gemm_f32_body.h) */
+                    long nsl = cdiv(kc, 32);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-                for (long q = 0; q < nbp; ++q) {
-                    long j = jc + q * nr;
-                    const float *src = trans_b ? B + j * ldb + pc : B + pc * ldb + j;
-                    pack_b(src, ldb, kc, lmin(nr, N - j), nr, ws + q * kp * nr, kp * nr);
+                    for (long sl = 0; sl < nsl; ++sl) {
+                        long k0 = sl * 32, kn = lmin(32, kc - k0);
+                        pack_b(B + (pc + k0) * ldb + jc, ldb, kn, nc, nr, ws + k0 * nr, kp * nr);
+                    }
+                } else {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                    for (long q = 0; q < nbp; ++q) {
+                        long j = jc + q * nr;
+                        const float *src = trans_b ? B + j * ldb + pc : B + pc * ldb + j;
+                        pack_b(src, ldb, kc, lmin(nr, N - j), nr, ws + q * kp * nr, kp * nr);
+                    }
                 }
                 /* Row chunks of C, handed out dynamically: a thread that loses its core to another
                  * process does less of the work. Which thread computes a row does not change how it
