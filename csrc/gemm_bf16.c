@@ -267,9 +267,11 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
     long nbp = cdiv(nc, nr);
     /* fp32 rows of A (forward, dinp) are read where they lie, not copied: the copy cost as much as
      * 3 % of the products. Not where rows are a multiple of 2 KiB apart (the MR rows of a panel
-     * would crowd one or two L1 sets), nor for a ragged last panel (its missing rows are zeros in a
-     * copy). */
-    const int in_place = !trans_a && e->kstep == 1 && (lda * (long)sizeof(float)) % 2048 != 0;
+     * would crowd one or two L1 sets; AVX2's 6-row panels only at 4 KiB, all in one set: 2 KiB
+     * apart, long's K = 512 products, in place measured as fast on hot data and skip copying A's
+     * 8 MB), nor for a ragged last panel (its missing rows are zeros in a copy). */
+    const long crowd = e->vl == 8 ? 4096 : 2048;
+    const int in_place = !trans_a && e->kstep == 1 && (lda * (long)sizeof(float)) % crowd != 0;
     for (long ic = m0; ic < m1; ic += MC) {
         long mc = lmin(MC, m1 - ic), full = in_place ? mc / mr * mr : 0;
         if (full < mc) /* the panels from row `full` on, packed */
