@@ -67,19 +67,18 @@ static void FC_N(pack_b_l)(const float *src, long ld, long kc, long w, int W, wo
     }
 }
 
-/* A, k-major source (row i, depth k at src[k*ld + i]) -> panels [k][MR], row by row of the source
-   as pack_b_k does. */
+/* A, k-major source (row i, depth k at src[k*ld + i]) -> panels [k][MR]. */
 static void FC_N(pack_a_k)(const float *src, long ld, long kc, long w, int W, word *dst_, long ps) {
     float *dst = (float *)dst_;
-    const long whole = w / GM_MR * GM_MR;
-    (void)W;
-    for (long k = 0; k < kc; ++k) {
-        const float *s = src + k * ld;
-        float *d = dst + k * GM_MR;
-        for (long l0 = 0; l0 < whole; l0 += GM_MR, d += ps, s += GM_MR)
-            __builtin_memcpy(d, s, GM_MR * sizeof(float));
-        if (whole < w)
-            for (int r = 0; r < GM_MR; ++r) d[r] = r < w - whole ? s[r] : 0.0f;
+    for (long l0 = 0; l0 < w; l0 += W) {
+        long n = lmin(W, w - l0);
+        float *d = dst + (l0 / W) * ps;
+        const float *s = src + l0;
+        if (n == GM_MR)
+            for (long k = 0; k < kc; ++k) __builtin_memcpy(d + k * GM_MR, s + k * ld, GM_MR * sizeof(float));
+        else
+            for (long k = 0; k < kc; ++k)
+                for (int r = 0; r < GM_MR; ++r) d[k * GM_MR + r] = r < n ? s[k * ld + r] : 0.0f;
     }
 }
 
