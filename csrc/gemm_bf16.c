@@ -332,8 +332,8 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
             long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
             for (long pc = 0; pc < K; pc += kc_max) {
                 long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
-                /* B panels: handed out one at a time (a thread without its core packs none), then
-                 * everyone waits for them (the loop's barrier). */
+                /* B panels (fp32 k-major: depth slices of them): handed out one at a time (a thread
+                 * without its core packs none), then everyone waits for them (the loop's barrier). */
                 if (e->kstep == 1 && !trans_b) {
                     /* fp32, k-major B: depth slices of all the panels, so that each thread reads
                      * whole source rows front to back (see pack_b_k in gemm_f32_body.h) */

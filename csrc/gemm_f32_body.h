@@ -106,7 +106,7 @@ static void FC_N(pack_a_l)(const float *src, long ld, long kc, long w, int W, wo
         const float *a = (const float *)a_, *b = (const float *)b_;                                      \
         vf s[GM_MR][NVV];                                                                                \
         /* C's rows, stored (and read when beta != 0) after the loop: fetched meanwhile */              \
-        _Pragma("GCC unroll 8") for (int r = 0; r < GM_MR; ++r) {                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < GM_MR; ++r) if (r < m) {                             \
             __builtin_prefetch(c + r * ldc, 1, 3);                                                       \
             __builtin_prefetch(c + r * ldc + FC_VL * NVV - 1, 1, 3);                                     \
         }                                                                                                \
