@@ -291,9 +291,11 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
     long nbp = cdiv(nc, nr);
     /* fp32 rows of A (forward, dinp) are read where they lie, not copied: the copy cost as much as
      * 3 % of the products. Not where rows are a multiple of 2 KiB apart (the MR rows of a panel
-     * would crowd one or two L1 sets), nor for a ragged last panel (its missing rows are zeros in a
-     * copy). */
-    const int in_place = !trans_a && e->kstep == 1 && (lda * (long)sizeof(float)) % 2048 != 0;
+     * would crowd one or two L1 sets; AVX2's 6-row panels only at 4 KiB, all in one set: 2 KiB
+     * apart, long's K = 512 products, in place measured as fast on hot data and skip copying A's
+     * 8 MB), nor for a ragged last panel (its missing rows are zeros in a copy). */
+    const long crowd = e->vl == 8 ? 4096 : 2048;
+    const int in_place = !trans_a && e->kstep == 1 && (lda * (long)sizeof(float)) % crowd != 0;
     for (long ic = m0; ic < m1; ic += MC) {
         long mc = lmin(MC, m1 - ic), full = in_place ? mc / mr * mr : 0;
         if (full < mc) /* the panels from row `full` on, packed */
@@ -330,13 +332,14 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
     word *ws = workspace(b_words + (size_t)nthreads * a_words);
     if (ws == NULL) return FC_GEMM_NOMEM;
     pack_fn pack_b = trans_b ? e->pack_b_l : e->pack_b_k;
-    /* k-major B by depth slices (bf16): whole rows of the block per slice, read in order, where a
-     * panel at a time read 32 or 48 floats of every row, rows 1-4 KiB apart. Zen 4, one thread,
-     * operands in cache: wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s;
-     * all of wide's products on 2 threads from 391 to 398. About 4 slices per thread, each a
-     * multiple of 8 depth pairs. */
-    const int by_depth = e->kstep == 2 && !trans_b; /* the bf16 engine; fp32 keeps its panel-wise packing */
-    const long slice = cdiv(cdiv(kp_max, 4L * nthreads), 8) * 8;
+    /* k-major B by depth slices: whole rows of the block per slice, read in order, where a panel at
+     * a time read 32 or 48 floats of every row, rows 1-4 KiB apart. Zen 4, one thread, operands in
+     * cache: bf16, wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s, all of
+     * wide's products on 2 threads from 391 to 398 (about 4 slices per thread, each a multiple of 8
+     * depth pairs); fp32 on the avx2 path, long's qkv dW from 75-80 to 89-94 GFLOP/s (slices of 32
+     * rows). */
+    const int by_depth = !trans_b;
+    const long slice = e->kstep == 2 ? cdiv(cdiv(kp_max, 4L * nthreads), 8) * 8 : 32; /* in depth steps */
     /* Row chunks: about 4 per thread, but at least MCHUNK_MIN rows (a chunk streams every B panel
      * from L2 once, so fewer rows than that make the product L2-bound: dW with M = 128) and at most
      * MC; their count a multiple of the threads where there are enough panels, and the panels
@@ -362,8 +365,10 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
             for (long pc = 0; pc < K; pc += kc_max) {
                 long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
                 /* B panels: handed out one at a time (a thread without its core packs none), then
-                 * everyone waits for them (the loop's barrier). */
-                if (by_depth) { /* depth slices of every panel: B's rows read whole, in order */
+                 * everyone waits for them (the loop's barrier). k-major B: depth slices of every
+                 * panel instead, so that each thread reads whole source rows front to back (bf16:
+                 * `slice` pairs, see above; fp32: 32 rows, see pack_b_k in gemm_f32_body.h). */
+                if (by_depth) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif

@@ -34,7 +34,8 @@ needs_bf16 = pytest.mark.skipif(
 # (M, N, K): ones, odd sizes below and across the 8 x 48 / 8 x 32 register tiles, the model's
 # shapes (N = 768 rows, C = 128, V = 65), K above one packed depth block (512 bf16 / 256 fp32)
 # and N above one packed column block (768); K = 1024 makes A's rows 4 KiB apart (copied, not read in
-# place, by the fp32 engines).
+# place, by the fp32 engines), K = 512 2 KiB apart (read in place by the AVX2 engine, but for the
+# ragged last panel of M = 31; copied by the AVX-512 one).
 SHAPES = [
     (1, 1, 1),
     (1, 17, 2),
@@ -47,6 +48,7 @@ SHAPES = [
     (20, 800, 40),
     (768, 384, 128),
     (50, 40, 1024),
+    (31, 40, 512),
 ]
 # (precision, path): bf16 where the CPU has AVX512_BF16, fp32 on every vector path this CPU runs (AVX-512
 # machines test the AVX2 engine too). Same tolerance on every path: the engines differ only in the

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastchar import ConfigError, Model, ModelConfig
+from fastchar import ConfigError, Model, ModelConfig, isa
 from fastchar.backends import available_backends
 from fastchar.backends.reference import matmul_backward_bf16, matmul_forward_bf16, round_bf16
 
@@ -121,8 +121,8 @@ def test_bad_precision_and_numba_bf16_are_clear_errors() -> None:
         assert "fp32" in info.value.hint
 
 
-@pytest.mark.skipif("cython" not in available_backends(), reason="the cython backend is not built here")
-def test_bf16_disabled_is_a_clear_error() -> None:
+def _bf16_error(extra_env: dict) -> str:
+    """The ConfigError line (message | hint) of a bf16 cython Model in a child with ENV + extra_env."""
     code = (
         "import fastchar\n"
         "try:\n"
@@ -130,10 +130,28 @@ def test_bf16_disabled_is_a_clear_error() -> None:
         "except fastchar.ConfigError as e:\n"
         "    print('ERR', e, '|', e.hint)\n"
     )
-    env = {**ENV, "FASTCHAR_DISABLE_BF16": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env={**ENV, **extra_env}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
     assert "ERR precision 'bf16' is unavailable" in out.stdout, out.stderr
-    assert ("FASTCHAR_DISABLE_BF16" in out.stdout) or ("no AVX512_BF16" in out.stdout)
+    return out.stdout
+
+
+@pytest.mark.skipif("cython" not in available_backends(), reason="the cython backend is not built here")
+def test_bf16_disabled_is_a_clear_error() -> None:
+    """FASTCHAR_DISABLE_BF16=1: a clear error naming the reason bf16 is off on the path in use (the switch
+    itself on the avx512 path of an AVX512_BF16 CPU, else the lower path or the missing instruction);
+    and, where this CPU runs the avx512 path with AVX512_BF16, the switch named there whatever
+    FASTCHAR_ISA this test runs under."""
+    sel = isa.selection()
+    if not sel.bf16_cpu:
+        want = "this CPU has no AVX512_BF16"
+    elif sel.path != "avx512":
+        want = f"the {sel.path} path has no bf16 products (FASTCHAR_ISA={sel.forced})"
+    else:
+        want = "FASTCHAR_DISABLE_BF16 is set"
+    assert want in _bf16_error({"FASTCHAR_DISABLE_BF16": "1"})
+    if sel.bf16_cpu and "avx512" in sel.runnable:
+        assert "FASTCHAR_DISABLE_BF16 is set" in _bf16_error({"FASTCHAR_DISABLE_BF16": "1", "FASTCHAR_ISA": "avx512"})
 
 
 @pytest.mark.skipif("cython" not in available_backends(), reason="the cython backend is not built here")
@@ -153,7 +171,11 @@ def test_numpy_first_with_haswell_coretype(gemm: str) -> None:
     assert out.returncode == 0, out.stderr
     from fastchar._blas_env import AVX512, cpu_flags
 
-    if "BLAS" in out.stdout and AVX512 <= cpu_flags():
+    # FASTCHAR_ISA=avx2 or generic keeps the user's OPENBLAS_CORETYPE on purpose (fastchar._blas_env): no warning
+    lower = (sel := isa.selection()).forced is not None and sel.path in ("avx2", "generic")
+    if "BLAS" in out.stdout and AVX512 <= cpu_flags() and lower:
+        assert "OPENBLAS_CORETYPE" not in out.stderr, out.stderr
+    elif "BLAS" in out.stdout and AVX512 <= cpu_flags():
         assert "OPENBLAS_CORETYPE=Haswell forces" in out.stderr
     else:
         assert "OWN" in out.stdout or not AVX512 <= cpu_flags()
