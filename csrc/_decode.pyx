@@ -388,6 +388,18 @@ cdef void _helper(Net* net) noexcept nogil:
             fc_idle(&spins)
 
 
+cdef inline bint _can_fuse(Py_ssize_t C, Py_ssize_t n_head) noexcept nogil:
+    """Whether a model's shapes allow fused stages: a fused stage's parts are whole heads and
+    16-column blocks (bf16 pairs, one line of y)."""
+    return n_head % NPART == 0 and (C // NPART) % 16 == 0
+
+
+cdef inline bint _on_main(const int64_t* row, Py_ssize_t Mr) noexcept nogil:
+    """A product the main thread runs alone, no stage: the head's one-row product (the logits), not
+    worth a stage's handshake."""
+    return row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and Mr == 1
+
+
 cdef inline bint _fuses(Net* net, const int64_t* row, const int64_t* nxt) noexcept nogil:
     """Whether row (an attention, or a product with an activation after it) and nxt form a fused
     stage: nxt is a product of row's output into the residual stream (C wide), with the residual add
@@ -457,7 +469,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                 _product(net, 0, out, xin, NULL, net.packed + net.poff[r - 1], Mr, Kd, Nd, 0, Nd)
             else:
                 fc_matmul_t(out, xin, net.params + row[W], Mr, Kd, Nd, Nd)
-        elif row[OPC] == OP_MATMUL and row[ROWS] != ROWS_ALL and row[POST] == POST_NONE and Mr == 1:
+        elif row[OPC] == OP_MATMUL and _on_main(row, Mr):
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r - 1] if net.packed != NULL else NULL,
                      1, Kd, Nd, 0, Nd)  # task 0's scratch: no stage is running
@@ -562,8 +574,7 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     net.rope_cos = block + nt * S
     net.rope_sin = net.rope_cos + rope_rows * half
     net.part = block + head
-    # a fused stage's parts are whole heads and 16-column blocks (bf16 pairs, one line of y)
-    net.fuse = n_head % NPART == 0 and (C // NPART) % 16 == 0
+    net.fuse = _can_fuse(C, n_head)
     net.team = team
     net.ntask = nt
     net.solo = False
@@ -1089,13 +1100,13 @@ def row_stages(const int64_t[:, ::1] table, Py_ssize_t C, Py_ssize_t n_head) -> 
         raise ValueError(f"table must have {NCOL} columns (fastchar.graph.decode_table)")
     cdef Net net
     net.C, net.n_head, net.batch = C, n_head, False
-    net.fuse = n_head % NPART == 0 and (C // NPART) % 16 == 0
+    net.fuse = _can_fuse(C, n_head)
     cdef Py_ssize_t r = 0, R = table.shape[0], stage = 0
     cdef const int64_t* row
     names = []
     while r < R:
         row = &table[r, 0]
-        if row[OPC] == OP_ATTENTION or (row[OPC] == OP_MATMUL and (row[ROWS] == ROWS_ALL or row[POST] != POST_NONE)):
+        if row[OPC] == OP_ATTENTION or (row[OPC] == OP_MATMUL and not _on_main(row, 1)):
             names.append(f"stage {stage}")
             if (row[OPC] == OP_ATTENTION or row[POST] == POST_RELU2 or row[POST] == POST_GELU) and _fuses(
                     &net, row, &table[r + 1, 0] if r + 1 < R else NULL):
