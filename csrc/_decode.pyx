@@ -20,7 +20,7 @@ core streams the same share of the weights every time, from its own cache), and 
 takes any a helper has not started. It never waits at a barrier for a
 helper that has not started, so a helper descheduled by other work on the machine costs little, and
 one that holds it up mid-task sends the next calls single-threaded for a while (SLOW_WAIT,
-SOLO_CALLS). A task computes each value exactly as the single-threaded product would: the thread
+SOLO_STEPS). A task computes each value exactly as the single-threaded product would: the thread
 count never changes the result.
 
 Letters in shapes: S the window (cache rows), C channels, NH heads, HS head size, V vocabulary,
@@ -62,14 +62,17 @@ cdef int K = _graph.K, N = _graph.N, POST = _graph.POST, LAYER = _graph.LAYER, R
 cdef int NCOL = _graph.NCOL
 
 # A helper that holds the main thread up for longer than SLOW_WAIT seconds (it was descheduled: other
-# processes want the cores) sends the call solo, and the next calls run single-threaded: SOLO_CALLS
-# of them, twice as many each time this repeats (up to MAX_SOLO_CALLS), back to SOLO_CALLS after a
-# threaded call that went well.
+# processes want the cores) sends the call solo, and the next SOLO_STEPS steps (characters of each
+# stream) run single-threaded, in whole calls, twice as many each time this repeats (up to
+# MAX_SOLO_STEPS), back to SOLO_STEPS after a threaded call that went well. Counted in steps, not
+# calls: generate() calls the loop 256 characters at a time, and a spell of 16 such calls (4,096
+# characters single-threaded) after each hiccup of the host (about one in 8,000 characters on a quiet
+# 2-core guest) held one stream at 17,000-27,000 characters/s where it makes 27,000-31,000.
 cdef double SLOW_WAIT = 200e-6
-cdef int SOLO_CALLS = 16
-cdef int MAX_SOLO_CALLS = 1024
-cdef int _solo_left = 0
-cdef int _solo_next = SOLO_CALLS
+cdef long SOLO_STEPS = 256
+cdef long MAX_SOLO_STEPS = 32768
+cdef long _solo_left = 0
+cdef long _solo_next = SOLO_STEPS
 
 # A call of one running row (one stream) picks a team or one thread by measurement. The team meets at
 # about 16 hand-overs a character, each costing a few cache-line round trips between the cores, and on
@@ -131,6 +134,22 @@ def set_one_row_threads(one: object = None) -> None:
 def _timed_call(bint team, double per_char, bint probe) -> None:
     """What a timed one-row call reports (for tests of the choice)."""
     _chose(team, per_char, probe)
+
+
+def _slow_call() -> None:
+    """What a call that went solo reports (for tests of the solo spell)."""
+    _after_call(True, 2, fc_now())
+
+
+def solo_steps_left() -> int:
+    """Steps (characters of each stream) that the solo spell after slow waits still runs on one thread."""
+    return max(_solo_left, 0)
+
+
+def _end_solo_spell() -> None:
+    global _solo_left, _solo_next
+    _solo_left = 0
+    _solo_next = SOLO_STEPS
 
 
 def _probing() -> bool:
@@ -526,16 +545,16 @@ cdef inline Py_ssize_t _refill(int* tokens, Py_ssize_t n_cache, Py_ssize_t S, in
     return n_keep + 1
 
 
-cdef int _team_size(Py_ssize_t C):
+cdef int _team_size(Py_ssize_t C, Py_ssize_t steps):
     """Threads for one call: OpenMP's count, at most max(2, C // 32); 1 while the solo spell after
-    slow waits lasts (see SOLO_CALLS)."""
+    slow waits lasts (see SOLO_STEPS; the call runs steps of them, at least one)."""
     global _solo_left
     cdef int nt = fc_max_threads()
     nt = min(nt, max(2, C // 32))
     if nt < 1:
         nt = 1
     if _solo_left > 0:
-        _solo_left -= 1
+        _solo_left -= steps if steps > 1 else 1
         nt = 1
     return nt
 
@@ -548,9 +567,9 @@ cdef void _after_call(bint solo, int nt, double t_end):
         solo = True  # the end of the parallel region waited for a descheduled helper
     if solo:
         _solo_left = _solo_next
-        _solo_next = min(2 * _solo_next, MAX_SOLO_CALLS)
+        _solo_next = min(2 * _solo_next, MAX_SOLO_STEPS)
     elif nt > 1:
-        _solo_next = SOLO_CALLS
+        _solo_next = SOLO_STEPS
 
 
 cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64_t* table, const double* eps,
@@ -904,7 +923,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     else:
         masks = np.asarray(active, np.int32).reshape(1, B).copy()
 
-    nt = _team_size(C)
+    nt = _team_size(C, Nn)
     cdef Py_ssize_t running = 0
     for b in range(B):
         running += active[b] != 0

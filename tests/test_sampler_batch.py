@@ -181,6 +181,34 @@ def test_one_row_calls_keep_the_faster_thread_count():
         cydecode.set_one_row_threads(None)
 
 
+def test_a_slow_wait_sends_the_next_characters_solo_counted_in_steps_not_calls():
+    """After a helper held a call up, the solo spell lasts SOLO_STEPS characters (256), whatever the
+    calls' size: one stream's calls inside it run on one thread and are not one-row team calls; the
+    call after it is; a second slow call doubles the spell, a clean team call resets it."""
+    model = make_model("rope", ctx=16, shape="fused")
+    set_threads(2)
+    cydecode.set_one_row_threads(False)
+    try:
+        cydecode._end_solo_spell()
+        cydecode._slow_call()
+        spell = cydecode.solo_steps_left()
+        assert spell == 256
+        calls = cydecode.one_row_calls()
+        generate(model, TOK, "ab", 100, seed=1)  # 100 of the 256 steps (and 1 of the prompt)
+        assert 150 <= cydecode.solo_steps_left() <= 156
+        generate(model, TOK, "ab", 200, seed=1)
+        assert cydecode.solo_steps_left() == 0 and cydecode.one_row_calls() == calls  # all solo
+        generate(model, TOK, "ab", 50, seed=1)
+        assert cydecode.one_row_calls()[1] > calls[1]  # the team again
+        cydecode._slow_call()
+        cydecode._slow_call()
+        assert cydecode.solo_steps_left() == 2 * spell
+    finally:
+        cydecode._end_solo_spell()
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_one_stream_text_is_the_same_on_one_thread_and_on_the_team(shape):
     model = make_model("rope", ctx=16, shape=shape)
