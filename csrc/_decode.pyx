@@ -79,19 +79,24 @@ cdef long _solo_next = SOLO_STEPS
 # a virtual machine that round trip depends on where the host runs the two virtual CPUs (70 ns and
 # 230 ns on one 2-core guest, an hour apart): at the long one, two threads made a base-model
 # character no faster than one, and a 64-wide model's 40 % slower. So after every PROBE_CALLS one-row
-# calls that only draw (no prompt), the next PROBE_LEN run on the other count, and the count with the
-# fewer seconds a character (the better of its last two calls) is kept; both give the same characters.
-# A probe that keeps the count doubles the calls to the next (up to MAX_PROBE_CALLS): a probe of the
-# slower count costs its share of the calls.
+# calls that only draw (no prompt), the other count is tried, and the count with the fewer seconds a
+# character (the better of its last two measurements) is kept; both give the same characters. On the
+# team, a call of 2 * PROBE_STEPS characters or more runs its first PROBE_STEPS on the main thread
+# alone and is timed in two parts (the probe costs 32 characters, not a call: with 256-character
+# calls, whole-call probes held one stream on one thread for 6 % of its calls); otherwise (on one
+# thread, or short calls) the next PROBE_LEN calls run on the other count. A probe that keeps the
+# count doubles the calls to the next (up to MAX_PROBE_CALLS).
 cdef int PROBE_CALLS = 32
 cdef int MAX_PROBE_CALLS = 1024
 cdef int PROBE_LEN = 2
+cdef Py_ssize_t PROBE_STEPS = 32
 cdef int _probe_every = PROBE_CALLS
 cdef double _per_char[2][2]  # seconds a character of the last two timed calls on one thread [0], a team [1]
 cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
 cdef bint _fixed = False  # set_one_row_threads: no probes
 cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
+cdef long _chars[2]  # their characters (steps) run on one thread [0] (a prefix probe's too) and on a team [1]
 cdef long _stages_run = 0  # stages of the decode loops (see _stage), since the process started
 
 
@@ -111,6 +116,12 @@ def one_row_threads() -> tuple:
     """(threads a one-row call runs on now: 1, or 0 for the team of fastchar.set_threads; seconds a
     character on one thread and on the team, the better of the last two calls each, 0.0 if none)."""
     return (1 if _one_thread else 0, _best(0), _best(1))
+
+
+def one_row_chars() -> tuple:
+    """(characters of one-row calls run on one thread, on a team) since the process started; a prefix
+    probe's first characters count as one thread's."""
+    return (_chars[0], _chars[1])
 
 
 def one_row_calls() -> tuple:
@@ -134,6 +145,17 @@ def set_one_row_threads(one: object = None) -> None:
 def _timed_call(bint team, double per_char, bint probe) -> None:
     """What a timed one-row call reports (for tests of the choice)."""
     _chose(team, per_char, probe)
+
+
+def _prefix_probe(double alone, double team) -> None:
+    """What a team call that probed one thread on its first PROBE_STEPS characters reports (seconds a
+    character of each part; for tests of the choice)."""
+    _chose_prefix(alone, team)
+
+
+def _prefix_due(Py_ssize_t steps) -> bool:
+    """Whether the next timed one-row call of that many characters is a prefix probe."""
+    return not _fixed and _probe_left == 0 and not _one_thread and steps >= 2 * PROBE_STEPS
 
 
 def _slow_call() -> None:
@@ -202,6 +224,7 @@ cdef struct Net:
     Py_ssize_t ntask
     Py_ssize_t nt  # tasks of the published stage: ntask, or min(ntask, NPART) for a fused one
     bint solo  # the main thread runs every task itself, publishing none (see _stage)
+    bint alone  # the same, for the first steps of a prefix probe only (solo stays for the call)
     long stages  # stages run (published or solo) since _setup_net
     bint fuse  # the model's shapes allow fused stages (see _setup_net)
     float* part  # (NPART, rows, C): each part's share of a fused stage's second product
@@ -375,7 +398,7 @@ cdef void _stage(Net* net) noexcept nogil:
     cdef long t
     cdef Py_ssize_t i
     net.stages += 1
-    if net.solo:
+    if net.solo or net.alone:
         for i in range(net.nt):
             _task(net, i)
         return
@@ -597,6 +620,7 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     net.team = team
     net.ntask = nt
     net.solo = False
+    net.alone = False
     net.batch = False
     net.stages = 0
     return block
@@ -724,7 +748,10 @@ cdef struct Batch:
     Py_ssize_t V, N, B, logits_at
     bint advance_last
     bint slides
+    double t_start  # when _run_batch started
+    double t_split  # when the first alone_steps steps were drawn (a prefix probe)
     double t_end  # when _run_batch finished (the helpers may still have to notice)
+    Py_ssize_t alone_steps  # a prefix probe: steps run on the main thread alone first (net.alone), else 0
     const int32_t* masks  # (ngroups, B): the streams of each group (run one group after another)
     Py_ssize_t ngroups
 
@@ -762,6 +789,7 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     """The body of generate_batch (main thread): its groups one after another; tells the helpers to
     stop when done."""
     cdef Py_ssize_t g
+    job.t_start = fc_now()
     for g in range(job.ngroups):
         job.active = job.masks + g * job.B
         _run_group(job)
@@ -794,6 +822,9 @@ cdef void _run_group(Batch* job) noexcept nogil:
             job.ndraw += 1
     for i in range(N):
         job.i = i
+        if i == job.alone_steps and job.alone_steps > 0:  # a prefix probe: the rest on the team
+            job.t_split = fc_now()
+            net.alone = False
         if job.ndraw < SAMPLE_STAGE_ROWS:
             _sample_rows(job, 0, 0, job.ndraw)
         else:
@@ -930,13 +961,16 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef bint one_row = nt > 1 and running == 1
     cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
     cdef bint probe = timed and not _fixed and _probe_left <= 0
+    cdef bint prefix = probe and _prefix_due(Nn)
     if probe and _probe_left == 0:  # a probe starts: the other count's old times are stale
         _per_char[not _one_thread][0] = _per_char[not _one_thread][1] = 0.0
     cdef double t_call = fc_now()
-    if one_row and _one_thread != probe:  # one thread: the choice, or the probe of a team that is not
+    if one_row and _one_thread != (probe and not prefix):  # one thread: the choice, or a probe of it
         nt = 1
     if one_row:
         _calls[nt > 1] += 1
+        _chars[0] += Nn if nt == 1 else PROBE_STEPS if prefix else 0
+        _chars[1] += Nn - PROBE_STEPS if prefix else Nn if nt > 1 else 0
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)
@@ -976,6 +1010,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     job.draw = &rows_v[4 * B]
     job.V, job.logits_at = V, logits_at
     job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
+    job.alone_steps = PROBE_STEPS if prefix else 0
+    net.alone = prefix
     if ngroups > 1 and nt > 1:
         free(block)
         _side_by_side(jp, st, table, masks, nt, rows_cap)
@@ -992,23 +1028,44 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     free(block)
     _stages_run += net.stages
     _after_call(net.solo, nt, job.t_end)
-    if timed and not net.solo:  # (a call that went solo half way measured neither)
+    if timed and not net.solo and prefix:  # (a call that went solo half way measured neither)
+        _chose_prefix((job.t_split - job.t_start) / PROBE_STEPS, (job.t_end - job.t_split) / (Nn - PROBE_STEPS))
+    elif timed and not net.solo:
         _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
+
+
+cdef void _keep(bint team, double per_char):
+    _per_char[team][1] = _per_char[team][0]
+    _per_char[team][0] = per_char
+
+
+cdef void _decide():
+    """The end of a probe: keep the count with the fewer seconds a character; the next probe comes
+    twice as many calls later if the count stays."""
+    global _probe_left, _one_thread, _probe_every
+    cdef bint one
+    if _best(0) > 0.0 and _best(1) > 0.0:
+        one = _best(0) < _best(1)
+        _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
+        _one_thread = one
+    _probe_left = _probe_every
+
+
+cdef void _chose_prefix(double alone, double team):
+    """After a team call that probed one thread on its first PROBE_STEPS characters: keep both parts'
+    seconds a character and decide."""
+    _keep(False, alone)
+    _keep(True, team)
+    _decide()
 
 
 cdef void _chose(bint team, double per_char, bint probe):
     """After a timed one-row call: keep its time per character; at the end of a probe keep the faster count."""
-    global _probe_left, _one_thread, _probe_every
-    cdef bint one
-    _per_char[team][1] = _per_char[team][0]
-    _per_char[team][0] = per_char
+    global _probe_left
+    _keep(team, per_char)
     _probe_left -= 1
     if probe and _probe_left <= -PROBE_LEN:
-        if _best(0) > 0.0 and _best(1) > 0.0:
-            one = _best(0) < _best(1)
-            _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
-            _one_thread = one
-        _probe_left = _probe_every
+        _decide()
 
 
 cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,

@@ -181,6 +181,60 @@ def test_one_row_calls_keep_the_faster_thread_count():
         cydecode.set_one_row_threads(None)
 
 
+def test_a_team_probes_one_thread_on_the_first_characters_of_a_call():
+    """On the team, a probe of one thread is the first 32 characters of a long enough call, run on
+    the main thread alone and timed apart from the rest (one call decides); on one thread, or with
+    short calls, probes are whole calls of the team (two decide)."""
+    cydecode.set_one_row_threads(None)
+    try:
+        for _ in range(2):
+            assert not cydecode._probing()
+            cydecode._timed_call(True, 10e-6, False)
+        assert cydecode._probing() and cydecode._prefix_due(256) and not cydecode._prefix_due(63)
+        cydecode._prefix_probe(5e-6, 10e-6)  # one thread faster: chosen at once
+        assert cydecode.one_row_threads() == (1, 5e-6, 10e-6) and not cydecode._probing()
+        while not cydecode._probing():
+            cydecode._timed_call(False, 5e-6, False)
+        assert not cydecode._prefix_due(256)  # on one thread: whole calls of the team
+        cydecode._timed_call(True, 3e-6, True)
+        cydecode._timed_call(True, 4e-6, True)
+        assert cydecode.one_row_threads() == (0, 5e-6, 3e-6)
+        n = 0
+        while not cydecode._probing():
+            cydecode._timed_call(True, 3e-6, False)
+            n += 1
+        cydecode._prefix_probe(6e-6, 3e-6)  # the team stays: the next probe twice as far
+        m = 0
+        while not cydecode._probing():
+            cydecode._timed_call(True, 3e-6, False)
+            m += 1
+        assert cydecode.one_row_threads()[0] == 0 and m == 2 * n
+    finally:
+        cydecode.set_one_row_threads(None)
+
+
+def test_a_prefix_probe_runs_32_characters_alone_and_changes_no_character():
+    model = make_model("rope", ctx=16, shape="fused")
+    set_threads(2)
+    try:
+        cydecode.set_one_row_threads(True)
+        want = generate(model, TOK, "ab", 1024, top_p=0.9, seed=4)
+        for _ in range(3):  # again if the host stalled a helper (a solo spell: calls on one thread)
+            cydecode._end_solo_spell()
+            cydecode.set_one_row_threads(None)  # the team, probing after two timed calls
+            chars = cydecode.one_row_chars()
+            got = generate(model, TOK, "ab", 1024, top_p=0.9, seed=4)  # calls: prompt + 256, 256, 256, probe 256
+            if cydecode.solo_steps_left() == 0:
+                break
+        alone, team = (a - b for a, b in zip(cydecode.one_row_chars(), chars, strict=True))
+        assert alone == 32 and team == 1024 - 32
+        assert got == want
+    finally:
+        cydecode._end_solo_spell()
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
+
+
 def test_a_slow_wait_sends_the_next_characters_solo_counted_in_steps_not_calls():
     """After a helper held a call up, the solo spell lasts SOLO_STEPS characters (256), whatever the
     calls' size: one stream's calls inside it run on one thread and are not one-row team calls; the
@@ -200,7 +254,9 @@ def test_a_slow_wait_sends_the_next_characters_solo_counted_in_steps_not_calls()
         assert cydecode.solo_steps_left() == 0 and cydecode.one_row_calls() == calls  # all solo
         generate(model, TOK, "ab", 50, seed=1)
         assert cydecode.one_row_calls()[1] > calls[1]  # the team again
+        cydecode._end_solo_spell()  # (had the host stalled the helper in that call, a spell would have begun)
         cydecode._slow_call()
+        assert cydecode.solo_steps_left() == spell
         cydecode._slow_call()
         assert cydecode.solo_steps_left() == 2 * spell
     finally:
