@@ -195,6 +195,10 @@ cdef enum:
 # thread count, the batch or the stream.
 DEF NPART = 2
 
+# The first attention's table row (embedding, norm, attention): see first_layer_lookup
+cdef enum:
+    ROW_LOOKUP = 2
+
 # Fewer streams than this draw on the main thread (a stage's handshake costs more than the draws)
 cdef Py_ssize_t SAMPLE_STAGE_ROWS = 4
 
@@ -218,6 +222,9 @@ cdef struct Net:
     fc_team* team
     const float* packed  # the products' weights packed by pack_weights, or NULL: fc_matmul on params
     const int64_t* poff  # (R,) each table row's weights in packed
+    const float* lookup  # (V, 3C) the first layer's q, k, v of each token (pack_weights), or NULL
+    bint looked_up  # the published attention takes its rows' q, k, v from lookup
+    const int* toks  # the rows' tokens (_forward_rows)
     bint bf16  # packed holds bf16 pairs (fc_matmul_packed_bf16)
     uint32_t* xw  # (ntask, xw_stride): each task's input rows as bf16 pairs
     Py_ssize_t xw_stride
@@ -332,9 +339,15 @@ cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept 
     cdef Py_ssize_t j0 = h0 * HS, j1 = h1 * HS, m, j, h, part, slot
     if h1 <= h0:
         return
-    fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
-    for part in range(3):
-        _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
+    if net.looked_up:
+        for m in range(M):
+            for part in range(3):
+                for j in range(part * C + j0, part * C + j1):
+                    net.qkv[m * 3 * C + j] = net.lookup[net.toks[m] * 3 * C + j]
+    else:
+        fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
+        for part in range(3):
+            _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
     if net.post == POST_ROPE:
         fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
     if net.batch:
@@ -485,6 +498,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
         fc_rope_tables(net.rope_cos, net.rope_sin, net.inv_freq, net.half, pos0, M)
     net.n0 = n0
     net.pos0 = pos0
+    net.toks = tokens
     while r < net.R:
         row = net.table + r * NCOL
         nxt = row + NCOL if r + 1 < net.R else NULL
@@ -535,6 +549,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             net.qkv = scratch + row[IN2]
             net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
             net.layer = row[LAYER]
+            net.looked_up = net.lookup != NULL and r - 1 == ROW_LOOKUP
             net.kc = net.kcache + row[LAYER] * S * C
             net.vc = net.vcache + row[LAYER] * S * C
             net.nt = net.ntask
@@ -640,15 +655,22 @@ cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py
     net.bf16 = False
     net.xw = NULL
     net.xw_stride = 0
+    net.lookup = NULL
+    net.looked_up = False
     if packed is None:
         return None
-    pk, po, precision = packed
+    pk, po, precision, lookup = packed
     if pk.shape[0] == 0:
         return None
     if po.shape[0] != R or precision not in ("fp32", "bf16"):
         raise ValueError("packed weights: pack_weights(params, table, precision) of this table")
     net.packed = &pk[0]
     net.poff = &po[0]
+    cdef const float[:, ::1] lk = lookup
+    if lk.shape[0] > 0:
+        if lk.shape[1] != 3 * table[ROW_LOOKUP, N]:
+            raise ValueError("packed weights: the lookup rows must be 3C wide")
+        net.lookup = &lk[0, 0]
     if precision == "fp32":
         return None
     for r in range(R):
@@ -661,11 +683,15 @@ cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py
     return words
 
 
-def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32") -> tuple:
+def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32", object eps=None,
+                 Py_ssize_t vocab=0) -> tuple:
     """The decode table's matrix products' weights packed for the vector products: (packed (n,)
     float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
-    without a product, precision), or empty arrays when the path in use has none (the generic path,
-    or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
+    without a product, precision, lookup), or empty arrays when the path in use has none (the generic
+    path, or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
+    lookup (vocab, 3C) float32: the first layer's q, k, v (before rotary positions) of each token, the
+    values the loop's product would compute (first_layer_lookup), when eps (the table's, (R,)) and
+    vocab are given and the table allows it; else (0, 0).
     Pack once per generation and keep as DecodeState.packed (fastchar.sampler.decode_state); the
     weights are read as they are now."""
     import numpy as np
@@ -675,7 +701,7 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if not (fc_packed_bf16_ok() if bf16 else fc_packed_ok()):
-        return np.zeros(0, np.float32), np.zeros(0, np.int64), precision
+        return np.zeros(0, np.float32), np.zeros(0, np.int64), precision, np.zeros((0, 0), np.float32)
     offsets = np.full(R, -1, np.int64)
     for r in range(R):
         if table[r, OPC] == OP_MATMUL or table[r, OPC] == OP_ATTENTION or table[r, OPC] == OP_MATMUL_T:
@@ -704,7 +730,69 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
                 fc_pack16_bf16(<uint32_t*>&pk[po[r]], &src[0], Kd, Nd, Nd)
             else:
                 fc_pack16(&pk[po[r]], &src[0], Kd, Nd, Nd)
-    return packed, offsets, precision
+    lookup = np.zeros((0, 0), np.float32)
+    if eps is not None and _lookup_on and first_layer_lookup(table, vocab):
+        lookup = _first_layer_rows(params, table, eps, packed, offsets, precision, vocab)
+    return packed, offsets, precision, lookup
+
+
+# The first layer's q, k, v by table lookup. With rotary positions (no position embedding) the rows the
+# first attention multiplies, norm(wte[token]), depend on the token only: the model's V tokens give V
+# rows of q, k and v, computed once per generation with the loop's own norm and product (the same
+# values, bit for bit: each is one chain over k whatever the rows or columns). The loop then copies a
+# row instead of reading the first qkv product's weights (C x 3C): a table of V x 3C is smaller when
+# V <= C (65 x 384 floats against 128 x 384 at the base model: 6 % of a character's weights).
+LOOKUP_ROW = ROW_LOOKUP  # (for fastchar.sampler.describe_decode)
+cdef bint _lookup_on = True
+
+
+def set_first_layer_lookup(bint on) -> None:
+    """Whether pack_weights builds the first layer's lookup (for tests and comparisons; default on)."""
+    global _lookup_on
+    _lookup_on = on
+
+
+def first_layer_lookup(const int64_t[:, ::1] table, Py_ssize_t vocab) -> bool:
+    """Whether a table's first attention can take q, k, v from a table of vocab rows: embedding
+    without positions, then a norm of it, then the first layer's attention on the norm; vocab <= C."""
+    if table.shape[1] != NCOL or table.shape[0] <= ROW_LOOKUP or vocab <= 0:
+        return False
+    cdef const int64_t* e = &table[0, 0]
+    cdef const int64_t* n = &table[1, 0]
+    cdef const int64_t* a = &table[ROW_LOOKUP, 0]
+    return (e[OPC] == OP_EMBED and e[W2] < 0 and (n[OPC] == OP_RMSNORM or n[OPC] == OP_LAYERNORM)
+            and n[IN] == e[OUT] and n[N] == e[N] and a[OPC] == OP_ATTENTION and a[IN] == n[OUT] and a[LAYER] == 0
+            and a[K] == e[N] and a[N] == e[N] and vocab <= e[N])
+
+
+cdef object _first_layer_rows(const float[::1] params, const int64_t[:, ::1] table, object eps, object packed,
+                              object offsets, str precision, Py_ssize_t V):
+    """lookup (V, 3C): norm(wte[t]) @ Wqkv for each token t, by the loop's own functions."""
+    import numpy as np
+
+    cdef Py_ssize_t C = table[0, N], t
+    cdef const int64_t* n = &table[1, 0]
+    cdef double e = eps[1]
+    rows = np.zeros((V, 3 * C), np.float32)
+    normed = np.zeros((V, C), np.float32)
+    xw = np.zeros(V * ((C + 1) // 2) + 16, np.uint32)
+    cdef float[:, ::1] y = rows
+    cdef float[:, ::1] h = normed
+    cdef uint32_t[::1] w = xw
+    cdef const float[::1] pk = packed
+    cdef Py_ssize_t at = offsets[ROW_LOOKUP]
+    if table[0, W] + V * C > params.shape[0]:
+        raise ValueError("the embedding has fewer rows than the vocabulary")
+    for t in range(V):
+        if n[OPC] == OP_RMSNORM:
+            fc_rmsnorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
+        else:
+            fc_layernorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
+    if precision == "bf16":
+        fc_matmul_packed_bf16(&y[0, 0], &h[0, 0], C, <const uint32_t*>&pk[at], V, C, 0, C, 3 * C, 0, 3 * C, &w[0])
+    else:
+        fc_matmul_packed(&y[0, 0], &h[0, 0], C, &pk[at], V, C, 0, C, 3 * C, 0, 3 * C)
+    return rows
 
 
 def token_probs(const float[::1] logits, double temperature, Py_ssize_t top_k, double top_p) -> object:

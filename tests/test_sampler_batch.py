@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, sampler, set_threads, stream
+from fastchar.graph import decode_table
 from fastchar.sampler import (
     StopScan,
     batch_loop,
@@ -333,6 +334,37 @@ def test_fused_stages_halve_the_meetings_and_keep_the_logits(isa_path, threads):
     assert (C, H, hidden) == (model.cfg.d_model, model.cfg.n_head, model.cfg.mlp_hidden)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_first_layer_lookup_gives_the_products_values_bit_for_bit(isa_path, precision):
+    """Rotary positions: the first attention's q, k, v come from a table of the vocabulary's rows
+    (pack_weights' lookup), the values the product computes: every draw's logits, and 64 streams'
+    texts, are the same bits with the lookup and without; learned positions, or a vocabulary wider
+    than C, build none."""
+    if precision == "bf16" and not cydecode.packed_available("bf16"):
+        pytest.skip("no packed bf16 product on this path (AVX512_BF16)")
+    model = make_model("rope", ctx=16, shape="fused", precision=precision)
+    plan = decode_table(model.cfg, model.params.offsets, 16)
+    lookup = sampler.packed_weights(model, plan)[3]
+    assert lookup.shape == ((11, 3 * model.cfg.d_model) if cydecode.packed_available(precision) else (0, 0))
+    learned = make_model("learned", shape="fused")
+    assert not cydecode.first_layer_lookup(decode_table(learned.cfg, learned.params.offsets, 8).table, 11)
+    assert not cydecode.first_layer_lookup(plan.table, model.cfg.d_model + 1)
+    assert cydecode.first_layer_lookup(plan.table, model.cfg.d_model)
+    got = {}
+    try:
+        for on in (True, False):
+            cydecode.set_first_layer_lookup(on)
+            logits = np.zeros((30, 11), np.float32)
+            ids = [int(t) for b in compiled_tokens(model, [3, 1, 4], 30, 1.0, None, 0.9, np.random.default_rng(2), 16,
+                                                   logits=logits) for t in b]  # fmt: skip
+            texts = generate(model, TOK, "abc", 60, top_p=0.9, seed=5, num_samples=64)
+            got[on] = (ids, logits, texts)
+    finally:
+        cydecode.set_first_layer_lookup(True)
+    assert got[True][0] == got[False][0] and got[True][2] == got[False][2]
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
 def test_the_decode_plan_names_each_rows_stage():
     """`fastchar info --plan` (describe_decode) says which rows share a stage: 2 a layer fused, 4 not."""
     from fastchar.sampler import describe_decode
@@ -343,6 +375,8 @@ def test_the_decode_plan_names_each_rows_stage():
         assert len(stages) == per_layer * 2, (shape, lines)  # 2 layers
         assert sum("fused (2 parts of K)" in line for line in lines) == (2 * 2 if shape == "fused" else 0)
         assert "main thread" in lines[-1]  # the head's one-row product
+        looked_up = "qkv from a table of the 11 tokens" in lines[2]  # rotary positions, V <= C: first_layer_lookup
+        assert looked_up == cydecode.packed_available("fp32") and "qkv from a table" not in "".join(lines[3:])
 
 
 def test_stream_text_does_not_depend_on_the_other_streams(isa_path):
