@@ -110,14 +110,14 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
         return limits
 
 
-def one_row_calls() -> tuple[int, int, int]:
-    """(one-stream calls of the Cython loop run on one thread, on a team, stages it ran: meetings of
-    the threads) so far; zeros without it."""
+def one_row_chars() -> tuple[int, int, int]:
+    """(characters of one-stream calls of the Cython loop run on one thread, on a team, stages it
+    ran: meetings of the threads) so far; zeros without it."""
     try:
         from fastchar import _cydecode
     except ImportError:
         return 0, 0, 0
-    return (*_cydecode.one_row_calls(), _cydecode.stages_run())
+    return (*_cydecode.one_row_chars(), _cydecode.stages_run())
 
 
 def time_fastchar(
@@ -126,7 +126,7 @@ def time_fastchar(
     """Aggregate chars/s of each run (streams, n characters per stream, top_p; streams = 0: the
     single-prompt API): the long run minus the short run (n/4), medians over `repeats` rounds. A
     round times every run once, so a spell of load on the machine falls on all of them alike and
-    their ratios (1 < 8 < 64 streams) hold. Also each run's share of one-stream calls that the
+    their ratios (1 < 8 < 64 streams) hold. Also each run's share of one-stream characters that the
     Cython loop ran on one thread (it chooses by measurement; None: no such calls), and each run's
     stages (meetings of the threads) per step of its streams: per character of one stream."""
     longs: list[list[float]] = [[] for _ in runs]
@@ -136,11 +136,11 @@ def time_fastchar(
 
     def timed(i: int, streams: int, m: int, top_p: float | None) -> float:
         kw = {} if streams == 0 else {"num_samples": streams}
-        before = one_row_calls()
+        before = one_row_chars()
         t0 = time.perf_counter()
         generate(model, tok, PROMPT, m, top_p=top_p, seed=0, **kw)
         dt = time.perf_counter() - t0
-        for k, (b, a) in enumerate(zip(before, one_row_calls(), strict=True)):
+        for k, (b, a) in enumerate(zip(before, one_row_chars(), strict=True)):
             calls[i][k] += a - b
         steps[i] += m
         return dt
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             fp = f"{f_peak:7.1%}" if f_peak is not None else f"{'n/a':>7}"
             print(f"| {name:30} | {precision:9} | {a:16,.0f} | {b:10,.0f} | {fb} | {fp} |")
             if share is not None and f_bw is not None:
-                print(f"#   ran on one thread in {share:.0%} of its calls (chosen by measurement); "
+                print(f"#   ran on one thread for {share:.0%} of its characters (chosen by measurement); "
                       f"of {threads} threads' bandwidth {f_bw:.1%}"
                       + (f", of one thread's {f_bw1:.1%}" if f_bw1 is not None else "")
                       + f"; {stages[2 * k + 1]:.1f} stages a character")  # fmt: skip

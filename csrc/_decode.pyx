@@ -79,19 +79,24 @@ cdef long _solo_next = SOLO_STEPS
 # a virtual machine that round trip depends on where the host runs the two virtual CPUs (70 ns and
 # 230 ns on one 2-core guest, an hour apart): at the long one, two threads made a base-model
 # character no faster than one, and a 64-wide model's 40 % slower. So after every PROBE_CALLS one-row
-# calls that only draw (no prompt), the next PROBE_LEN run on the other count, and the count with the
-# fewer seconds a character (the better of its last two calls) is kept; both give the same characters.
-# A probe that keeps the count doubles the calls to the next (up to MAX_PROBE_CALLS): a probe of the
-# slower count costs its share of the calls.
+# calls that only draw (no prompt), the other count is tried, and the count with the fewer seconds a
+# character (the better of its last two measurements) is kept; both give the same characters. On the
+# team, a call of 2 * PROBE_STEPS characters or more runs its first PROBE_STEPS on the main thread
+# alone and is timed in two parts (the probe costs 32 characters, not a call: with 256-character
+# calls, whole-call probes held one stream on one thread for 6 % of its calls); otherwise (on one
+# thread, or short calls) the next PROBE_LEN calls run on the other count. A probe that keeps the
+# count doubles the calls to the next (up to MAX_PROBE_CALLS).
 cdef int PROBE_CALLS = 32
 cdef int MAX_PROBE_CALLS = 1024
 cdef int PROBE_LEN = 2
+cdef Py_ssize_t PROBE_STEPS = 32
 cdef int _probe_every = PROBE_CALLS
 cdef double _per_char[2][2]  # seconds a character of the last two timed calls on one thread [0], a team [1]
 cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
 cdef bint _fixed = False  # set_one_row_threads: no probes
 cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
+cdef long _chars[2]  # their characters (steps) run on one thread [0] (a prefix probe's too) and on a team [1]
 cdef long _stages_run = 0  # stages of the decode loops (see _stage), since the process started
 
 
@@ -111,6 +116,12 @@ def one_row_threads() -> tuple:
     """(threads a one-row call runs on now: 1, or 0 for the team of fastchar.set_threads; seconds a
     character on one thread and on the team, the better of the last two calls each, 0.0 if none)."""
     return (1 if _one_thread else 0, _best(0), _best(1))
+
+
+def one_row_chars() -> tuple:
+    """(characters of one-row calls run on one thread, on a team) since the process started; a prefix
+    probe's first characters count as one thread's."""
+    return (_chars[0], _chars[1])
 
 
 def one_row_calls() -> tuple:
@@ -134,6 +145,17 @@ def set_one_row_threads(one: object = None) -> None:
 def _timed_call(bint team, double per_char, bint probe) -> None:
     """What a timed one-row call reports (for tests of the choice)."""
     _chose(team, per_char, probe)
+
+
+def _prefix_probe(double alone, double team) -> None:
+    """What a team call that probed one thread on its first PROBE_STEPS characters reports (seconds a
+    character of each part; for tests of the choice)."""
+    _chose_prefix(alone, team)
+
+
+def _prefix_due(Py_ssize_t steps) -> bool:
+    """Whether the next timed one-row call of that many characters is a prefix probe."""
+    return not _fixed and _probe_left == 0 and not _one_thread and steps >= 2 * PROBE_STEPS
 
 
 def _slow_call() -> None:
@@ -173,6 +195,10 @@ cdef enum:
 # thread count, the batch or the stream.
 DEF NPART = 2
 
+# The first attention's table row (embedding, norm, attention): see first_layer_lookup
+cdef enum:
+    ROW_LOOKUP = 2
+
 # Fewer streams than this draw on the main thread (a stage's handshake costs more than the draws)
 cdef Py_ssize_t SAMPLE_STAGE_ROWS = 4
 
@@ -196,12 +222,16 @@ cdef struct Net:
     fc_team* team
     const float* packed  # the products' weights packed by pack_weights, or NULL: fc_matmul on params
     const int64_t* poff  # (R,) each table row's weights in packed
+    const float* lookup  # (V, 3C) the first layer's q, k, v of each token (pack_weights), or NULL
+    bint looked_up  # the published attention takes its rows' q, k, v from lookup
+    const int* toks  # the rows' tokens (_forward_rows)
     bint bf16  # packed holds bf16 pairs (fc_matmul_packed_bf16)
     uint32_t* xw  # (ntask, xw_stride): each task's input rows as bf16 pairs
     Py_ssize_t xw_stride
     Py_ssize_t ntask
     Py_ssize_t nt  # tasks of the published stage: ntask, or min(ntask, NPART) for a fused one
     bint solo  # the main thread runs every task itself, publishing none (see _stage)
+    bint alone  # the same, for the first steps of a prefix probe only (solo stays for the call)
     long stages  # stages run (published or solo) since _setup_net
     bint fuse  # the model's shapes allow fused stages (see _setup_net)
     float* part  # (NPART, rows, C): each part's share of a fused stage's second product
@@ -309,9 +339,15 @@ cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept 
     cdef Py_ssize_t j0 = h0 * HS, j1 = h1 * HS, m, j, h, part, slot
     if h1 <= h0:
         return
-    fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
-    for part in range(3):
-        _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
+    if net.looked_up:
+        for m in range(M):
+            for part in range(3):
+                for j in range(part * C + j0, part * C + j1):
+                    net.qkv[m * 3 * C + j] = net.lookup[net.toks[m] * 3 * C + j]
+    else:
+        fc_prefetch(net.xin, M * C * sizeof(float))  # written by the main thread just before
+        for part in range(3):
+            _product(net, i, net.qkv, net.xin, net.w, net.wp, M, C, 3 * C, part * C + j0, part * C + j1)
     if net.post == POST_ROPE:
         fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
     if net.batch:
@@ -375,7 +411,7 @@ cdef void _stage(Net* net) noexcept nogil:
     cdef long t
     cdef Py_ssize_t i
     net.stages += 1
-    if net.solo:
+    if net.solo or net.alone:
         for i in range(net.nt):
             _task(net, i)
         return
@@ -462,6 +498,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
         fc_rope_tables(net.rope_cos, net.rope_sin, net.inv_freq, net.half, pos0, M)
     net.n0 = n0
     net.pos0 = pos0
+    net.toks = tokens
     while r < net.R:
         row = net.table + r * NCOL
         nxt = row + NCOL if r + 1 < net.R else NULL
@@ -512,6 +549,7 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             net.qkv = scratch + row[IN2]
             net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
             net.layer = row[LAYER]
+            net.looked_up = net.lookup != NULL and r - 1 == ROW_LOOKUP
             net.kc = net.kcache + row[LAYER] * S * C
             net.vc = net.vcache + row[LAYER] * S * C
             net.nt = net.ntask
@@ -597,6 +635,7 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     net.team = team
     net.ntask = nt
     net.solo = False
+    net.alone = False
     net.batch = False
     net.stages = 0
     return block
@@ -616,15 +655,22 @@ cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py
     net.bf16 = False
     net.xw = NULL
     net.xw_stride = 0
+    net.lookup = NULL
+    net.looked_up = False
     if packed is None:
         return None
-    pk, po, precision = packed
+    pk, po, precision, lookup = packed
     if pk.shape[0] == 0:
         return None
     if po.shape[0] != R or precision not in ("fp32", "bf16"):
         raise ValueError("packed weights: pack_weights(params, table, precision) of this table")
     net.packed = &pk[0]
     net.poff = &po[0]
+    cdef const float[:, ::1] lk = lookup
+    if lk.shape[0] > 0:
+        if lk.shape[1] != 3 * table[ROW_LOOKUP, N]:
+            raise ValueError("packed weights: the lookup rows must be 3C wide")
+        net.lookup = &lk[0, 0]
     if precision == "fp32":
         return None
     for r in range(R):
@@ -637,11 +683,15 @@ cdef object _use_packed(Net* net, object packed, const int64_t[:, ::1] table, Py
     return words
 
 
-def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32") -> tuple:
+def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str precision="fp32", object eps=None,
+                 Py_ssize_t vocab=0) -> tuple:
     """The decode table's matrix products' weights packed for the vector products: (packed (n,)
     float32 -- bf16 pairs in its bits for precision "bf16" --, offsets (R,) int64, -1 for rows
-    without a product, precision), or empty arrays when the path in use has none (the generic path,
-    or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
+    without a product, precision, lookup), or empty arrays when the path in use has none (the generic
+    path, or "bf16" without AVX512_BF16 on the avx512 path): the loops then read params in fp32.
+    lookup (vocab, 3C) float32: the first layer's q, k, v (before rotary positions) of each token, the
+    values the loop's product would compute (first_layer_lookup), when eps (the table's, (R,)) and
+    vocab are given and the table allows it; else (0, 0).
     Pack once per generation and keep as DecodeState.packed (fastchar.sampler.decode_state); the
     weights are read as they are now."""
     import numpy as np
@@ -651,7 +701,7 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if not (fc_packed_bf16_ok() if bf16 else fc_packed_ok()):
-        return np.zeros(0, np.float32), np.zeros(0, np.int64), precision
+        return np.zeros(0, np.float32), np.zeros(0, np.int64), precision, np.zeros((0, 0), np.float32)
     offsets = np.full(R, -1, np.int64)
     for r in range(R):
         if table[r, OPC] == OP_MATMUL or table[r, OPC] == OP_ATTENTION or table[r, OPC] == OP_MATMUL_T:
@@ -680,7 +730,69 @@ def pack_weights(const float[::1] params, const int64_t[:, ::1] table, str preci
                 fc_pack16_bf16(<uint32_t*>&pk[po[r]], &src[0], Kd, Nd, Nd)
             else:
                 fc_pack16(&pk[po[r]], &src[0], Kd, Nd, Nd)
-    return packed, offsets, precision
+    lookup = np.zeros((0, 0), np.float32)
+    if eps is not None and _lookup_on and first_layer_lookup(table, vocab):
+        lookup = _first_layer_rows(params, table, eps, packed, offsets, precision, vocab)
+    return packed, offsets, precision, lookup
+
+
+# The first layer's q, k, v by table lookup. With rotary positions (no position embedding) the rows the
+# first attention multiplies, norm(wte[token]), depend on the token only: the model's V tokens give V
+# rows of q, k and v, computed once per generation with the loop's own norm and product (the same
+# values, bit for bit: each is one chain over k whatever the rows or columns). The loop then copies a
+# row instead of reading the first qkv product's weights (C x 3C): a table of V x 3C is smaller when
+# V <= C (65 x 384 floats against 128 x 384 at the base model: 6 % of a character's weights).
+LOOKUP_ROW = ROW_LOOKUP  # (for fastchar.sampler.describe_decode)
+cdef bint _lookup_on = True
+
+
+def set_first_layer_lookup(bint on) -> None:
+    """Whether pack_weights builds the first layer's lookup (for tests and comparisons; default on)."""
+    global _lookup_on
+    _lookup_on = on
+
+
+def first_layer_lookup(const int64_t[:, ::1] table, Py_ssize_t vocab) -> bool:
+    """Whether a table's first attention can take q, k, v from a table of vocab rows: embedding
+    without positions, then a norm of it, then the first layer's attention on the norm; vocab <= C."""
+    if table.shape[1] != NCOL or table.shape[0] <= ROW_LOOKUP or vocab <= 0:
+        return False
+    cdef const int64_t* e = &table[0, 0]
+    cdef const int64_t* n = &table[1, 0]
+    cdef const int64_t* a = &table[ROW_LOOKUP, 0]
+    return (e[OPC] == OP_EMBED and e[W2] < 0 and (n[OPC] == OP_RMSNORM or n[OPC] == OP_LAYERNORM)
+            and n[IN] == e[OUT] and n[N] == e[N] and a[OPC] == OP_ATTENTION and a[IN] == n[OUT] and a[LAYER] == 0
+            and a[K] == e[N] and a[N] == e[N] and vocab <= e[N])
+
+
+cdef object _first_layer_rows(const float[::1] params, const int64_t[:, ::1] table, object eps, object packed,
+                              object offsets, str precision, Py_ssize_t V):
+    """lookup (V, 3C): norm(wte[t]) @ Wqkv for each token t, by the loop's own functions."""
+    import numpy as np
+
+    cdef Py_ssize_t C = table[0, N], t
+    cdef const int64_t* n = &table[1, 0]
+    cdef double e = eps[1]
+    rows = np.zeros((V, 3 * C), np.float32)
+    normed = np.zeros((V, C), np.float32)
+    xw = np.zeros(V * ((C + 1) // 2) + 16, np.uint32)
+    cdef float[:, ::1] y = rows
+    cdef float[:, ::1] h = normed
+    cdef uint32_t[::1] w = xw
+    cdef const float[::1] pk = packed
+    cdef Py_ssize_t at = offsets[ROW_LOOKUP]
+    if table[0, W] + V * C > params.shape[0]:
+        raise ValueError("the embedding has fewer rows than the vocabulary")
+    for t in range(V):
+        if n[OPC] == OP_RMSNORM:
+            fc_rmsnorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
+        else:
+            fc_layernorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
+    if precision == "bf16":
+        fc_matmul_packed_bf16(&y[0, 0], &h[0, 0], C, <const uint32_t*>&pk[at], V, C, 0, C, 3 * C, 0, 3 * C, &w[0])
+    else:
+        fc_matmul_packed(&y[0, 0], &h[0, 0], C, &pk[at], V, C, 0, C, 3 * C, 0, 3 * C)
+    return rows
 
 
 def token_probs(const float[::1] logits, double temperature, Py_ssize_t top_k, double top_p) -> object:
@@ -724,7 +836,10 @@ cdef struct Batch:
     Py_ssize_t V, N, B, logits_at
     bint advance_last
     bint slides
+    double t_start  # when _run_batch started
+    double t_split  # when the first alone_steps steps were drawn (a prefix probe)
     double t_end  # when _run_batch finished (the helpers may still have to notice)
+    Py_ssize_t alone_steps  # a prefix probe: steps run on the main thread alone first (net.alone), else 0
     const int32_t* masks  # (ngroups, B): the streams of each group (run one group after another)
     Py_ssize_t ngroups
 
@@ -762,6 +877,7 @@ cdef void _run_batch(Batch* job) noexcept nogil:
     """The body of generate_batch (main thread): its groups one after another; tells the helpers to
     stop when done."""
     cdef Py_ssize_t g
+    job.t_start = fc_now()
     for g in range(job.ngroups):
         job.active = job.masks + g * job.B
         _run_group(job)
@@ -794,6 +910,9 @@ cdef void _run_group(Batch* job) noexcept nogil:
             job.ndraw += 1
     for i in range(N):
         job.i = i
+        if i == job.alone_steps and job.alone_steps > 0:  # a prefix probe: the rest on the team
+            job.t_split = fc_now()
+            net.alone = False
         if job.ndraw < SAMPLE_STAGE_ROWS:
             _sample_rows(job, 0, 0, job.ndraw)
         else:
@@ -930,13 +1049,16 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef bint one_row = nt > 1 and running == 1
     cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
     cdef bint probe = timed and not _fixed and _probe_left <= 0
+    cdef bint prefix = probe and _prefix_due(Nn)
     if probe and _probe_left == 0:  # a probe starts: the other count's old times are stale
         _per_char[not _one_thread][0] = _per_char[not _one_thread][1] = 0.0
     cdef double t_call = fc_now()
-    if one_row and _one_thread != probe:  # one thread: the choice, or the probe of a team that is not
+    if one_row and _one_thread != (probe and not prefix):  # one thread: the choice, or a probe of it
         nt = 1
     if one_row:
         _calls[nt > 1] += 1
+        _chars[0] += Nn if nt == 1 else PROBE_STEPS if prefix else 0
+        _chars[1] += Nn - PROBE_STEPS if prefix else Nn if nt > 1 else 0
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)
@@ -976,6 +1098,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     job.draw = &rows_v[4 * B]
     job.V, job.logits_at = V, logits_at
     job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
+    job.alone_steps = PROBE_STEPS if prefix else 0
+    net.alone = prefix
     if ngroups > 1 and nt > 1:
         free(block)
         _side_by_side(jp, st, table, masks, nt, rows_cap)
@@ -992,23 +1116,44 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     free(block)
     _stages_run += net.stages
     _after_call(net.solo, nt, job.t_end)
-    if timed and not net.solo:  # (a call that went solo half way measured neither)
+    if timed and not net.solo and prefix:  # (a call that went solo half way measured neither)
+        _chose_prefix((job.t_split - job.t_start) / PROBE_STEPS, (job.t_end - job.t_split) / (Nn - PROBE_STEPS))
+    elif timed and not net.solo:
         _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
+
+
+cdef void _keep(bint team, double per_char):
+    _per_char[team][1] = _per_char[team][0]
+    _per_char[team][0] = per_char
+
+
+cdef void _decide():
+    """The end of a probe: keep the count with the fewer seconds a character; the next probe comes
+    twice as many calls later if the count stays."""
+    global _probe_left, _one_thread, _probe_every
+    cdef bint one
+    if _best(0) > 0.0 and _best(1) > 0.0:
+        one = _best(0) < _best(1)
+        _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
+        _one_thread = one
+    _probe_left = _probe_every
+
+
+cdef void _chose_prefix(double alone, double team):
+    """After a team call that probed one thread on its first PROBE_STEPS characters: keep both parts'
+    seconds a character and decide."""
+    _keep(False, alone)
+    _keep(True, team)
+    _decide()
 
 
 cdef void _chose(bint team, double per_char, bint probe):
     """After a timed one-row call: keep its time per character; at the end of a probe keep the faster count."""
-    global _probe_left, _one_thread, _probe_every
-    cdef bint one
-    _per_char[team][1] = _per_char[team][0]
-    _per_char[team][0] = per_char
+    global _probe_left
+    _keep(team, per_char)
     _probe_left -= 1
     if probe and _probe_left <= -PROBE_LEN:
-        if _best(0) > 0.0 and _best(1) > 0.0:
-            one = _best(0) < _best(1)
-            _probe_every = PROBE_CALLS if one != _one_thread else min(2 * _probe_every, MAX_PROBE_CALLS)
-            _one_thread = one
-        _probe_left = _probe_every
+        _decide()
 
 
 cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, const int32_t[:, ::1] masks, int nt,

@@ -308,10 +308,13 @@ def python_tokens(
 
 def packed_weights(model: Model, plan: DecodeTable) -> tuple | None:
     """The products' weights packed once for this generation in the model's precision (the backend's
-    pack_decode_weights), or None. Changes to those weights after this call do not reach the stream
-    (the embeddings and norms are read as it goes)."""
+    pack_decode_weights, with the first layer's lookup where it applies), or None. Changes to those
+    weights (and, with the lookup, to the embedding and first norm) after this call do not reach the
+    stream (the other embeddings and norms are read as it goes)."""
     pack = getattr(model.kernels, "pack_decode_weights", None)
-    return None if pack is None else pack(model.params.flat, plan.table, model.precision)
+    if pack is None:
+        return None
+    return pack(model.params.flat, plan.table, model.precision, plan.eps, model.cfg.vocab_size)
 
 
 @dataclass
@@ -321,7 +324,7 @@ class DecodeState:
 
     The model: params (P,) float32; table, eps, inv_freq, slides, logits_at: graph.decode_table's
     (its scratch slots hold max(S, B) rows); n_head; packed: pack_decode_weights' (packed, offsets,
-    precision) or None. Per stream b (S the window, L layers, C channels, V the vocabulary):
+    precision, lookup) or None. Per stream b (S the window, L layers, C channels, V the vocabulary):
     tokens (B, S) int32 the cached tokens; state (B, 2) int64 rows in the cache and the absolute
     position of the next token; n_feed (B,) int64 tokens[b, n_cache:n_cache+n_feed] still to encode
     (a prompt); active (B,) int32 (0: left alone); kcache (B, L, C, S) float32 the keys, time last
@@ -532,8 +535,9 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
         path = "AVX-512F+BF16" if model.precision == "bf16" else isa.path()
         why = f"{model.precision} weights packed in 16-column panels ({path})" if packed else "fp32, unpacked"
         stages = _cydecode.row_stages(plan.table, model.cfg.d_model, model.cfg.n_head)
+    looked_up = packed and _cydecode.first_layer_lookup(plan.table, model.cfg.vocab_size)
     lines = []
-    for row, stage in zip(plan.table, stages, strict=True):
+    for r, (row, stage) in enumerate(zip(plan.table, stages, strict=True)):
         rec = OPCODE_RECORD[int(row[OPC])]
         fn = rec.decode_functions[column] if rec.decode_functions else "inline"
         post = POST_NAMES[int(row[POST])]
@@ -543,7 +547,9 @@ def describe_decode(model: Model, window: int | None = None) -> list[str]:
         product = rec.rows or rec.absorbs_product  # the products (x @ W, x @ W.T, the qkv stage)
         if product:
             chosen = "fc_matmul_packed" + ("_bf16" if model.precision == "bf16" else "") if packed else None
-            if rec.absorbs_product:
+            if rec.absorbs_product and looked_up and r == _cydecode.LOOKUP_ROW:
+                fn = f"qkv from a table of the {model.cfg.vocab_size} tokens + {fn}"
+            elif rec.absorbs_product:
                 fn = f"{chosen or MATMUL.decode_functions[column]} (qkv) + {fn}"
             elif chosen:
                 fn = chosen + (" + " + fn.split(" + ", 1)[1] if " + " in fn else "")

@@ -107,7 +107,7 @@ def test_pack_weights_follows_the_path():
     code = (
         "import numpy as np; from fastchar import Model, ModelConfig; from fastchar.graph import decode_table;"
         "import fastchar._cydecode as d; m = Model(ModelConfig(), backend='cython');"
-        "p, o, _ = d.pack_weights(m.params.flat, decode_table(m.cfg, m.params.offsets, 64).table);"
+        "p, o, *_ = d.pack_weights(m.params.flat, decode_table(m.cfg, m.params.offsets, 64).table);"
         "print(p.size, int((o >= 0).sum()), p.ctypes.data % 64)"
     )
     for path in isa.runnable():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fastchar import CharTokenizer, ConfigError, Model, ModelConfig, generate, sampler, set_threads, stream
+from fastchar.graph import decode_table
 from fastchar.sampler import (
     StopScan,
     batch_loop,
@@ -181,6 +182,60 @@ def test_one_row_calls_keep_the_faster_thread_count():
         cydecode.set_one_row_threads(None)
 
 
+def test_a_team_probes_one_thread_on_the_first_characters_of_a_call():
+    """On the team, a probe of one thread is the first 32 characters of a long enough call, run on
+    the main thread alone and timed apart from the rest (one call decides); on one thread, or with
+    short calls, probes are whole calls of the team (two decide)."""
+    cydecode.set_one_row_threads(None)
+    try:
+        for _ in range(2):
+            assert not cydecode._probing()
+            cydecode._timed_call(True, 10e-6, False)
+        assert cydecode._probing() and cydecode._prefix_due(256) and not cydecode._prefix_due(63)
+        cydecode._prefix_probe(5e-6, 10e-6)  # one thread faster: chosen at once
+        assert cydecode.one_row_threads() == (1, 5e-6, 10e-6) and not cydecode._probing()
+        while not cydecode._probing():
+            cydecode._timed_call(False, 5e-6, False)
+        assert not cydecode._prefix_due(256)  # on one thread: whole calls of the team
+        cydecode._timed_call(True, 3e-6, True)
+        cydecode._timed_call(True, 4e-6, True)
+        assert cydecode.one_row_threads() == (0, 5e-6, 3e-6)
+        n = 0
+        while not cydecode._probing():
+            cydecode._timed_call(True, 3e-6, False)
+            n += 1
+        cydecode._prefix_probe(6e-6, 3e-6)  # the team stays: the next probe twice as far
+        m = 0
+        while not cydecode._probing():
+            cydecode._timed_call(True, 3e-6, False)
+            m += 1
+        assert cydecode.one_row_threads()[0] == 0 and m == 2 * n
+    finally:
+        cydecode.set_one_row_threads(None)
+
+
+def test_a_prefix_probe_runs_32_characters_alone_and_changes_no_character():
+    model = make_model("rope", ctx=16, shape="fused")
+    set_threads(2)
+    try:
+        cydecode.set_one_row_threads(True)
+        want = generate(model, TOK, "ab", 1024, top_p=0.9, seed=4)
+        for _ in range(3):  # again if the host stalled a helper (a solo spell: calls on one thread)
+            cydecode._end_solo_spell()
+            cydecode.set_one_row_threads(None)  # the team, probing after two timed calls
+            chars = cydecode.one_row_chars()
+            got = generate(model, TOK, "ab", 1024, top_p=0.9, seed=4)  # calls: prompt + 256, 256, 256, probe 256
+            if cydecode.solo_steps_left() == 0:
+                break
+        alone, team = (a - b for a, b in zip(cydecode.one_row_chars(), chars, strict=True))
+        assert alone == 32 and team == 1024 - 32
+        assert got == want
+    finally:
+        cydecode._end_solo_spell()
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
+
+
 def test_a_slow_wait_sends_the_next_characters_solo_counted_in_steps_not_calls():
     """After a helper held a call up, the solo spell lasts SOLO_STEPS characters (256), whatever the
     calls' size: one stream's calls inside it run on one thread and are not one-row team calls; the
@@ -200,7 +255,9 @@ def test_a_slow_wait_sends_the_next_characters_solo_counted_in_steps_not_calls()
         assert cydecode.solo_steps_left() == 0 and cydecode.one_row_calls() == calls  # all solo
         generate(model, TOK, "ab", 50, seed=1)
         assert cydecode.one_row_calls()[1] > calls[1]  # the team again
+        cydecode._end_solo_spell()  # (had the host stalled the helper in that call, a spell would have begun)
         cydecode._slow_call()
+        assert cydecode.solo_steps_left() == spell
         cydecode._slow_call()
         assert cydecode.solo_steps_left() == 2 * spell
     finally:
@@ -277,6 +334,37 @@ def test_fused_stages_halve_the_meetings_and_keep_the_logits(isa_path, threads):
     assert (C, H, hidden) == (model.cfg.d_model, model.cfg.n_head, model.cfg.mlp_hidden)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_first_layer_lookup_gives_the_products_values_bit_for_bit(isa_path, precision):
+    """Rotary positions: the first attention's q, k, v come from a table of the vocabulary's rows
+    (pack_weights' lookup), the values the product computes: every draw's logits, and 64 streams'
+    texts, are the same bits with the lookup and without; learned positions, or a vocabulary wider
+    than C, build none."""
+    if precision == "bf16" and not cydecode.packed_available("bf16"):
+        pytest.skip("no packed bf16 product on this path (AVX512_BF16)")
+    model = make_model("rope", ctx=16, shape="fused", precision=precision)
+    plan = decode_table(model.cfg, model.params.offsets, 16)
+    lookup = sampler.packed_weights(model, plan)[3]
+    assert lookup.shape == ((11, 3 * model.cfg.d_model) if cydecode.packed_available(precision) else (0, 0))
+    learned = make_model("learned", shape="fused")
+    assert not cydecode.first_layer_lookup(decode_table(learned.cfg, learned.params.offsets, 8).table, 11)
+    assert not cydecode.first_layer_lookup(plan.table, model.cfg.d_model + 1)
+    assert cydecode.first_layer_lookup(plan.table, model.cfg.d_model)
+    got = {}
+    try:
+        for on in (True, False):
+            cydecode.set_first_layer_lookup(on)
+            logits = np.zeros((30, 11), np.float32)
+            ids = [int(t) for b in compiled_tokens(model, [3, 1, 4], 30, 1.0, None, 0.9, np.random.default_rng(2), 16,
+                                                   logits=logits) for t in b]  # fmt: skip
+            texts = generate(model, TOK, "abc", 60, top_p=0.9, seed=5, num_samples=64)
+            got[on] = (ids, logits, texts)
+    finally:
+        cydecode.set_first_layer_lookup(True)
+    assert got[True][0] == got[False][0] and got[True][2] == got[False][2]
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
 def test_the_decode_plan_names_each_rows_stage():
     """`fastchar info --plan` (describe_decode) says which rows share a stage: 2 a layer fused, 4 not."""
     from fastchar.sampler import describe_decode
@@ -287,6 +375,8 @@ def test_the_decode_plan_names_each_rows_stage():
         assert len(stages) == per_layer * 2, (shape, lines)  # 2 layers
         assert sum("fused (2 parts of K)" in line for line in lines) == (2 * 2 if shape == "fused" else 0)
         assert "main thread" in lines[-1]  # the head's one-row product
+        looked_up = "qkv from a table of the 11 tokens" in lines[2]  # rotary positions, V <= C: first_layer_lookup
+        assert looked_up == cydecode.packed_available("fp32") and "qkv from a table" not in "".join(lines[3:])
 
 
 def test_stream_text_does_not_depend_on_the_other_streams(isa_path):
