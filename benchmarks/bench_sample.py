@@ -110,6 +110,16 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
         return limits
 
 
+def threads_share_a_core(limits: dict, mb: float) -> bool:
+    """Whether machine_limits' figures say the threads run on one core's hyperthreads: a round trip
+    under 40 ns (a line that never leaves the core) and the threads together reading mb megabytes at
+    most 1.3 times as fast as one thread. A 2-core guest on this project's machines is sometimes
+    placed that way for a while: its peak and bandwidth then read half."""
+    rt = limits.get("round_trip_ns")
+    bw, bw1 = limits.get(f"read_gbs_{mb:.2f}MB"), limits.get(f"read_gbs_{mb:.2f}MB_1thread")
+    return rt is not None and bw is not None and bw1 is not None and rt < 40 and bw < 1.3 * bw1
+
+
 def one_row_chars() -> tuple[int, int, int]:
     """(characters of one-stream calls of the Cython loop run on one thread, on a team, stages it
     ran: meetings of the threads) so far; zeros without it."""
@@ -209,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         "chars/s": {},
     }
     rows = [("one stream", 0, args.chars)]
-    rows += [(f"N = {n} streams, aggregate", n, max(args.chars // n, 400)) for n in (1, 8, 64)]
+    # each stream at least 1,600 characters (min(chars, 1,600) with --chars): at 400, 64 streams' long run
+    # took a quarter of a second and the 8-stream and 64-stream medians swapped places between runs
+    rows += [(f"N = {n} streams, aggregate", n, max(args.chars // n, min(args.chars, 1600))) for n in (1, 8, 64)]
     models = {
         precision: _model(args.checkpoint, args.backend, precision, args.position) for precision in args.precision
     }
@@ -244,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if "round_trip_ns" in limits:
         print(f"# a cache line's round trip between two threads: {limits['round_trip_ns']:.0f} ns")
+    res["threads_share_a_core"] = one_core = threads_share_a_core(limits, sizes[args.precision[0]])
+    if one_core:
+        print(
+            "# the threads share one core (hyperthreads of it, as the host placed them now): a short round "
+            "trip, and two threads read no faster than one; the limits above are that core's"
+        )
     print()
     head = f"| {'run':30} | precision | {'temperature 0.8':>16} | {'top-p 0.9':>10} | of bandwidth | of peak |"
     print(head)

@@ -146,6 +146,16 @@ def test_bench_contention_runs_the_trainer_beside_a_busy_loop(capsys):
     assert "| generic | 1 | chooser |" in capsys.readouterr().out
 
 
+def test_bench_sample_tells_when_the_threads_share_a_core():
+    from benchmarks.bench_sample import threads_share_a_core
+
+    shared = {"round_trip_ns": 27.0, "read_gbs_3.18MB": 97.8, "read_gbs_3.18MB_1thread": 96.3}
+    assert threads_share_a_core(shared, 3.18)
+    assert not threads_share_a_core({**shared, "round_trip_ns": 69.0}, 3.18)  # two cores
+    assert not threads_share_a_core({**shared, "read_gbs_3.18MB": 184.0}, 3.18)  # twice one thread's
+    assert not threads_share_a_core({}, 3.18)  # not measured (--quick)
+
+
 @pytest.mark.slow  # compiles and runs benchmarks/peak.c
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="benchmarks/peak.c needs gcc")
 def test_machine_limits_measure_peak_bandwidth_and_round_trip():
