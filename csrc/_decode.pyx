@@ -42,7 +42,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_limit, fc_taken, fc_wait_finished, fc_wait_taken, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -206,6 +206,17 @@ cdef Py_ssize_t SAMPLE_STAGE_ROWS = 4
 cdef struct Batch
 
 
+cdef struct Lead:
+    # the main thread's own state of a call (never read by the helpers, so kept off the Net they copy)
+    long stages  # stages run (published or solo) since _setup_net
+    bint solo  # the main thread runs every task itself, publishing none (see _stage)
+    bint alone  # the same, for the first steps of a prefix probe only (solo stays for the call)
+    bint published  # the next stage is already published (_early)
+    Py_ssize_t rows_used  # its table rows
+    long nfused  # fused stages described: their parts alternate between two buffers
+    long early  # stages published early
+
+
 cdef struct Net:
     # the model, the buffers, the team, and the stage now published (see _stage)
     const float* params
@@ -230,12 +241,20 @@ cdef struct Net:
     Py_ssize_t xw_stride
     Py_ssize_t ntask
     Py_ssize_t nt  # tasks of the published stage: ntask, or min(ntask, NPART) for a fused one
-    bint solo  # the main thread runs every task itself, publishing none (see _stage)
-    bint alone  # the same, for the first steps of a prefix probe only (solo stays for the call)
-    long stages  # stages run (published or solo) since _setup_net
+    Lead* lead
     bint fuse  # the model's shapes allow fused stages (see _setup_net)
-    float* part  # (NPART, rows, C): each part's share of a fused stage's second product
+    float* part  # (NPART, rows, C): each part's share of a fused stage's second product (of part_base)
+    float* part_base  # (2, NPART, rows, C): fused stages alternate between its halves (_early)
     Py_ssize_t part_stride
+    # a stage published early (_early): a helper computes its own input, the norm of
+    # pre_x2 + (pre_part 0 + pre_part 1), into mine, as the main thread computes it into xin
+    bint prelude
+    const float* pre_x2
+    const float* pre_part
+    const float* pre_w
+    float pre_eps
+    int pre_norm
+    float* mine  # (2, rows, C): a helper's sum and its norm
     # the stage
     int kind
     int post
@@ -321,15 +340,28 @@ cdef inline void _parts_out(Net* net, Py_ssize_t i, Py_ssize_t k0, Py_ssize_t k1
                net.Nd2, 0, net.Nd2)
 
 
-cdef void _sum_parts(Net* net) noexcept nogil:
-    """Main thread, after a fused stage: y2 = x2 + (part 0 + part 1 + ...), in part order."""
-    cdef Py_ssize_t c, p, n = net.M * net.Nd2
+cdef void _sum_parts(float* y2, const float* x2, const float* part, Py_ssize_t stride, Py_ssize_t n) noexcept nogil:
+    """After a fused stage: y2 = x2 + (part 0 + part 1 + ...), in part order (n values; parts stride apart)."""
+    cdef Py_ssize_t c, p
     cdef float s
     for c in range(n):
-        s = net.part[c]
+        s = part[c]
         for p in range(1, NPART):
-            s = s + net.part[p * net.part_stride + c]
-        net.y2[c] = net.x2[c] + s
+            s = s + part[p * stride + c]
+        y2[c] = x2[c] + s
+
+
+cdef void _prelude(Net* net) noexcept nogil:
+    """A helper's copy of a stage published early: its input rows, the norm of the previous stage's
+    sum, computed as the main thread computes them (the same functions, the same order) into
+    net.mine, and net.xin pointed there."""
+    cdef Py_ssize_t n = net.M * net.C
+    _sum_parts(net.mine, net.pre_x2, net.pre_part, net.part_stride, n)
+    if net.pre_norm == OP_RMSNORM:
+        fc_rmsnorm(net.mine + n, net.mine, net.pre_w, net.M, net.C, net.pre_eps)
+    else:
+        fc_layernorm(net.mine + n, net.mine, net.pre_w, net.M, net.C, net.pre_eps)
+    net.xin = net.mine + n
 
 
 cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept nogil:
@@ -402,39 +434,61 @@ cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
     _post(net.post, net.y, net.x2, net.M, net.Nd, j0, j1)
 
 
-cdef void _stage(Net* net) noexcept nogil:
-    """Main thread: publish the stage described in net, run tasks until none is left, wait for all.
+cdef long _begin(Net* net) noexcept nogil:
+    """Main thread: publish the stage described in net (unless _early did), run its first task and
+    any a helper has not started; returns the tickets published so far (_end waits for them), or -1
+    if it ran solo.
 
     If a helper held it up for over SLOW_WAIT (descheduled mid-task: the cores are busy with other
     work), the rest of the call runs solo: every task on the main thread, in the same split.
     """
-    cdef long t
+    cdef long t, lim
     cdef Py_ssize_t i
-    net.stages += 1
-    if net.solo or net.alone:
+    net.lead.stages += 1
+    if (net.lead.solo or net.lead.alone) and not net.lead.published:
         for i in range(net.nt):
             _task(net, i)
-        return
-    fc_publish(net.team, net.nt - 1)
+        return -1
+    if not net.lead.published:
+        fc_publish(net.team, net.nt - 1)
+    net.lead.published = False
+    lim = fc_limit(net.team)
     _task(net, 0)
     while True:  # then any task a helper has not started
         t = fc_claim(net.team)
         if t < 0:
             break
+        fc_taken(net.team)
         _task(net, 1 + t % (net.nt - 1))
         fc_finish(net.team)
-    if fc_wait_done(net.team, SLOW_WAIT):
-        net.solo = True
+    return lim
+
+
+cdef void _end(Net* net, long lim) noexcept nogil:
+    """Main thread: wait until the tickets up to lim (_begin's) are finished."""
+    if lim >= 0 and fc_wait_finished(net.team, lim, SLOW_WAIT):
+        net.lead.solo = True
+
+
+cdef void _stage(Net* net) noexcept nogil:
+    """Main thread: publish the stage described in net, run tasks until none is left, wait for all."""
+    _end(net, _begin(net))
 
 
 cdef void _helper(Net* net) noexcept nogil:
     """Every other thread: run published tasks (a stage's first is the main thread's, never
-    published) until the main thread is done."""
+    published) until the main thread is done. A task runs on a copy of the stage's description,
+    taken as it starts (fc_taken: the main thread may then describe the next stage, see _early)."""
     cdef long t, spins = 0
+    cdef Net own
     while True:
         t = fc_claim(net.team)
         if t >= 0:
-            _task(net, 1 + t % (net.nt - 1))
+            own = net[0]
+            fc_taken(net.team)
+            if own.prelude:
+                _prelude(&own)
+            _task(&own, 1 + t % (own.nt - 1))
             fc_finish(net.team)
             spins = 0
         elif fc_quitting(net.team):
@@ -473,6 +527,109 @@ cdef inline void _second(Net* net, const int64_t* nxt, Py_ssize_t r) noexcept no
     net.wp2 = net.packed + net.poff[r] if net.packed != NULL else NULL
     net.Nd2 = nxt[N]
     net.nt = net.ntask if net.ntask < NPART else NPART
+    net.part = net.part_base + (net.lead.nfused % 2) * NPART * net.part_stride  # (_early: the previous stage's stay)
+    net.lead.nfused += 1
+
+
+cdef Py_ssize_t _describe(Net* net, Py_ssize_t ri, Py_ssize_t M) noexcept nogil:
+    """Describe in net the stage of table row ri (a product the main thread does not run alone, or an
+    attention) for M new rows, with the row after it if they fuse; returns the rows it takes."""
+    cdef const int64_t* row = net.table + ri * NCOL
+    cdef const int64_t* nxt = row + NCOL if ri + 1 < net.R else NULL
+    cdef Py_ssize_t Mr = M if row[ROWS] == ROWS_ALL or net.batch else 1  # a batch needs every stream's logits
+    cdef Py_ssize_t Kd = row[K], Nd = row[N], S = net.S, C = net.C
+    cdef float* out = net.scratch + row[OUT]
+    cdef const float* xin = net.scratch + row[IN] + ((M - 1) * Kd if row[ROWS] == ROWS_LAST and not net.batch else 0)
+    net.prelude = False
+    net.nt = net.ntask
+    net.wp = net.packed + net.poff[ri] if net.packed != NULL else NULL
+    if row[OPC] == OP_MATMUL:
+        net.kind = STAGE_MATMUL
+        net.y, net.xin, net.w, net.M, net.Kd, net.Nd, net.post = out, xin, net.params + row[W], Mr, Kd, Nd, row[POST]
+        net.x2 = net.scratch + row[IN2] if row[IN2] >= 0 else NULL
+        if (row[POST] == POST_RELU2 or row[POST] == POST_GELU) and _fuses(net, row, nxt):
+            net.kind = STAGE_MLP
+            _second(net, nxt, ri + 1)
+            return 2
+        return 1
+    net.kind = STAGE_ATTENTION
+    net.y, net.xin, net.w, net.M, net.post = out, xin, net.params + row[W], Mr, row[POST]
+    net.Nd = C
+    net.qkv = net.scratch + row[IN2]
+    net.layer = row[LAYER]
+    net.looked_up = net.lookup != NULL and ri == ROW_LOOKUP
+    net.kc = net.kcache + row[LAYER] * S * C
+    net.vc = net.vcache + row[LAYER] * S * C
+    if _fuses(net, row, nxt):
+        net.kind = STAGE_ATTENTION_OUT
+        _second(net, nxt, ri + 1)
+        return 2
+    return 1
+
+
+cdef bint _early_on = True
+cdef long _early_run = 0  # stages published early (_early), since the process started
+
+
+def early_published() -> int:
+    """Stages the Cython loop published before the one before them was summed (_early), since the
+    process started."""
+    return _early_run
+
+
+def set_early_publish(bint on) -> None:
+    """Whether the Cython loop publishes a stage before the one before it is summed (_early; for tests
+    and comparisons, default on): the same characters either way."""
+    global _early_on
+    _early_on = on
+
+
+cdef bint _early(Net* net, Py_ssize_t r) noexcept nogil:
+    """Whether the stage after the fused stage just begun (its rows end before r) can be published
+    before the main thread adds its parts and takes the norm: row r is a norm of that sum and row
+    r + 1 a stage that fuses, reads the norm, and adds into that sum; one helper ticket a stage
+    (two threads). The helper then computes the sum and the norm itself (_prelude) from the stage's
+    residual input and parts, which nothing overwrites before it has finished."""
+    cdef const int64_t* prev = net.table + (r - 1) * NCOL  # the fused stage's second product
+    cdef const int64_t* nrm
+    cdef const int64_t* row
+    cdef const int64_t* nxt
+    if net.ntask != 2 or r + 2 >= net.R:
+        return False
+    nrm = net.table + r * NCOL
+    row = nrm + NCOL
+    nxt = row + NCOL
+    return ((nrm[OPC] == OP_RMSNORM or nrm[OPC] == OP_LAYERNORM) and nrm[IN] == prev[OUT] and nrm[N] == net.C
+            and (net.batch or nrm[ROWS] == ROWS_ALL) and row[IN] == nrm[OUT]
+            and (row[OPC] == OP_ATTENTION or (row[OPC] == OP_MATMUL and (row[POST] == POST_RELU2 or row[POST] == POST_GELU)))
+            and _fuses(net, row, nxt) and nxt[IN2] == prev[OUT]
+            and prev[IN2] != prev[OUT] and nrm[OUT] != prev[IN2] and row[OUT] != prev[IN2]
+            and (row[OPC] != OP_ATTENTION or row[IN2] != prev[IN2]))
+
+
+cdef void _run_stage(Net* net, Py_ssize_t r, Py_ssize_t M) noexcept nogil:
+    """Main thread: run the stage described in net (its rows end before r): _begin, then, if _early
+    allows, describe and publish the next stage before waiting for this one's helper, _end, and the
+    sum of a fused stage's parts."""
+    cdef bint fused = net.kind == STAGE_MLP or net.kind == STAGE_ATTENTION_OUT
+    cdef float* y2 = net.y2
+    cdef const float* x2 = net.x2
+    cdef const float* part = net.part
+    cdef Py_ssize_t n = net.M * net.Nd2
+    cdef const int64_t* nrm = net.table + r * NCOL
+    cdef long lim = _begin(net)
+    if fused and lim >= 0 and _early_on and not net.lead.solo and _early(net, r):
+        fc_wait_taken(net.team, lim, SLOW_WAIT)  # the helper has its copy of this stage's description
+        net.lead.rows_used = _describe(net, r + 1, M)
+        net.prelude = True
+        net.pre_x2, net.pre_part, net.pre_w = x2, part, net.params + nrm[W]
+        net.pre_eps, net.pre_norm = <float>net.eps[r], <int>nrm[OPC]
+        fc_publish(net.team, net.nt - 1)
+        net.lead.published = True
+        net.lead.early += 1
+    _end(net, lim)
+    if fused:
+        _sum_parts(y2, x2, part, net.part_stride, n)
 
 
 cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0, Py_ssize_t M) noexcept nogil:
@@ -481,9 +638,8 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
     the table's last output slot.
     Main thread; the helpers share the matrix products (by output columns, so each streams a share
     of the weights) and the attention heads."""
-    cdef Py_ssize_t r = 0, m, c, Mr, Kd, Nd, S = net.S, C = net.C
+    cdef Py_ssize_t r = 0, m, c, Mr, Kd, Nd, used
     cdef const int64_t* row
-    cdef const int64_t* nxt
     cdef const float* xin
     cdef float* out
     cdef float* scratch = net.scratch
@@ -501,7 +657,6 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
     net.toks = tokens
     while r < net.R:
         row = net.table + r * NCOL
-        nxt = row + NCOL if r + 1 < net.R else NULL
         r += 1
         Mr = M if row[ROWS] == ROWS_ALL or net.batch else 1  # a batch needs every stream's logits
         Kd = row[K]
@@ -529,37 +684,10 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
             # the head's one-row product (the logits): main thread, not worth a stage's handshake
             _product(net, 0, out, xin, net.params + row[W], net.packed + net.poff[r - 1] if net.packed != NULL else NULL,
                      1, Kd, Nd, 0, Nd)  # task 0's scratch: no stage is running
-        elif row[OPC] == OP_MATMUL:
-            net.kind = STAGE_MATMUL
-            net.y, net.xin, net.w, net.M, net.Kd, net.Nd, net.post = out, xin, net.params + row[W], Mr, Kd, Nd, row[POST]
-            net.x2 = scratch + row[IN2] if row[IN2] >= 0 else NULL
-            net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
-            net.nt = net.ntask
-            if (row[POST] == POST_RELU2 or row[POST] == POST_GELU) and _fuses(net, row, nxt):
-                net.kind = STAGE_MLP
-                _second(net, nxt, r)
-                r += 1
-            _stage(net)
-            if net.kind == STAGE_MLP:
-                _sum_parts(net)
-        elif row[OPC] == OP_ATTENTION:
-            net.kind = STAGE_ATTENTION
-            net.y, net.xin, net.w, net.M, net.post = out, xin, net.params + row[W], Mr, row[POST]
-            net.Nd = C
-            net.qkv = scratch + row[IN2]
-            net.wp = net.packed + net.poff[r - 1] if net.packed != NULL else NULL
-            net.layer = row[LAYER]
-            net.looked_up = net.lookup != NULL and r - 1 == ROW_LOOKUP
-            net.kc = net.kcache + row[LAYER] * S * C
-            net.vc = net.vcache + row[LAYER] * S * C
-            net.nt = net.ntask
-            if _fuses(net, row, nxt):
-                net.kind = STAGE_ATTENTION_OUT
-                _second(net, nxt, r)
-                r += 1
-            _stage(net)
-            if net.kind == STAGE_ATTENTION_OUT:
-                _sum_parts(net)
+        elif row[OPC] == OP_MATMUL or row[OPC] == OP_ATTENTION:
+            used = net.lead.rows_used if net.lead.published else _describe(net, r - 1, M)
+            r += used - 1
+            _run_stage(net, r, M)
         elif row[OPC] == OP_RESIDUAL:
             for c in range(Mr * Nd):
                 out[c] = xin[c] + scratch[row[IN2] + c]
@@ -614,30 +742,41 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
                        const double* inv_freq, Py_ssize_t half, float* scratch, Py_ssize_t R, Py_ssize_t S,
                        Py_ssize_t C, Py_ssize_t n_head, int nt, Py_ssize_t rope_rows) except NULL:
     """What both drivers' Net share: the model, an idle team, and the per-call scratch block (attention
-    scores (nt, S), the cos and sin rows (rope_rows, HS/2), then the fused stages' parts (NPART,
-    rope_rows, C)); returns the block, which the caller frees."""
+    scores (nt, S), the cos and sin rows (rope_rows, HS/2), the main thread's Lead, then the fused
+    stages' parts (2, NPART, rope_rows, C) and a helper's own rows (2, rope_rows, C)); returns the
+    block, which the caller frees."""
     team.next = 0
     team.limit = 0
     team.done = 0
+    team.taken = 0
     team.quit = 0
     net.params, net.table, net.eps, net.inv_freq, net.scratch = params, table, eps, inv_freq, scratch
     net.R, net.S, net.C, net.half, net.n_head = R, S, C, half, n_head
     cdef size_t head = (nt * S + 2 * rope_rows * half + 16) // 16 * 16  # whole 64-byte lines
+    cdef size_t lead = (sizeof(Lead) + 63) // 64 * 16  # floats
     net.part_stride = (rope_rows * C + 15) // 16 * 16
-    cdef float* block = <float*>aligned_alloc(64, (head + NPART * net.part_stride) * sizeof(float))
+    cdef float* block = <float*>aligned_alloc(64, (head + lead + (2 * NPART + 2) * net.part_stride) * sizeof(float))
     if block == NULL:
         raise MemoryError()
     net.scores = block
     net.rope_cos = block + nt * S
     net.rope_sin = net.rope_cos + rope_rows * half
-    net.part = block + head
+    net.lead = <Lead*>(block + head)
+    net.part_base = block + head + lead
+    net.part = net.part_base
+    net.mine = net.part_base + 2 * NPART * net.part_stride
     net.fuse = _can_fuse(C, n_head)
     net.team = team
     net.ntask = nt
-    net.solo = False
-    net.alone = False
+    net.prelude = False
+    net.lead.solo = False
+    net.lead.alone = False
+    net.lead.published = False
+    net.lead.rows_used = 0
+    net.lead.nfused = 0
+    net.lead.early = 0
     net.batch = False
-    net.stages = 0
+    net.lead.stages = 0
     return block
 
 
@@ -912,7 +1051,7 @@ cdef void _run_group(Batch* job) noexcept nogil:
         job.i = i
         if i == job.alone_steps and job.alone_steps > 0:  # a prefix probe: the rest on the team
             job.t_split = fc_now()
-            net.alone = False
+            net.lead.alone = False
         if job.ndraw < SAMPLE_STAGE_ROWS:
             _sample_rows(job, 0, 0, job.ndraw)
         else:
@@ -971,7 +1110,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     instead, each group on one thread with its own scratch (no handshake between the threads at
     every product: the threads take the next group as they finish one).
     """
-    global _stages_run
+    global _stages_run, _early_run
     cdef const float[::1] params = st.params
     cdef const int64_t[:, ::1] table = st.table
     cdef const double[::1] eps = st.eps
@@ -1099,7 +1238,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     job.V, job.logits_at = V, logits_at
     job.N, job.B, job.advance_last, job.slides = Nn, B, advance_last, slides
     job.alone_steps = PROBE_STEPS if prefix else 0
-    net.alone = prefix
+    net.lead.alone = prefix
     if ngroups > 1 and nt > 1:
         free(block)
         _side_by_side(jp, st, table, masks, nt, rows_cap)
@@ -1114,11 +1253,12 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         with nogil:
             _run_batch(jp)
     free(block)
-    _stages_run += net.stages
-    _after_call(net.solo, nt, job.t_end)
-    if timed and not net.solo and prefix:  # (a call that went solo half way measured neither)
+    _stages_run += net.lead.stages
+    _early_run += net.lead.early
+    _after_call(net.lead.solo, nt, job.t_end)
+    if timed and not net.lead.solo and prefix:  # (a call that went solo half way measured neither)
         _chose_prefix((job.t_split - job.t_start) / PROBE_STEPS, (job.t_end - job.t_split) / (Nn - PROBE_STEPS))
-    elif timed and not net.solo:
+    elif timed and not net.lead.solo:
         _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
 
 
@@ -1201,7 +1341,7 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
                                    rows_cap)
             net.L, net.kall, net.vall = job.net.L, job.net.kall, job.net.vall
             net.kcache, net.vcache = job.net.kall, job.net.vall
-            net.solo = True
+            net.lead.solo = True
             mine[0] = job[0]
             mine.net = net
             mine.work, mine.order = &work[t, 0], &order[t, 0]
@@ -1215,8 +1355,9 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
     finally:
         if blocks != NULL:
             for t in range(nt):
+                if own != NULL and blocks[t] != NULL:  # (the Lead lives in the block)
+                    _stages_run += _own(own, pad, t)[0].lead.stages
                 free(blocks[t])
-                _stages_run += _own(own, pad, t)[0].stages if own != NULL else 0
         free(own)
         free(blocks)
 

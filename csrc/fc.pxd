@@ -22,6 +22,7 @@ cdef extern from "fc_decode.h" nogil:
         long next
         long limit
         long done
+        long taken
         int quit
     int fc_max_threads() noexcept
     int fc_thread_num() noexcept
@@ -29,6 +30,10 @@ cdef extern from "fc_decode.h" nogil:
     void fc_finish(fc_team* t) noexcept
     void fc_publish(fc_team* t, long n) noexcept
     int fc_wait_done(fc_team* t, double slow) noexcept
+    void fc_taken(fc_team* t) noexcept
+    long fc_limit(fc_team* t) noexcept
+    int fc_wait_finished(fc_team* t, long target, double slow) noexcept
+    int fc_wait_taken(fc_team* t, long target, double slow) noexcept
     void fc_idle(long* spins) noexcept
     void fc_prefetch(const void* p, size_t nbytes) noexcept
     double fc_now() noexcept

@@ -31,6 +31,7 @@ typedef struct {
     long next __attribute__((aligned(64)));
     long limit __attribute__((aligned(64)));
     long done __attribute__((aligned(64)));
+    long taken __attribute__((aligned(64))); /* tickets whose stage description is no longer read */
     int quit __attribute__((aligned(64)));
 } fc_team;
 
@@ -47,6 +48,10 @@ static inline long fc_claim(fc_team *t) {
     return -1;
 }
 static inline void fc_finish(fc_team *t) { __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE); }
+/* A claimed ticket's stage description was copied (or its task ran on the main thread): the main thread
+   may describe the next stage in its place (fc_wait_taken). */
+static inline void fc_taken(fc_team *t) { __atomic_add_fetch(&t->taken, 1, __ATOMIC_RELEASE); }
+static inline long fc_limit(fc_team *t) { return t->limit; }
 /* Main thread only, every ticket of the last stage finished: publish n tickets. The stage's
    description is written before this. */
 static inline void fc_publish(fc_team *t, long n) { __atomic_store_n(&t->limit, t->limit + n, __ATOMIC_RELEASE); }
@@ -57,6 +62,25 @@ static inline double fc_now(void) {
 }
 /* Main thread: wait until every published task is finished. Spins, then yields (the helper it
    waits for may share its core); returns 1 if the wait took over `slow` seconds. */
+static inline int fc_wait_count(long *count, long target, double slow) {
+    long spins = 0;
+    double t0 = 0.0;
+    int late = 0;
+    while (__atomic_load_n(count, __ATOMIC_ACQUIRE) < target) {
+        if (++spins < 4096) {
+            fc_pause();
+            continue;
+        }
+        if (t0 == 0.0) t0 = fc_now();
+        else if (fc_now() - t0 > slow) late = 1;
+        sched_yield();
+    }
+    return late;
+}
+/* Main thread: wait until the tickets up to `target` are finished (fc_wait_done: all published), or
+   their stage descriptions taken (fc_wait_taken); 1 if the wait took over `slow` seconds. */
+static inline int fc_wait_finished(fc_team *t, long target, double slow) { return fc_wait_count(&t->done, target, slow); }
+static inline int fc_wait_taken(fc_team *t, long target, double slow) { return fc_wait_count(&t->taken, target, slow); }
 static inline int fc_wait_done(fc_team *t, double slow) {
     long spins = 0;
     double t0 = 0.0;

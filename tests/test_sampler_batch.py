@@ -365,6 +365,40 @@ def test_the_first_layer_lookup_gives_the_products_values_bit_for_bit(isa_path, 
     np.testing.assert_array_equal(got[True][1], got[False][1])
 
 
+@pytest.mark.parametrize("options", [{}, {"norm": "layernorm", "activation": "gelu", "position": "learned"}])
+def test_stages_published_early_change_no_bit(isa_path, options):
+    """On two threads the Cython loop publishes each fused stage that follows a fused stage and a norm
+    before the main thread has summed the stage before it (the helper sums and normalises itself):
+    the logits of every draw and 8 streams' texts are the same bits with it and without, and all
+    but the first stage of each character go early (3 of 4 at two layers)."""
+    C, H, hidden = SHAPES["fused"]
+    cfg = ModelConfig(vocab_size=11, d_model=C, n_layer=2, n_head=H, ctx=16, mlp_hidden=hidden, **options)
+    model = Model(cfg, backend="cython", seed=4)
+    model.params.flat[:] += np.random.default_rng(0).normal(0, 0.3, model.params.flat.size).astype(np.float32)
+    set_threads(2)
+    cydecode.set_one_row_threads(False)
+    got = {}
+    try:
+        for on in (True, False):
+            cydecode.set_early_publish(on)
+            early, stages = cydecode.early_published(), cydecode.stages_run()
+            logits = np.zeros((40, 11), np.float32)
+            ids = [int(t) for b in compiled_tokens(model, [3, 1, 4], 40, 1.0, None, 0.9, np.random.default_rng(2), 16,
+                                                   logits=logits) for t in b]  # fmt: skip
+            early, stages = cydecode.early_published() - early, cydecode.stages_run() - stages
+            texts = generate(model, TOK, "abc", 50, top_p=0.9, seed=5, num_samples=8)
+            got[on] = (ids, logits, texts, early, stages)
+    finally:
+        cydecode.set_early_publish(True)
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
+    assert got[True][0] == got[False][0] and got[True][2] == got[False][2]
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+    assert got[False][3] == 0
+    if cydecode.solo_steps_left() == 0:  # (a stall of the host sends calls solo: no stage is published then)
+        assert 4 * got[True][3] == 3 * got[True][4] > 0
+
+
 def test_the_decode_plan_names_each_rows_stage():
     """`fastchar info --plan` (describe_decode) says which rows share a stage: 2 a layer fused, 4 not."""
     from fastchar.sampler import describe_decode
