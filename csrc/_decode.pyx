@@ -73,6 +73,7 @@ cdef long SOLO_STEPS = 256
 cdef long MAX_SOLO_STEPS = 32768
 cdef long _solo_left = 0
 cdef long _solo_next = SOLO_STEPS
+cdef long _stalls = 0
 
 # A call of one running row (one stream) picks a team or one thread by measurement. The team meets at
 # about 16 hand-overs a character, each costing a few cache-line round trips between the cores, and on
@@ -161,6 +162,11 @@ def _prefix_due(Py_ssize_t steps) -> bool:
 def _slow_call() -> None:
     """What a call that went solo reports (for tests of the solo spell)."""
     _after_call(True, 2, fc_now())
+
+
+def stalls() -> int:
+    """Calls that a helper held up (a solo spell began after each) since the process started."""
+    return _stalls
 
 
 def solo_steps_left() -> int:
@@ -728,10 +734,11 @@ cdef int _team_size(Py_ssize_t C, Py_ssize_t steps):
 cdef void _after_call(bint solo, int nt, double t_end):
     """After a call: a descheduled helper (a slow end of the parallel region, or a stage that waited)
     starts a solo spell of one-thread calls, twice as long as the last; a clean team call resets it."""
-    global _solo_left, _solo_next
+    global _solo_left, _solo_next, _stalls
     if nt > 1 and fc_now() - t_end > SLOW_WAIT:
         solo = True  # the end of the parallel region waited for a descheduled helper
     if solo:
+        _stalls += 1
         _solo_left = _solo_next
         _solo_next = min(2 * _solo_next, MAX_SOLO_STEPS)
     elif nt > 1:
