@@ -21,7 +21,9 @@ takes any a helper has not started. It never waits at a barrier for a
 helper that has not started, so a helper descheduled by other work on the machine costs little, and
 one that holds it up mid-task sends the next calls single-threaded for a while (SLOW_WAIT,
 SOLO_STEPS). A task computes each value exactly as the single-threaded product would: the thread
-count never changes the result.
+count never changes the result. On two threads a fused stage after a fused stage and a norm is
+published before the main thread has summed the stage before it; the helper sums and takes the norm
+itself (_early, _prelude).
 
 Letters in shapes: S the window (cache rows), C channels, NH heads, HS head size, V vocabulary,
 L layers, N new tokens per call, P the flat parameter count, R table rows.
@@ -46,7 +48,7 @@ from fc cimport (fc_attention, fc_attention_rows, fc_limit, fc_taken, fc_wait_fi
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
-                 fc_token_probs, fc_wait_done)
+                 fc_token_probs)
 
 from fastchar import graph as _graph
 

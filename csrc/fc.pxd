@@ -29,7 +29,6 @@ cdef extern from "fc_decode.h" nogil:
     long fc_claim(fc_team* t) noexcept
     void fc_finish(fc_team* t) noexcept
     void fc_publish(fc_team* t, long n) noexcept
-    int fc_wait_done(fc_team* t, double slow) noexcept
     void fc_taken(fc_team* t) noexcept
     long fc_limit(fc_team* t) noexcept
     int fc_wait_finished(fc_team* t, long target, double slow) noexcept

@@ -26,7 +26,7 @@ static inline int fc_thread_num(void) { return 0; }
    thread runs its tasks itself: it only ever waits for a task already under way. Counters on their
    own cache lines, so that a stage moves as few lines between the cores as it can: the main thread
    writes only limit, the claims (next) stay in the helpers' caches unless the main thread takes a
-   task, and done comes back. */
+   task, and done (and taken: see fc_taken) comes back. */
 typedef struct {
     long next __attribute__((aligned(64)));
     long limit __attribute__((aligned(64)));
@@ -60,8 +60,8 @@ static inline double fc_now(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
-/* Main thread: wait until every published task is finished. Spins, then yields (the helper it
-   waits for may share its core); returns 1 if the wait took over `slow` seconds. */
+/* Spin, then yield (the thread waited for may share the core), until *count reaches target; returns 1
+   if the wait took over `slow` seconds. */
 static inline int fc_wait_count(long *count, long target, double slow) {
     long spins = 0;
     double t0 = 0.0;
@@ -77,25 +77,10 @@ static inline int fc_wait_count(long *count, long target, double slow) {
     }
     return late;
 }
-/* Main thread: wait until the tickets up to `target` are finished (fc_wait_done: all published), or
-   their stage descriptions taken (fc_wait_taken); 1 if the wait took over `slow` seconds. */
+/* Main thread: wait until the tickets up to `target` are finished (fc_wait_finished), or their stage
+   descriptions taken (fc_wait_taken); 1 if the wait took over `slow` seconds. */
 static inline int fc_wait_finished(fc_team *t, long target, double slow) { return fc_wait_count(&t->done, target, slow); }
 static inline int fc_wait_taken(fc_team *t, long target, double slow) { return fc_wait_count(&t->taken, target, slow); }
-static inline int fc_wait_done(fc_team *t, double slow) {
-    long spins = 0;
-    double t0 = 0.0;
-    int late = 0;
-    while (__atomic_load_n(&t->done, __ATOMIC_ACQUIRE) < t->limit) {
-        if (++spins < 4096) {
-            fc_pause();
-            continue;
-        }
-        if (t0 == 0.0) t0 = fc_now();
-        else if (fc_now() - t0 > slow) late = 1;
-        sched_yield();
-    }
-    return late;
-}
 /* Helper with nothing to do: spin a while, then yield (the main thread may share its core). */
 static inline void fc_idle(long *spins) {
     if (++*spins < 16384) fc_pause();
