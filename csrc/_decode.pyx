@@ -778,14 +778,8 @@ cdef float* _setup_net(Net* net, fc_team* team, const float* params, const int64
     net.team = team
     net.ntask = nt
     net.prelude = False
-    net.lead.solo = False
-    net.lead.alone = False
-    net.lead.published = False
-    net.lead.rows_used = 0
-    net.lead.nfused = 0
-    net.lead.early = 0
     net.batch = False
-    net.lead.stages = 0
+    memset(net.lead, 0, sizeof(Lead))
     return block
 
 
@@ -1198,6 +1192,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
     cdef bint probe = timed and not _fixed and _probe_left <= 0
     cdef bint prefix = probe and _prefix_due(Nn)
+    cdef Py_ssize_t alone
     if probe and _probe_left == 0:  # a probe starts: the other count's old times are stale
         _per_char[not _one_thread][0] = _per_char[not _one_thread][1] = 0.0
     cdef double t_call = fc_now()
@@ -1205,8 +1200,9 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
         nt = 1
     if one_row:
         _calls[nt > 1] += 1
-        _chars[0] += Nn if nt == 1 else PROBE_STEPS if prefix else 0
-        _chars[1] += Nn - PROBE_STEPS if prefix else Nn if nt > 1 else 0
+        alone = Nn if nt == 1 else PROBE_STEPS if prefix else 0
+        _chars[0] += alone
+        _chars[1] += Nn - alone
     rtok = np.zeros(B, np.int32)
     rows = np.zeros(5 * B, np.int64)
     work = np.zeros(nt * 3 * V, np.float64)
