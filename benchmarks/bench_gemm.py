@@ -13,7 +13,12 @@ OpenBLAS runs in child processes that import only NumPy and SciPy, because OpenB
 OPENBLAS_CORETYPE once, when it loads: one child with the variable removed (the CPU's own kernels,
 "SkylakeX" on an AVX-512 CPU; threadpoolctl's reported architecture is printed), one with
 OPENBLAS_CORETYPE=Haswell. Each call is one sgemm threaded by OpenBLAS (threadpoolctl limit).
-Peaks (per core; benchmarks/peak.c measures them on any machine): bf16 vdpbf16ps ~488 GFLOP/s, fp32 FMA ~245 GFLOP/s.
+The percentages are of this machine's peak at the threads used, measured by benchmarks/peak.c
+(its widest x86 path; without one, the fraction is left out).
+
+The fastchar side runs under fastchar's own thread policy (fastchar.threads.set_threads: OpenMP at
+--threads, BLAS at 1). Before that, NumPy's reference products left OpenBLAS threads spinning beside
+the timed calls: fastchar's base-model products read 27 GFLOP/s on 2 threads instead of 123.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import time
 
 import numpy as np
 
-PEAK_PER_CORE = {"bf16": 488.0, "fp32": 245.0}  # GFLOP/s, this project's Zen 5 machines
 V = 65  # Tiny Shakespeare's character vocabulary
 
 # name -> (N = B*T, C, hidden width); the four training shapes of the issue.
@@ -90,6 +94,17 @@ def time_call(fn, min_seconds: float, repeats: int) -> float:
     return float(np.min(times))
 
 
+def measured_peak(threads: int) -> dict:
+    """{"isa", "fp32", "bf16"} GFLOP/s of benchmarks/peak.c at `threads` threads on the widest x86 path of
+    this CPU ({} elsewhere, or if it does not build)."""
+    from benchmarks.bench_train import machine_peak
+    from fastchar import isa
+
+    runnable = isa.runnable()
+    path = "avx512" if "avx512" in runnable else "avx2" if "avx2" in runnable else None
+    return machine_peak(threads, path) if path else {}
+
+
 def cases(models: list[str]) -> list[tuple[str, str, str, int, int, int]]:
     return [
         (m, layer, prod, N, IC, OC)
@@ -102,7 +117,9 @@ def cases(models: list[str]) -> list[tuple[str, str, str, int, int, int]]:
 
 def run_fastchar(models: list[str], threads: int, min_seconds: float, repeats: int) -> dict:
     from fastchar import _gemm
+    from fastchar.threads import set_threads
 
+    set_threads(threads)  # BLAS at 1 thread: the reference products below must not leave a spinning pool
     out = {}
     rng = np.random.default_rng(0)
     from fastchar import isa
@@ -222,12 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
             arch[label] = res["architecture"]
             times.update({k.replace("/sgemm", f"/sgemm_{label}"): v for k, v in res["times"].items()})
 
-    peak = {k: v * args.threads for k, v in PEAK_PER_CORE.items()}
+    peak = measured_peak(args.threads)
     cols = [c for c in ("bf16", "fp32_avx512", "fp32_avx2", "fp32_neon") if any(k.endswith("/" + c) for k in times)]
     cols += ["sgemm_skx", "sgemm_hsw"]
     print(f"threads {args.threads}, clock {args.clock}")
     print(f"OpenBLAS architecture: no coretype {arch.get('skx')}, OPENBLAS_CORETYPE=Haswell {arch.get('hsw')}")
-    print(f"GFLOP/s (bf16 % of {peak['bf16']:.0f}, fp32 % of {peak['fp32']:.0f})")
+    limits = ", ".join(f"{k} % of {peak[k]:.0f}" for k in ("bf16", "fp32") if peak.get(k))
+    print(
+        f"GFLOP/s ({limits or 'no peak measured'}; peak: benchmarks/peak.c, {peak.get('isa', '-')}, "
+        f"{args.threads} threads)"
+    )
     header = f"{'model':8} {'layer':8} {'prod':5} {'M':>5} {'N':>5} {'K':>5} " + " ".join(f"{c:>12}" for c in cols)
     print(header)
     totals = {c: [0.0, 0.0] for c in cols}  # flops, seconds
@@ -241,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row += f"{'-':>12} "
                 continue
             g = fl / t / 1e9
-            pk = peak["bf16" if c == "bf16" else "fp32"]
-            row += f"{g:7.0f} ({100 * g / pk:2.0f}%)"[:12].rjust(12) + " "
+            pk = peak.get("bf16" if c == "bf16" else "fp32")
+            row += (f"{g:7.0f} ({100 * g / pk:2.0f}%)" if pk else f"{g:7.0f}")[:12].rjust(12) + " "
             totals[c][0] += fl
             totals[c][1] += t
         print(row)
@@ -257,7 +278,13 @@ def main(argv: list[str] | None = None) -> dict:
             t = times.get(f"{m}/{layer}/{prod}/{c}")
             if t is not None:
                 gflops[f"{m}/{layer}/{prod}/{c}"] = round(2.0 * M * Nc * K / t / 1e9, 1)
-    result = {"threads": args.threads, "clock": args.clock, "openblas_architecture": arch, "gflops": gflops}
+    result = {
+        "threads": args.threads,
+        "clock": args.clock,
+        "openblas_architecture": arch,
+        "gflops": gflops,
+        "peak_gflops": peak,
+    }
     if not (args.quick or args.no_record):
         from benchmarks.common import append_record, machine
 
