@@ -299,7 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
         "and bf16 autocast, at issue 10's shapes (all: " + ", ".join(SHAPES) + "); with --breakdown, where "
         "a step goes at those shapes",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--shapes: time every system this many times, round by round, and give medians and the median "
+        "of the rounds' own ratios (default 1); on a machine whose speed drifts, 3 or more",
+    )
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.quick:
         args.steps, args.warmup, args.sample_chars, args.memory_steps = 3, 1, 40, 20
         args.batch = args.batch[:1] if args.batch != [12, 64] else [4]
@@ -416,31 +425,39 @@ def shapes_report(args) -> dict:
     torch_ok = torch_available() and not args.no_torch
     peak = machine_peak(args.threads, sel.path)
     record: dict = {"machine": {**machine(args.threads), **cpu_ids()}, "backend": backend, "steps": args.steps,
-                    "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {}, "peak_gflops": peak,
-                    "shapes": {}}  # fmt: skip
+                    "rounds": args.rounds, "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {},
+                    "peak_gflops": peak, "shapes": {}}  # fmt: skip
+    bf16 = sel.bf16_cpu and sel.path == "avx512"  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
     rows, summary = [], []
     failed: dict[str, str] = {}
     for name in names:
         B, T, C, L, NH = SHAPES[name]
         cfg, _ = shape_config(name, vocab)
         flop = flop_per_token(cfg)
-        res: dict = {}
-        for prec in precisions:
-            res[f"fastchar {prec}"] = time_fastchar(backend, cfg, B, args.steps, args.warmup, data, prec)
-        if torch_ok:
-            common = (cfg, B, args.steps, args.warmup, data, args.threads)
-            bf16 = sel.bf16_cpu and sel.path == "avx512"  # without AVX512_BF16 autocast emulates bf16 (20-100x slower)
-            weights = reference_weights(cfg)
-            for mode in ("eager",) if args.no_compile else ("eager", "compile"):
-                label = "torch eager" if mode == "eager" else "torch.compile"
-                for prec in ("fp32", "bf16") if bf16 else ("fp32",):
-                    try:
-                        res[f"{label} {prec}" + (" autocast" if prec == "bf16" else "")] = isolated(
-                            time_torch, *common, mode, False, prec == "bf16", weights
-                        )
-                    except ChildDied as exc:  # PyTorch aborted in native code: say so, time the rest
-                        failed[f"{label} {prec}"] = str(exc)
-                        print(f"{name}: {label} {prec} did not finish ({exc}); left out of the comparison")
+        rounds: list[dict] = []  # one dict per round: system -> {"step_ms", "tok_s"}
+        weights = reference_weights(cfg) if torch_ok else None
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"{name}: round {r + 1} of {args.rounds}", flush=True)
+            res: dict = {}
+            for prec in precisions:
+                res[f"fastchar {prec}"] = time_fastchar(backend, cfg, B, args.steps, args.warmup, data, prec)
+            if torch_ok:
+                common = (cfg, B, args.steps, args.warmup, data, args.threads)
+                for mode in ("eager",) if args.no_compile else ("eager", "compile"):
+                    label = "torch eager" if mode == "eager" else "torch.compile"
+                    for prec in ("fp32", "bf16") if bf16 else ("fp32",):
+                        if f"{label} {prec}" in failed:
+                            continue
+                        try:
+                            res[f"{label} {prec}" + (" autocast" if prec == "bf16" else "")] = isolated(
+                                time_torch, *common, mode, False, prec == "bf16", weights
+                            )
+                        except ChildDied as exc:  # PyTorch aborted in native code: say so, time the rest
+                            failed[f"{label} {prec}"] = str(exc)
+                            print(f"{name}: {label} {prec} did not finish ({exc}); left out of the comparison")
+            rounds.append(res)
+        res = combine_rounds(rounds)
         for sys_name, r in res.items():
             limit = peak.get("bf16" if "bf16" in sys_name else "fp32")
             r["peak_fraction"] = r["tok_s"] * flop / (limit * 1e9) if limit else None
@@ -452,14 +469,18 @@ def shapes_report(args) -> dict:
             ref = res.get("torch eager bf16 autocast" if "bf16" in sys_name else "torch eager fp32", {}).get("tok_s")
             rows.append([name, f"{B},{T},{C},{L},{NH}", sys_name, r["tok_s"], r["step_ms"], _of_peak(r),
                          f"{r['tok_s'] / ref:.2f}x" if ref else "-"])  # fmt: skip
-        ours = {k: v["tok_s"] for k, v in res.items() if k.startswith("fastchar")}
-        theirs = {k: v["tok_s"] for k, v in res.items() if k.startswith("torch")}
+        ours = [k for k in res if k.startswith("fastchar")]
+        theirs = [k for k in res if k.startswith("torch")]
         if theirs:
-            best, rival = max(ours, key=ours.get), max(theirs, key=theirs.get)
-            ratio = ours[best] / theirs[rival]
+            best = max(ours, key=lambda k: res[k]["tok_s"])
+            rival = max(theirs, key=lambda k: res[k]["tok_s"])
+            per_round = round_ratios(rounds)
+            ratio = statistics.median(per_round)
             record["shapes"][name]["best_ratio"] = ratio
-            summary.append([name, best, ours[best], _of_peak(res[best]), rival, theirs[rival], _of_peak(res[rival]),
-                            f"{ratio:.2f}x"])  # fmt: skip
+            record["shapes"][name]["round_ratios"] = per_round
+            spread = f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+            summary.append([name, best, res[best]["tok_s"], _of_peak(res[best]), rival, res[rival]["tok_s"],
+                            _of_peak(res[rival]), f"{ratio:.2f}x{spread}"])  # fmt: skip
     ids = cpu_ids()
     print(f"\n## Training throughput at issue 10's shapes (backend {backend}, tokens/s, median step)\n")
     print(
@@ -478,11 +499,39 @@ def shapes_report(args) -> dict:
     )
     if summary:
         print("\n## fastchar's best against PyTorch's best\n")
+        if args.rounds > 1:
+            print(
+                f"tok/s: medians of {args.rounds} rounds, each round every system once, one after another; "
+                "ratio: the median of the rounds' own ratios (best fastchar / best PyTorch in that round), "
+                "with their range\n"
+            )
         print(table(["shape", "fastchar", "tok/s", "of peak", "PyTorch", "tok/s", "of peak", "ratio"], summary))
     if not (args.quick or args.no_record):
         path = append_record("bench_train", record)
         print(f"\nrecorded in {path}")
     return record
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """{system: {"step_ms", "tok_s", "rounds_tok_s"}}: each system's median over the rounds that timed it."""
+    out = {}
+    for sys_name in rounds[0]:
+        runs = [r[sys_name] for r in rounds if sys_name in r]
+        tok = [r["tok_s"] for r in runs]
+        out[sys_name] = {"step_ms": statistics.median(r["step_ms"] for r in runs), "tok_s": statistics.median(tok),
+                         "rounds_tok_s": tok}  # fmt: skip
+    return out
+
+
+def round_ratios(rounds: list[dict]) -> list[float]:
+    """Per round, fastchar's best tokens/s over PyTorch's best in that same round (rounds without both: none)."""
+    ratios = []
+    for res in rounds:
+        ours = [v["tok_s"] for k, v in res.items() if k.startswith("fastchar")]
+        theirs = [v["tok_s"] for k, v in res.items() if k.startswith("torch")]
+        if ours and theirs:
+            ratios.append(max(ours) / max(theirs))
+    return ratios
 
 
 def _of_peak(r: dict) -> str:

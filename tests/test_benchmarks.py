@@ -165,3 +165,34 @@ def test_machine_limits_measure_peak_bandwidth_and_round_trip():
     assert limits["fp32_gflops"] > 1
     assert limits["read_gbs_0.50MB"] > 0.1
     assert 1 < limits["round_trip_ns"] < 1e6
+
+
+def test_rounds_give_medians_and_the_rounds_own_ratios():
+    """--rounds: a system's figure is its median over the rounds; the ratio is the median of each round's
+    own best-against-best ratio, so a round on a slower machine state compares like with like."""
+    rounds = [
+        {"fastchar fp32": {"tok_s": 300.0, "step_ms": 10.0}, "torch eager fp32": {"tok_s": 100.0, "step_ms": 30.0}},
+        {"fastchar fp32": {"tok_s": 100.0, "step_ms": 30.0}, "torch eager fp32": {"tok_s": 50.0, "step_ms": 60.0},
+         "torch.compile fp32": {"tok_s": 80.0, "step_ms": 37.5}},
+        {"fastchar fp32": {"tok_s": 200.0, "step_ms": 15.0}, "torch eager fp32": {"tok_s": 90.0, "step_ms": 33.3}},
+    ]  # fmt: skip
+    combined = bench_train.combine_rounds(rounds)
+    assert combined["fastchar fp32"]["tok_s"] == 200.0 and combined["fastchar fp32"]["step_ms"] == 15.0
+    assert combined["fastchar fp32"]["rounds_tok_s"] == [300.0, 100.0, 200.0]
+    assert combined["torch eager fp32"]["tok_s"] == 90.0
+    assert bench_train.round_ratios(rounds) == [3.0, 1.25, 200.0 / 90.0]
+
+
+@pytest.mark.slow  # two rounds of a few steps at the base shape
+def test_bench_train_shapes_rounds(capsys):
+    record = bench_train.main(["--shapes", "base", "--rounds", "2", "--steps", "2", "--warmup", "1", "--no-torch",
+                               "--no-record", "--synthetic"])  # fmt: skip
+    assert record["rounds"] == 2
+    assert len(record["shapes"]["base"]["fastchar fp32"]["rounds_tok_s"]) == 2
+    assert "base: round 2 of 2" in capsys.readouterr().out
+
+
+def test_bench_train_rejects_zero_rounds(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--shapes", "base", "--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
