@@ -38,6 +38,21 @@ def test_bench_gemm_quick(capsys):
     assert "base     qkv      fwd" in capsys.readouterr().out
 
 
+def test_bench_gemm_times_fastchar_with_blas_on_one_thread():
+    """NumPy's reference products must not leave an OpenBLAS pool spinning beside the timed calls."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from benchmarks import bench_gemm
+    from fastchar.threads import set_threads
+
+    try:
+        threadpool_limits(limits=2, user_api="blas")
+        bench_gemm.run_fastchar(["base"], 2, 0.0005, 1)
+        assert {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"} == {1}
+    finally:
+        set_threads()
+
+
 def test_ab_gemm_compares_builds_and_paths(capsys):
     """The same build twice (and on a second path where the CPU has one): one figure per build."""
     from benchmarks import ab_gemm
