@@ -7,6 +7,7 @@
     python -m benchmarks.bench_train --quick         # a few steps of everything: proves it runs
     python -m benchmarks.bench_train --breakdown     # only where a step goes, kernel by kernel
     python -m benchmarks.bench_train --shapes all    # issue 10's shapes against every PyTorch contender
+    python -m benchmarks.bench_train --shapes all --rounds 3   # the same, 3 rounds: medians, per-round ratios
     python -m benchmarks.bench_train --shapes wide --breakdown   # where a step goes at a shape
 
 A training step is batch + forward + backward + clip + AdamW; tokens/s = B * T / median step time.
