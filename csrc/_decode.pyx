@@ -359,16 +359,23 @@ cdef void _sum_parts(float* y2, const float* x2, const float* part, Py_ssize_t s
         y2[c] = x2[c] + s
 
 
+cdef inline void _norm(int opc, float* out, const float* x, const float* w, Py_ssize_t M, Py_ssize_t C,
+                       float eps) noexcept nogil:
+    """The norm of table opcode opc (OP_RMSNORM or OP_LAYERNORM) of M rows of C: the one place the
+    loop chooses a norm's kernel (the table's row, a stage published early, the first layer's table)."""
+    if opc == OP_RMSNORM:
+        fc_rmsnorm(out, x, w, M, C, eps)
+    else:
+        fc_layernorm(out, x, w, M, C, eps)
+
+
 cdef void _prelude(Net* net) noexcept nogil:
     """A helper's copy of a stage published early: its input rows, the norm of the previous stage's
     sum, computed as the main thread computes them (the same functions, the same order) into
     net.mine, and net.xin pointed there."""
     cdef Py_ssize_t n = net.M * net.C
     _sum_parts(net.mine, net.pre_x2, net.pre_part, net.part_stride, n)
-    if net.pre_norm == OP_RMSNORM:
-        fc_rmsnorm(net.mine + n, net.mine, net.pre_w, net.M, net.C, net.pre_eps)
-    else:
-        fc_layernorm(net.mine + n, net.mine, net.pre_w, net.M, net.C, net.pre_eps)
+    _norm(net.pre_norm, net.mine + n, net.mine, net.pre_w, net.M, net.C, net.pre_eps)
     net.xin = net.mine + n
 
 
@@ -678,10 +685,8 @@ cdef void _forward_rows(Net* net, const int* tokens, Py_ssize_t n0, int64_t pos0
                     if row[W2] >= 0:
                         v = v + net.params[row[W2] + ((net.rpos[m] if net.batch else pos0 + m)) * Nd + c]
                     out[m * Nd + c] = v
-        elif row[OPC] == OP_RMSNORM:
-            fc_rmsnorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r - 1])
-        elif row[OPC] == OP_LAYERNORM:
-            fc_layernorm(out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r - 1])
+        elif row[OPC] == OP_RMSNORM or row[OPC] == OP_LAYERNORM:
+            _norm(<int>row[OPC], out, xin, net.params + row[W], Mr, Nd, <float>net.eps[r - 1])
         elif row[OPC] == OP_MATMUL_T:
             # weights stored [out, in] (a tied head reading wte): packed transposed, or dot products
             if net.packed != NULL:
@@ -926,10 +931,7 @@ cdef object _first_layer_rows(const float[::1] params, const int64_t[:, ::1] tab
     if table[0, W] + V * C > params.shape[0]:
         raise ValueError("the embedding has fewer rows than the vocabulary")
     for t in range(V):
-        if n[OPC] == OP_RMSNORM:
-            fc_rmsnorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
-        else:
-            fc_layernorm(&h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
+        _norm(<int>n[OPC], &h[t, 0], &params[table[0, W] + t * C], &params[n[W]], 1, C, <float>e)
     if precision == "bf16":
         fc_matmul_packed_bf16(&y[0, 0], &h[0, 0], C, <const uint32_t*>&pk[at], V, C, 0, C, 3 * C, 0, 3 * C, &w[0])
     else:
