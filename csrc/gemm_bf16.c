@@ -3,10 +3,13 @@
  * Structure (the GotoBLAS / BLIS layering, written for fastchar's shapes):
  *   for each column block jc of C (NC wide)            -- B block stays in L2
  *     for each depth block pc (KC deep)
- *       pack B[pc.., jc..] into nr-wide panels          -- threads share this, one barrier
- *       for each row chunk (<= MC rows), dynamically    -- A chunk stays in L2
- *         pack A into MR-row panels                       scheduled between the threads
+ *       pack B[pc.., jc..] into nr-wide panels
+ *       for each row chunk (<= MC rows)                 -- A chunk stays in L2
+ *         pack A into MR-row panels
  *         for each B panel (L1), for each A panel: one MR x nr register tile
+ * Threads: each takes a slice of C's columns and runs all of the above alone (gemm_columns); with
+ * fewer column panels than threads, they share one packed B (a barrier per depth block) and take
+ * row chunks dynamically instead (gemm_run).
  *
  * The driver below is plain C; an engine supplies the packing and the register tiles:
  *   fp32  gemm_f32_body.h, written once over the vector width and compiled for AVX-512, AVX2 + FMA
@@ -404,6 +407,43 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
     return FC_GEMM_OK;
 }
 
+/* C's columns split between the threads, whole panels each, and each thread runs gemm_run alone on
+ * its slice: its own B panels and A copies (its thread-local workspace), no buffer shared, no
+ * barrier. gemm_run's own threads share one packed B through a barrier per depth block instead; in
+ * the host's slow spells (docs/instruction-sets.md, round 9) that scheme lost 15 % of base's and
+ * wide's training step on 2 threads (avx2: base 20,100 -> 23,000 tokens/s, wide 7,800 -> 9,000;
+ * avx512 wide 7,100 -> 8,100), and in its fast spells it was no faster than this. What a thread
+ * computes does not change how an element is summed, so the result is the same on any number of
+ * threads. */
+static int gemm_columns(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
+                        const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
+    const int nr = choose_nr(e, N);
+    const long panels = cdiv(N, nr);
+    int rc = FC_GEMM_OK;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int tid = 0, nt = 1;
+#endif
+        long j0 = tid * panels / nt * nr, j1 = lmin(N, (tid + 1) * panels / nt * nr);
+        if (j1 > j0) {
+            int r = gemm_run(e, trans_a, trans_b, M, j1 - j0, K, A, lda, trans_b ? B + j0 * ldb : B + j0, ldb, beta,
+                             C + j0, ldc, 1);
+            if (r != FC_GEMM_OK) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                rc = r;
+            }
+        }
+    }
+    return rc;
+}
+
 /* The engine of the path in use, or NULL. */
 static const engine *engine_for(int precision) {
     if (precision == FC_BF16) {
@@ -443,5 +483,7 @@ int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, con
 #else
     nthreads = 1;
 #endif
+    if (nthreads > 1 && cdiv(N, choose_nr(e, N)) >= nthreads)
+        return gemm_columns(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
     return gemm_run(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
 }

@@ -140,13 +140,29 @@ def test_linear_layer_products(rng, precision, N, IC, OC):
     _assert_close(dw, want_dw, s_dw, f"{precision} matmul_backward dweight")
 
 
-def test_threads_do_not_change_the_result(rng, precision):
-    """Threads split the rows of C; every element is summed in the same order, so results are equal."""
-    a, b, _, _ = _operands(rng, 203, 130, 700, True, False)
-    c1, c2 = np.empty((203, 130), np.float32), np.empty((203, 130), np.float32)
-    _gemm.gemm(c1, a, b, True, False, 0.0, precision, 1)
-    _gemm.gemm(c2, a, b, True, False, 0.0, precision, 2)
-    np.testing.assert_array_equal(c1, c2)
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "M,N,K",
+    [(203, 130, 700), (768, 65, 128), (128, 384, 768), (40, 1000, 50), (203, 9, 700)],
+    ids=["columns-ragged", "lm-head", "base-dW", "two-column-blocks", "rows-fewer-panels-than-threads"],
+)
+def test_threads_do_not_change_the_result(rng, precision, threads, ta, tb, M, N, K):
+    """Threads take slices of C's columns (or, with fewer column panels than threads, chunks of its
+    rows); every element is summed in the same order, so every thread count gives the same bits, with
+    beta = 0 (the NaN output never read) and beta = 1 (accumulating), and the slices cover C exactly."""
+    a, b, A, B = _operands(rng, M, N, K, ta, tb)
+    start = rng.standard_normal((M, N)).astype(np.float32)
+    for beta in (0.0, 1.0):
+        one = np.full((M, N), np.nan, np.float32) if beta == 0.0 else start.copy()
+        many = one.copy()
+        _gemm.gemm(one, a, b, ta, tb, beta, precision, 1)
+        _gemm.gemm(many, a, b, ta, tb, beta, precision, threads)
+        np.testing.assert_array_equal(many, one)
+        want, scale = _want(A, B, precision)
+        if beta:
+            want, scale = want + start, scale + np.abs(start)
+        _assert_close(many, want, scale, f"{precision} M,N,K={M},{N},{K} beta={beta} threads={threads}")
 
 
 @needs_bf16
