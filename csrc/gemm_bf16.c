@@ -318,6 +318,9 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
     }
 }
 
+/* The blocked product on nthreads threads that share each packed B block. fc_gemm runs it on one
+ * thread per column slice (gemm_columns), and on several only where C has fewer column panels than
+ * threads: the notes below on slices and chunks between threads concern that case. */
 static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
                     const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
     int nr = choose_nr(e, N), mr = e->mr;
