@@ -7,9 +7,8 @@
  *       for each row chunk (<= MC rows)                 -- A chunk stays in L2
  *         pack A into MR-row panels
  *         for each B panel (L1), for each A panel: one MR x nr register tile
- * Threads: each takes a slice of C's columns and runs all of the above alone (gemm_columns); with
- * fewer column panels than threads, they share one packed B (a barrier per depth block) and take
- * row chunks dynamically instead (gemm_run).
+ * Threads: C is split along its longer side, and each thread runs all of the above alone on its
+ * rows or columns (gemm_split).
  *
  * The driver below is plain C; an engine supplies the packing and the register tiles:
  *   fp32  gemm_f32_body.h, written once over the vector width and compiled for AVX-512, AVX2 + FMA
@@ -48,7 +47,6 @@ enum {
     KC_F32 = 384,  /* fp32 depth per block: 384 (one block for nanoGPT's C = 384) beat 256 on Zen 4 by 9 % (AVX2)
                       and 4-8 % (AVX-512) on nanoGPT's products, 1-2 % on wide's; 512 measured the same */
     MC = 192,  /* rows of A per packed chunk (MC x KC words = 288 KiB at most); a multiple of every MR */
-    MCHUNK_MIN = 64, /* fewest rows per chunk handed to a thread */
     NC = 768,  /* columns of B per packed block; a multiple of every nr */
 };
 
@@ -318,110 +316,69 @@ static void compute_rows(const engine *e, int trans_a, const float *A, long lda,
     }
 }
 
-/* The blocked product on nthreads threads that share each packed B block. fc_gemm runs it on one
- * thread per column slice (gemm_columns), and on several only where C has fewer column panels than
- * threads: the notes below on slices and chunks between threads concern that case. */
+/* The blocked product on the calling thread. */
 static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
-                    const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
-    int nr = choose_nr(e, N), mr = e->mr;
+                    const float *B, long ldb, float beta, float *C, long ldc) {
+    int nr = choose_nr(e, N);
     /* Depth blocks of equal size (a multiple of 16), at most the engine's kc: K = 384 on a 256 kc
      * was a 256 block and a 128 one, whose tiles paid their fixed costs twice as often. */
     long kc_max = lmin(e->kc, K);
     if (K > kc_max) kc_max = lmin(e->kc, cdiv(cdiv(K, cdiv(K, e->kc)), 16) * 16);
     long kp_max = cdiv(kc_max, e->kstep);
     long nc_max = lmin(NC, cdiv(N, nr) * nr);
-    long panels = cdiv(M, mr);
-    if (nthreads > panels) nthreads = (int)panels;
-    if (nthreads < 1) nthreads = 1;
-    /* segments rounded to 16 words (64 bytes) so that each thread's A buffer starts on its own line */
+    /* segments rounded to 16 words (64 bytes): the A buffer starts on its own line */
     size_t b_words = ((size_t)kp_max * nc_max + 15) & ~(size_t)15, a_words = ((size_t)kp_max * MC + 15) & ~(size_t)15;
-    word *ws = workspace(b_words + (size_t)nthreads * a_words);
+    word *ws = workspace(b_words + a_words);
     if (ws == NULL) return FC_GEMM_NOMEM;
+    word *ap = ws + b_words;
     pack_fn pack_b = trans_b ? e->pack_b_l : e->pack_b_k;
     /* k-major B by depth slices: whole rows of the block per slice, read in order, where a panel at
      * a time read 32 or 48 floats of every row, rows 1-4 KiB apart. Zen 4, one thread, operands in
-     * cache: bf16, wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s, all of
-     * wide's products on 2 threads from 391 to 398 (about 4 slices per thread, each a multiple of 8
-     * depth pairs); fp32 on the avx2 path, long's qkv dW from 75-80 to 89-94 GFLOP/s (slices of 32
-     * rows). */
+     * cache: bf16, wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s; fp32 on the
+     * avx2 path, long's qkv dW from 75-80 to 89-94 GFLOP/s (slices of 32 rows). */
     const int by_depth = !trans_b;
-    const long slice = e->kstep == 2 ? cdiv(cdiv(kp_max, 4L * nthreads), 8) * 8 : 32; /* in depth steps */
-    /* Row chunks: about 4 per thread, but at least MCHUNK_MIN rows (a chunk streams every B panel
-     * from L2 once, so fewer rows than that make the product L2-bound: dW with M = 128) and at most
-     * MC; their count a multiple of the threads where there are enough panels, and the panels
-     * spread evenly over them. M = 2048 on 2 threads in 192-row chunks was 11 chunks, 6 against 5
-     * (a thread idle for 8 % of every product); now 12 of 21 or 22 panels. */
-    long nchunks = lmax(cdiv(M, MC), lmin(4L * nthreads, lmax(1, M / MCHUNK_MIN)));
-    if (nchunks % nthreads != 0 && cdiv(nchunks, nthreads) * nthreads <= panels)
-        nchunks = cdiv(nchunks, nthreads) * nthreads;
-    if (nchunks > panels) nchunks = panels;
-
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-#endif
-    {
-#ifdef _OPENMP
-        int tid = omp_get_thread_num();
-#else
-        int tid = 0;
-#endif
-        word *ap = ws + b_words + (size_t)tid * a_words;
-        for (long jc = 0; jc < N; jc += NC) {
-            long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
-            for (long pc = 0; pc < K; pc += kc_max) {
-                long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
-                /* B panels: handed out one at a time (a thread without its core packs none), then
-                 * everyone waits for them (the loop's barrier). k-major B: depth slices of every
-                 * panel instead, so that each thread reads whole source rows front to back (bf16:
-                 * `slice` pairs, see above; fp32: 32 rows, see pack_b_k in gemm_f32_body.h). */
-                if (by_depth) {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-                    for (long sl = 0; sl < cdiv(kp, slice); ++sl) {
-                        long p0 = sl * slice, k0 = p0 * e->kstep;
-                        pack_b(B + (pc + k0) * ldb + jc, ldb, lmin(slice * e->kstep, kc - k0), nc, nr, ws + p0 * nr,
-                               kp * nr);
-                    }
-                } else {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-                    for (long q = 0; q < nbp; ++q) {
-                        long j = jc + q * nr;
-                        const float *src = trans_b ? B + j * ldb + pc : B + pc * ldb + j;
-                        pack_b(src, ldb, kc, lmin(nr, N - j), nr, ws + q * kp * nr, kp * nr);
-                    }
+    const long slice = e->kstep == 2 ? cdiv(cdiv(kp_max, 4L), 8) * 8 : 32; /* in depth steps */
+    for (long jc = 0; jc < N; jc += NC) {
+        long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
+        for (long pc = 0; pc < K; pc += kc_max) {
+            long kc = lmin(kc_max, K - pc), kp = cdiv(kc, e->kstep);
+            if (by_depth)
+                for (long sl = 0; sl < cdiv(kp, slice); ++sl) {
+                    long p0 = sl * slice, k0 = p0 * e->kstep;
+                    pack_b(B + (pc + k0) * ldb + jc, ldb, lmin(slice * e->kstep, kc - k0), nc, nr, ws + p0 * nr,
+                           kp * nr);
                 }
-                /* Row chunks of C, handed out dynamically: a thread that loses its core to another
-                 * process does less of the work. Which thread computes a row does not change how it
-                 * is summed, so the result does not depend on the schedule. The loop's barrier keeps
-                 * the B panels alive until everyone is done with them. */
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-                for (long ch = 0; ch < nchunks; ++ch)
-                    compute_rows(e, trans_a, A, lda, ch * panels / nchunks * mr,
-                                 lmin(M, (ch + 1) * panels / nchunks * mr), pc, kc, kp, ws, jc, nc, nr,
-                                 pc == 0 ? beta : 1.0f, C, ldc, ap);
-            }
+            else
+                for (long q = 0; q < nbp; ++q) {
+                    long j = jc + q * nr;
+                    const float *src = trans_b ? B + j * ldb + pc : B + pc * ldb + j;
+                    pack_b(src, ldb, kc, lmin(nr, N - j), nr, ws + q * kp * nr, kp * nr);
+                }
+            compute_rows(e, trans_a, A, lda, 0, M, pc, kc, kp, ws, jc, nc, nr, pc == 0 ? beta : 1.0f, C, ldc, ap);
         }
     }
     return FC_GEMM_OK;
 }
 
-/* C's columns split between the threads, whole panels each, and each thread runs gemm_run alone on
- * its slice: its own B panels and A copies (its thread-local workspace), no buffer shared, no
- * barrier. gemm_run's own threads share one packed B through a barrier per depth block instead; in
- * the host's slow spells (docs/instruction-sets.md, round 9) that scheme lost 15 % of base's and
- * wide's training step on 2 threads (avx2: base 20,100 -> 23,000 tokens/s, wide 7,800 -> 9,000;
- * avx512 wide 7,100 -> 8,100), and in its fast spells it was no faster than this. What a thread
- * computes does not change how an element is summed, so the result is the same on any number of
- * threads. */
-static int gemm_columns(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
-                        const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
-    const int nr = choose_nr(e, N);
-    const long panels = cdiv(N, nr);
+/* Threads: C split between them along its longer side, whole register panels each, and each thread
+ * runs gemm_run alone on its part: its own B panels and A copies (its thread-local workspace), no
+ * buffer shared, no barrier. Splitting C's columns makes every thread read all of op(A) (M x K),
+ * splitting its rows all of op(B) (K x N), so the rows are split where M > N: the forward and dinp
+ * products (M the tokens), dW where the output is narrower than the input.
+ * - Columns against the earlier shared packed B (a barrier per depth block, dynamic row chunks): in
+ *   the host's slow spells that scheme lost 15 % of base's and wide's training step on 2 threads
+ *   (docs/instruction-sets.md, round 9), and in its fast spells it was no faster.
+ * - Rows where M > N against columns everywhere, one process, alternating (round 10): avx2 long
+ *   23,600 -> 26,750 tokens/s, base, wide and nanoGPT 2-3 % more; bf16 long 30,500 -> 37,000, base
+ *   32,700 -> 36,500, wide and nanoGPT 6-7 % more.
+ * What a thread computes does not change how an element is summed, so the result is the same on
+ * any number of threads. */
+static int gemm_split(const engine *e, int trans_a, int trans_b, long M, long N, long K, const float *A, long lda,
+                      const float *B, long ldb, float beta, float *C, long ldc, int nthreads) {
+    const int rows = M > N, unit = rows ? e->mr : choose_nr(e, N);
+    const long panels = cdiv(rows ? M : N, unit);
+    if (nthreads > panels) nthreads = (int)panels;
+    if (nthreads <= 1) return gemm_run(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     int rc = FC_GEMM_OK;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -432,16 +389,18 @@ static int gemm_columns(const engine *e, int trans_a, int trans_b, long M, long 
 #else
         int tid = 0, nt = 1;
 #endif
-        long j0 = tid * panels / nt * nr, j1 = lmin(N, (tid + 1) * panels / nt * nr);
-        if (j1 > j0) {
-            int r = gemm_run(e, trans_a, trans_b, M, j1 - j0, K, A, lda, trans_b ? B + j0 * ldb : B + j0, ldb, beta,
-                             C + j0, ldc, 1);
-            if (r != FC_GEMM_OK) {
+        long lo = tid * panels / nt * unit, hi = lmin(rows ? M : N, (tid + 1) * panels / nt * unit), r = FC_GEMM_OK;
+        if (hi > lo && rows)
+            r = gemm_run(e, trans_a, trans_b, hi - lo, N, K, trans_a ? A + lo : A + lo * lda, lda, B, ldb, beta,
+                         C + lo * ldc, ldc);
+        else if (hi > lo)
+            r = gemm_run(e, trans_a, trans_b, M, hi - lo, K, A, lda, trans_b ? B + lo * ldb : B + lo, ldb, beta,
+                         C + lo, ldc);
+        if (r != FC_GEMM_OK) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-                rc = r;
-            }
+            rc = (int)r;
         }
     }
     return rc;
@@ -486,7 +445,5 @@ int fc_gemm(int precision, int trans_a, int trans_b, long M, long N, long K, con
 #else
     nthreads = 1;
 #endif
-    if (nthreads > 1 && cdiv(N, choose_nr(e, N)) >= nthreads)
-        return gemm_columns(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
-    return gemm_run(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
+    return gemm_split(e, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, nthreads);
 }

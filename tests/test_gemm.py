@@ -144,13 +144,14 @@ def test_linear_layer_products(rng, precision, N, IC, OC):
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize(
     "M,N,K",
-    [(203, 130, 700), (768, 65, 128), (128, 384, 768), (40, 1000, 50), (203, 9, 700)],
-    ids=["columns-ragged", "lm-head", "base-dW", "two-column-blocks", "rows-fewer-panels-than-threads"],
+    [(203, 130, 700), (130, 203, 700), (768, 65, 128), (128, 384, 768), (40, 1000, 50), (14, 9, 700), (96, 96, 300)],
+    ids=["rows-ragged", "columns-ragged", "lm-head", "base-dW", "two-column-blocks", "few-row-panels", "square"],
 )
 def test_threads_do_not_change_the_result(rng, precision, threads, ta, tb, M, N, K):
-    """Threads take slices of C's columns (or, with fewer column panels than threads, chunks of its
-    rows); every element is summed in the same order, so every thread count gives the same bits, with
-    beta = 0 (the NaN output never read) and beta = 1 (accumulating), and the slices cover C exactly."""
+    """Threads take slices of C's rows where M > N, else of its columns, whole panels each (fewer
+    threads where there are fewer panels); every element is summed in the same order, so every thread
+    count gives the same bits, with beta = 0 (the NaN output never read) and beta = 1 (accumulating),
+    and the slices cover C exactly."""
     a, b, A, B = _operands(rng, M, N, K, ta, tb)
     start = rng.standard_normal((M, N)).astype(np.float32)
     for beta in (0.0, 1.0):
