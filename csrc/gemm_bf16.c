@@ -54,7 +54,6 @@ typedef uint32_t word;
 
 static inline long cdiv(long a, long b) { return (a + b - 1) / b; }
 static inline long lmin(long a, long b) { return a < b ? a : b; }
-static inline long lmax(long a, long b) { return a > b ? a : b; }
 
 /* ukr(kp, a panel, b panel, c, ldc, m rows, n cols to store, beta, nr, as): one register tile; as is
  * the distance of A's rows in words for the fp32 row panels (kp when packed, lda when the rows are
@@ -389,7 +388,8 @@ static int gemm_split(const engine *e, int trans_a, int trans_b, long M, long N,
 #else
         int tid = 0, nt = 1;
 #endif
-        long lo = tid * panels / nt * unit, hi = lmin(rows ? M : N, (tid + 1) * panels / nt * unit), r = FC_GEMM_OK;
+        const long lo = tid * panels / nt * unit, hi = lmin(rows ? M : N, (tid + 1) * panels / nt * unit);
+        int r = FC_GEMM_OK;
         if (hi > lo && rows)
             r = gemm_run(e, trans_a, trans_b, hi - lo, N, K, trans_a ? A + lo : A + lo * lda, lda, B, ldb, beta,
                          C + lo * ldc, ldc);
@@ -400,7 +400,7 @@ static int gemm_split(const engine *e, int trans_a, int trans_b, long M, long N,
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-            rc = (int)r;
+            rc = r;
         }
     }
     return rc;
