@@ -336,7 +336,7 @@ static int gemm_run(const engine *e, int trans_a, int trans_b, long M, long N, l
      * cache: bf16, wide's dW products with N = 1024 rose from 184-192 to 207-213 GFLOP/s; fp32 on the
      * avx2 path, long's qkv dW from 75-80 to 89-94 GFLOP/s (slices of 32 rows). */
     const int by_depth = !trans_b;
-    const long slice = e->kstep == 2 ? cdiv(cdiv(kp_max, 4L), 8) * 8 : 32; /* in depth steps */
+    const long slice = e->kstep == 2 ? cdiv(cdiv(kp_max, 4), 8) * 8 : 32; /* in depth steps: bf16 about 4 a block */
     for (long jc = 0; jc < N; jc += NC) {
         long nc = lmin(NC, N - jc), nbp = cdiv(nc, nr);
         for (long pc = 0; pc < K; pc += kc_max) {

@@ -18,9 +18,9 @@
  *
  * Threads: with nthreads > 1 (0 = omp_get_max_threads()) the call opens ONE OpenMP parallel region
  * (libgomp, the pool the Cython kernels already use) and splits C between threads (its rows where
- * M > N, else its columns); it
- * spawns nothing else. Called from inside a parallel region, or with nthreads == 1, it runs on the
- * calling thread only. Packing buffers are per calling thread, grown on demand, never freed.
+ * M > N, else its columns); it spawns nothing else. Called from inside a parallel region, or with
+ * nthreads == 1, it runs on the calling thread only. Packing buffers are per calling thread, grown
+ * on demand, never freed.
  */
 #ifndef FASTCHAR_GEMM_BF16_H
 #define FASTCHAR_GEMM_BF16_H
