@@ -1404,6 +1404,32 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
         fc_matmul_packed(&y[0, 0], &x[0, 0], Kd, <float*>&pk[0], M, Kd, k0, kend, Nd, j0, j1)
 
 
+def attention_rows(float[:, ::1] out, const float[:, ::1] qkv, float[:, :, :, ::1] kall, float[:, :, :, :, ::1] vall,
+                   const int64_t[::1] stream, const int64_t[::1] slot, const int64_t[::1] n, Py_ssize_t layer,
+                   Py_ssize_t h0, Py_ssize_t h1) -> None:
+    """The batched decode's attention step of heads h0..h1-1 (fc_attention_rows, for the tests and
+    benchmarks/bench_decode_attention.py): row m's key and value (from qkv (M, 3C)) go to slot[m] of
+    stream[m]'s layer `layer` cache, which then holds its first n[m] slots, and out[m, heads' columns]
+    is that row's attention over them. out (M, C); kall (B, L, C, S) keys, time last; vall
+    (B, L, NH, S, HS) values; stream, slot, n (M,) int64."""
+    import numpy as np
+
+    cdef Py_ssize_t M = qkv.shape[0], C = out.shape[1], B = kall.shape[0], L = kall.shape[1], S = kall.shape[3]
+    cdef Py_ssize_t NH = vall.shape[2], m
+    if (M == 0 or qkv.shape[1] != 3 * C or out.shape[0] != M or kall.shape[2] != C or NH == 0 or C % NH
+            or vall.shape[0] != B or vall.shape[1] != L or vall.shape[3] != S or vall.shape[4] * NH != C or not 0 <= layer < L or not 0 <= h0 < h1 <= NH
+            or stream.shape[0] != M or slot.shape[0] != M or n.shape[0] != M):
+        raise ValueError("need out (M, C), qkv (M, 3C), kall (B, L, C, S), vall (B, L, NH, S, C/NH), stream, slot, "
+                         "n (M,), 0 <= layer < L, 0 <= h0 < h1 <= NH")
+    for m in range(M):
+        if not (0 <= stream[m] < B and 0 <= slot[m] < S and slot[m] < n[m] <= S):
+            raise ValueError(f"row {m}: need 0 <= stream < B, 0 <= slot < n <= S")
+    cdef float[::1] scores = np.zeros(S, np.float32)
+    with nogil:
+        fc_attention_rows(&out[0, 0], &qkv[0, 0], &kall[0, 0, 0, 0], &vall[0, 0, 0, 0, 0], &stream[0], &slot[0], &n[0],
+                          L, layer, M, C, S, NH, h0, h1, &scores[0])
+
+
 def row_stages(const int64_t[:, ::1] table, Py_ssize_t C, Py_ssize_t n_head) -> list:
     """What each row of a decode table runs as in one step of one stream (fastchar.sampler.describe_decode):
     "stage i" (a meeting of the threads), "stage i, fused" (the second product of a fused stage,

@@ -211,3 +211,14 @@ def test_bench_train_rejects_zero_rounds(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--shapes", "base", "--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_decode_attention_quick(capsys):
+    from benchmarks import bench_decode_attention
+    from fastchar import isa
+
+    pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
+    result = bench_decode_attention.main(["--quick"])
+    assert {path for path, _ in result} == set(isa.runnable())
+    assert all(r["ns"] > 0 and r["gbs"] > 0 for r in result.values())
+    assert "| streamed | 16 MB |" in capsys.readouterr().out
