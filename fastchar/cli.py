@@ -1052,7 +1052,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     server.on_started = started
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits with status 3 when it cannot listen (a port in use): say so, as below
+        if server.started:
+            raise
     if not server.started:
         raise FastcharError(
             f"could not listen on {args.host}:{args.port}", hint="the port may be in use: pass another --port"

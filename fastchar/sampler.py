@@ -685,29 +685,29 @@ class StopScan:
     def __init__(self, stop: list[str]) -> None:
         self.stop = stop
         self.hold = max((len(t) for t in stop), default=1) - 1
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # the text not released yet (at most hold characters between two feeds)
         self.done = False
 
     def feed(self, piece: str) -> str:
-        """Append piece; the newly releasable text (everything before a stop string once found)."""
+        """Append piece; the newly releasable text (everything before a stop string once found).
+        Only the held-back tail is kept: a long stream's cost stays linear in its length."""
         if self.done:
             return ""
         self.text += piece
-        hits = [i for i in (self.text.find(t, self.emitted) for t in self.stop) if i >= 0]
+        hits = [i for i in (self.text.find(t) for t in self.stop) if i >= 0]
         if hits:
             self.done = True
             end = min(hits)
         else:
-            end = max(len(self.text) - self.hold, self.emitted)
-        out, self.emitted = self.text[self.emitted : end], end
+            end = max(len(self.text) - self.hold, 0)
+        out, self.text = self.text[:end], self.text[end:]
         return out
 
     def flush(self) -> str:
         """The held-back tail at the end of the stream (no stop string was produced)."""
         if self.done:
             return ""
-        out, self.emitted = self.text[self.emitted :], len(self.text)
+        out, self.text = self.text, ""
         return out
 
 

@@ -92,6 +92,7 @@ class Options:
     seed: int | None
     stream: bool
     single: bool  # a string prompt and n = 1: generate's single-prompt seeding (default_rng(seed))
+    n: int = 1  # choices per prompt (prompts holds each prompt n times)
 
 
 @dataclass
@@ -149,7 +150,11 @@ def _is_int(x: object) -> bool:
 
 
 def _is_number(x: object) -> bool:
-    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(x)
+    """A finite int or float, not a bool (an int of any size: math.isfinite would overflow on one
+    beyond float's range, and the range checks reject it anyway)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    return isinstance(x, int) or math.isfinite(x)
 
 
 def parse_request(body: object, vocab: dict[str, int], max_streams: int) -> Options:
@@ -213,7 +218,8 @@ def parse_request(body: object, vocab: dict[str, int], max_streams: int) -> Opti
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise RequestError(f"'seed' must be an integer >= 0, got {seed!r}", "seed")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null is the default, as for every other option
     if not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream")
     choices = [p for p in prompts for _ in range(n)]  # generate's order: each prompt n times
@@ -228,6 +234,7 @@ def parse_request(body: object, vocab: dict[str, int], max_streams: int) -> Opti
         seed,
         stream,
         single,
+        n,
     )
 
 
@@ -293,8 +300,15 @@ class Engine:
         job = Job(options, loop, [[] for _ in range(k)], [None] * k)
         rngs = [np.random.default_rng(options.seed)] if options.single else stream_rngs(options.seed, k)
         streams = []
+        encoded: dict[str, list[int]] = {}  # each prompt once (n choices share it)
+        window = self.batch.window
         for i, (prompt, rng) in enumerate(zip(options.prompts, rngs, strict=True)):
-            ids = [int(t) for t in self.tokenizer.encode(prompt)] if prompt else [self._prompt_start]
+            ids = encoded.get(prompt)
+            if ids is None:
+                # only the last `window` characters condition the model (add_row keeps those): a long
+                # prompt is not encoded and kept whole, once per choice
+                tail = prompt[-window:]
+                ids = encoded[prompt] = [int(t) for t in self.tokenizer.encode(tail)] if tail else [self._prompt_start]
             scan = StopScan(options.stop) if options.stop else None
             streams.append(Stream(job, i, ids, rng, scan))
         with self._cv:
@@ -560,8 +574,8 @@ def build_app(engine: Engine, model_id: str):
     """The starlette application: the four routes over engine (started and stopped with the app)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     vocab = engine.tokenizer.stoi
@@ -588,10 +602,15 @@ def build_app(engine: Engine, model_id: str):
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(request: Request):
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client went away before its whole body came: nobody to answer
+            return Response(status_code=400)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+            if isinstance(exc, RecursionError):
+                exc = "it is nested too deeply"
             return _error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
         try:
             options = parse_request(body, vocab, engine.max_streams)
@@ -615,7 +634,7 @@ def build_app(engine: Engine, model_id: str):
         return await _whole(engine, job, head, request)
 
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)  # a 405's Allow
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -712,7 +731,7 @@ async def _whole(engine: Engine, job: Job, head: dict, request) -> object:
         return _error(503, job.error, "server_error")
     texts = [job.take(i) for i in range(len(job.finish))]
     made = sum(len(t) for t in texts)
-    prompt_chars = sum(len(p) for p in job.options.prompts)
+    prompt_chars = sum(len(p) for p in job.options.prompts) // job.options.n  # each prompt once, as OpenAI
     usage = {"prompt_tokens": prompt_chars, "completion_tokens": made, "total_tokens": prompt_chars + made}
     choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": job.finish[i]} for i, t in enumerate(texts)]
     return JSONResponse({**head, "choices": choices, "usage": usage})

@@ -501,6 +501,26 @@ def test_stop_scan_holds_back_a_possible_start():
     assert scan.feed("abxy") + scan.flush() == "abxy"
 
 
+def test_stop_scan_keeps_only_its_held_tail_and_cuts_at_the_first_stop():
+    """The scan kept every character a stream made and copied them all at each feed (quadratic in
+    the stream's length: a 1,000,000-character stream with a stop string copied ~500 GB); it keeps
+    only what it holds back, and its output is the text cut before the first stop string."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice(list("abc"), int(rng.integers(1, 5)))) for _ in range(int(rng.integers(1, 4)))]
+        text = "".join(rng.choice(list("abcd"), int(rng.integers(0, 60))))
+        scan, out, at = StopScan(stops), "", 0
+        while at < len(text):
+            k = int(rng.integers(1, 6))
+            out += scan.feed(text[at : at + k])
+            at += k
+            assert scan.done or len(scan.text) <= scan.hold
+        out += scan.flush()
+        hits = [i for i in (text.find(t) for t in stops) if i >= 0]
+        assert out == (text[: min(hits)] if hits else text), (stops, text)
+        assert scan.done == bool(hits)
+
+
 def test_cli_num_samples_and_stop(tmp_path, capsys):
     from fastchar.checkpoint import save
     from fastchar.cli import main

@@ -150,6 +150,13 @@ BAD = [
     ({"prompt": "a", "stream": "yes"}, "'stream' must be true or false"),
     ({"prompt": "a", "echo": True}, "'echo' is not supported"),
     ({"prompt": "a", "logprobs": 3}, "'logprobs' is not supported"),
+    # an int beyond float's range (math.isfinite overflowed: a 500), an int of more than 4300 digits
+    # (json.loads raises a ValueError that is not a JSONDecodeError), nesting deeper than the
+    # recursion limit (a RecursionError): each was a 500 with a bare "Internal Server Error"
+    ('{"prompt": "a", "temperature": 1' + "0" * 400 + "}", "'temperature' must be a number in [0, 2]"),
+    ('{"prompt": "a", "top_p": 1' + "0" * 400 + "}", "'top_p' must be a number in (0, 1]"),
+    ('{"prompt": "a", "seed": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),
 ]
 
 
@@ -174,6 +181,47 @@ def test_models_health_page_and_unknown_routes(url):
     assert 'id="prompt"' in page.text and "/v1/completions" in page.text
     assert httpx.get(f"{url}/nowhere").status_code == 404
     assert httpx.get(f"{url}/v1/completions").status_code == 405
+
+
+def test_null_is_every_option_s_default(url):
+    keys = ["max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "logprobs", "suffix"]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", **dict.fromkeys(keys)})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["text"]) == 16 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_405_names_the_allowed_methods(url):
+    r = httpx.put(f"{url}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 must say which methods the resource allows
+
+
+def test_usage_counts_each_prompt_once_whatever_n(url):
+    """OpenAI's usage.prompt_tokens counts each prompt once; n multiplies the completions only."""
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "abc", "n": 3, "max_tokens": 4, "seed": 1}).json()
+    assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": ["ab", "c"], "n": 2, "max_tokens": 2, "seed": 1}).json()
+    assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+
+
+def test_a_long_prompt_is_encoded_once_and_only_its_last_ctx_characters_are_kept():
+    """A 1 MB prompt with n = 64 encoded and kept whole once per choice blocked the event loop for
+    about 10 s and took 500 MB: only the model's last ctx characters condition it."""
+    from fastchar.serve import Engine, parse_request
+
+    model = make_model()
+    engine = Engine(model, max_streams=8, max_queue=0)  # not started: submit only queues
+    long = "abcdefghij " * 10_000
+    options = parse_request({"prompt": [long, "ab", ""], "n": 2}, TOK.stoi, 8)
+    loop = asyncio.new_event_loop()
+    try:
+        engine.submit(options, loop)
+    finally:
+        loop.close()
+    streams = list(engine._queue)
+    assert [len(s.ids) for s in streams] == [12, 12, 2, 2, 1, 1]  # ctx 12
+    assert streams[0].ids == [TOK.stoi[c] for c in long[-12:]] and streams[0].ids is streams[1].ids
+    assert streams[4].ids == [TOK.stoi["\n"]]
 
 
 def test_one_completion_has_the_openai_shape(url):
@@ -436,6 +484,45 @@ def test_a_signal_stops_the_server_process_cleanly(tmp_path, sig):
             proc.kill()
     assert code == 0, err
     assert f"stopped by {sig.name}" in err
+
+
+def test_a_body_cut_short_by_its_client_logs_no_traceback(url):
+    """A client that goes away before its whole body came: starlette's ClientDisconnect escaped the
+    handler and uvicorn logged 'Exception in ASGI application' with a traceback."""
+    import logging
+    import socket
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "Exception" in m], seen
+
+
+def test_a_port_in_use_is_an_error_with_a_hint(tmp_path, capsys):
+    """uvicorn exits with status 3 when it cannot listen: the command said nothing of its own."""
+    import socket
+
+    from fastchar.cli import main
+
+    save(make_model(), tmp_path / "ck", TOK)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path / "ck"), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not listen on 127.0.0.1:{port}" in err and "hint: the port may be in use" in err
 
 
 @pytest.mark.parametrize(
