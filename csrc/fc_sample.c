@@ -46,7 +46,10 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
                     double *probs, double *tmp, int32_t *order) {
     int64_t j, i, keep, best, n, c;
     double mx, total, mass, target, kth, b;
-    for (j = 0; j < V; j++) probs[j] = (double)logits[j] / temperature;
+    /* (logit - max) / temperature: a tiny temperature (1e-308) gives -inf and 0, never inf - inf */
+    mx = logits[0];
+    for (j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
+    for (j = 0; j < V; j++) probs[j] = ((double)logits[j] - mx) / temperature;
     if (top_k > 0 && top_k < V) {
         for (j = 0; j < V; j++) tmp[j] = probs[j];
         kth = fc_kth_largest(tmp, V, top_k - 1);

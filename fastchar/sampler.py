@@ -251,8 +251,10 @@ def check_seed(seed: object) -> None:
 
 def token_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
     """The distribution a draw samples from (V,) float64: softmax(logits / temperature), then top-k,
-    then top-p. temperature > 0 (0 is greedy: see sample_token)."""
-    z = logits.astype(np.float64) / temperature
+    then top-p. temperature > 0 (0 is greedy: see sample_token). The logits' maximum is subtracted
+    before the division, so a tiny temperature (1e-308) gives the greedy distribution, not inf - inf."""
+    z = logits.astype(np.float64)
+    z = (z - z.max()) / temperature
     if top_k is not None:
         z = top_k_filter(z, top_k)
     probs = np.exp(z - z.max())

@@ -235,6 +235,29 @@ def test_compiled_sampler_probabilities_match_python(temperature, top_k, top_p):
             assert numba_decode.sample(logits, V, temperature, top_k, top_p, u, work, order) == want_id
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-308, 5e-324])
+def test_a_tiny_temperature_is_greedy_in_every_sampler(temperature):
+    """logits / 1e-308 overflowed to inf, and inf - inf made every probability NaN: the samplers drew
+    the last id. Subtracting the maximum first leaves the largest logit's ids (ties share)."""
+    from fastchar.backends import numba_decode
+
+    cydecode = pytest.importorskip("fastchar._cydecode")
+    V = 65
+    logits = np.random.default_rng(4).normal(0, 3, V).astype(np.float32)
+    logits[[7, 40]] = logits.max() + 1  # a tie at the top
+    want = np.zeros(V)
+    want[[7, 40]] = 0.5
+    tmp, order, numba_probs = np.zeros(V), np.zeros(V, np.int32), np.zeros(V)
+    numba_decode.token_probs(logits, V, temperature, 0, 1.0, numba_probs, tmp, order)
+    for got in (token_probs(logits, temperature, None, None), cydecode.token_probs(logits, temperature, 0, 1.0),
+                numba_probs):  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+    work = np.zeros(3 * V)
+    for u, want_id in ((0.0, 7), (0.7, 40)):
+        assert numba_decode.sample(logits, V, temperature, 0, 0.4, u, work, order) == 7  # top-p keeps the first
+        assert numba_decode.sample(logits, V, temperature, 0, 1.0, u, work, order) == want_id
+
+
 def test_cli_trains_and_samples_a_rope_model(capsys, corpus, tmp_path):
     out_dir = tmp_path / "rope"
     code = main(["train", "--data", str(corpus), "--out", str(out_dir), "--steps", "50", "--eval-every", "25",

@@ -314,8 +314,11 @@ def _kth_largest(a, n, k):
 def token_probs(logits, V, temperature, top_k, top_p, probs, tmp, order):
     """probs (V,) float64 = softmax(logits / temperature), then top-k (top_k <= 0 or >= V: off),
     then top-p (top_p >= 1: off), as fc_token_probs; tmp (V,) float64 and order (V,) int32 scratch."""
+    mx = np.float64(logits[0])  # (logit - max) / temperature: a tiny temperature gives -inf and 0, not inf - inf
+    for j in range(1, V):
+        mx = max(mx, np.float64(logits[j]))
     for j in range(V):
-        probs[j] = np.float64(logits[j]) / temperature
+        probs[j] = (np.float64(logits[j]) - mx) / temperature
     if 0 < top_k < V:
         for j in range(V):
             tmp[j] = probs[j]
