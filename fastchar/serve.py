@@ -49,6 +49,7 @@ MAX_TOKENS_DEFAULT = 16  # OpenAI's default
 MAX_TOKENS_LIMIT = 1_000_000  # characters per choice
 MAX_PROMPT_CHARS = 1_000_000  # only the last ctx characters condition the model
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_BODY_BYTES = 16 * 2**20  # a larger request body is a 413, refused before it is all read
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 # Seconds between two events of one streamed response (text made meanwhile is sent together): at least
 # EVENT_GAP, and long enough that all the streamed responses together send about EVENTS_PER_SECOND
@@ -64,7 +65,16 @@ SHUTDOWN_GRACE = 5  # seconds uvicorn waits for open responses after a signal (o
 SWITCH_INTERVAL = 0.0005
 MAX_CHUNK = 16  # characters per call of the batched loop while the batch is full (see Engine._chunk)
 CHUNK_SECONDS = 0.02
-UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None}  # accepted only at these values
+# OpenAI's options this server does not implement: accepted only at their defaults (or null)
+UNSUPPORTED = {
+    "echo": False,
+    "logprobs": None,
+    "best_of": 1,
+    "suffix": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+}
 
 
 class RequestError(FastcharError):
@@ -157,13 +167,18 @@ def _is_number(x: object) -> bool:
     return isinstance(x, int) or math.isfinite(x)
 
 
+def _at_default(value: object, default: object) -> bool:
+    """null, or default itself: equal and the same kind (true is not best_of 1, 0 is not logprobs null)."""
+    return value is None or (isinstance(value, bool) == isinstance(default, bool) and value == default)
+
+
 def parse_request(body: object, vocab: dict[str, int], max_streams: int) -> Options:
     """The options of a completions request body (parsed JSON), or RequestError saying what is wrong."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for key, default in UNSUPPORTED.items():
-        if body.get(key, default) not in (default, None, False) or (key == "best_of" and body.get(key, 1) != 1):
-            raise RequestError(f"{key!r} is not supported by this server", key)
+        if not _at_default(body.get(key), default):
+            raise RequestError(f"{key!r} is not supported by this server (only {json.dumps(default)})", key)
     prompt = body.get("prompt", "")
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -570,6 +585,21 @@ def page_html() -> str:
     return resources.files("fastchar").joinpath("serve_page.html").read_text(encoding="utf-8")
 
 
+async def _read_body(request) -> bytes | None:
+    """The request's body, or None as soon as it is known to exceed MAX_BODY_BYTES (its declared
+    length, or the bytes received so far): a huge body is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def build_app(engine: Engine, model_id: str):
     """The starlette application: the four routes over engine (started and stopped with the app)."""
     from starlette.applications import Starlette
@@ -603,9 +633,11 @@ def build_app(engine: Engine, model_id: str):
 
     async def completions(request: Request):
         try:
-            raw = await request.body()
+            raw = await _read_body(request)
         except ClientDisconnect:  # the client went away before its whole body came: nobody to answer
             return Response(status_code=400)
+        if raw is None:
+            return _error(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MB", "invalid_request_error")
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits

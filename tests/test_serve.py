@@ -150,6 +150,11 @@ BAD = [
     ({"prompt": "a", "stream": "yes"}, "'stream' must be true or false"),
     ({"prompt": "a", "echo": True}, "'echo' is not supported"),
     ({"prompt": "a", "logprobs": 3}, "'logprobs' is not supported"),
+    ({"prompt": "a", "logprobs": 0}, "'logprobs' is not supported"),  # OpenAI's 0: the drawn token's logprob
+    ({"prompt": "a", "best_of": True}, "'best_of' is not supported"),
+    ({"prompt": "a", "presence_penalty": 0.5}, "'presence_penalty' is not supported"),
+    ({"prompt": "a", "frequency_penalty": -1}, "'frequency_penalty' is not supported"),
+    ({"prompt": "a", "logit_bias": {"3": 100}}, "'logit_bias' is not supported"),
     # an int beyond float's range (math.isfinite overflowed: a 500), an int of more than 4300 digits
     # (json.loads raises a ValueError that is not a JSONDecodeError), nesting deeper than the
     # recursion limit (a RecursionError): each was a 500 with a bare "Internal Server Error"
@@ -181,6 +186,31 @@ def test_models_health_page_and_unknown_routes(url):
     assert 'id="prompt"' in page.text and "/v1/completions" in page.text
     assert httpx.get(f"{url}/nowhere").status_code == 404
     assert httpx.get(f"{url}/v1/completions").status_code == 405
+
+
+def test_unsupported_options_at_their_defaults_are_accepted(url):
+    body = {"prompt": "ab", "max_tokens": 3, "echo": False, "best_of": 1, "presence_penalty": 0.0,
+            "frequency_penalty": 0, "logit_bias": {}, "model": "anything", "user": "u1"}  # fmt: skip
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 3, r.text
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(url):
+    from fastchar.serve import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    r = httpx.post(f"{url}/v1/completions", content=big, timeout=60)
+    assert r.status_code == 413 and "larger than 16 MB" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: refused once the bytes received pass the limit
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 2**20 + 1):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    r = httpx.post(f"{url}/v1/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "a" * 100_000, "max_tokens": 1}).status_code == 200
 
 
 def test_null_is_every_option_s_default(url):
