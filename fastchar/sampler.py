@@ -782,8 +782,11 @@ def prompt_list(prompt: str | list[str], num_samples: int | None) -> list[str] |
     return [p for p in prompt for _ in range(1 if num_samples is None else int(num_samples))]
 
 
-def check_streams_memory(model: Model, n: int, window: int, available: int | None = None) -> None:
-    """Refuse n streams in one batched decode whose caches exceed the memory available now."""
+def check_streams_memory(
+    model: Model, n: int, window: int, available: int | None = None, flag: str = "--num-samples"
+) -> None:
+    """Refuse n streams in one batched decode whose caches exceed the memory available now (flag: the
+    option that set n, for the hint)."""
     from fastchar.runfolder import MIB, available_bytes
 
     cfg = model.cfg
@@ -793,9 +796,9 @@ def check_streams_memory(model: Model, n: int, window: int, available: int | Non
     if available is not None and need > available:
         fits = available // per_stream
         raise ConfigError(
-            f"{n:,} samples together need about {need / MIB:,.0f} MiB (a KV cache each) but only "
+            f"{n:,} streams together need about {need / MIB:,.0f} MiB (a KV cache each) but only "
             f"{available / MIB:,.0f} MiB is available",
-            hint=f"lower --num-samples to {fits:,} or less" if fits >= 1 else "free some memory (`free -m`)",
+            hint=f"lower {flag} to {fits:,} or less" if fits >= 1 else "free some memory (`free -m`)",
         )
 
 

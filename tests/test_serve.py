@@ -539,6 +539,19 @@ def test_a_body_cut_short_by_its_client_logs_no_traceback(url):
     assert not [m for m in seen if "Exception" in m], seen
 
 
+def test_more_streams_than_memory_holds_is_an_error_with_a_hint(tmp_path, capsys):
+    """--max-streams 100,000,000: the caches (25 TB at this shape) were allocated row by row until the
+    machine gave out; the command now says how many fit, at once."""
+    from fastchar.cli import main
+
+    save(make_model(), tmp_path / "ck", TOK)
+    t0 = time.perf_counter()
+    assert main(["serve", str(tmp_path / "ck"), "--max-streams", "100000000", "--port", "0"]) == 1
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert "error: 100,000,000 streams together need about" in err and "hint: lower --max-streams to" in err
+
+
 def test_a_port_in_use_is_an_error_with_a_hint(tmp_path, capsys):
     """uvicorn exits with status 3 when it cannot listen: the command said nothing of its own."""
     import socket
