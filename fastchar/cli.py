@@ -1021,7 +1021,6 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fastchar.errors import CheckpointError
     from fastchar.model import load
-    from fastchar.sampler import check_streams_memory
     from fastchar.serve import _require_serve_extra, bound_port, make_server
 
     _require_serve_extra()
@@ -1038,7 +1037,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CheckpointError(
             f"{args.checkpoint} has no tokenizer.json", hint="serve a checkpoint a training run wrote"
         )
-    check_streams_memory(model, args.max_streams, model.cfg.ctx, flag="--max-streams")  # every row's cache at once
     name = Path(args.checkpoint).resolve().name
     server = make_server(
         model, args.host, args.port, args.max_streams, args.max_queue, model_id=name, threads=args.threads

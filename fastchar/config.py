@@ -38,6 +38,10 @@ class ModelConfig:
         if self.vocab_size < 2:  # one character leaves nothing to predict (and degenerate kernel shapes)
             raise ConfigError(f"ModelConfig.vocab_size must be at least 2, got {self.vocab_size}",
                               hint="train on a text with at least two distinct characters")  # fmt: skip
+        for name in ("d_model", "mlp_hidden"):  # a width of 1 is the shape of a per-position value (graph.act_specs)
+            if getattr(self, name) < 2:
+                raise ConfigError(f"ModelConfig.{name} must be at least 2, got {getattr(self, name)}",
+                                  hint=f"pass --{name.replace('_', '-')} 2 or more")  # fmt: skip
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})",

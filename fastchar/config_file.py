@@ -122,9 +122,13 @@ def _is_number(value: Any) -> bool:
 
 
 def apply(args: argparse.Namespace, settings: dict[str, Any]) -> None:
-    """Set each file setting on args unless its flag was given (flags override the file)."""
+    """Set each file setting on args unless its flag was given (flags override the file).
+
+    A flag not given is None (or False for an on/off flag): a flag given as 0 or 0.0 (--seed 0,
+    --warmup 0, --sample-chars 0) compares equal to False but was given, and wins over the file."""
     for dest, value in settings.items():
-        if getattr(args, dest, None) in (None, False):
+        current = getattr(args, dest, None)
+        if current is None or current is False:  # identity: 0 == False, but 0 is a given value
             setattr(args, dest, value)
 
 

@@ -834,6 +834,12 @@ def make_server(
         raise ConfigError(f"--max-queue must be an integer >= 0, got {max_queue!r}")
     if not _is_int(port) or not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {port!r}")
+    from fastchar.sampler import MAX_STREAMS, check_streams_memory
+
+    if max_streams > MAX_STREAMS:  # every row's KV cache is allocated up front (DecodeBatch)
+        raise ConfigError(f"--max-streams must be at most {MAX_STREAMS:,}, got {max_streams:,}",
+                          hint=f"pass --max-streams {MAX_STREAMS} or less (the default is 64)")  # fmt: skip
+    check_streams_memory(model, max_streams, model.cfg.ctx, flag="--max-streams")
     engine = Engine(model, max_streams, max_queue, threads)
     server = _uvicorn_server(build_app(engine, model_id), host, port, log_level)
     server.engine = engine

@@ -164,3 +164,26 @@ def test_written_values_read_back_as_written():
     path = "x.toml"
     checked = {k: config_file._checked(path, k, v, config_file.flag_actions(parser)[k]) for k, v in settings.items()}
     assert checked == settings
+
+
+def test_a_flag_given_as_zero_wins_over_the_file(capsys, corpus, tmp_path):
+    """--seed 0, --warmup 0, --grad-clip 0, --dropout 0 and --sample-chars 0 are given values (0 == False in
+    Python, but a flag given as 0 is still given): the file's values must not replace them."""
+    settings = tmp_path / "s.toml"
+    settings.write_text(
+        f'data = "{corpus}"\nd_model = 32\nn_layer = 1\nn_head = 4\nctx = 16\nbatch = 4\nsteps = 2\neval_batches = 2\n'
+        'backend = "numpy"\nseed = 5\nwarmup = 50\ngrad_clip = 0.5\ndropout = 0.1\nweight_decay = 0.2\n'
+        "sample_chars = 20\n"
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(settings), "--out", str(out), "--seed", "0", "--warmup", "0", "--grad-clip", "0",
+            "--dropout", "0", "--weight-decay", "0", "--sample-chars", "0"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    model = load(out / "latest")
+    t = model.train_cfg
+    assert (t["seed"], t["warmup"], t["grad_clip"], t["weight_decay"]) == (0, 0, 0.0, 0.0), t
+    assert model.cfg.dropout == 0.0
+    assert "--- sample" not in printed  # --sample-chars 0: no sample
+    written = tomllib.loads((out / "config.toml").read_text())
+    assert written["seed"] == 0 and written["sample_chars"] == 0

@@ -539,17 +539,19 @@ def test_a_body_cut_short_by_its_client_logs_no_traceback(url):
     assert not [m for m in seen if "Exception" in m], seen
 
 
-def test_more_streams_than_memory_holds_is_an_error_with_a_hint(tmp_path, capsys):
-    """--max-streams 100,000,000: the caches (25 TB at this shape) were allocated row by row until the
-    machine gave out; the command now says how many fit, at once."""
+def test_more_streams_than_memory_holds_is_an_error_with_a_hint(tmp_path, capsys, monkeypatch):
+    """--max-streams 100,000,000 allocated the caches row by row until the machine gave out (now a bound,
+    above); within the bound, caches beyond the memory available are refused at once, with how many fit."""
+    from fastchar import runfolder
     from fastchar.cli import main
 
     save(make_model(), tmp_path / "ck", TOK)
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: runfolder.MIB)
     t0 = time.perf_counter()
-    assert main(["serve", str(tmp_path / "ck"), "--max-streams", "100000000", "--port", "0"]) == 1
+    assert main(["serve", str(tmp_path / "ck"), "--max-streams", "10000", "--port", "0"]) == 1
     assert time.perf_counter() - t0 < 30
     err = capsys.readouterr().err
-    assert "error: 100,000,000 streams together need about" in err and "hint: lower --max-streams to" in err
+    assert "error: 10,000 streams together need about" in err and "hint: lower --max-streams to" in err
 
 
 def test_a_port_in_use_is_an_error_with_a_hint(tmp_path, capsys):
@@ -574,6 +576,7 @@ def test_a_port_in_use_is_an_error_with_a_hint(tmp_path, capsys):
         (["--max-streams", "0"], "--max-streams must be >= 1"),
         (["--max-queue", "-1"], "--max-queue must be >= 0"),
         (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--max-streams", "100000000"], "--max-streams must be at most 10,000"),  # not 6 GB of caches, then more
     ],
 )
 def test_serve_command_line_errors(tmp_path, capsys, args, says):
