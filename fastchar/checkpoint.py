@@ -103,6 +103,14 @@ def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
     return CheckpointWriteError(f"could not write the checkpoint {path}: {reason}", hint=hint + kept)
 
 
+def _kernel_path() -> str:
+    """The instruction-set path the compiled kernels ran (fastchar.isa.path): a resume on another one
+    continues, but not bit for bit."""
+    from fastchar.isa import path
+
+    return path()
+
+
 def save(
     model: Model,
     path: str | Path,
@@ -146,6 +154,7 @@ def save(
             "dtype": str(model.dtype),
             "backend": model.backend,
             "precision": getattr(model, "precision", "fp32"),
+            "isa": _kernel_path(),
             "data": data,
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256((tmp / f).read_bytes())} for f in files},
         }

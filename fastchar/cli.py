@@ -399,6 +399,16 @@ def _resume_backend(args: argparse.Namespace, meta: dict) -> str:
     return recorded or "auto"
 
 
+def _note_kernel_path(meta: dict) -> None:
+    """A note when the run trained on another instruction-set path (FASTCHAR_ISA, or another CPU):
+    the products sum in another order, so the resume is not bit for bit."""
+    from fastchar import isa
+
+    recorded, now = meta.get("isa"), isa.path()
+    if recorded and recorded != now:
+        _note(f"the run trained on the {recorded} kernel path; continuing on {now} (not bitwise)")
+
+
 def _resume_precision(args: argparse.Namespace, meta: dict) -> str:
     """--precision if given, else the precision the run trained with."""
     recorded = meta.get("precision") or "fp32"
@@ -499,6 +509,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder, note = resolve(args.resume, "latest")
         folder, meta = read_meta(folder)
         model = load(folder, backend=_resume_backend(args, meta), precision=_resume_precision(args, meta))
+        if dist.is_root:
+            _note_kernel_path(meta)
         model.checkpoint_note = note
         if dist.is_root:  # one note, not one per rank
             _say_checkpoint(model)

@@ -152,3 +152,27 @@ def test_ctrl_c_saves_and_exits_130(corpus, tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "fastchar train --resume" in err
     assert (out_dir / "latest" / "meta.json").is_file()
+
+
+def test_resume_on_another_kernel_path_says_it_is_not_bitwise(capsys, corpus, tmp_path):
+    """The checkpoint records the instruction-set path its kernels ran (meta.json "isa"); a resume on
+    another one (FASTCHAR_ISA, or another CPU) continues with a note, as a change of backend does."""
+    import json
+
+    from fastchar import isa
+
+    native = isa.path()
+    if native == "generic":
+        pytest.skip("this machine runs only the generic path: there is no other to resume on")
+    out = tmp_path / "run"
+    with isa.force("generic"):
+        code, _, err = run(capsys, "train", "--data", str(corpus), "--out", str(out), "--steps", "2",
+                           "--eval-every", "2", *TINY)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "latest" / "meta.json").read_text())["isa"] == "generic"
+    code, _, err = run(capsys, "train", "--data", str(corpus), "--resume", str(out), "--steps", "3", *TINY)
+    assert code == 0, err
+    assert f"the run trained on the generic kernel path; continuing on {native} (not bitwise)" in err
+    assert json.loads((out / "latest" / "meta.json").read_text())["isa"] == native
+    code, _, err = run(capsys, "train", "--data", str(corpus), "--resume", str(out), "--steps", "4", *TINY)
+    assert code == 0 and "kernel path" not in err
