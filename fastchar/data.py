@@ -53,12 +53,43 @@ def read_bytes(path: str | Path) -> bytes:
     raw = path.read_bytes()
     if path.suffix == ".xz":
         try:
-            raw = lzma.decompress(raw)
+            raw = _xz_text(raw, path)
         except lzma.LZMAError as exc:
             raise DataError(
                 f"{path} is not a valid xz file ({exc})", hint="check the file with `xz -t FILE`, or pass the text"
             ) from None
     return raw
+
+
+def _xz_text(raw: bytes, path: Path) -> bytes:
+    """raw decompressed (every xz stream in it), 16 MiB at a time, refused as soon as the text passes
+    what the memory available can read and encode (check_corpus_memory can only guess an .xz file's
+    text from its size, and a few MB of xz can hold gigabytes)."""
+    from fastchar.runfolder import MIB, available_bytes
+
+    available = available_bytes()
+    limit = None if available is None else available // CORPUS_BYTES_PER_BYTE
+    parts, total, data = [], 0, raw
+    while True:
+        stream = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        chunk = stream.decompress(data, max_length=16 * MIB)
+        while True:
+            parts.append(chunk)
+            total += len(chunk)
+            if limit is not None and total > limit:
+                raise DataError(
+                    f"the training text in {path} is over {limit / MIB:,.0f} MiB, more than the memory available "
+                    f"({available / MIB:,.0f} MiB) can read and encode",
+                    hint="use a shorter text, or free memory (`free -m`)",
+                )
+            if stream.eof:
+                break
+            if stream.needs_input:
+                raise lzma.LZMAError("the file ends inside a stream (truncated?)")
+            chunk = stream.decompress(b"", max_length=16 * MIB)
+        data = stream.unused_data.lstrip(b"\0")  # the zero padding xz allows between streams
+        if not data:
+            return b"".join(parts)
 
 
 def _decode(raw: bytes, path: Path) -> str:

@@ -154,6 +154,28 @@ def test_xz_text_and_a_corrupt_xz(tmp_path):
         TextDataset(bad)
 
 
+def test_xz_streams_truncation_and_a_bomb(tmp_path, monkeypatch):
+    """Concatenated streams (and xz's zero padding) read whole; a file cut inside a stream is an error;
+    20 MiB of text in 3 KB of xz, which check_corpus_memory's size guess lets through, is refused while
+    it is decompressed once it passes what the memory available can take."""
+    from fastchar import runfolder
+
+    two = tmp_path / "two.txt.xz"
+    two.write_bytes(lzma.compress(b"first\n" * 1000) + b"\0" * 8 + lzma.compress(b"second\n" * 1000))
+    assert TextDataset(two).text == "first\n" * 1000 + "second\n" * 1000
+    cut = tmp_path / "cut.txt.xz"
+    cut.write_bytes(two.read_bytes()[:200])
+    with pytest.raises(DataError, match="cut.txt.xz is not a valid xz file"):
+        TextDataset(cut)
+    bomb = tmp_path / "bomb.txt.xz"
+    bomb.write_bytes(lzma.compress(b"ab\n" * (7 * 2**20)))
+    assert bomb.stat().st_size < 10_000
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: 40 * runfolder.MIB)
+    data_module.check_corpus_memory(bomb)  # the size guess: 80 KB of text
+    with pytest.raises(DataError, match=r"bomb.txt.xz is over 10 MiB, more than the memory available \(40 MiB\)"):
+        TextDataset(bomb)
+
+
 def test_offline_and_missing_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTCHAR_DATA_DIR", raising=False)
