@@ -116,6 +116,13 @@ def check_fresh(folder: Path, overwrite: bool = False) -> None:
             hint=f"continue it with `fastchar train --resume {found[-1]}`, pass --overwrite to start over "
             f"there, or choose another --out DIR",
         )
+    metrics = folder / "metrics.jsonl"
+    if not found and not overwrite and (metrics.is_symlink() or (metrics.is_file() and metrics.stat().st_size)):
+        raise ConfigError(
+            f"{folder} already holds a run's metrics.jsonl (a run that ended before its first checkpoint); "
+            "a fresh run would add its records to them",
+            hint="pass --overwrite to start over there, or choose another --out DIR",
+        )
 
 
 def holds_run(folder: Path) -> bool:

@@ -40,6 +40,20 @@ def test_an_explicit_out_that_holds_a_run_keeps_the_rule(capsys, corpus, tmp_pat
     assert main(["train", "--data", str(corpus), "--out", str(out), "--overwrite", *TINY]) == 0
 
 
+def test_an_explicit_out_with_only_a_failed_run_s_metrics_keeps_the_rule(capsys, corpus, tmp_path):
+    """A run that ended before its first checkpoint leaves metrics.jsonl (its step-0 evaluation): a fresh
+    run there appended its own records to them (two step 0s of two models in one file)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 4.2}\n')
+    assert main(["train", "--data", str(corpus), "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run's metrics.jsonl" in err and "--overwrite" in err
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--overwrite", *TINY]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r].count(0) == 1 and records[0]["val_loss"] != 4.2
+
+
 def test_next_free_skips_folders_with_a_run_or_one_starting(tmp_path):
     base = tmp_path / "base"
     assert runfolder.next_free(base) == base
