@@ -237,6 +237,12 @@ def _open_in(dfd: int | None, name: str, folder: Path) -> int:
         ) from None
 
 
+def _damaged_hint(folder: Path) -> str:
+    """Which checkpoint of the run to try instead of the damaged one in folder."""
+    other = {"best": "latest instead of best", "latest": "best instead of latest"}.get(Path(folder).name)
+    return "the checkpoint is damaged; use another one" + (f" (e.g. {other})" if other else "")
+
+
 def _read_in(dfd: int | None, name: str, folder: Path, expected: int | None = None) -> bytes:
     """The bytes of folder/name, opened through the folder handle dfd, never through a link."""
     fd = _open_in(dfd, name, folder)
@@ -248,7 +254,7 @@ def _read_in(dfd: int | None, name: str, folder: Path, expected: int | None = No
         if expected is not None and info.st_size != expected:
             raise CheckpointError(
                 f"{folder / name} is truncated or altered: {info.st_size} bytes, expected {expected}",
-                hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
+                hint=_damaged_hint(folder),
             )
         if info.st_size > limit:
             raise CheckpointError(f"{folder / name} is {info.st_size:,} bytes, more than any checkpoint writes")
@@ -300,7 +306,7 @@ def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
             if _sha256(data) != expected["sha256"]:
                 raise CheckpointError(
                     f"{folder / name} is corrupt: its sha256 does not match meta.json",
-                    hint="the checkpoint is damaged; use another one (e.g. latest instead of best)",
+                    hint=_damaged_hint(folder),
                 )
             blobs[name] = data
         if dfd is None and not _same_folder(folder, identity):  # files opened by path: all from one folder

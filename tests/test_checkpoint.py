@@ -70,6 +70,22 @@ def test_corrupt_file_is_named(saved):
         load(path)
 
 
+@pytest.mark.parametrize("name, other", [("latest", "best instead of latest"), ("best", "latest instead of best")])
+def test_a_damaged_checkpoint_s_hint_names_the_other_one(tmp_path, name, other):
+    """A damaged latest said "use another one (e.g. latest instead of best)": the damaged one itself."""
+    model = Model(CFG, backend="numpy", seed=1)
+    path = ckpt.save(model, tmp_path / name, CharTokenizer("abcde"), TrainConfig(steps=7), {"step": 3})
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        load(path)
+    assert info.value.hint == f"the checkpoint is damaged; use another one (e.g. {other})"
+    (path / "model.safetensors").write_bytes(data[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        load(path)
+    assert info.value.hint == f"the checkpoint is damaged; use another one (e.g. {other})"
+
+
 def test_corrupt_meta(saved):
     _, path = saved
     (path / "meta.json").write_text("{not json")
