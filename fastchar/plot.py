@@ -111,6 +111,10 @@ def plot_runs(
     if not runs:
         raise DataError("no run folder to plot", hint="pass one or more run folders, e.g. runs/base")
     out = Path(out)
+    if out.is_dir():
+        raise DataError(
+            f"cannot write the image {out}: it is a folder", hint=f"pass a file name, e.g. -o {out / 'curves.png'}"
+        )
     fmt = image_format(out, FigureCanvasAgg)
     names = list(names) if names is not None else run_names(runs)
     data = [read_metrics(run) for run in runs]

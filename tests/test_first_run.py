@@ -200,6 +200,8 @@ def test_read_metrics_replays_a_resumed_run(tmp_path):
 def test_plot_errors(capsys, tmp_path, monkeypatch, run_dir):
     code, out, err = run(capsys, "plot", tmp_path / "nothing")
     assert code == 1 and "error: run folder" in err and "does not exist" in err
+    code, out, err = run(capsys, "plot", run_dir, "-o", tmp_path)  # a folder: it named a temporary file
+    assert code == 1 and f"error: cannot write the image {tmp_path}: it is a folder" in err and ".tmp-" not in err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     code, out, err = run(capsys, "plot", run_dir, "-o", tmp_path / "x.png")
     assert code == 1 and "needs matplotlib" in err and 'pip install "fastchar[plot]"' in err
