@@ -750,11 +750,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     # all samples advance together (one batched decode step each); printed when done, in order
+    _check_samples_memory(args.num_samples, len(prompt) + args.max_new_tokens)
     texts = generate(model, model.tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
                      args.top_p, args.seed, ctx=args.ctx, num_samples=args.num_samples, stop=stop)  # fmt: skip
     for i, text in enumerate(texts):
         sys.stdout.write(f"--- sample {i + 1} ---\n{text}\n")
     return 0
+
+
+def _check_samples_memory(n: int, chars: int) -> None:
+    """Refuse n samples of up to chars characters each that could not be held until they are printed."""
+    from fastchar.runfolder import MIB, available_bytes
+
+    need, available = 2 * n * chars, available_bytes()  # a byte a character, and the joined copy
+    if available is not None and need > available:
+        raise ConfigError(
+            f"{n:,} samples of up to {chars:,} characters are held until all are done: about {need / MIB:,.0f} MiB, "
+            f"but only {available / MIB:,.0f} MiB is available",
+            hint="lower --max-new-tokens (one sample, --num-samples 1, is printed as it is made)",
+        )
 
 
 def _say_checkpoint(model: object) -> None:

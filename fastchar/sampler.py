@@ -966,7 +966,7 @@ def generate(
         chunk = DECODE_CHUNK if stop else GENERATE_CHUNK  # (a stop string ends a stream within its chunk)
         return prompt + "".join(_stream_one(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
                                             seed, ctx, stop, chunk))  # fmt: skip
-    texts = list(prompts)
+    pieces: list[list[str]] = [[p] for p in prompts]  # joined once at the end (+= copied each text every step)
     for i, piece in stream_many(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, ctx, stop):
-        texts[i] += piece
-    return texts
+        pieces[i].append(piece)
+    return ["".join(p) for p in pieces]

@@ -308,6 +308,13 @@ def test_08_num_samples_is_bounded_and_estimated(capsys, run_dir, monkeypatch):
                        "--backend", "cython")  # fmt: skip
     assert_clean_error(code, err, "need about")
     assert "--num-samples" in err and "--batch" not in err
+    # texts held until all are done: --max-new-tokens 10**15 ran on with no output until killed
+    monkeypatch.setattr(runfolder, "available_bytes", lambda: 64 * runfolder.MIB)
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--num-samples", "2", "--max-new-tokens",
+                       str(10**15))  # fmt: skip
+    assert_clean_error(code, err, "2 samples of up to 1,000,000,000,000,0")
+    assert "lower --max-new-tokens" in err and time.perf_counter() - t0 < 5
 
 
 # -- 9. a lone surrogate in tokenizer.json --------------------------------------------------------------
