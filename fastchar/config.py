@@ -168,10 +168,14 @@ def _positive_int(obj: object, name: str) -> None:
 
 
 def _int(obj: object, name: str, lo: int) -> None:
+    """An integer >= lo (a numpy integer is stored as int, as a numpy bool is for the flags)."""
+    import numpy as np
+
     value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < lo:
         what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
         raise ConfigError(f"{type(obj).__name__}.{name} must be {what}, got {value!r}", hint=HINT)
+    object.__setattr__(obj, name, int(value))
 
 
 def _number(obj: object, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:

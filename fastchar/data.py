@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastchar.errors import DataError
+from fastchar.errors import DataError, InputError
 from fastchar.tokenizer import CharTokenizer
 
 SHAKESPEARE_NAME = "tinyshakespeare.txt"
@@ -171,6 +171,12 @@ class TextDataset:
         tokenizer: CharTokenizer | None = None,
         val_fraction: float = VAL_FRACTION,
     ) -> None:
+        if not isinstance(source, str | os.PathLike):
+            raise InputError(f"TextDataset reads a file: pass its path, got {type(source).__name__}")
+        if tokenizer is not None and not isinstance(tokenizer, CharTokenizer):
+            raise InputError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+            raise InputError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
         self.path = Path(source)
         self.text = read_text(self.path)
         self.tokenizer = tokenizer or CharTokenizer.from_text(self.text)

@@ -9,6 +9,7 @@ step in optim.py and checkpoints in checkpoint.py.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from fastchar import checkpoint
 from fastchar.arena import Arena, act_specs, param_specs
 from fastchar.backends import get_backend, plan_kernels
 from fastchar.config import ModelConfig
-from fastchar.errors import InputError
+from fastchar.errors import ConfigError, InputError
 from fastchar.graph import (
     INIT_STD,
     ONES,
@@ -68,6 +69,12 @@ class Model:
         multiply bf16-rounded inputs and accumulate in fp32; parameters, gradients, Adam's moments,
         norms, softmax, loss and residual stay in the arenas' dtype. Checkpoints do not depend on it.
         ConfigError where the backend or CPU cannot run it (cython needs AVX512_BF16; numba has none)."""
+        if not isinstance(cfg, ModelConfig):
+            raise ConfigError(f"Model needs a ModelConfig, got {type(cfg).__name__}",
+                              hint="build one: fastchar.ModelConfig(vocab_size=...)")  # fmt: skip
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        seed = int(seed)
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         self.kernels = get_backend(backend)
@@ -281,6 +288,8 @@ def load(path: str | Path, backend: str = "auto", which: str = "best", precision
     `.checkpoint_meta` (the whole checked meta.json: backend, precision, data of the run).
     precision ("fp32" or "bf16") is how the loaded model computes; the files are the same for both.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"load reads a checkpoint or run folder: pass its path, got {type(path).__name__}")
     stored = checkpoint.read(path, which)
     model = Model(stored.cfg, backend=backend, seed=0, precision=precision)  # precision: not in the files
     for name, weights in stored.weights.items():

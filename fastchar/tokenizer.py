@@ -23,6 +23,8 @@ class CharTokenizer:
 
     def __init__(self, chars: Iterable[str]) -> None:
         """chars: the vocabulary, or any text holding it (duplicates are dropped)."""
+        if isinstance(chars, bytes | bytearray) or not isinstance(chars, Iterable):
+            raise InputError(f"a tokenizer is made from a text or its characters, got {type(chars).__name__}")
         chars = set(chars)
         if not chars:
             raise InputError("a tokenizer needs at least one character")
@@ -49,6 +51,8 @@ class CharTokenizer:
 
     def unknown(self, text: str) -> list[str]:
         """Characters of text that the vocabulary lacks, sorted."""
+        if not isinstance(text, str):
+            raise InputError(f"the tokenizer encodes a str, got {type(text).__name__}")
         return sorted(set(text) - self.stoi.keys())
 
     def encode(self, text: str, dtype: npt.DTypeLike = np.int32) -> npt.NDArray[np.int32]:
@@ -70,7 +74,14 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        """ids -> text; an id outside 0..V-1 is an InputError (a negative one indexed from the end)."""
+        chars, n, out = self.chars, len(self.chars), []
+        for i in ids:
+            k = int(i)
+            if not 0 <= k < n:
+                raise InputError(f"token id {k} is outside the vocabulary (0..{n - 1})")
+            out.append(chars[k])
+        return "".join(out)
 
     def to_dict(self) -> dict:
         return {"type": "char", "chars": "".join(self.chars)}

@@ -27,3 +27,43 @@ def test_mlp_hidden_1_on_the_command_line_is_one_error_before_work(capsys, corpu
     assert "Traceback" not in err and "error: ModelConfig.mlp_hidden must be at least 2, got 1" in err, err
     assert "hint: pass --mlp-hidden 2 or more" in err
     assert not out.exists()  # refused before the run folder was made
+
+
+def _raises(fn, kind, says):
+    with pytest.raises(kind, match=says):
+        fn()
+
+
+def test_the_python_api_names_bad_arguments(tmp_path):
+    """Wrong types and values through the Python API were bare TypeError, ValueError, AttributeError or
+    IndexError tracebacks, and tok.decode([-1]) silently gave the last character."""
+    import numpy as np
+
+    from fastchar import CharTokenizer, Model, TextDataset, load
+    from fastchar.errors import InputError
+
+    tok = CharTokenizer("abc")
+    _raises(lambda: tok.decode([3]), InputError, r"token id 3 is outside the vocabulary \(0..2\)")
+    _raises(lambda: tok.decode([-1]), InputError, "token id -1 is outside")
+    assert tok.decode(np.array([2, 0], np.int64)) == "ca"
+    _raises(lambda: CharTokenizer(5), InputError, "made from a text or its characters, got int")
+    _raises(lambda: CharTokenizer(None), InputError, "got NoneType")
+    _raises(lambda: tok.encode(None), InputError, "encodes a str, got NoneType")
+    _raises(lambda: Model({"vocab_size": 65}), ConfigError, "Model needs a ModelConfig, got dict")
+    cfg = ModelConfig(vocab_size=np.int64(11), d_model=32, n_head=4, n_layer=1, ctx=8)
+    assert type(cfg.vocab_size) is int and cfg.to_dict()["vocab_size"] == 11  # numpy ints are taken as ints
+    for seed in (-1, "a", 1.5, True):
+        _raises(lambda seed=seed: Model(cfg, backend="numpy", seed=seed), ConfigError, "seed must be an integer >= 0")
+    assert Model(cfg, backend="numpy", seed=np.int64(3)).dropout_seed == 3
+    text = tmp_path / "t.txt"
+    text.write_text("abcabc\n" * 20)
+    _raises(lambda: TextDataset(None), InputError, "pass its path, got NoneType")
+    _raises(lambda: TextDataset(text, tokenizer="abc"), InputError, "must be a CharTokenizer, got str")
+    for bad in (float("nan"), "0.1", 1.5, -1, 0, 1, True):
+        _raises(
+            lambda bad=bad: TextDataset(text, val_fraction=bad),
+            InputError,
+            r"val_fraction must be a number in \(0, 1\)",
+        )
+    assert len(TextDataset(text, val_fraction=0.25).splits["val"]) == 35
+    _raises(lambda: load(None), InputError, "pass its path, got NoneType")
