@@ -50,6 +50,7 @@ MAX_TOKENS_LIMIT = 1_000_000  # characters per choice
 MAX_PROMPT_CHARS = 1_000_000  # only the last ctx characters condition the model
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_BODY_BYTES = 16 * 2**20  # a larger request body is a 413, refused before it is all read
+BODY_SECONDS = 30.0  # a body not all received by then is a 408 (uvicorn has no timeout for reading one)
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 # Seconds between two events of one streamed response (text made meanwhile is sent together): at least
 # EVENT_GAP, and long enough that all the streamed responses together send about EVENTS_PER_SECOND
@@ -633,9 +634,11 @@ def build_app(engine: Engine, model_id: str):
 
     async def completions(request: Request):
         try:
-            raw = await _read_body(request)
+            raw = await asyncio.wait_for(_read_body(request), BODY_SECONDS)
         except ClientDisconnect:  # the client went away before its whole body came: nobody to answer
             return Response(status_code=400)
+        except asyncio.TimeoutError:  # a client that sends part of its body and then nothing
+            return _error(408, f"the request body did not arrive within {BODY_SECONDS:g} s", "invalid_request_error")
         if raw is None:
             return _error(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MB", "invalid_request_error")
         try:

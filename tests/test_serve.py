@@ -554,6 +554,23 @@ def test_more_streams_than_memory_holds_is_an_error_with_a_hint(tmp_path, capsys
     assert "error: 10,000 streams together need about" in err and "hint: lower --max-streams to" in err
 
 
+def test_a_body_that_stops_arriving_is_a_408(url, monkeypatch):
+    """A client that sent part of its body and then nothing held its connection for as long as it
+    liked (uvicorn has no timeout for reading a body)."""
+    import socket
+
+    from fastchar import serve
+
+    monkeypatch.setattr(serve, "BODY_SECONDS", 0.5)
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+        t0 = time.monotonic()
+        answer = s.recv(4096)
+        assert time.monotonic() - t0 < 5
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+
+
 def test_a_port_in_use_is_an_error_with_a_hint(tmp_path, capsys):
     """uvicorn exits with status 3 when it cannot listen: the command said nothing of its own."""
     import socket
