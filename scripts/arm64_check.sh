@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-${FASTCHAR_ARM64_ROOT:-/var/tmp/fastchar-arm64}}
-TESTS=${FASTCHAR_ARM64_TESTS:-"tests/test_gemm.py tests/test_attention_avx512.py tests/test_decode_packed.py tests/test_model_parity.py tests/test_sampler.py tests/test_sampler_batch.py tests/test_kernels.py"}
+TESTS=${FASTCHAR_ARM64_TESTS:-"tests/test_gemm.py tests/test_attention_avx512.py tests/test_decode_packed.py tests/test_decode_attention.py tests/test_model_parity.py tests/test_sampler.py tests/test_sampler_batch.py tests/test_kernels.py"}
 start=$SECONDS
 
 if [ "$(id -u)" != 0 ]; then
