@@ -1133,6 +1133,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef const double[::1] row_p = st.top_p
     cdef Py_ssize_t n_head = st.n_head, logits_at = st.logits_at
     cdef bint slides = st.slides
+    cdef bint went_solo
     cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
     if (vcache.shape[0] != B or vcache.shape[1] != L or vcache.shape[2] != n_head or vcache.shape[3] != S
             or vcache.shape[2] * vcache.shape[4] != C):
@@ -1259,13 +1260,14 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     else:
         with nogil:
             _run_batch(jp)
-    free(block)
     _stages_run += net.lead.stages
     _early_run += net.lead.early
-    _after_call(net.lead.solo, nt, job.t_end)
-    if timed and not net.lead.solo and prefix:  # (a call that went solo half way measured neither)
+    went_solo = net.lead.solo
+    free(block)  # it holds net.lead: read above, never after
+    _after_call(went_solo, nt, job.t_end)
+    if timed and not went_solo and prefix:  # (a call that went solo half way measured neither)
         _chose_prefix((job.t_split - job.t_start) / PROBE_STEPS, (job.t_end - job.t_split) / (Nn - PROBE_STEPS))
-    elif timed and not net.lead.solo:
+    elif timed and not went_solo:
         _chose(nt > 1, (fc_now() - t_call) / Nn, probe)
 
 
