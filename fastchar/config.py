@@ -155,6 +155,7 @@ def np_bool() -> type:
 
 
 MAX_EVAL_BATCHES = 10_000  # batches per split at one evaluation: 20 by default, 64 in the one-minute recipe
+MAX_INT = 2**62  # as checkpoints are checked (schema.MAX_INT): a larger value would make them unreadable
 NO_STEP_LIMIT = 10**9  # steps beside a time budget when none are asked for: the budget alone ends the run
 
 
@@ -172,8 +173,8 @@ def _int(obj: object, name: str, lo: int) -> None:
     import numpy as np
 
     value = getattr(obj, name)
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < lo:
-        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or not lo <= value <= MAX_INT:
+        what = f"a positive integer at most {MAX_INT}" if lo == 1 else f"an integer in [{lo}, {MAX_INT}]"
         raise ConfigError(f"{type(obj).__name__}.{name} must be {what}, got {value!r}", hint=HINT)
     object.__setattr__(obj, name, int(value))
 

@@ -14,6 +14,7 @@ Nothing here computes the network itself; onnxruntime is only needed to run the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -293,9 +294,23 @@ def export_onnx(model: Any, path: str | os.PathLike, tokenizer: Any = None) -> P
     proto = build_onnx(model, tokenizer)
     path = Path(path)
     data = proto.SerializeToString()
+    # a regular file (or a new one) is written beside itself and renamed over: a full disk or a kill
+    # never leaves a truncated model in place of the previous file; a device or FIFO is written to
+    direct = path.exists() and not path.is_file()
+    tmp = path if direct else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.write_bytes(data)
+        if direct:
+            path.write_bytes(data)
+        else:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as exc:
+        if not direct:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise FastcharError(
             f"cannot write {path}: {exc.strerror or exc}", hint="choose a writable file with -o (its folder must exist)"
         ) from None

@@ -125,6 +125,22 @@ def check_fresh(folder: Path, overwrite: bool = False) -> None:
         )
 
 
+def check_metrics_file(folder: Path) -> None:
+    """Refuse, before any work, a metrics.jsonl that a run could not append to: a FIFO (opening it
+    would wait forever for a reader), a device, a folder or a link (never written through)."""
+    metrics = Path(folder) / "metrics.jsonl"
+    try:
+        info = os.lstat(metrics)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise ConfigError(
+            f"{metrics} is {kind}; a run appends its records to a plain file of that name",
+            hint="move it elsewhere, or pass another --out DIR",
+        )
+
+
 def holds_run(folder: Path) -> bool:
     """Whether folder holds a run (its checkpoints, metrics or config) or one is starting there (the
     lock's pid file), or is not a folder at all: a run without --out goes elsewhere."""

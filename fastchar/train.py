@@ -289,6 +289,7 @@ class Trainer:
         A fresh run may not replace another run's checkpoints (unless overwrite); a resume may replace
         only checkpoints of its own run: the same run id, recorded at the run's start."""
         runfolder.clean_stale(self.out)
+        runfolder.check_metrics_file(self.out)
         if self._owns_out:
             return
         runfolder.check_names_free(self.out)
@@ -502,14 +503,17 @@ class Trainer:
         self.last_eval = _eval_record(losses)
         if improved:
             self.best_val, self.best_val_acc = losses["val"], losses["val_acc"]
-        self.save("latest", elapsed)
+        # latest comes last: a resume starts from it and never repeats this evaluation, so what belongs
+        # to it (its record, a new best) is written first. A kill before latest is saved replays the
+        # steps since the previous one (bit for bit), and plot keeps the later of two records of a step.
+        done = elapsed + time.perf_counter() - t0  # when this loss was known: evaluation counts against the clock
+        self._record({"step": self.step, **self.last_eval, "elapsed": done})
         if improved:
             self.save("best", elapsed)
+        self.save("latest", elapsed)
         self._eval_seconds = max(self._eval_seconds, EVAL_MARGIN * (time.perf_counter() - t0))
         mark = " (best, saved)" if improved else ""
         self._emit(bar, f"eval step {self.step:>6} | {_eval_text(losses)}{mark}")
-        done = elapsed + time.perf_counter() - t0  # when this loss was known: evaluation counts against the clock
-        self._record({"step": self.step, **self.last_eval, "elapsed": done})
         return {**self.last_eval, "best_val": self.best_val, "best_val_acc": self.best_val_acc}
 
     def _emit(self, bar: object, line: str) -> None:
