@@ -254,7 +254,8 @@ def token_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p
     then top-p. temperature > 0 (0 is greedy: see sample_token). The logits' maximum is subtracted
     before the division, so a tiny temperature (1e-308) gives the greedy distribution, not inf - inf."""
     z = logits.astype(np.float64)
-    z = (z - z.max()) / temperature
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, as meant
+        z = (z - z.max()) / temperature
     if top_k is not None:
         z = top_k_filter(z, top_k)
     probs = np.exp(z - z.max())
