@@ -65,10 +65,12 @@ def read(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         ) from None
     actions = flag_actions(parser)
     settings: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # dest -> the key as the file wrote it
     for key, value in data.items():
         dest = key.replace("-", "_")
         if dest in settings:
-            raise ConfigError(f"--config {path}: {key!r} is given twice (as {dest} and {key})", hint=HINT)
+            raise ConfigError(f"--config {path}: {dest!r} is given twice (as {spelled[dest]} and {key})", hint=HINT)
+        spelled[dest] = key
         if dest not in actions:
             raise ConfigError(f"--config {path}: unknown key {key!r}{_why_unknown(dest, actions)}", hint=HINT)
         settings[dest] = _checked(path, key, value, actions[dest])

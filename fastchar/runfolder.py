@@ -36,6 +36,7 @@ OWNER_NAME = ".lock.pid"  # the lock holder's pid: a lock file itself is unreada
 CHECKPOINT_NAMES = ("best", "latest")
 # what an interrupted checkpoint save leaves (checkpoint.save): .best.tmp-PID or .latest.tmp-PID, a folder
 TEMP_PATTERN = re.compile(r"^\.(?P<name>best|latest)\.tmp-(?P<pid>\d+)$")
+CURVES_TEMP = re.compile(r"^\.curves\.png\.tmp-(?P<pid>\d+)\.png$")  # plot.plot_runs' temporary
 # the files a save writes into it; a folder holding anything else is not fastchar's and stays
 SAVE_FILES = frozenset({"model.safetensors", "optimizer.safetensors", "tokenizer.json", "meta.json"})
 # safetensors writes a tensor file through a temporary beside it (Rust's tempfile crate: ".tmp" and six
@@ -197,6 +198,10 @@ def clean_stale(folder: Path) -> list[Path]:
         match = TEMP_PATTERN.match(entry.name)
         if match and _save_leftover(entry) and int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
+            touched.append(entry)
+        match = CURVES_TEMP.match(entry.name)
+        if match and entry.is_file() and not entry.is_symlink() and not _pid_alive(int(match["pid"])):
+            entry.unlink()  # a plot killed before its rename
             touched.append(entry)
     for name in CHECKPOINT_NAMES:
         path, old = folder / name, folder / f"{name}.old"

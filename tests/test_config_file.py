@@ -129,7 +129,7 @@ def test_a_recipe_named_in_the_file_is_overridden_by_the_file(capsys, corpus, tm
         ("position = 'spiral'", "position must be one of learned, rope"),
         ("data = 3", "data must be a string, got 3"),
         ("[model]\nd_model = 64", "unknown key 'model'"),
-        ("d-model = 64\nd_model = 64", "'d_model' is given twice"),
+        ("d-model = 64\nd_model = 64", "'d_model' is given twice (as d-model and d_model)"),
         ("steps = ", "is not valid TOML"),
     ],
 )

@@ -54,6 +54,21 @@ def test_an_explicit_out_with_only_a_failed_run_s_metrics_keeps_the_rule(capsys,
     assert [r["step"] for r in records if "val_loss" in r].count(0) == 1 and records[0]["val_loss"] != 4.2
 
 
+def test_a_plot_s_temporary_left_by_a_kill_is_removed(tmp_path):
+    """A kill during the end-of-run plot left .curves.png.tmp-PID.png in the run folder for good; the
+    next run there removes it (never one of a process still running, nor a folder of that name)."""
+    import os
+
+    dead = tmp_path / ".curves.png.tmp-999999999.png"
+    dead.write_bytes(b"\x89PNG")
+    mine = tmp_path / f".curves.png.tmp-{os.getpid()}.png"
+    mine.write_bytes(b"\x89PNG")
+    folder = tmp_path / ".curves.png.tmp-999999998.png"
+    folder.mkdir()
+    assert runfolder.clean_stale(tmp_path) == [dead]
+    assert not dead.exists() and mine.exists() and folder.is_dir()
+
+
 def test_next_free_skips_folders_with_a_run_or_one_starting(tmp_path):
     base = tmp_path / "base"
     assert runfolder.next_free(base) == base
