@@ -14,7 +14,6 @@ Nothing here computes the network itself; onnxruntime is only needed to run the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fastchar import runfolder
 from fastchar.config import ModelConfig
 from fastchar.errors import ConfigError, FastcharError
 from fastchar.graph import TOKENS, Op, constant_specs, fill_constants, forward_ops
@@ -294,23 +294,12 @@ def export_onnx(model: Any, path: str | os.PathLike, tokenizer: Any = None) -> P
     proto = build_onnx(model, tokenizer)
     path = Path(path)
     data = proto.SerializeToString()
-    # a regular file (or a new one) is written beside itself and renamed over: a full disk or a kill
-    # never leaves a truncated model in place of the previous file; a device or FIFO is written to
-    direct = path.exists() and not path.is_file()
-    tmp = path if direct else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if direct:
+        if path.exists() and not path.is_file():  # a device or FIFO is written to
             path.write_bytes(data)
-        else:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        else:  # a full disk or a kill never leaves a truncated model in place of the previous file
+            runfolder.write_bytes(path, data, sync=True)
     except OSError as exc:
-        if not direct:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
         raise FastcharError(
             f"cannot write {path}: {exc.strerror or exc}", hint="choose a writable file with -o (its folder must exist)"
         ) from None

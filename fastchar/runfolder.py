@@ -312,13 +312,21 @@ class RunLock:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a small UTF-8 file atomically (a temporary, then a rename that replaces a planted link
-    itself, never its target)."""
+    """Write a small UTF-8 file atomically (write_bytes)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
+    """Write a file atomically: a temporary beside it, then a rename that replaces a planted link
+    itself, never its target (sync: on disk before the rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = portable.open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with open(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with open(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
