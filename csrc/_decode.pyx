@@ -44,7 +44,7 @@ from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-from fc cimport (fc_attention, fc_attention_rows, fc_limit, fc_taken, fc_wait_finished, fc_wait_taken, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
+from fc cimport (fc_attention, fc_attention_rows, fc_kv16_ok, fc_kv_append, fc_limit, fc_taken, fc_wait_finished, fc_wait_taken, fc_decode_tile_rows, fc_claim, fc_finish, fc_gelu, fc_idle, fc_layernorm, fc_prefetch, fc_matmul,
                  fc_matmul_packed, fc_matmul_packed_bf16, fc_matmul_t, fc_max_threads, fc_now, fc_pack16, fc_pack16_bf16, fc_packed_bf16_ok,
                  fc_packed_ok, fc_packed_size, fc_packed_size_bf16, fc_publish, fc_quitting, fc_rmsnorm,
                  fc_rope_heads, fc_rope_tables, fc_sample, fc_set_quit, fc_team, fc_thread_num,
@@ -233,8 +233,9 @@ cdef struct Net:
     const double* inv_freq
     Py_ssize_t R, S, C, half, n_head
     float* scratch
-    float* kcache
-    float* vcache
+    char* kcache  # this stream's caches (fc_decode.h's layouts), float32 or (kv16) bf16
+    char* vcache
+    bint kv16
     float* scores  # (ntask, S): one row per attention task
     float* rope_cos  # (S, HS/2) rows of the positions being encoded
     float* rope_sin
@@ -278,14 +279,14 @@ cdef struct Net:
     const float* w2
     const float* wp2
     Py_ssize_t Nd2
-    float* kc
-    float* vc
+    char* kc
+    char* vc
     int64_t pos0
     # batch mode (generate_batch): row m is stream rstream[m]'s new token at position rpos[m], its
     # key and value go to slot rslot[m] of that stream's cache, which then holds rn[m] rows
     bint batch
-    float* kall  # (B, L, C, S) every stream's keys, time last
-    float* vall  # (B, L, NH, S, HS) and values, position-major per head
+    char* kall  # (B, L, C*S) every stream's keys (fc_decode.h's layouts, float32 or bf16)
+    char* vall  # (B, L, C*S) and values
     Py_ssize_t L
     Py_ssize_t layer
     const int64_t* rstream
@@ -293,6 +294,39 @@ cdef struct Net:
     const int64_t* rn
     const int64_t* rpos
     Batch* job  # the generate_batch call (STAGE_SAMPLE)
+
+
+cdef inline Py_ssize_t _kv_bytes(Net* net) noexcept nogil:
+    """Bytes of a cache element: 2 for bf16 caches, else 4."""
+    return 2 if net.kv16 else 4
+
+
+def kv16_ok(Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head) -> bool:
+    """Whether caches of C channels, n_head heads and S rows can be bf16 (fc_kv16_ok: the avx512 path
+    with AVX512_BF16, a head size a multiple of 16 up to 256, S even)."""
+    return bool(fc_kv16_ok(C, S, n_head))
+
+
+cdef tuple _caches(object kcache, object vcache, Py_ssize_t n_head):
+    """Check kcache (B, L, C, S) and vcache (B, L, NH, S, HS): both float32, or both uint16 (bf16
+    caches, fc_kv16_ok); returns their bytes (B * L * C * S elements, flat uint8 views: keep them for
+    the call), whether bf16, and (B, L, C, S)."""
+    import numpy as np
+
+    if not (isinstance(kcache, np.ndarray) and isinstance(vcache, np.ndarray) and kcache.ndim == 4
+            and vcache.ndim == 5 and kcache.dtype == vcache.dtype and kcache.dtype in (np.float32, np.uint16)):
+        raise ValueError("need kcache (B, L, C, S) and vcache (B, L, NH, S, HS), both float32 or both uint16")
+    B, L, C, S = kcache.shape
+    if (vcache.shape[0] != B or vcache.shape[1] != L or vcache.shape[2] != n_head or vcache.shape[3] != S
+            or vcache.shape[2] * vcache.shape[4] != C):
+        raise ValueError("need kcache (B, L, C, S) and vcache (B, L, NH, S, HS)")
+    kv16 = kcache.dtype == np.uint16
+    if kv16 and not fc_kv16_ok(C, S, n_head):
+        raise ValueError("bf16 caches need the avx512 path with AVX512_BF16, a head size a multiple of 16 "
+                         "(at most 256) and an even window (fastchar.sampler.decode_state picks them)")
+    if not (kcache.flags.c_contiguous and vcache.flags.c_contiguous):
+        raise ValueError("the caches must be C-contiguous")
+    return kcache.reshape(-1).view(np.uint8), vcache.reshape(-1).view(np.uint8), kv16, B, L, C, S
 
 
 cdef inline Py_ssize_t _split(Py_ssize_t n, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
@@ -383,7 +417,7 @@ cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept 
     """Heads h0..h1-1 of the published attention: their columns of q, k and v (so no other task's
     output is needed), rotary positions, the keys and values into the cache, and attention."""
     cdef Py_ssize_t C = net.C, S = net.S, M = net.M, HS = net.C // net.n_head
-    cdef Py_ssize_t j0 = h0 * HS, j1 = h1 * HS, m, j, h, part, slot
+    cdef Py_ssize_t j0 = h0 * HS, j1 = h1 * HS, m, j, part
     if h1 <= h0:
         return
     if net.looked_up:
@@ -399,16 +433,11 @@ cdef void _heads(Net* net, Py_ssize_t i, Py_ssize_t h0, Py_ssize_t h1) noexcept 
         fc_rope_heads(net.qkv, net.rope_cos, net.rope_sin, M, C, net.half, h0, h1)
     if net.batch:
         fc_attention_rows(net.y, net.qkv, net.kall, net.vall, net.rstream, net.rslot, net.rn, net.L, net.layer, M, C,
-                          S, net.n_head, h0, h1, net.scores + i * S)
+                          S, net.n_head, h0, h1, net.scores + i * S, net.kv16)
         return
     for m in range(M):
-        slot = (net.pos0 + m) % S
-        for j in range(j0, j1):
-            net.kc[j * S + slot] = net.qkv[m * 3 * C + C + j]
-        for h in range(h0, h1):
-            for j in range(HS):
-                net.vc[(h * S + slot) * HS + j] = net.qkv[m * 3 * C + 2 * C + h * HS + j]
-    fc_attention(net.y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S)
+        fc_kv_append(net.kc, net.vc, net.qkv + m * 3 * C, C, S, net.n_head, h0, h1, (net.pos0 + m) % S, net.kv16)
+    fc_attention(net.y, net.qkv, net.kc, net.vc, net.n0, M, C, S, net.n_head, h0, h1, net.scores + i * S, net.kv16)
 
 
 cdef void _task(Net* net, Py_ssize_t i) noexcept nogil:
@@ -573,8 +602,8 @@ cdef Py_ssize_t _describe(Net* net, Py_ssize_t ri, Py_ssize_t M) noexcept nogil:
     net.qkv = net.scratch + row[IN2]
     net.layer = row[LAYER]
     net.looked_up = net.lookup != NULL and ri == ROW_LOOKUP
-    net.kc = net.kcache + row[LAYER] * S * C
-    net.vc = net.vcache + row[LAYER] * S * C
+    net.kc = net.kcache + row[LAYER] * S * C * _kv_bytes(net)
+    net.vc = net.vcache + row[LAYER] * S * C * _kv_bytes(net)
     if _fuses(net, row, nxt):
         net.kind = STAGE_ATTENTION_OUT
         _second(net, nxt, ri + 1)
@@ -1010,8 +1039,8 @@ cdef void _encode_one(Batch* job, Py_ssize_t b, const int* toks, Py_ssize_t n0, 
     cdef Net* net = job.net
     cdef Py_ssize_t j, V = job.V
     net.batch = False
-    net.kcache = net.kall + b * net.L * net.C * net.S
-    net.vcache = net.vall + b * net.L * net.C * net.S
+    net.kcache = net.kall + b * net.L * net.C * net.S * _kv_bytes(net)
+    net.vcache = net.vall + b * net.L * net.C * net.S * _kv_bytes(net)
     _forward_rows(net, toks, n0, pos0, M)
     for j in range(V):
         job.logits[b * V + j] = net.scratch[job.logits_at + j]
@@ -1124,8 +1153,11 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef int64_t[:, ::1] state = st.state
     cdef const int64_t[::1] n_feed = st.n_feed
     cdef const int32_t[::1] active = st.active
-    cdef float[:, :, :, ::1] kcache = st.kcache
-    cdef float[:, :, :, :, ::1] vcache = st.vcache
+    cdef Py_ssize_t B, L, C, S
+    cdef bint kv16
+    kbytes, vbytes, kv16, B, L, C, S = _caches(st.kcache, st.vcache, st.n_head)
+    cdef unsigned char[::1] kall = kbytes
+    cdef unsigned char[::1] vall = vbytes
     cdef float[::1] scratch = st.scratch
     cdef float[:, ::1] logits = st.logits
     cdef const double[::1] row_t = st.temperature
@@ -1134,10 +1166,6 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     cdef Py_ssize_t n_head = st.n_head, logits_at = st.logits_at
     cdef bint slides = st.slides
     cdef bint went_solo
-    cdef Py_ssize_t B = kcache.shape[0], L = kcache.shape[1], C = kcache.shape[2], S = kcache.shape[3]
-    if (vcache.shape[0] != B or vcache.shape[1] != L or vcache.shape[2] != n_head or vcache.shape[3] != S
-            or vcache.shape[2] * vcache.shape[4] != C):
-        raise ValueError("need kcache (B, L, C, S) and vcache (B, L, NH, S, HS)")
     cdef Py_ssize_t V = logits.shape[1], R = table.shape[0], Nn = out.shape[1], rows_cap = S if S > B else B
     cdef Py_ssize_t r, b, fed = 0
     cdef int nt
@@ -1149,7 +1177,7 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
                 or table[r, LAYER] >= L):
             raise ValueError(f"decode table row {r} points outside scratch, params or the cache")
     if (out.shape[0] != B or tokens.shape[0] != B or tokens.shape[1] < S or state.shape[0] != B
-            or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B or vcache.shape[0] != B
+            or n_feed.shape[0] != B or active.shape[0] != B or logits.shape[0] != B
             or row_t.shape[0] != B or row_k.shape[0] != B or row_p.shape[0] != B):
         raise ValueError("out, tokens, state, n_feed, active, logits, the caches and the options need one row "
                          "per stream")
@@ -1223,8 +1251,9 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
                                    &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
                                    &scratch[0], R, S, C, n_head, nt, rows_cap)
     net.L = L
-    net.kall = &kcache[0, 0, 0, 0]
-    net.vall = &vcache[0, 0, 0, 0, 0]
+    net.kall = <char*>&kall[0]
+    net.vall = <char*>&vall[0]
+    net.kv16 = kv16
     net.kcache = net.kall
     net.vcache = net.vall
     job.net = &net
@@ -1348,7 +1377,7 @@ cdef void _side_by_side(Batch* job, object st, const int64_t[:, ::1] table, cons
                                    &inv_freq[0] if inv_freq.shape[0] > 0 else NULL, inv_freq.shape[0],
                                    &scratch[t * stride], table.shape[0], job.net.S, job.net.C, job.net.n_head, 1,
                                    rows_cap)
-            net.L, net.kall, net.vall = job.net.L, job.net.kall, job.net.vall
+            net.L, net.kall, net.vall, net.kv16 = job.net.L, job.net.kall, job.net.vall, job.net.kv16
             net.kcache, net.vcache = job.net.kall, job.net.vall
             net.lead.solo = True
             mine[0] = job[0]
@@ -1406,20 +1435,25 @@ def matmul_packed(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
         fc_matmul_packed(&y[0, 0], &x[0, 0], Kd, <float*>&pk[0], M, Kd, k0, kend, Nd, j0, j1)
 
 
-def attention_rows(float[:, ::1] out, const float[:, ::1] qkv, float[:, :, :, ::1] kall, float[:, :, :, :, ::1] vall,
-                   const int64_t[::1] stream, const int64_t[::1] slot, const int64_t[::1] n, Py_ssize_t layer,
-                   Py_ssize_t h0, Py_ssize_t h1) -> None:
+def attention_rows(float[:, ::1] out, const float[:, ::1] qkv, object kall, object vall, const int64_t[::1] stream,
+                   const int64_t[::1] slot, const int64_t[::1] n, Py_ssize_t layer, Py_ssize_t h0,
+                   Py_ssize_t h1) -> None:
     """The batched decode's attention step of heads h0..h1-1 (fc_attention_rows, for the tests and
     benchmarks/bench_decode_attention.py): row m's key and value (from qkv (M, 3C)) go to slot[m] of
     stream[m]'s layer `layer` cache, which then holds its first n[m] slots, and out[m, heads' columns]
-    is that row's attention over them. out (M, C); kall (B, L, C, S) keys, time last; vall
-    (B, L, NH, S, HS) values; stream, slot, n (M,) int64."""
+    is that row's attention over them. out (M, C); kall (B, L, C, S) and vall (B, L, NH, S, HS) the
+    caches, float32 or (bf16 caches, fc_decode.h's layouts) uint16; stream, slot, n (M,) int64."""
     import numpy as np
 
-    cdef Py_ssize_t M = qkv.shape[0], C = out.shape[1], B = kall.shape[0], L = kall.shape[1], S = kall.shape[3]
-    cdef Py_ssize_t NH = vall.shape[2], m
+    if not (isinstance(vall, np.ndarray) and vall.ndim == 5):
+        raise ValueError("need vall (B, L, NH, S, C/NH)")
+    cdef Py_ssize_t NH = vall.shape[2], M = qkv.shape[0], C = out.shape[1], B, L, S, m
+    cdef bint kv16
+    kbytes, vbytes, kv16, B, L, _, S = _caches(kall, vall, NH)
+    cdef unsigned char[::1] kb = kbytes
+    cdef unsigned char[::1] vb = vbytes
     if (M == 0 or qkv.shape[1] != 3 * C or out.shape[0] != M or kall.shape[2] != C or NH == 0 or C % NH
-            or vall.shape[0] != B or vall.shape[1] != L or vall.shape[3] != S or vall.shape[4] * NH != C or not 0 <= layer < L or not 0 <= h0 < h1 <= NH
+            or not 0 <= layer < L or not 0 <= h0 < h1 <= NH
             or stream.shape[0] != M or slot.shape[0] != M or n.shape[0] != M):
         raise ValueError("need out (M, C), qkv (M, 3C), kall (B, L, C, S), vall (B, L, NH, S, C/NH), stream, slot, "
                          "n (M,), 0 <= layer < L, 0 <= h0 < h1 <= NH")
@@ -1428,8 +1462,8 @@ def attention_rows(float[:, ::1] out, const float[:, ::1] qkv, float[:, :, :, ::
             raise ValueError(f"row {m}: need 0 <= stream < B, 0 <= slot < n <= S")
     cdef float[::1] scores = np.zeros(S, np.float32)
     with nogil:
-        fc_attention_rows(&out[0, 0], &qkv[0, 0], &kall[0, 0, 0, 0], &vall[0, 0, 0, 0, 0], &stream[0], &slot[0], &n[0],
-                          L, layer, M, C, S, NH, h0, h1, &scores[0])
+        fc_attention_rows(&out[0, 0], &qkv[0, 0], &kb[0], &vb[0], &stream[0], &slot[0], &n[0], L, layer, M, C, S, NH,
+                          h0, h1, &scores[0], kv16)
 
 
 def row_stages(const int64_t[:, ::1] table, Py_ssize_t C, Py_ssize_t n_head) -> list:

@@ -52,13 +52,16 @@ cdef extern from "fc_decode.h" nogil:
     void fc_matmul_packed_bf16(float* y, const float* x, Py_ssize_t ldx, const uint32_t* wp, Py_ssize_t M,
                                Py_ssize_t K, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t ldy, Py_ssize_t j0,
                                Py_ssize_t j1, uint32_t* xw) noexcept
-    void fc_attention(float* out, const float* qkv, const float* kt, const float* vt, Py_ssize_t n0,
+    int fc_kv16_ok(Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head) noexcept
+    void fc_kv_append(void* kt, void* vt, const float* row, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head,
+                      Py_ssize_t h0, Py_ssize_t h1, Py_ssize_t slot, int kv16) noexcept
+    void fc_attention(float* out, const float* qkv, const void* kt, const void* vt, Py_ssize_t n0,
                       Py_ssize_t M, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0,
-                      Py_ssize_t h1, float* scores) noexcept
-    void fc_attention_rows(float* out, const float* qkv, float* kall, float* vall, const int64_t* stream,
+                      Py_ssize_t h1, float* scores, int kv16) noexcept
+    void fc_attention_rows(float* out, const float* qkv, void* kall, void* vall, const int64_t* stream,
                            const int64_t* slot, const int64_t* n, Py_ssize_t L, Py_ssize_t layer, Py_ssize_t M,
                            Py_ssize_t C, Py_ssize_t S, Py_ssize_t n_head, Py_ssize_t h0, Py_ssize_t h1,
-                           float* scores) noexcept
+                           float* scores, int kv16) noexcept
     void fc_rope_tables(float* cos_rows, float* sin_rows, const double* inv_freq, Py_ssize_t half,
                         int64_t pos0, Py_ssize_t M) noexcept
     void fc_rope_heads(float* qkv, const float* cos_rows, const float* sin_rows, Py_ssize_t M, Py_ssize_t C,

@@ -201,12 +201,154 @@ void fc_matmul_packed_bf16(float *y, const float *x, ptrdiff_t ldx, const uint32
 #include "fc_each_isa.h"
 #endif
 
+#ifdef FC_BUILD_X86
+/* bf16 caches (see fc_decode.h): AVX512_BF16 intrinsics beside the avx512 pass's vexp. */
+#define FC_TKV __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,avx512bf16")))
+typedef uint32_t fc_word __attribute__((may_alias)); /* a pair of bf16 in a cache or the scores */
+
+int fc_kv16_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head) {
+    return fc_isa_bf16() && n_head > 0 && C % n_head == 0 && (C / n_head) % 16 == 0 && C / n_head <= 256 && S % 2 == 0;
+}
+
+FC_TKV static inline __mmask16 first(ptrdiff_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* Heads h0..h1-1 of one row's key and value (row (3C,): q, k, v) into slot `slot` of bf16 caches. */
+FC_TKV static void append16(uint16_t *kt, uint16_t *vt, const float *row, ptrdiff_t C, ptrdiff_t S, ptrdiff_t HS,
+                            ptrdiff_t h0, ptrdiff_t h1, ptrdiff_t slot) {
+    fc_word *kp = (fc_word *)kt;
+    uint32_t pairs[8];
+    for (ptrdiff_t c = h0 * HS; c < h1 * HS; c += 16) {
+        _mm256_storeu_si256((__m256i *)pairs, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + C + c)));
+        for (int i = 0; i < 8; i++) kp[(c / 2 + i) * S + slot] = pairs[i];
+        /* the value's 16 channels: every other half of 32 (the slot's side of the pair of positions) */
+        __m512i v = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * C + c)));
+        ptrdiff_t h = c / HS, j = c % HS;
+        uint16_t *vrow = vt + (h * S + slot - slot % 2) * HS + 2 * j;
+        if (slot % 2) _mm512_mask_storeu_epi16(vrow, 0xAAAAAAAAu, _mm512_slli_epi32(v, 16));
+        else _mm512_mask_storeu_epi16(vrow, 0x55555555u, v);
+    }
+}
+
+/* One row's attention (q: the row's q, n cache rows) over bf16 caches, heads h0..h1-1, into out (C,).
+   Scores: q * scale rounded to bf16 pairs of channels, one vdpbf16ps per pair and 16 positions, four
+   chains of 16 positions; softmax in float32 (vexp); the weights rounded to bf16 pairs of positions
+   (written over the scores already read), then one vdpbf16ps per pair of positions and 16 channels,
+   four chains (pairs mod 4), added ((0 + 1) + (2 + 3)) and divided by the float32 sum of the
+   weights. An odd n's last pair masks its partner slot's value to 0 (whatever that slot holds).
+   Every value depends on the row's own data and n only. */
+FC_TKV static void attend16(float *out, const float *q, const uint16_t *kt, const uint16_t *vt, ptrdiff_t n,
+                            ptrdiff_t S, ptrdiff_t HS, ptrdiff_t h0, ptrdiff_t h1, float *scores,
+                            const uint16_t *k_next, const uint16_t *v_next) {
+    ptrdiff_t H2 = HS / 2, n2 = n / 2, t;
+    __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)HS));
+    uint32_t qp[128];
+    const fc_word *pw = (const fc_word *)scores;
+    for (ptrdiff_t h = h0; h < h1; h++) {
+        const uint16_t *kh = kt + h * HS * S, *vh = vt + h * S * HS;
+        /* the next head's blocks (this row's, else the caller's next), line by line as in attention_v */
+        const uint16_t *kp = h + 1 < h1 ? kh + HS * S : k_next ? k_next : kh;
+        const uint16_t *vp = h + 1 < h1 ? vh + S * HS : v_next ? v_next : vh;
+        for (ptrdiff_t p = 0; p < H2; p += 8)
+            _mm256_storeu_si256((__m256i *)(qp + p),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(q + h * HS + 2 * p), scale)));
+        for (t = 0; t + 64 <= n; t += 64) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (ptrdiff_t p = 0; p < H2; p++) {
+                const uint16_t *kr = kh + (p * S + t) * 2;
+                __m512bh qc = (__m512bh)_mm512_set1_epi32((int)qp[p]);
+                for (int l = 0; l < 128; l += 32) _mm_prefetch((const char *)(kp + (p * S + t) * 2 + l), _MM_HINT_T0);
+                a0 = _mm512_dpbf16_ps(a0, qc, (__m512bh)_mm512_loadu_si512(kr));
+                a1 = _mm512_dpbf16_ps(a1, qc, (__m512bh)_mm512_loadu_si512(kr + 32));
+                a2 = _mm512_dpbf16_ps(a2, qc, (__m512bh)_mm512_loadu_si512(kr + 64));
+                a3 = _mm512_dpbf16_ps(a3, qc, (__m512bh)_mm512_loadu_si512(kr + 96));
+            }
+            _mm512_storeu_ps(scores + t, a0);
+            _mm512_storeu_ps(scores + t + 16, a1);
+            _mm512_storeu_ps(scores + t + 32, a2);
+            _mm512_storeu_ps(scores + t + 48, a3);
+        }
+        for (; t < n; t += 16) {
+            __mmask16 m = first(n - t);
+            __m512 a0 = _mm512_setzero_ps();
+            for (ptrdiff_t p = 0; p < H2; p++)
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)qp[p]),
+                                      (__m512bh)_mm512_maskz_loadu_epi32(m, kh + (p * S + t) * 2));
+            _mm512_mask_storeu_ps(scores + t, m, a0);
+        }
+        __m512 vm = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (t = 0; t < n; t += 16) vm = _mm512_mask_max_ps(vm, first(n - t), vm, _mm512_loadu_ps(scores + t));
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+        /* bf16 weight t lands on the scores' bytes 2t.., read already; an odd n's partner gets a 0 */
+        for (t = 0; t < n; t += 16) {
+            __mmask16 m = first(n - t);
+            __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), mx);
+            __m512 e = _mm512_maskz_mov_ps(m, (__m512)vexp_avx512((vf_avx512)s));
+            sum = _mm512_add_ps(sum, e);
+            _mm256_mask_storeu_epi16((uint16_t *)scores + t, first((n - t + 1) & ~(ptrdiff_t)1),
+                                     (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (ptrdiff_t j = 0; j < HS; j += 16) {
+            const uint16_t *vc = vh + 2 * j;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            ptrdiff_t u = 0;
+#define FC_PV(acc, i) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)pw[i]), \
+                                             (__m512bh)_mm512_loadu_si512(vc + (i) * HS * 2))
+            for (; u + 4 <= n2; u += 4) {
+                if (j == 0) /* one line a pair of positions: all of it at HS = 16 */
+                    for (int w = 0; w < 4; w++) _mm_prefetch((const char *)(vp + (u + w) * HS * 2), _MM_HINT_T0);
+                FC_PV(a0, u);
+                FC_PV(a1, u + 1);
+                FC_PV(a2, u + 2);
+                FC_PV(a3, u + 3);
+            }
+            for (; u < n2; u++) FC_PV(a0, u);
+#undef FC_PV
+            if (n % 2)
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_set1_epi32((int)pw[n2]),
+                                      (__m512bh)_mm512_and_si512(_mm512_loadu_si512(vc + n2 * HS * 2),
+                                                                 _mm512_set1_epi32(0xFFFF)));
+            __m512 a = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+            _mm512_storeu_ps(out + h * HS + j, _mm512_mul_ps(a, inv));
+        }
+    }
+}
+#else
+int fc_kv16_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head) { return (void)C, (void)S, (void)n_head, 0; }
+static void append16(uint16_t *kt, uint16_t *vt, const float *row, ptrdiff_t C, ptrdiff_t S, ptrdiff_t HS,
+                     ptrdiff_t h0, ptrdiff_t h1, ptrdiff_t slot) {
+    (void)kt, (void)vt, (void)row, (void)C, (void)S, (void)HS, (void)h0, (void)h1, (void)slot;
+}
+static void attend16(float *out, const float *q, const uint16_t *kt, const uint16_t *vt, ptrdiff_t n, ptrdiff_t S,
+                     ptrdiff_t HS, ptrdiff_t h0, ptrdiff_t h1, float *scores, const uint16_t *k_next,
+                     const uint16_t *v_next) {
+    (void)out, (void)q, (void)kt, (void)vt, (void)n, (void)S, (void)HS, (void)h0, (void)h1, (void)scores;
+    (void)k_next, (void)v_next;
+}
+#endif
+
+void fc_kv_append(void *kt, void *vt, const float *row, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0,
+                  ptrdiff_t h1, ptrdiff_t slot, int kv16) {
+    ptrdiff_t HS = C / n_head, j, h;
+    if (kv16) {
+        append16(kt, vt, row, C, S, HS, h0, h1, slot);
+        return;
+    }
+    for (j = h0 * HS; j < h1 * HS; j++) ((float *)kt)[j * S + slot] = row[C + j];
+    for (h = h0; h < h1; h++) memcpy((float *)vt + (h * S + slot) * HS, row + 2 * C + h * HS, HS * sizeof(float));
+}
+
 /* fc_attention, asking for k_next and v_next (the blocks the caller runs next; NULL: none) on the
    vector paths as it goes. */
-static void attention_next(float *restrict out, const float *restrict qkv, const float *restrict kt,
-                           const float *restrict vt, ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S,
-                           ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *restrict scores, const float *k_next,
-                           const float *v_next) {
+static void attention_next(float *restrict out, const float *restrict qkv, const void *kt, const void *vt,
+                           ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0,
+                           ptrdiff_t h1, float *restrict scores, const void *k_next, const void *v_next, int kv16) {
+    if (kv16) {
+        for (ptrdiff_t m = 0; m < M; m++)
+            attend16(out + m * C, qkv + m * 3 * C, kt, vt, n0 + m + 1 < S ? n0 + m + 1 : S, S, C / n_head, h0, h1,
+                     scores, m + 1 < M ? NULL : k_next, m + 1 < M ? NULL : v_next);
+        return;
+    }
     switch (fc_isa()) {
 #ifdef FC_BUILD_X86
     case FC_ISA_AVX512:
@@ -225,27 +367,26 @@ static void attention_next(float *restrict out, const float *restrict qkv, const
     }
 }
 
-void fc_attention(float *restrict out, const float *restrict qkv, const float *restrict kt, const float *restrict vt,
-                  ptrdiff_t n0, ptrdiff_t M, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1,
-                  float *restrict scores) {
-    attention_next(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, NULL, NULL);
+void fc_attention(float *out, const float *qkv, const void *kt, const void *vt, ptrdiff_t n0, ptrdiff_t M,
+                  ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores, int kv16) {
+    attention_next(out, qkv, kt, vt, n0, M, C, S, n_head, h0, h1, scores, NULL, NULL, kv16);
 }
 
-void fc_attention_rows(float *out, const float *qkv, float *kall, float *vall, const int64_t *stream,
+void fc_attention_rows(float *out, const float *qkv, void *kall, void *vall, const int64_t *stream,
                        const int64_t *slot, const int64_t *n, ptrdiff_t L, ptrdiff_t layer, ptrdiff_t M, ptrdiff_t C,
-                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores) {
-    ptrdiff_t HS = C / n_head, m, j, h;
+                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores, int kv16) {
+    ptrdiff_t HS = C / n_head, es = kv16 ? 2 : 4, m;
+    char *ks = kall, *vs = vall;
     for (m = 0; m < M; m++) {
-        float *kc = kall + (stream[m] * L + layer) * C * S, *vc = vall + (stream[m] * L + layer) * C * S;
-        const float *k_next = NULL, *v_next = NULL;
+        char *kc = ks + (stream[m] * L + layer) * C * S * es, *vc = vs + (stream[m] * L + layer) * C * S * es;
+        const char *k_next = NULL, *v_next = NULL;
         const float *row = qkv + m * 3 * C;
         if (m + 1 < M) {
-            k_next = kall + (stream[m + 1] * L + layer) * C * S + h0 * HS * S;
-            v_next = vall + (stream[m + 1] * L + layer) * C * S + h0 * S * HS;
+            k_next = ks + ((stream[m + 1] * L + layer) * C * S + h0 * HS * S) * es;
+            v_next = vs + ((stream[m + 1] * L + layer) * C * S + h0 * S * HS) * es;
         }
-        for (j = h0 * HS; j < h1 * HS; j++) kc[j * S + slot[m]] = row[C + j];
-        for (h = h0; h < h1; h++) memcpy(vc + (h * S + slot[m]) * HS, row + 2 * C + h * HS, HS * sizeof(float));
-        attention_next(out + m * C, row, kc, vc, n[m] - 1, 1, C, S, n_head, h0, h1, scores, k_next, v_next);
+        fc_kv_append(kc, vc, row, C, S, n_head, h0, h1, slot[m], kv16);
+        attention_next(out + m * C, row, kc, vc, n[m] - 1, 1, C, S, n_head, h0, h1, scores, k_next, v_next, kv16);
     }
 }
 

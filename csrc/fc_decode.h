@@ -125,18 +125,27 @@ void fc_matmul_packed_bf16(float *y, const float *x, ptrdiff_t ldx, const uint32
                            ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1, uint32_t *xw);
 void fc_matmul(float *y, const float *x, ptrdiff_t ldx, const float *w, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
                ptrdiff_t ldy, ptrdiff_t ldw);
-/* Attention of M new rows against the cache: kt (C, S) keys time-last, vt (NH, S, HS) values
-   position-major per head (decode_attention_body.h). */
-void fc_attention(float *out, const float *qkv, const float *kt, const float *vt, ptrdiff_t n0, ptrdiff_t M,
-                  ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
+/* The caches of one layer, in float32 (kv16 0): kt (C, S) keys time-last, vt (NH, S, HS) values
+   position-major per head (decode_attention_body.h); or in bf16 (kv16 1, where fc_kv16_ok: AVX512_BF16,
+   HS a multiple of 16 and at most 256, S even): kt (C/2, S, 2) pairs of channels, each position's
+   pair side by side, vt (NH, S/2, HS, 2) pairs of positions, each channel's pair side by side (the
+   operands of vdpbf16ps), both uint16 bits rounded to nearest even. */
+int fc_kv16_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head);
+/* Heads h0..h1-1 of row (3C,)'s key and value (row[C:2C], row[2C:3C]) into slot `slot`. */
+void fc_kv_append(void *kt, void *vt, const float *row, ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0,
+                  ptrdiff_t h1, ptrdiff_t slot, int kv16);
+/* Attention of M new rows (qkv (M, 3C)) against the cache, heads h0..h1-1, into out (M, C); scores
+   (S,) scratch. */
+void fc_attention(float *out, const float *qkv, const void *kt, const void *vt, ptrdiff_t n0, ptrdiff_t M,
+                  ptrdiff_t C, ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores, int kv16);
 /* The batch's attention (heads h0..h1-1): row m is stream[m]'s new token; its key and value (from
-   qkv (M, 3C)) go to slot[m] of that stream's layer `layer` cache, kall (B, L, C, S) keys time-last
-   and vall (B, L, NH, S, HS) values, which then holds n[m] rows; then fc_attention of that row over
-   them into out[m] (M, C). The same values as fc_attention row by row; the next row's blocks are
-   asked for while one row runs. */
-void fc_attention_rows(float *out, const float *qkv, float *kall, float *vall, const int64_t *stream,
+   qkv (M, 3C)) go to slot[m] of that stream's layer `layer` cache, kall (B, L) of layer caches as
+   above, which then holds n[m] rows; then fc_attention of that row over them into out[m] (M, C).
+   The same values as fc_attention row by row; the next row's blocks are asked for while one row
+   runs. */
+void fc_attention_rows(float *out, const float *qkv, void *kall, void *vall, const int64_t *stream,
                        const int64_t *slot, const int64_t *n, ptrdiff_t L, ptrdiff_t layer, ptrdiff_t M, ptrdiff_t C,
-                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores);
+                       ptrdiff_t S, ptrdiff_t n_head, ptrdiff_t h0, ptrdiff_t h1, float *scores, int kv16);
 void fc_rope_tables(float *cos_rows, float *sin_rows, const double *inv_freq, ptrdiff_t half, int64_t pos0,
                     ptrdiff_t M);
 void fc_rope_heads(float *qkv, const float *cos_rows, const float *sin_rows, ptrdiff_t M, ptrdiff_t C,

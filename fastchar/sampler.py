@@ -92,10 +92,11 @@ def default_decode_step(kernels, op, args: list, cache: KVCache, step: DecodeSte
     getattr(kernels, record(op.kind).forward)(*args)
 
 
-def aligned_zeros(n: int, align: int = 64) -> np.ndarray:
-    """(n,) float32 zeros whose first element sits on an `align`-byte boundary."""
-    raw = np.zeros(n + align // 4, np.float32)
-    start = (-raw.ctypes.data % align) // 4
+def aligned_zeros(n: int, align: int = 64, dtype: type = np.float32) -> np.ndarray:
+    """(n,) zeros (float32, or dtype) whose first element sits on an `align`-byte boundary."""
+    size = np.dtype(dtype).itemsize
+    raw = np.zeros(n + align // size, dtype)
+    start = (-raw.ctypes.data % align) // size
     return raw[start : start + n]
 
 
@@ -332,7 +333,9 @@ class DecodeState:
     position of the next token; n_feed (B,) int64 tokens[b, n_cache:n_cache+n_feed] still to encode
     (a prompt); active (B,) int32 (0: left alone); kcache (B, L, C, S) float32 the keys, time last
     (the scores run along positions), vcache (B, L, NH, S, HS) the values, position-major per head (a
-    new row is one contiguous append per head, p.v runs along channels);
+    new row is one contiguous append per head, p.v runs along channels); or, for a model whose
+    products run in bf16 where the backend's kv16_ok allows it, both uint16: bf16 keys and values in
+    pairs (csrc/fc_decode.h), half the bytes;
     logits (B, V) float32 the next draw's logits, kept between calls; temperature (B,) float64,
     top_k (B,) int64 (0: off), top_p (B,) float64 (1: off), each stream's own sampling options.
     scratch: the table's activations (scratch_size,) float32, 64-byte aligned; side: the buffers
@@ -381,13 +384,17 @@ def decode_state(model: Model, streams: int, window: int) -> DecodeState:
     cfg = model.cfg
     B, S, V = streams, window, cfg.vocab_size
     plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
+    packed = packed_weights(model, plan)
+    kv16_ok = getattr(model.kernels, "kv16_ok", None)
+    bf16 = packed is not None and packed[2] == "bf16" and packed[0].size > 0
+    dtype = np.uint16 if bf16 and kv16_ok(cfg.d_model, S, cfg.n_head) else np.float32
     size = B * cfg.n_layer * cfg.d_model * S
-    align = HUGE_PAGE if 4 * size >= HUGE_PAGE else 64  # a small cache (one stream) takes no 2 MB page
-    kcache = aligned_zeros(size, align).reshape(B, cfg.n_layer, cfg.d_model, S)
-    vcache = aligned_zeros(size, align).reshape(B, cfg.n_layer, cfg.n_head, S, cfg.head_size)
+    align = HUGE_PAGE if np.dtype(dtype).itemsize * size >= HUGE_PAGE else 64  # one small cache: no 2 MB page
+    kcache = aligned_zeros(size, align, dtype).reshape(B, cfg.n_layer, cfg.d_model, S)
+    vcache = aligned_zeros(size, align, dtype).reshape(B, cfg.n_layer, cfg.n_head, S, cfg.head_size)
     return DecodeState(
         model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides, cfg.n_head, plan.logits,
-        packed_weights(model, plan), np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
+        packed, np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
         np.zeros(B, np.int32), kcache, vcache, aligned_zeros(plan.scratch_size),
         np.zeros((B, V), np.float32), np.zeros(B, np.float64), np.zeros(B, np.int64), np.ones(B, np.float64),
         tile_rows=rows() if (rows := getattr(model.kernels, "decode_tile_rows", None)) else 1,

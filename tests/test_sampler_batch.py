@@ -304,6 +304,38 @@ def test_bf16_model_decodes_with_bf16_products_batch_independent(shape):
     assert np.abs(batched[0, 0] - fp32.logits[0, -1]).max() > 1e-4
 
 
+def test_bf16_caches_where_the_products_run_in_bf16(isa_path):
+    """A bf16 model (where the path has bf16 products: AVX512_BF16) with heads of 16 and an even window
+    keeps bf16 keys and values (half the bytes); every other model float32 ones."""
+    cases = [("fused", 8, "fp32", False)]
+    if cydecode.packed_available("bf16"):
+        cases += [("fused", 8, "bf16", True), ("fused", 7, "bf16", False), ("unfused", 8, "bf16", False)]
+    for shape, ctx, precision, want in cases:  # heads of 16, an odd window, heads of 8
+        st = decode_state(make_model("rope", ctx=ctx, precision=precision, shape=shape), 3, ctx)
+        assert st.kcache.dtype == st.vcache.dtype == (np.uint16 if want else np.float32), (shape, ctx, precision)
+        assert st.kcache.shape == (3, 2, SHAPES[shape][0], ctx)
+
+
+@pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
+def test_bf16_caches_change_the_logits_by_bf16_rounding_only(monkeypatch):
+    """The same greedy draws with float32 caches (kv16_ok switched off): logits within bf16's rounding
+    of the attention (2 % of their range), and not equal (the bf16 caches were used)."""
+    model = make_model("rope", precision="bf16", shape="fused")
+    prompts = [[b % 11, (5 * b + 1) % 11, (3 * b) % 11] for b in range(4)]
+
+    def logits() -> np.ndarray:
+        out = np.zeros((4, 12, 11), np.float32)
+        list(batch_tokens(model, prompts, 12, 0.0, None, None, stream_rngs(2, 4), 8, logits=out))
+        return out
+
+    kv16 = logits()
+    monkeypatch.setattr(model.kernels, "kv16_ok", lambda *args: False)
+    fp32 = logits()
+    assert decode_state(model, 1, 8).kcache.dtype == np.float32
+    scale = np.abs(fp32).max()
+    assert 0 < np.abs(kv16 - fp32).max() < 0.02 * scale
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_stages_halve_the_meetings_and_keep_the_logits(isa_path, threads):
     """Two heads of 16: each layer runs 2 stages, not 4 (stages_run counts them), on one thread and on

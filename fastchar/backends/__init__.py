@@ -37,6 +37,8 @@ OPTIONAL = {
     "pack_decode_weights": {"cython": "fastchar.backends.cython_decode"},
     # the rows of the decode product's full tile on the path in use (fastchar.sampler.cache_groups)
     "decode_tile_rows": {"cython": "fastchar.backends.cython_decode"},
+    # whether a bf16 decode's caches can be bf16 on the path in use (fastchar.sampler.decode_state)
+    "kv16_ok": {"cython": "fastchar.backends.cython_decode"},
 }
 ALIASES = {"reference": "numpy"}
 PRECISIONS = ("fp32", "bf16")

@@ -9,7 +9,7 @@ the extension was not built, importing this module raises ImportError and fastch
 from __future__ import annotations
 
 try:
-    from fastchar._cydecode import generate_batch
+    from fastchar._cydecode import generate_batch, kv16_ok
     from fastchar._cydecode import pack_weights as pack_decode_weights
     from fastchar._cydecode import tile_rows as decode_tile_rows
 except ImportError as exc:
@@ -20,4 +20,4 @@ except ImportError as exc:
 
 generate_tokens = generate_batch
 
-__all__ = ["decode_tile_rows", "generate_batch", "generate_tokens", "pack_decode_weights"]
+__all__ = ["decode_tile_rows", "generate_batch", "generate_tokens", "kv16_ok", "pack_decode_weights"]
