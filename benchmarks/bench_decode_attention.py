@@ -9,7 +9,8 @@ Two cases at the base model's shape (C 128, 8 heads of 16, a window of 64, 4 lay
 "streamed", 64 rows of 64 streams (16 MB: every row's keys and values come from L3 or memory, as
 in `generate(..., num_samples=64)`). Each step runs the 4 layers' attention of the 64 rows over all
 heads, as the decode loop's two threads do between them. Times are the best of --repeats batches of
-5 steps (a shared machine makes medians measure the neighbours).
+5 steps (a shared machine makes medians measure the neighbours). Where the path has bf16 caches
+(avx512 with AVX512_BF16: a bf16 model's decode), the same cases again with them, half the bytes.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.repeats = 2
     from benchmarks.common import cpu_model
-    from fastchar import isa
+    from fastchar import _cydecode, isa
 
     rng = np.random.default_rng(0)
     cases = {"resident": 1, "streamed": ROWS}
@@ -67,20 +68,28 @@ def main(argv: list[str] | None = None) -> dict:
     for case, B in cases.items():
         kall = rng.standard_normal((B, L, C, S), dtype=np.float32)
         vall = rng.standard_normal((B, L, NH, S, HS), dtype=np.float32)
-        data[case] = kall, vall, (np.arange(ROWS) % B).astype(np.int64)
-    kv_bytes = 2 * HS * S * 4  # the keys and values one row and head read
+        stream = (np.arange(ROWS) % B).astype(np.int64)
+        data[case, "fp32"] = kall, vall, stream
+        data[case, "bf16"] = (
+            (kall.view(np.uint32) >> 16).astype(np.uint16),
+            (vall.view(np.uint32) >> 16).astype(np.uint16),
+            stream,
+        )  # bf16 bits (truncated: the values do not change the time)
     print(f"# {cpu_model()}, one thread; C {C}, {NH} heads, window {S} (full), {L} layers, {ROWS} rows a step")
     print("| path | case | caches | ns per row and head | keys and values read, GB/s |")
     print("|---|---|---|---|---|")
     results = {}
     for path in isa.runnable():
         with isa.force(path):
-            for case, B in cases.items():
-                t = step_time(*data[case], args.repeats)
-                per = t / (L * ROWS * NH)
-                results[(path, case)] = {"ns": per * 1e9, "gbs": kv_bytes / per / 1e9}
-                mb = B * L * 2 * C * S * 4 / 2**20
-                print(f"| {path} | {case} | {mb:g} MB | {per * 1e9:.0f} | {kv_bytes / per / 1e9:.1f} |")
+            kinds = ["fp32", "bf16"] if _cydecode.kv16_ok(C, S, NH) else ["fp32"]
+            for kind in kinds:
+                for case, B in cases.items():
+                    kall, vall, stream = data[case, kind]
+                    per = step_time(kall, vall, stream, args.repeats) / (L * ROWS * NH)
+                    kv_bytes = 2 * HS * S * kall.itemsize  # the keys and values one row and head read
+                    results[(path, case, kind)] = {"ns": per * 1e9, "gbs": kv_bytes / per / 1e9}
+                    mb = kall.nbytes * 2 / 2**20
+                    print(f"| {path} | {case} | {mb:g} MB {kind} | {per * 1e9:.0f} | {kv_bytes / per / 1e9:.1f} |")
     return results
 
 

@@ -219,6 +219,10 @@ def test_bench_decode_attention_quick(capsys):
 
     pytest.importorskip("fastchar._cydecode", reason="the Cython extension is part of the product: build it")
     result = bench_decode_attention.main(["--quick"])
-    assert {path for path, _ in result} == set(isa.runnable())
+    assert {path for path, _, _ in result} == set(isa.runnable())
     assert all(r["ns"] > 0 and r["gbs"] > 0 for r in result.values())
-    assert "| streamed | 16 MB |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| streamed | 16 MB fp32 |" in out
+    from fastchar import _cydecode
+
+    assert ("| avx512 | streamed | 8 MB bf16 |" in out) == bool(_cydecode.kv16_ok(128, 64, 8))
