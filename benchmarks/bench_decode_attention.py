@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         with isa.force(path):
             kinds = ["fp32", "bf16"] if _cydecode.kv16_ok(C, S, NH) else ["fp32"]
             for kind in kinds:
-                for case, B in cases.items():
+                for case in cases:
                     kall, vall, stream = data[case, kind]
                     per = step_time(kall, vall, stream, args.repeats) / (L * ROWS * NH)
                     kv_bytes = 2 * HS * S * kall.itemsize  # the keys and values one row and head read

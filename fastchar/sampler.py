@@ -378,23 +378,30 @@ class DecodeState:
         self.top_p[b] = 1.0 if top_p is None else float(top_p)
 
 
+def cache_dtype(model: Model, window: int) -> type:
+    """The keys' and values' type in a compiled decode over `window` rows: np.uint16 (bf16) for a bf16
+    model where the backend's kv16_ok allows it (its products then run in bf16 too: AVX512_BF16),
+    else np.float32."""
+    kv16_ok = getattr(model.kernels, "kv16_ok", None)
+    cfg = model.cfg
+    bf16 = model.precision == "bf16" and kv16_ok is not None and kv16_ok(cfg.d_model, window, cfg.n_head)
+    return np.uint16 if bf16 else np.float32
+
+
 def decode_state(model: Model, streams: int, window: int) -> DecodeState:
     """A DecodeState of `streams` idle streams (activate each with DecodeState.start) over a window of
     `window` cache rows, its weights packed now (packed_weights)."""
     cfg = model.cfg
     B, S, V = streams, window, cfg.vocab_size
     plan = decode_table(cfg, model.params.offsets, max(S, B))  # scratch slots hold B rows too
-    packed = packed_weights(model, plan)
-    kv16_ok = getattr(model.kernels, "kv16_ok", None)
-    bf16 = packed is not None and packed[2] == "bf16" and packed[0].size > 0
-    dtype = np.uint16 if bf16 and kv16_ok(cfg.d_model, S, cfg.n_head) else np.float32
+    dtype = cache_dtype(model, S)
     size = B * cfg.n_layer * cfg.d_model * S
     align = HUGE_PAGE if np.dtype(dtype).itemsize * size >= HUGE_PAGE else 64  # one small cache: no 2 MB page
     kcache = aligned_zeros(size, align, dtype).reshape(B, cfg.n_layer, cfg.d_model, S)
     vcache = aligned_zeros(size, align, dtype).reshape(B, cfg.n_layer, cfg.n_head, S, cfg.head_size)
     return DecodeState(
         model.params.flat, plan.table, plan.eps, plan.inv_freq, plan.slides, cfg.n_head, plan.logits,
-        packed, np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
+        packed_weights(model, plan), np.zeros((B, S), np.int32), np.zeros((B, 2), np.int64), np.zeros(B, np.int64),
         np.zeros(B, np.int32), kcache, vcache, aligned_zeros(plan.scratch_size),
         np.zeros((B, V), np.float32), np.zeros(B, np.float64), np.zeros(B, np.int64), np.ones(B, np.float64),
         tile_rows=rows() if (rows := getattr(model.kernels, "decode_tile_rows", None)) else 1,
@@ -798,7 +805,8 @@ def check_streams_memory(
     from fastchar.runfolder import MIB, available_bytes
 
     cfg = model.cfg
-    per_stream = 4 * (2 * cfg.n_layer * cfg.d_model * window + 2 * cfg.vocab_size + window) + 64
+    kv = np.dtype(cache_dtype(model, window)).itemsize * 2 * cfg.n_layer * cfg.d_model * window
+    per_stream = kv + 4 * (2 * cfg.vocab_size + window) + 64
     need = n * per_stream
     available = available_bytes() if available is None else available
     if available is not None and need > available:

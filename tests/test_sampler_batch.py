@@ -317,6 +317,21 @@ def test_bf16_caches_where_the_products_run_in_bf16(isa_path):
 
 
 @pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
+def test_the_memory_check_counts_bf16_caches_at_two_bytes():
+    """n streams' caches of a bf16 model take half the bytes: a memory that fits them (and not the float32
+    caches) passes the check for bf16 and is refused for fp32, whose hint names the count that fits."""
+    models = {p: make_model("rope", ctx=64, precision=p, shape="fused") for p in ("bf16", "fp32")}
+    cfg, n = models["fp32"].cfg, 1000
+    kv32 = n * 2 * cfg.n_layer * cfg.d_model * 64 * 4
+    assert sampler.cache_dtype(models["bf16"], 64) is np.uint16
+    assert decode_state(models["bf16"], 2, 64).kcache.nbytes == 2 * 2 * cfg.n_layer * cfg.d_model * 64
+    sampler.check_streams_memory(models["bf16"], n, 64, available=kv32 * 3 // 4)
+    with pytest.raises(ConfigError, match="1,000 streams together need about") as info:
+        sampler.check_streams_memory(models["fp32"], n, 64, available=kv32 * 3 // 4)
+    assert "lower --num-samples to 7" in info.value.hint  # 7xx: about 3/4 of the 1,000 streams fit
+
+
+@pytest.mark.skipif(not cydecode.packed_available("bf16"), reason="no AVX512_BF16: bf16 models decode in fp32")
 def test_bf16_caches_change_the_logits_by_bf16_rounding_only(monkeypatch):
     """The same greedy draws with float32 caches (kv16_ok switched off): logits within bf16's rounding
     of the attention (2 % of their range), and not equal (the bf16 caches were used)."""
