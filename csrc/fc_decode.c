@@ -276,7 +276,10 @@ FC_TKV static void attend16(float *out, const float *q, const uint16_t *kt, cons
             _mm512_mask_storeu_ps(scores + t, m, a0);
         }
         __m512 vm = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-        for (t = 0; t < n; t += 16) vm = _mm512_mask_max_ps(vm, first(n - t), vm, _mm512_loadu_ps(scores + t));
+        for (t = 0; t < n; t += 16) {
+            __mmask16 m = first(n - t);
+            vm = _mm512_mask_max_ps(vm, m, vm, _mm512_maskz_loadu_ps(m, scores + t));
+        }
         __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
         /* bf16 weight t lands on the scores' bytes 2t.., read already; an odd n's partner gets a 0 */
         for (t = 0; t < n; t += 16) {

@@ -30,5 +30,5 @@ assert not failed and info["openmp"] and info["cython_debug"], f"not a full buil
 PY
 start=$SECONDS
 (cd "$copy" && LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-    PYTHONPATH="$copy" python -m pytest -q -p no:cacheprovider "${tests[@]}")
+    PYTHONPATH="$copy" python -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}")  # ASan writes to fd 2
 echo "asan_check: tests took $((SECONDS - start)) s"
