@@ -61,6 +61,7 @@ class Builder:
         self.initializers: dict[str, Any] = {}
         self._count = 0
         self._T: str | None = None
+        self._positions: str | None = None
         self._rows: dict[str, str] = {}
 
     def fresh(self, hint: str) -> str:
@@ -103,11 +104,22 @@ class Builder:
             self._T = self.node("Slice", [shape, self.ints([1]), self.ints([2])], out="T")
         return self._T
 
+    def positions(self) -> str:
+        """0, 1, .., T-1 as an int64 [T] tensor (computed once), as a cumulative sum of ones: onnxruntime
+        1.23 rewrites a Gather of a Range into a Slice, which stops at the table's end silently."""
+        if self._positions is None:
+            ones = self.node("ConstantOfShape", [self.T()], value=self.onnx.helper.make_tensor("one", 7, [1], [1]))
+            self._positions = self.node("Sub", [self.node("CumSum", [ones, self.scalar(0, np.int64)]),
+                                                self.scalar(1, np.int64)])  # fmt: skip
+        return self._positions
+
     def rows(self, name: str) -> str:
-        """The first T rows of a (ctx, X) table: a position embedding, the rope tables."""
+        """The first T rows of a (ctx, X) table: a position embedding, the rope tables. A Gather: an input
+        longer than ctx fails here (a Slice would stop at ctx rows, and a ctx of 1 would then broadcast
+        its one row over every position)."""
         if name not in self._rows:
             table = self.initializer(name, self.params[name] if name in self.params else self.consts[name])
-            self._rows[name] = self.node("Slice", [table, self.ints([0]), self.T(), self.ints([0])])
+            self._rows[name] = self.node("Gather", [table, self.positions()], axis=0)
         return self._rows[name]
 
 

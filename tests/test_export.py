@@ -97,6 +97,21 @@ def test_batch_and_length_are_dynamic(tmp_path, position):
     np.testing.assert_array_equal(ort_logits(sess, tokens)[0, :9], ort_logits(sess, changed)[0, :9])
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("ctx", [1, 4])
+def test_an_input_longer_than_ctx_is_an_error(tmp_path, position, ctx):
+    """T <= ctx is the file's contract: T = ctx runs, T = ctx + 1 fails in the runtime (a window of
+    one row once broadcast its row over every position and returned logits)."""
+    cfg = ModelConfig(vocab_size=40, position=position, **{**TINY, "ctx": ctx})
+    model = lively(Model(cfg, backend="numpy", seed=2))
+    sess = session(export_onnx(model, tmp_path / "m.onnx", tokenizer(cfg)))
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, ctx + 1))
+    np.testing.assert_allclose(ort_logits(sess, tokens[:, :ctx]), fastchar_logits(model, tokens[:, :ctx]),
+                               rtol=RTOL, atol=ATOL)  # fmt: skip
+    with pytest.raises(Exception, match="(?i)out of bounds|indices"):
+        ort_logits(sess, tokens)
+
+
 def test_inputs_outputs_and_metadata(tmp_path):
     cfg = ModelConfig(vocab_size=30, **TINY)
     model = lively(Model(cfg, backend="numpy"))
