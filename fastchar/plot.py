@@ -52,6 +52,9 @@ def metrics_path(run: str | Path) -> Path:
     return path
 
 
+MAX_LINE = 1 << 20  # a metrics.jsonl line is about 200 bytes; a longer one is read in pieces, each skipped
+
+
 def read_metrics(run: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     """A run's curves: {"train": [(step, seconds, loss)], "val": [...]}, each sorted by step.
 
@@ -63,28 +66,33 @@ def read_metrics(run: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     curves: dict[str, list[tuple[int, float, float]]] = {"train": [], "val": [], "eval_train": []}
     path = metrics_path(run)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as lines:  # line by line, at most MAX_LINE bytes at a time: the file can be
+            for line in iter(lambda: lines.readline(MAX_LINE), b""):  # far larger than its curves
+                _add_record(curves, line.decode("utf-8", errors="replace"))  # a bad byte spoils its line only
     except OSError as exc:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc})", hint="check its permissions") from None
-    for line in raw.decode("utf-8", errors="replace").splitlines():  # a bad byte spoils its line only
-        try:
-            record = json.loads(line)
-            step, seconds = int(record["step"]), float(record["elapsed"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
-            continue
-        if not math.isfinite(seconds):
-            continue
-        for key, curve in (("loss", "train"), ("val_loss", "val"), ("train_loss", "eval_train")):
-            value = record.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                points = curves[curve]
-                while points and points[-1][0] >= step:  # a resumed run starts again from its checkpoint
-                    points.pop()
-                points.append((step, seconds, float(record[key])))
     if not curves["train"]:
         curves["train"] = curves["eval_train"]
     del curves["eval_train"]
     return curves
+
+
+def _add_record(curves: dict[str, list[tuple[int, float, float]]], line: str) -> None:
+    """One metrics.jsonl line's points onto curves (read_metrics); unreadable lines are skipped."""
+    try:
+        record = json.loads(line)
+        step, seconds = int(record["step"]), float(record["elapsed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+        return
+    if not math.isfinite(seconds):
+        return
+    for key, curve in (("loss", "train"), ("val_loss", "val"), ("train_loss", "eval_train")):
+        value = record.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            points = curves[curve]
+            while points and points[-1][0] >= step:  # a resumed run starts again from its checkpoint
+                points.pop()
+            points.append((step, seconds, float(record[key])))
 
 
 def run_names(runs: Sequence[str | Path]) -> list[str]:

@@ -197,6 +197,26 @@ def test_read_metrics_replays_a_resumed_run(tmp_path):
     assert curves["val"] == [(0, 0.1, 4.2), (10, 1.2, 3.2), (20, 2.3, 2.8)]
 
 
+def test_read_metrics_reads_line_by_line(tmp_path):
+    """A 40 MB metrics.jsonl (a 6 MB line and 34 MB of 64 KB unreadable ones) is read in pieces of at
+    most plot.MAX_LINE bytes: the memory it takes stays a few MB, and its records still count."""
+    import tracemalloc
+
+    with open(tmp_path / "metrics.jsonl", "wb") as f:
+        f.write(json.dumps({"step": 0, "train_loss": 4.0, "val_loss": 4.1, "elapsed": 0.5}).encode() + b"\n")
+        f.write(b"x" * (6 << 20) + b"\n")
+        f.write((b"y" * 65535 + b"\n") * 544)
+        f.write(json.dumps({"step": 5, "loss": 3.0, "elapsed": 1.0}).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        curves = plot_module.read_metrics(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert curves == {"train": [(5, 1.0, 3.0)], "val": [(0, 0.5, 4.1)]}
+    assert peak < 4 * plot_module.MAX_LINE
+
+
 def test_plot_errors(capsys, tmp_path, monkeypatch, run_dir):
     code, out, err = run(capsys, "plot", tmp_path / "nothing")
     assert code == 1 and "error: run folder" in err and "does not exist" in err
