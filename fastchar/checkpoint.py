@@ -206,6 +206,8 @@ def _locate(path: Path, quiet: bool = False) -> Path:
         if not quiet:
             warnings.warn(f"{path} is missing; using {old}, left by an interrupted save", stacklevel=4)
         return old
+    if path.exists():  # a save put it back, and removed the .old twin, between the two looks above
+        return path
     raise CheckpointError(
         f"checkpoint folder {path} does not exist",
         hint="pass the folder a training run wrote, e.g. runs/base/best or runs/base/latest",
@@ -317,12 +319,19 @@ def _read_once(folder: Path) -> tuple[dict, dict[str, bytes], os.stat_result]:
             os.close(dfd)
 
 
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats are of one folder, unchanged: its inode, and its change and modification
+    times (a save deletes the old folder, and its next folder may get the same inode number; a
+    rename changes the ctime, a file added or removed the mtime)."""
+    return (a.st_ino, a.st_dev, a.st_ctime_ns, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_ctime_ns, b.st_mtime_ns)
+
+
 def _same_folder(folder: Path, identity: os.stat_result) -> bool:
     try:
         now = os.stat(folder)
     except OSError:
         return False
-    return (now.st_ino, now.st_dev) == (identity.st_ino, identity.st_dev)
+    return _same(now, identity)
 
 
 def _swapped(requested: Path, folder: Path, identity: os.stat_result | None) -> bool:
@@ -332,7 +341,7 @@ def _swapped(requested: Path, folder: Path, identity: os.stat_result | None) -> 
         info = os.stat(now)
     except (CheckpointError, OSError):
         return identity is not None
-    return identity is None or now != folder or (info.st_ino, info.st_dev) != (identity.st_ino, identity.st_dev)
+    return identity is None or now != folder or not _same(info, identity)
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict[str, bytes]]:
@@ -347,13 +356,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict[str, bytes]]:
                 warnings.simplefilter("ignore")
                 identity = os.stat(folder)
             meta, blobs, opened = _read_once(folder)
-            if (opened.st_ino, opened.st_dev) != (identity.st_ino, identity.st_dev):
+            if not _same(opened, identity):
                 raise CheckpointError(f"{folder} was replaced while being opened")
             return folder, meta, blobs
         except (CheckpointError, OSError):
             if attempt + 1 == READ_ATTEMPTS or not _swapped(requested, folder, identity):
                 raise
-            time.sleep(SWAP_WAIT * (attempt + 1))
+            # again at once: a save just put a new folder in place, the next one is a whole save away
     raise AssertionError("unreachable")
 
 
