@@ -6,8 +6,8 @@
    so the packed weights do not depend on the path. A tile is DP_ROWS rows x NP panels, one
    accumulator per (row, vector): acc = fma(x[r, k], w[k, panel], acc) for k = 0..K-1 from zero,
    so every output element is the same chain whatever the tile, the rows batched or the columns
-   split. Accumulators: AVX-512 8 x 2 x 1 = 16 (one row: 4), AVX2 6 x 1 x 2 = 12 (one row: 8),
-   NEON 4 x 1 x 4 = 16 (one row: 16). */
+   split. Accumulators: AVX-512 8 x 2 x 1 = 16 (one row: 4), AVX2 6 x 1 x 2 = 12 (four rows: 8, one
+   row: 8), NEON 4 x 1 x 4 = 16 (one row: 16). */
 #undef DP_PV
 #undef DP_ROWS
 #undef DP_NP
@@ -50,6 +50,9 @@ DP_TILE(tile_one_1, 1, 1)
 DP_TILE(tile_one_4, 1, 4)
 DP_TILE(tile_one_3, 1, 3)
 DP_TILE(tile_one_2, 1, 2)
+#if FC_VL == 8 /* avx2: 4 rows x 2 vectors, 8 accumulators (the half tile, 3 rows, keeps 6) */
+DP_TILE(tile_four, 4, DP_NP)
+#endif
 #undef DP_TILE
 
 /* One row, four whole panels: y[0:64] = x[0:Kr] @ w, w at the first panel's row (rows 16 floats
@@ -97,7 +100,13 @@ static void FC_N(matmul_packed)(float *y, const float *x, ptrdiff_t ldx, const f
         }
         ptrdiff_t m = 0;
         if (n == DP_NP) {
+#if FC_VL == 8 /* avx2: 7 and 8 rows left run as 4 + 3 and 4 + 4, not 6 + 1 (+ 1): every tile keeps 6
+                  accumulators or more (a one-row tile's 2 wait on the FMA latency) */
+            for (; M - m >= 9 || M - m == 6; m += DP_ROWS) DP_CALL(tile_multi);
+            for (; M - m >= 4; m += 4) DP_CALL(tile_four);
+#else
             for (; m + DP_ROWS <= M; m += DP_ROWS) DP_CALL(tile_multi);
+#endif
             for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) DP_CALL(tile_half);
             for (; m < M; m++)
                 if (DP_NP == 2) DP_CALL(tile_one_2);

@@ -439,8 +439,8 @@ def cache_groups(st: DecodeState) -> np.ndarray:
     groups = np.zeros(len(running), np.int32)
     if st.tile_rows <= n <= size:  # two groups at least (two threads side by side), of half tiles or more
         size = -(-n // 2)
-    if 1 < st.tile_rows < size:  # whole tiles, the last group the rest (a ragged tile runs its rows
-        size -= size % st.tile_rows  # one at a time: 8 rows are 6 + 1 + 1 on avx2)
+    if 1 < st.tile_rows < size:  # whole tiles, the last group the rest (on avx2, 8 rows run as 4 + 4,
+        size -= size % st.tile_rows  # whose 8 accumulators keep the FMAs less busy than a 6-row tile's 12)
         groups[running] = np.arange(n) // size
     else:  # about equal sizes
         groups[running] = np.arange(n) * max(1, -(-n // size)) // max(n, 1)

@@ -68,7 +68,8 @@ def test_a_rows_values_do_not_depend_on_the_batch_or_the_column_split(precision)
     x = r.normal(size=(64, 128)).astype(np.float32)
     w = r.normal(size=(128, 200)).astype(np.float32)
     whole = product(x, w, 0, 200, precision)
-    for rows in ([0], [5, 6], [7, 8, 9], list(range(11)), list(range(3, 64))):
+    # every batch of 4 to 16 rows: each path's mix of tiles (avx2: 6, 4 and 3 rows; 7 and 8 are 4 + 3 and 4 + 4)
+    for rows in ([0], [5, 6], [7, 8, 9], *(list(range(m)) for m in range(4, 17)), list(range(3, 64))):
         np.testing.assert_array_equal(product(x[rows], w, 0, 200, precision), whole[rows])
     split = np.full_like(whole, np.nan)
     for j0, j1 in [(0, 40), (40, 77), (77, 160), (160, 200)]:

@@ -116,7 +116,7 @@ def test_cache_groups_change_no_token_and_no_logit(monkeypatch, streams_per_grou
 
 
 def test_cache_groups_are_whole_tiles_of_the_product(isa_path, monkeypatch):
-    """A group of 8 on avx2 (tile 6) would run 6 + 1 + 1 rows: groups are whole tiles, the rest last."""
+    """A group of 8 on avx2 (tile 6) would run 4 + 4 rows: groups are whole tiles, the rest last."""
     model = make_model("rope")
     st = decode_state(model, 30, 8)
     assert st.tile_rows == cydecode.tile_rows() == {"avx512": 8, "avx2": 6, "neon": 4, "generic": 1}[isa_path]
