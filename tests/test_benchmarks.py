@@ -226,3 +226,21 @@ def test_bench_decode_attention_quick(capsys):
     from fastchar import _cydecode
 
     assert ("| avx512 | streamed | 8 MB bf16 |" in out) == bool(_cydecode.kv16_ok(128, 64, 8))
+
+
+@pytest.mark.slow  # builds csrc/fc_decode.c with gcc (about 10 s)
+def test_bench_decode_products_runs_every_vector_path(capsys):
+    from benchmarks import bench_decode_products
+    from fastchar import _cydecode, isa
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc: the benchmark builds its C harness")
+    result = bench_decode_products.main(["--rows", "1,8"])
+    paths = {path for path, _, _ in result}
+    assert paths == set(isa.runnable()) - {"generic"}
+    if _cydecode.packed_available("bf16"):
+        assert ("avx512", "bf16", 8) in result
+    assert all(r["seconds"] > 0 and r["gflops"] > 0 for r in result.values())
+    assert "| 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_decode_products.main(["--rows", "0"])
