@@ -50,10 +50,37 @@ DP_TILE(tile_one_1, 1, 1)
 DP_TILE(tile_one_4, 1, 4)
 DP_TILE(tile_one_3, 1, 3)
 DP_TILE(tile_one_2, 1, 2)
-#if FC_VL == 8 /* avx2: 4 rows x 2 vectors, 8 accumulators (the half tile, 3 rows, keeps 6) */
+#if FC_VL == 16 /* avx512: 3 and 2 rows x 2 panels, 6 and 4 accumulators (a row's 2 wait on the latency) */
+DP_TILE(tile_three, 3, DP_NP)
+DP_TILE(tile_two, 2, DP_NP)
+#elif FC_VL == 8 /* avx2: 5 and 4 rows x 2 vectors, 10 and 8 accumulators (the half tile, 3 rows, keeps 6) */
+DP_TILE(tile_five, 5, DP_NP)
 DP_TILE(tile_four, 4, DP_NP)
 #endif
 #undef DP_TILE
+
+/* Batches below this many rows run row by row, four panels at a time (row_panels4): one row on
+   avx512, two on avx2, three on neon. Larger batches run tiles (next_tile): on avx512 2 and 3 rows
+   took 62 and 67 % of one core's peak in tiles of 2 panels, 48 and 53 % row by row; on avx2 3 rows
+   in a 3-row tile 59 %, 51 % row by row (benchmarks/bench_decode_products, Zen 4). */
+#undef DP_ROW_BY_ROW
+#define DP_ROW_BY_ROW (FC_VL == 16 ? 2 : FC_VL == 8 ? 3 : 4)
+
+/* The rows of the next tile (DP_NP panels) for L rows left, in the path's tiles, chosen by
+   benchmarks/bench_decode_products (Zen 4): avx512 8, 4, 3, 2, 1 (5 = 4 + 1: 80 % of the peak, as
+   3 + 2 69 %; 6 = 4 + 2, 7 = 4 + 3); avx2 6, 5, 4, 3 (every count from 8 on in tiles of 4 to 6, no
+   1-row tile, whose 2 accumulators wait on the FMA latency; 7 = 4 + 3); neon 4, 2, 1. */
+static inline int FC_N(next_tile)(ptrdiff_t L) {
+#if FC_VL == 16
+    return L >= 8 ? 8 : L >= 5 ? 4 : (int)L;
+#elif FC_VL == 8
+    if ((L >= 12 && L != 13) || L == 6 || L == 10 || L == 11) return 6;
+    if (L == 5 || L == 9 || L == 13) return 5;
+    return L >= 4 ? 4 : L == 3 ? 3 : 1;
+#else
+    return L >= DP_ROWS ? DP_ROWS : L >= DP_ROWS / 2 ? DP_ROWS / 2 : 1;
+#endif
+}
 
 /* One row, four whole panels: y[0:64] = x[0:Kr] @ w, w at the first panel's row (rows 16 floats
    apart, panels ps floats apart); the same chains as tile_one_4. Inline, with no masked stores: as a
@@ -76,7 +103,7 @@ static inline void FC_N(row_panels4)(float *restrict y, const float *restrict x,
 static void FC_N(matmul_packed)(float *y, const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t M, ptrdiff_t K,
                                 ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t ldy, ptrdiff_t j0, ptrdiff_t j1) {
     ptrdiff_t p1 = (j1 + 15) / 16, Kr = k1 - k0;
-    int np = M < 4 ? 4 : DP_NP;
+    int np = M < DP_ROW_BY_ROW ? 4 : DP_NP;
     x += k0;
     for (ptrdiff_t p = j0 / 16; p < p1; p += np) {
         int n = p1 - p < np ? (int)(p1 - p) : np, lo[4], hi[4];
@@ -88,7 +115,7 @@ static void FC_N(matmul_packed)(float *y, const float *x, ptrdiff_t ldx, const f
         float *yp = y + p * 16;
         const float *w = wp + (p * K + k0) * 16;
 #define DP_CALL(TILE) FC_N(TILE)(yp + m * ldy, ldy, x + m * ldx, ldx, Kr, w, K, lo, hi)
-        if (M < 4) {
+        if (M < DP_ROW_BY_ROW) {
             for (ptrdiff_t m = 0; m < M; m++) {
                 if (n == 4 && lo[0] == 0 && hi[3] == 16) FC_N(row_panels4)(yp + m * ldy, x + m * ldx, Kr, w, 16 * K);
                 else if (n == 4) DP_CALL(tile_one_4);
@@ -100,17 +127,22 @@ static void FC_N(matmul_packed)(float *y, const float *x, ptrdiff_t ldx, const f
         }
         ptrdiff_t m = 0;
         if (n == DP_NP) {
-#if FC_VL == 8 /* avx2: 7 and 8 rows left run as 4 + 3 and 4 + 4, not 6 + 1 (+ 1): every tile keeps 6
-                  accumulators or more (a one-row tile's 2 wait on the FMA latency) */
-            for (; M - m >= 9 || M - m == 6; m += DP_ROWS) DP_CALL(tile_multi);
-            for (; M - m >= 4; m += 4) DP_CALL(tile_four);
-#else
-            for (; m + DP_ROWS <= M; m += DP_ROWS) DP_CALL(tile_multi);
-#endif
-            for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) DP_CALL(tile_half);
-            for (; m < M; m++)
-                if (DP_NP == 2) DP_CALL(tile_one_2);
+            for (int r; m < M; m += r) {
+                r = FC_N(next_tile)(M - m);
+                if (r == DP_ROWS) DP_CALL(tile_multi);
+                else if (r == DP_ROWS / 2) DP_CALL(tile_half);
+#if FC_VL == 16
+                else if (r == 3) DP_CALL(tile_three);
+                else if (r == 2) DP_CALL(tile_two);
+                else DP_CALL(tile_one_2);
+#elif FC_VL == 8
+                else if (r == 5) DP_CALL(tile_five);
+                else if (r == 4) DP_CALL(tile_four);
                 else DP_CALL(tile_one_1);
+#else
+                else DP_CALL(tile_one_1);
+#endif
+            }
         } else { /* the ragged last panel of the two-panel tiles (AVX-512) */
             for (; m + DP_ROWS <= M; m += DP_ROWS) DP_CALL(tile_multi_1);
             for (; m + DP_ROWS / 2 <= M; m += DP_ROWS / 2) DP_CALL(tile_half_1);
