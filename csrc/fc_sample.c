@@ -59,44 +59,12 @@ static int64_t fc_first_max(const double *a, int64_t n) {
     return j;
 }
 
-/* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
-   kept; top_k <= 0 or >= V: off), then top-p (the smallest set of most likely ids, ties by lower id,
-   whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch.
-   Neither filter sorts: top-k selects the k-th value (fc_kth_largest), top-p takes the most likely
-   remaining id (lowest id on ties) until the mass is reached, so it costs O(V) per kept id -- a
-   few passes over V for a trained model -- and takes ids in exactly the sorted reference's order;
-   past FC_EXTRACT_MAX ids (a flat distribution) it insertion-sorts the ids left. */
-void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
-                    double *probs, double *tmp, int32_t *order) {
-    int64_t j, i, keep, best, n, c;
-    double mx, total, mass, target, kth;
-    /* (logit - max) / temperature: a tiny temperature (1e-308) gives -inf and 0, never inf - inf */
-    mx = logits[0];
-    for (j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
-    for (j = 0; j < V; j++) probs[j] = ((double)logits[j] - mx) / temperature;
-    if (top_k > 0 && top_k < V) {
-        for (j = 0; j < V; j++) tmp[j] = probs[j];
-        kth = fc_kth_largest(tmp, V, top_k - 1);
-        for (j = 0; j < V; j++)
-            if (!(probs[j] >= kth)) probs[j] = -INFINITY;
-    }
-    mx = probs[0];
-    for (j = 1; j < V; j++) mx = probs[j] > mx ? probs[j] : mx;
-    total = 0.0;
-    for (j = 0; j < V; j++) {
-        probs[j] = exp(probs[j] - mx);
-        total += probs[j];
-    }
-    for (j = 0; j < V; j++) probs[j] /= total;
-    if (top_p >= 1.0) return;
-    total = 0.0;
-    for (j = 0; j < V; j++) {
-        tmp[j] = probs[j];  /* -1 marks an id already taken */
-        total += probs[j];
-    }
-    target = top_p * total;
-    mass = 0.0;
-    keep = V;
+/* top-p by extraction: the ids in order of probability (most likely first, lower id on ties) into
+   order until their mass (summed in that order) reaches target; returns how many, V if all. tmp
+   (V,) holds the probabilities and is used up (-1 marks an id taken). */
+static int64_t fc_top_p_extract(const double *probs, double *tmp, int32_t *order, int64_t V, double target) {
+    int64_t i, j, n, c, best, keep = V;
+    double mass = 0.0;
     for (i = 0; i < V; i++) {
         if (i == FC_EXTRACT_MAX) {
             /* a flat distribution: sort the ids not taken yet (stable, descending) and go on */
@@ -126,6 +94,66 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
             break;
         }
     }
+    return keep;
+}
+
+/* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
+   kept; top_k <= 0 or >= V: off), then top-p (the smallest set of most likely ids, ties by lower id,
+   whose mass reaches top_p of the total, renormalised; top_p >= 1: off). tmp (V,), order (V,) scratch.
+   Neither filter sorts V ids: top-k selects the k-th value (fc_kth_largest); top-p sorts only the
+   candidates that can reach the mass (below), a handful for a trained model, and takes ids in
+   exactly the sorted reference's order. */
+void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
+                    double *probs, double *tmp, int32_t *order) {
+    int64_t j, i, keep, n, c;
+    double mx, total, mass, target, kth, bound;
+    /* (logit - max) / temperature: a tiny temperature (1e-308) gives -inf and 0, never inf - inf */
+    mx = logits[0];
+    for (j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
+    for (j = 0; j < V; j++) probs[j] = ((double)logits[j] - mx) / temperature;
+    if (top_k > 0 && top_k < V) {
+        for (j = 0; j < V; j++) tmp[j] = probs[j];
+        kth = fc_kth_largest(tmp, V, top_k - 1);
+        for (j = 0; j < V; j++)
+            if (!(probs[j] >= kth)) probs[j] = -INFINITY;
+    }
+    mx = probs[0];
+    for (j = 1; j < V; j++) mx = probs[j] > mx ? probs[j] : mx;
+    total = 0.0;
+    for (j = 0; j < V; j++) {
+        probs[j] = exp(probs[j] - mx);
+        total += probs[j];
+    }
+    for (j = 0; j < V; j++) probs[j] /= total;
+    if (top_p >= 1.0) return;
+    total = 0.0;
+    for (j = 0; j < V; j++) {
+        tmp[j] = probs[j];  /* -1 marks an id already taken */
+        total += probs[j];
+    }
+    target = top_p * total;
+    /* First the candidates, ids of probability >= (1 - top_p) * total / V, sorted (most likely
+       first, lower id on ties): the other ids hold less than V times that between them, so the
+       candidates reach the target. The same ids and sums as the extraction (fc_top_p_extract),
+       which runs only where they fell short (rounding at the boundary, or a top_p <= 0). */
+    bound = (1.0 - top_p) * total / (double)V;
+    n = 0;
+    for (j = 0; j < V; j++) {
+        if (!(probs[j] >= bound)) continue;
+        for (c = n; c > 0 && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
+        order[c] = (int32_t)j;
+        n++;
+    }
+    keep = V;
+    mass = 0.0;
+    for (i = 0; i < n; i++) {
+        mass += probs[order[i]];
+        if (mass >= target) {
+            keep = i + 1;
+            break;
+        }
+    }
+    if (keep == V && n < V) keep = fc_top_p_extract(probs, tmp, order, V, target);
     if (keep == V) return;  /* everything kept: the distribution is unchanged */
     total = 0.0;
     for (j = 0; j < keep; j++) total += probs[order[j]];
