@@ -32,68 +32,27 @@ static double fc_kth_largest(double *a, int64_t n, int64_t k) {
     return a[k];
 }
 
-/* top-p takes the most likely remaining id this many times at most (O(V) each), then sorts the rest */
-#define FC_EXTRACT_MAX 12
-
-/* The first id of the largest of a[0..n-1] that is > -1 (the taken ids hold -1), or -1 if none:
-   a maximum in four running maxima (max instructions, no branch on the data), then the first id
-   that holds it. The same id as a scan that keeps the first strictly larger value; a NaN is never
-   chosen. */
-static int64_t fc_first_max(const double *a, int64_t n) {
-    double m0 = -1.0, m1 = -1.0, m2 = -1.0, m3 = -1.0;
-    int64_t j;
-    for (j = 0; j + 4 <= n; j += 4) {
-        m0 = a[j] > m0 ? a[j] : m0;
-        m1 = a[j + 1] > m1 ? a[j + 1] : m1;
-        m2 = a[j + 2] > m2 ? a[j + 2] : m2;
-        m3 = a[j + 3] > m3 ? a[j + 3] : m3;
+/* The ids whose probability is >= bound into order, most likely first (lower id on ties: an
+   insertion sort, stable); returns how many. */
+static int64_t fc_sorted_ids(const double *probs, int64_t V, double bound, int32_t *order) {
+    int64_t j, c, n = 0;
+    for (j = 0; j < V; j++) {
+        if (!(probs[j] >= bound)) continue;
+        for (c = n; c > 0 && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
+        order[c] = (int32_t)j;
+        n++;
     }
-    for (; j < n; j++) m0 = a[j] > m0 ? a[j] : m0;
-    m0 = m1 > m0 ? m1 : m0;
-    m2 = m3 > m2 ? m3 : m2;
-    m0 = m2 > m0 ? m2 : m0;
-    if (!(m0 > -1.0)) return -1;
-    for (j = 0; a[j] != m0; j++) {
-    }
-    return j;
+    return n;
 }
 
-/* top-p by extraction: the ids in order of probability (most likely first, lower id on ties) into
-   order until their mass (summed in that order) reaches target; returns how many, V if all. tmp
-   (V,) holds the probabilities and is used up (-1 marks an id taken). */
-static int64_t fc_top_p_extract(const double *probs, double *tmp, int32_t *order, int64_t V, double target) {
-    int64_t i, j, n, c, best, keep = V;
+/* How many of order[0..n) their sum, in that order, needs to reach target; V if it does not. */
+static int64_t fc_reach(const double *probs, const int32_t *order, int64_t n, int64_t V, double target) {
     double mass = 0.0;
-    for (i = 0; i < V; i++) {
-        if (i == FC_EXTRACT_MAX) {
-            /* a flat distribution: sort the ids not taken yet (stable, descending) and go on */
-            n = i;
-            for (j = 0; j < V; j++) {
-                if (tmp[j] < 0.0) continue;
-                for (c = n; c > i && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
-                order[c] = (int32_t)j;
-                n++;
-            }
-            for (; i < V; i++) {
-                mass += probs[order[i]];
-                if (mass >= target) {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            break;
-        }
-        best = fc_first_max(tmp, V);
-        if (best < 0) break;
-        order[i] = (int32_t)best;
-        tmp[best] = -1.0;
-        mass += probs[best];
-        if (mass >= target) {
-            keep = i + 1;
-            break;
-        }
+    for (int64_t i = 0; i < n; i++) {
+        mass += probs[order[i]];
+        if (mass >= target) return i + 1;
     }
-    return keep;
+    return V;
 }
 
 /* probs (V,) = softmax(logits / temperature), then top-k (keep values >= the k-th largest, ties
@@ -104,8 +63,8 @@ static int64_t fc_top_p_extract(const double *probs, double *tmp, int32_t *order
    exactly the sorted reference's order. */
 void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t top_k, double top_p,
                     double *probs, double *tmp, int32_t *order) {
-    int64_t j, i, keep, n, c;
-    double mx, total, mass, target, kth, bound;
+    int64_t j, keep, n;
+    double mx, total, target, kth;
     /* (logit - max) / temperature: a tiny temperature (1e-308) gives -inf and 0, never inf - inf */
     mx = logits[0];
     for (j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
@@ -126,33 +85,18 @@ void fc_token_probs(const float *logits, int64_t V, double temperature, int64_t 
     for (j = 0; j < V; j++) probs[j] /= total;
     if (top_p >= 1.0) return;
     total = 0.0;
-    for (j = 0; j < V; j++) {
-        tmp[j] = probs[j];  /* -1 marks an id already taken */
-        total += probs[j];
-    }
+    for (j = 0; j < V; j++) total += probs[j];
     target = top_p * total;
-    /* First the candidates, ids of probability >= (1 - top_p) * total / V, sorted (most likely
-       first, lower id on ties): the other ids hold less than V times that between them, so the
-       candidates reach the target. The same ids and sums as the extraction (fc_top_p_extract),
-       which runs only where they fell short (rounding at the boundary, or a top_p <= 0). */
-    bound = (1.0 - top_p) * total / (double)V;
-    n = 0;
-    for (j = 0; j < V; j++) {
-        if (!(probs[j] >= bound)) continue;
-        for (c = n; c > 0 && probs[order[c - 1]] < probs[j]; c--) order[c] = order[c - 1];
-        order[c] = (int32_t)j;
-        n++;
+    /* The candidates first: the ids of probability >= (1 - top_p) * total / V. The other ids hold
+       less than V times that between them, so the candidates reach the target, and they are the
+       head of the sorted order: the same ids and sums as sorting all V. All V only where the
+       candidates fell short (rounding at the boundary, or a top_p <= 0). */
+    n = fc_sorted_ids(probs, V, (1.0 - top_p) * total / (double)V, order);
+    keep = fc_reach(probs, order, n, V, target);
+    if (keep == V && n < V) {
+        n = fc_sorted_ids(probs, V, -INFINITY, order);
+        keep = fc_reach(probs, order, n, V, target);
     }
-    keep = V;
-    mass = 0.0;
-    for (i = 0; i < n; i++) {
-        mass += probs[order[i]];
-        if (mass >= target) {
-            keep = i + 1;
-            break;
-        }
-    }
-    if (keep == V && n < V) keep = fc_top_p_extract(probs, tmp, order, V, target);
     if (keep == V) return;  /* everything kept: the distribution is unchanged */
     total = 0.0;
     for (j = 0; j < keep; j++) total += probs[order[j]];

@@ -595,7 +595,7 @@ def _edge_cases():
         yield r.normal(0, 2, 65).astype(np.float32), "random"
 
 
-@pytest.mark.parametrize("top_p", [-0.5, 0.0, 1e-12, 0.1, 0.5, 0.9, 1 - 1e-12, 1.0])  # <= 0: the extraction
+@pytest.mark.parametrize("top_p", [-0.5, 0.0, 1e-12, 0.1, 0.5, 0.9, 1 - 1e-12, 1.0])  # <= 0: all V sorted
 @pytest.mark.parametrize("top_k", [None, 1, 2, 5, 100])
 def test_partial_selection_equals_sorted_reference(top_p, top_k):
     for logits, what in _edge_cases():
