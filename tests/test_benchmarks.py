@@ -151,6 +151,16 @@ def test_bench_sample_quick(capsys):
     assert "| N = 8 streams, aggregate" in capsys.readouterr().out
 
 
+def test_bench_sample_gives_8_and_64_streams_the_same_work():
+    from benchmarks.bench_sample import stream_runs
+
+    runs = {streams: n for _, streams, n in stream_runs(20000)}
+    assert runs[0] == runs[1] == 20000
+    total8, total64 = 8 * runs[8], 64 * runs[64]
+    assert total8 >= 5 * 20000 and abs(total64 - total8) <= 0.03 * total8  # 100,000 and 102,400
+    assert min(n for _, _, n in stream_runs(400)) == 400  # --quick: each stream at least all of --chars
+
+
 @pytest.mark.slow
 def test_bench_contention_runs_the_trainer_beside_a_busy_loop(capsys):
     from benchmarks import bench_contention
