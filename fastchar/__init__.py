@@ -19,6 +19,7 @@ from fastchar.errors import (
     InputError,
     TrainingDiverged,
 )
+from fastchar.evaluation import evaluate
 from fastchar.export import export_onnx
 from fastchar.model import Model
 from fastchar.sampler import KVCache, generate, stream
@@ -40,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "evaluate",
     "export_onnx",
     "find_corpus",
     "generate",

@@ -51,6 +51,7 @@ PYTHON_TO_FLAGS = (  # how a hint written for the Python API reads on the comman
 MEMORY_HINTS = {
     "train": "lower --batch or choose a smaller model; `free -m` shows the memory available",
     "sample": "lower --num-samples or --max-new-tokens; `free -m` shows the memory available",
+    "eval": "lower --batch; `free -m` shows the memory available",
 }
 
 MODEL_HELP = {
@@ -303,6 +304,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_flag(info, "precision of the listed plan: fp32 (default) or bf16")
     _add_runtime_flags(info)
     info.set_defaults(func=cmd_info)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="measure a checkpoint's loss on a text (nats and bits a character, accuracy)",
+        description="Predict every character of a text (by default the validation split, the last 10 %, of the "
+        "text the run trained on) from the characters before it, in windows of the model's context that "
+        "overlap by one character, and print the mean loss in nats and bits a character, the perplexity and "
+        "the share of characters that were the most likely one.",
+    )
+    evaluate.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="checkpoint folder, or a run folder (its best checkpoint)"
+    )
+    evaluate.add_argument(
+        "--data",
+        metavar="FILE",
+        default=None,
+        help="UTF-8 text to evaluate on; its characters must be in the model's vocabulary (default: the text "
+        "the run trained on, else Tiny Shakespeare)",
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=("val", "train", "all"),
+        default="val",
+        help="val: the last 10 %% of the text, the split training validates on (default); train: the first "
+        "90 %%; all: the whole text (for a held-out file)",
+    )
+    evaluate.add_argument("--batch", type=_number(int), default=None, help="windows per forward pass (default 32)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_precision_flag(evaluate, "fp32 (default) or bf16 products (bf16: cython on CPUs with AVX512_BF16)")
+    _add_runtime_flags(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     plot = sub.add_parser(
         "plot",
@@ -821,6 +853,67 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(_format_info(report))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastchar.data import VAL_FRACTION, check_corpus_memory, locate_corpus, read_text
+    from fastchar.errors import CheckpointError, DataError
+    from fastchar.evaluation import DEFAULT_BATCH, Progress, evaluate
+    from fastchar.model import load
+    from fastchar.runfolder import data_record
+
+    batch = DEFAULT_BATCH if args.batch is None else args.batch
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}", hint="leave --batch out for the default")
+    _setup_runtime(args)
+    if _check_ranks(None).size > 1:
+        from fastchar.distributed import mark_collective
+
+        raise mark_collective(
+            ConfigError("fastchar eval runs in one process", hint="run it without mpiexec: fastchar eval ...")
+        )
+    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
+    _say_checkpoint(model)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{args.checkpoint} has no tokenizer.json", hint="evaluate a checkpoint a training run wrote"
+        )
+    recorded = (model.checkpoint_meta or {}).get("data")
+    if args.data is None and recorded:
+        path, origin = Path(recorded["path"]), "the text the run trained on"
+        if not path.is_file():
+            raise DataError(
+                f"the run trained on {path}, which no longer exists",
+                hint="pass a text with --data FILE (its characters must be in the model's vocabulary)",
+            )
+    else:
+        path, origin = locate_corpus(args.data)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    say(f"data: {path} ({origin})")
+    check_corpus_memory(path)
+    text = read_text(path)
+    if args.data is None and recorded and data_record(path, text)["sha256"] != recorded["sha256"]:
+        _note(f"{path} changed since the run trained on it: its splits are not the ones the run saw")
+    n_train = int(len(text) * (1 - VAL_FRACTION))  # TextDataset's split
+    part = {"val": text[n_train:], "train": text[:n_train], "all": text}[args.split]
+    if len(part) < 2:
+        raise DataError(
+            f"the {args.split} split of {path} has {len(part)} character(s): at least 2 are needed",
+            hint="use a longer text, or --split all",
+        )
+    result = evaluate(model, part, batch, Progress(lambda line: print(line, file=sys.stderr, flush=True)))
+    report = {"checkpoint": str(model.checkpoint_path), "data": str(path), "split": args.split,
+              "context": model.cfg.ctx, "precision": args.precision or "fp32", "backend": model.backend,
+              **result}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    where = {"val": "the last 10 %", "train": "the first 90 %", "all": "the whole text"}[args.split]
+    print(f"{args.split} split ({where}): {result['chars']:,} characters predicted in {result['windows']:,} "
+          f"window(s) of up to {model.cfg.ctx}")  # fmt: skip
+    print(f"loss {result['loss']:.4f} nats a character ({result['bits_per_char']:.4f} bits), perplexity "
+          f"{result['perplexity']:.3f}, next-character accuracy {result['accuracy']:.1%}")  # fmt: skip
     return 0
 
 
