@@ -98,6 +98,7 @@ cdef double _per_char[2][2]  # seconds a character of the last two timed calls o
 cdef int _probe_left = 2  # calls until the next probe (< 0: probing)
 cdef bint _one_thread = False
 cdef bint _fixed = False  # set_one_row_threads: no probes
+cdef size_t _timed_model = 0  # whose one-row calls _per_char measured: the address of its parameters
 cdef long _calls[2]  # one-row calls run on one thread [0] and on a team [1], since the process started
 cdef long _chars[2]  # their characters (steps) run on one thread [0] (a prefix probe's too) and on a team [1]
 cdef long _stages_run = 0  # stages of the decode loops (see _stage), since the process started
@@ -143,6 +144,28 @@ def set_one_row_threads(one: object = None) -> None:
     _probe_every = PROBE_CALLS
     _one_thread = bool(one)
     _fixed = one is not None
+
+
+cdef void _measure_for(size_t model):
+    """The measurements are one model's (its parameters' address): a one-row call of another model (a
+    bf16 one after an fp32 one, say, whose characters take twice as long) starts afresh, on the team
+    and probing after two calls, as set_one_row_threads(None) does, unless the count is fixed."""
+    global _timed_model, _probe_left, _one_thread, _probe_every
+    if model == _timed_model:
+        return
+    _timed_model = model
+    if _fixed:
+        return
+    for i in range(2):
+        _per_char[i][0] = _per_char[i][1] = 0.0
+    _probe_left = 2
+    _probe_every = PROBE_CALLS
+    _one_thread = False
+
+
+def _model_call(size_t model) -> None:
+    """What a one-row call of the model whose parameters are at that address does first (for tests)."""
+    _measure_for(model)
 
 
 def _timed_call(bint team, double per_char, bint probe) -> None:
@@ -1220,6 +1243,8 @@ def generate_batch(object st, int[:, ::1] out, const double[:, ::1] uniforms, bi
     for b in range(B):
         running += active[b] != 0
     cdef bint one_row = nt > 1 and running == 1
+    if one_row:
+        _measure_for(<size_t>&params[0])
     cdef bint timed = one_row and fed == 0 and Nn >= 8  # only draws: its time per character is comparable
     cdef bint probe = timed and not _fixed and _probe_left <= 0
     cdef bint prefix = probe and _prefix_due(Nn)

@@ -607,3 +607,53 @@ def test_partial_selection_equals_sorted_reference(top_p, top_k):
     assert np.argmax(cydecode.token_probs(np.array([1, 3, 3, 0], np.float32), 1.0, 0, 1e-9)) == 1
     half = cydecode.token_probs(np.zeros(8, np.float32), 1.0, 0, 0.5)
     np.testing.assert_allclose(half, [0.25] * 4 + [0] * 4)
+
+
+def test_one_row_measurements_are_one_models():
+    """The seconds a character kept for the team and for one thread are one model's: a one-row call of
+    another model starts on the team and probes again (a bf16 model's characters take half an fp32
+    one's time, so the fp32 model's figures would mislead its choice for a long while); a fixed count
+    stays fixed."""
+    cydecode.set_one_row_threads(None)
+    try:
+        cydecode._model_call(1000)
+        for _ in range(2):
+            cydecode._timed_call(True, 10e-6, False)
+        cydecode._timed_call(False, 5e-6, True)
+        cydecode._timed_call(False, 5e-6, True)
+        assert cydecode.one_row_threads() == (1, 5e-6, 10e-6)
+        cydecode._model_call(1000)  # the same model: nothing forgotten
+        assert cydecode.one_row_threads() == (1, 5e-6, 10e-6)
+        cydecode._model_call(2000)  # another: the team, no figures, a probe after two calls
+        assert cydecode.one_row_threads() == (0, 0.0, 0.0) and not cydecode._probing()
+        cydecode._timed_call(True, 3e-6, False)
+        cydecode._timed_call(True, 3e-6, False)
+        assert cydecode._probing()
+        cydecode.set_one_row_threads(True)  # fixed: another model keeps it
+        cydecode._model_call(3000)
+        assert cydecode.one_row_threads()[0] == 1
+    finally:
+        cydecode.set_one_row_threads(None)
+
+
+def test_a_call_of_another_model_forgets_the_last_ones_figures():
+    first, second = make_model("rope", ctx=16, shape="fused"), make_model("rope", ctx=16, shape="fused")
+    set_threads(2)
+    try:
+        cydecode.set_one_row_threads(None)
+        generate(first, TOK, "ab", 1024, top_p=0.9, seed=4)
+        cydecode._timed_call(False, 1e-9, True)  # one thread "measured" absurdly fast for the first model
+        cydecode._timed_call(False, 1e-9, True)
+        assert cydecode.one_row_threads()[1] == 1e-9
+        cydecode._end_solo_spell()  # (a stall of the host would send the next call solo: no one-row call)
+        generate(second, TOK, "ab", 40, top_p=0.9, seed=4)  # its prompt's call: one row, not timed
+        assert cydecode.one_row_threads()[1] != 1e-9
+        cydecode._timed_call(False, 1e-9, True)
+        cydecode._timed_call(False, 1e-9, True)
+        cydecode._end_solo_spell()
+        generate(first, TOK, "ab", 40, top_p=0.9, seed=4)
+        assert cydecode.one_row_threads()[1] != 1e-9  # and back: afresh again
+    finally:
+        cydecode._end_solo_spell()
+        cydecode.set_one_row_threads(None)
+        set_threads(None)
