@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="cython")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--chars", type=int, default=20000, help="characters of one stream (default 20000)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds, each every run once (default 5)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument(
         "--precision",
