@@ -449,23 +449,31 @@ def _resume_precision(args: argparse.Namespace, meta: dict) -> str:
     return args.precision or recorded
 
 
+def _run_text(data: str | None, recorded: dict | None, hint: str) -> tuple[Path, str]:
+    """(path, where it came from) of a run's text: --data, else the file the run recorded (an error
+    with `hint` if it is gone), else Tiny Shakespeare."""
+    from fastchar.data import locate_corpus
+    from fastchar.errors import DataError
+
+    if data is None and recorded:
+        path = Path(recorded["path"])
+        if not path.is_file():
+            raise DataError(f"the run trained on {path}, which no longer exists", hint=hint)
+        return path, "the text the run trained on, recorded in its checkpoint"
+    return locate_corpus(data)
+
+
 def _resume_data(args: argparse.Namespace, meta: dict, tokenizer: object) -> object:
     """The training text of a resumed run: --data, else the file the run recorded (checked by size
     and sha256), else Tiny Shakespeare. Its characters must be the checkpoint's vocabulary."""
-    from fastchar.data import TextDataset, check_corpus_memory, locate_corpus, read_text
+    from fastchar.data import TextDataset, check_corpus_memory, read_text
     from fastchar.errors import DataError
     from fastchar.runfolder import data_record
 
     recorded = meta.get("data")
-    if args.data is None and recorded:
-        path, origin = Path(recorded["path"]), "the text the run trained on, recorded in its checkpoint"
-        if not path.is_file():
-            raise DataError(
-                f"the run trained on {path}, which no longer exists",
-                hint="pass its text with --data FILE (the same characters as the checkpoint's vocabulary)",
-            )
-    else:
-        path, origin = locate_corpus(args.data)
+    path, origin = _run_text(
+        args.data, recorded, "pass its text with --data FILE (the same characters as the checkpoint's vocabulary)"
+    )
     print(f"data: {path} ({origin})", flush=True)
     check_corpus_memory(path)
     text = read_text(path)
@@ -731,8 +739,6 @@ def _check_ranks(expected: int | None, threads: int | None = None) -> World:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from fastchar.data import read_prompt
-    from fastchar.errors import CheckpointError
-    from fastchar.model import load
     from fastchar.sampler import MAX_STREAMS, check_sampling, check_seed, check_stop, generate, stream
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
@@ -744,19 +750,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 1:
         raise ConfigError(f"--ctx must be >= 1, got {args.ctx}", hint="leave --ctx out to use the model's context")
     prompt = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
-    _setup_runtime(args)
-    if _check_ranks(None).size > 1:
-        from fastchar.distributed import mark_collective
-
-        raise mark_collective(
-            ConfigError("fastchar sample runs in one process", hint="run it without mpiexec: fastchar sample ...")
-        )
-    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
-    _say_checkpoint(model)
-    if model.tokenizer is None:
-        raise CheckpointError(
-            f"{args.checkpoint} has no tokenizer.json", hint="sample from a checkpoint a training run wrote"
-        )
+    model = _one_process_model(args, "sample", "sample from")
     if args.ctx is not None and args.ctx > model.cfg.ctx:
         raise ConfigError(
             f"--ctx {args.ctx} is larger than the model's context of {model.cfg.ctx}",
@@ -788,6 +782,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for i, text in enumerate(texts):
         sys.stdout.write(f"--- sample {i + 1} ---\n{text}\n")
     return 0
+
+
+def _one_process_model(args: argparse.Namespace, command: str, verb: str) -> object:
+    """For `fastchar sample` and `eval`: the threads set, a refusal under mpiexec, and args.checkpoint
+    loaded (on --backend, in --precision), which must have a tokenizer."""
+    from fastchar.distributed import mark_collective
+    from fastchar.errors import CheckpointError
+    from fastchar.model import load
+
+    _setup_runtime(args)
+    if _check_ranks(None).size > 1:
+        raise mark_collective(ConfigError(f"fastchar {command} runs in one process",
+                                          hint=f"run it without mpiexec: fastchar {command} ..."))  # fmt: skip
+    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
+    _say_checkpoint(model)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{args.checkpoint} has no tokenizer.json", hint=f"{verb} a checkpoint a training run wrote"
+        )
+    return model
 
 
 def _check_samples_memory(n: int, chars: int) -> None:
@@ -857,38 +871,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastchar.data import VAL_FRACTION, check_corpus_memory, locate_corpus, read_text
-    from fastchar.errors import CheckpointError, DataError
+    from fastchar.data import VAL_FRACTION, check_corpus_memory, read_text
+    from fastchar.errors import DataError
     from fastchar.evaluation import DEFAULT_BATCH, Progress, evaluate
-    from fastchar.model import load
     from fastchar.runfolder import data_record
 
     batch = DEFAULT_BATCH if args.batch is None else args.batch
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}", hint="leave --batch out for the default")
-    _setup_runtime(args)
-    if _check_ranks(None).size > 1:
-        from fastchar.distributed import mark_collective
-
-        raise mark_collective(
-            ConfigError("fastchar eval runs in one process", hint="run it without mpiexec: fastchar eval ...")
-        )
-    model = load(args.checkpoint, backend=args.backend or "auto", precision=args.precision or "fp32")
-    _say_checkpoint(model)
-    if model.tokenizer is None:
-        raise CheckpointError(
-            f"{args.checkpoint} has no tokenizer.json", hint="evaluate a checkpoint a training run wrote"
-        )
+    model = _one_process_model(args, "eval", "evaluate")
     recorded = (model.checkpoint_meta or {}).get("data")
-    if args.data is None and recorded:
-        path, origin = Path(recorded["path"]), "the text the run trained on"
-        if not path.is_file():
-            raise DataError(
-                f"the run trained on {path}, which no longer exists",
-                hint="pass a text with --data FILE (its characters must be in the model's vocabulary)",
-            )
-    else:
-        path, origin = locate_corpus(args.data)
+    path, origin = _run_text(
+        args.data, recorded, "pass a text with --data FILE (its characters must be in the model's vocabulary)"
+    )
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     say(f"data: {path} ({origin})")
     check_corpus_memory(path)

@@ -119,7 +119,7 @@ def trained(capsys, corpus, tmp_path):
 def test_eval_command(capsys, trained, corpus):
     code, out, err = run(capsys, "eval", str(trained), "--backend", "numpy")
     assert code == 0, err
-    assert f"data: {corpus.resolve()} (the text the run trained on)" in out
+    assert f"data: {corpus.resolve()} (the text the run trained on, recorded in its checkpoint)" in out
     n_val = len(corpus.read_text(encoding="utf-8")) - int(len(corpus.read_text(encoding="utf-8")) * 0.9) - 1
     assert f"val split (the last 10 %): {n_val:,} characters predicted" in out
     loss = float(out.split("loss ")[1].split()[0])
