@@ -137,30 +137,31 @@ def one_row_calls() -> tuple:
 def set_one_row_threads(one: object = None) -> None:
     """One-row calls on one thread (True) or on the team (False) from now on, without probes; None:
     forget the measurements, start on the team and choose by measurement again (the default)."""
-    global _probe_left, _one_thread, _fixed, _probe_every
+    global _fixed
+    _start_over(bool(one))
+    _fixed = one is not None
+
+
+cdef void _start_over(bint one):
+    """No measurements kept; one-row calls on one thread (one) or on the team, probing after two calls."""
+    global _probe_left, _one_thread, _probe_every
     for i in range(2):
         _per_char[i][0] = _per_char[i][1] = 0.0
     _probe_left = 2
     _probe_every = PROBE_CALLS
-    _one_thread = bool(one)
-    _fixed = one is not None
+    _one_thread = one
 
 
 cdef void _measure_for(size_t model):
     """The measurements are one model's (its parameters' address): a one-row call of another model (a
     bf16 one after an fp32 one, say, whose characters take twice as long) starts afresh, on the team
     and probing after two calls, as set_one_row_threads(None) does, unless the count is fixed."""
-    global _timed_model, _probe_left, _one_thread, _probe_every
+    global _timed_model
     if model == _timed_model:
         return
     _timed_model = model
-    if _fixed:
-        return
-    for i in range(2):
-        _per_char[i][0] = _per_char[i][1] = 0.0
-    _probe_left = 2
-    _probe_every = PROBE_CALLS
-    _one_thread = False
+    if not _fixed:
+        _start_over(False)
 
 
 def _model_call(size_t model) -> None:

@@ -871,7 +871,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastchar.data import VAL_FRACTION, check_corpus_memory, read_text
+    from fastchar.data import check_corpus_memory, read_text, train_size
     from fastchar.errors import DataError
     from fastchar.evaluation import DEFAULT_BATCH, Progress, evaluate
     from fastchar.runfolder import data_record
@@ -890,7 +890,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text(path)
     if args.data is None and recorded and data_record(path, text)["sha256"] != recorded["sha256"]:
         _note(f"{path} changed since the run trained on it: its splits are not the ones the run saw")
-    n_train = int(len(text) * (1 - VAL_FRACTION))  # TextDataset's split
+    n_train = train_size(len(text))  # TextDataset's split
     part = {"val": text[n_train:], "train": text[:n_train], "all": text}[args.split]
     if len(part) < 2:
         raise DataError(

@@ -159,6 +159,11 @@ def check_corpus_memory(path: str | Path, available: int | None = None) -> int:
     return need
 
 
+def train_size(n: int, val_fraction: float = VAL_FRACTION) -> int:
+    """Characters of the train split of a text of n: the first (1 - val_fraction) n, the rest val."""
+    return int(n * (1 - val_fraction))
+
+
 class TextDataset:
     """A corpus encoded to token ids, split into train (first 90 %) and val (last 10 %).
 
@@ -186,7 +191,7 @@ class TextDataset:
                 hint="pass a text with at least two distinct characters",
             )
         ids = self.tokenizer.encode(self.text, dtype=self.tokenizer.dtype())  # 1-2 bytes per character
-        n_train = int(len(ids) * (1 - val_fraction))
+        n_train = train_size(len(ids), val_fraction)
         self.splits = {"train": ids[:n_train], "val": ids[n_train:]}
 
     @classmethod
