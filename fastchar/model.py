@@ -175,8 +175,8 @@ class Model:
         """Size the activation arenas for (B, T) and bind the network's ops (fastchar/graph.py) to
         their views: a plan with and one without dropout, so a step only patches dropout keys."""
         if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
-            self.acts = Arena(act_specs(self.cfg, B, T), self.dtype)
-            self.dacts = Arena(self.acts.specs, self.dtype)
+            self.acts = Arena(act_specs(self.cfg, B, T), self.dtype, aligned_views=True)
+            self.dacts = Arena(self.acts.specs, self.dtype, aligned_views=True)
             saved = saved_slots(self.cfg)
             self._idx = np.zeros((B, T), np.int32)
             self._tgt = np.zeros((B, T), np.int32)
@@ -302,13 +302,19 @@ def load(path: str | Path, backend: str = "auto", which: str = "best", precision
 
 
 def _runs(arena: Arena, skip: set[str]) -> list[tuple[int, int]]:
-    """(start, stop) ranges of arena.flat covering every slot not in skip, adjacent slots merged."""
+    """(start, stop) ranges of arena.flat covering every slot not in skip, neighbouring slots merged
+    (with the unnamed padding between them)."""
     runs: list[tuple[int, int]] = []
+    joins = False  # the last slot seen was kept: the next kept one extends its run
     for name, (start, stop) in arena.offsets.items():
-        if name in skip or start == stop:
+        if start == stop:
             continue
-        if runs and runs[-1][1] == start:
+        if name in skip:
+            joins = False
+            continue
+        if runs and joins:
             runs[-1] = (runs[-1][0], stop)
         else:
             runs.append((start, stop))
+        joins = True
     return runs

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fastchar.arena import Arena
+from fastchar.arena import Arena, aligned_zeros
 from fastchar.errors import ConfigError, InputError
 from fastchar.graph import (
     TOKENS,
@@ -90,14 +90,6 @@ class DecodeStep:
 def default_decode_step(kernels, op, args: list, cache: KVCache, step: DecodeStep) -> None:
     """An op's decode step unless its record says otherwise: its forward kernel on one row."""
     getattr(kernels, record(op.kind).forward)(*args)
-
-
-def aligned_zeros(n: int, align: int = 64, dtype: type = np.float32) -> np.ndarray:
-    """(n,) zeros (float32, or dtype) whose first element sits on an `align`-byte boundary."""
-    size = np.dtype(dtype).itemsize
-    raw = np.zeros(n + align // size, dtype)
-    start = (-raw.ctypes.data % align) // size
-    return raw[start : start + n]
 
 
 HUGE_PAGE = 2 << 20  # caches on 2 MB boundaries: the kernel can back them with huge pages (fewer TLB misses)
