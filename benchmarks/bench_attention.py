@@ -36,14 +36,16 @@ def measure(name: str, threads: int, repeats: int, clock) -> dict:
     """{kernel: {"ms", "gflops"}} at one shape, after checking each path's forward against the reference."""
     from fastchar import _cykernels as cy
     from fastchar import _gemm, isa
+    from fastchar.arena import aligned_zeros
     from fastchar.backends import reference as ref
 
     B, T, C, NH = SHAPES[name]
     rng = np.random.default_rng(0)
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     dout = rng.standard_normal((B, T, C)).astype(np.float32)
-    out, att = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T, T), np.float32)
-    dqkv, datt = np.zeros_like(qkv), np.zeros_like(att)
+    # the model's activation slots start on 64-byte lines (fastchar/arena.py), and att's streaming stores need it
+    out, att = aligned_zeros(B * T * C).reshape(B, T, C), aligned_zeros(B * NH * T * T).reshape(B, NH, T, T)
+    dqkv, datt = aligned_zeros(qkv.size).reshape(qkv.shape), np.zeros_like(att)
     want_out, want_att = np.zeros_like(out), np.zeros_like(att)
     ref.attention_forward(want_out, want_att, qkv)
     paths = [p for p in isa.runnable() if p != "generic"]
