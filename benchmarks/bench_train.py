@@ -18,10 +18,18 @@ benchmarks/results/bench_train.jsonl and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import re
 import statistics
 import string
+import subprocess
+import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,9 +202,6 @@ def time_torch(cfg, B, steps, warmup, data, threads, mode="eager", fused=False, 
     torch.compile gets a fresh inductor cache of its own: kernels cached in the shared
     /tmp/torchinductor_<user> by runs held to another ISA (or another torch) made its child abort
     with heap corruption on Zen 4 (torch 2.13)."""
-    import os
-    import tempfile
-
     if mode == "compile" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         import shutil
         from multiprocessing.util import Finalize
@@ -411,8 +416,6 @@ def shapes_report(args) -> dict:
     flop_per_token). With FASTCHAR_ISA set, PyTorch is held to the same instruction set
     (fastchar.isa.torch_env: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and the peak
     is that instruction set's. Appends one JSON line (unless --no-record/--quick)."""
-    import os
-
     from fastchar import isa
 
     names = list(SHAPES) if "all" in args.shapes else args.shapes
@@ -424,7 +427,8 @@ def shapes_report(args) -> dict:
         os.environ.update(isa.torch_env(sel.path))  # read by the spawned PyTorch processes as they start
     precisions = ["fp32"] + (["bf16"] if _bf16_ok(backend) else [])
     torch_ok = torch_available() and not args.no_torch
-    peak = machine_peak(args.threads, sel.path)
+    peak = machine_peak(args.threads, sel.path, round_trip=True)
+    start_trip = peak.pop("round_trip_ns", None)
     record: dict = {"machine": {**machine(args.threads), **cpu_ids()}, "backend": backend, "steps": args.steps,
                     "rounds": args.rounds, "isa": sel.path, "torch_env": isa.torch_env(sel.path) if sel.forced else {},
                     "peak_gflops": peak, "shapes": {}}  # fmt: skip
@@ -483,6 +487,8 @@ def shapes_report(args) -> dict:
             summary.append([name, best, res[best]["tok_s"], _of_peak(res[best]), rival, res[rival]["tok_s"],
                             _of_peak(res[rival]), f"{ratio:.2f}x{spread}"])  # fmt: skip
     ids = cpu_ids()
+    trip = (start_trip, round_trip_ns() if start_trip is not None else None)
+    record["round_trip_ns"] = {"start": trip[0], "end": trip[1]}
     print(f"\n## Training throughput at issue 10's shapes (backend {backend}, tokens/s, median step)\n")
     print(
         f"machine: {record['machine']['cpu']} (family {ids['cpu_family']}, model {ids['cpu_model_number']}), "
@@ -494,7 +500,10 @@ def shapes_report(args) -> dict:
         )  # fmt: skip
     )
     limits = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items() if v and k in ("fp32", "bf16"))
-    print(f"peak ({peak.get('isa', '-')}, {args.threads} threads, benchmarks/peak.c): {limits or 'not measured'}\n")
+    print(f"peak ({peak.get('isa', '-')}, {args.threads} threads, benchmarks/peak.c): {limits or 'not measured'}")
+    if None not in trip:
+        print(f"a cache line's round trip between two threads: {trip[0]:.0f} ns at the start, {trip[1]:.0f} at the end")
+    print()
     print(
         table(["shape", "B,T,C,L,NH", "system", "tok/s", "ms/step", "of peak", "vs torch eager same precision"], rows)
     )
@@ -595,28 +604,51 @@ def cpu_ids() -> dict:
     return ids
 
 
-def machine_peak(threads: int, path: str) -> dict:
+def machine_peak(threads: int, path: str, round_trip: bool = False) -> dict:
     """{"isa", "fp32", "bf16"} GFLOP/s of benchmarks/peak.c at `threads` threads for the instruction set
-    of path ("avx512" or "avx2"; other paths: {}), compiled here with cc (or $CC); {} if that fails."""
-    import json
-    import os
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
+    of path ("avx512" or "avx2"; other paths: {}), compiled here with cc (or $CC); {} if that fails.
+    With round_trip (and threads > 1), also "round_trip_ns": a cache line's round trip between two
+    threads (peak.c --latency), which says where the host runs the two virtual CPUs (see
+    docs/performance.md: a step's figures move with it)."""
     if path not in ("avx512", "avx2"):
         return {}
+    with _peak_exe() as exe:
+        if exe is None:
+            return {}
+        out = subprocess.run([exe, str(threads), path], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"peak: benchmarks/peak.c did not run ({out.stderr.strip()[:200]}); no fraction of peak")
+            return {}
+        peak = json.loads(out.stdout.strip().splitlines()[-1])
+        if round_trip and threads > 1:
+            peak["round_trip_ns"] = _round_trip(exe)
+    return peak
+
+
+def round_trip_ns() -> float | None:
+    """A cache line's round trip between two threads now (benchmarks/peak.c --latency), or None."""
+    with _peak_exe() as exe:
+        return _round_trip(exe) if exe is not None else None
+
+
+def _round_trip(exe: str) -> float | None:
+    m = re.search(r"([\d.]+) ns", subprocess.run([exe, "--latency"], capture_output=True, text=True).stdout)
+    return float(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def _peak_exe() -> Iterator[str | None]:
+    """benchmarks/peak.c compiled with cc (or $CC) into a temporary folder: its path, or None."""
     source = Path(__file__).with_name("peak.c")
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "peak")
         cc = os.environ.get("CC", "cc")
         try:
             subprocess.run([cc, "-O3", "-fopenmp", str(source), "-o", exe], check=True, capture_output=True)
-            out = subprocess.run([exe, str(threads), path], check=True, capture_output=True, text=True).stdout
         except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"peak: benchmarks/peak.c did not run ({exc}); no fraction of peak")
-            return {}
-    return json.loads(out.strip().splitlines()[-1])
+            print(f"peak: benchmarks/peak.c did not build ({exc}); no fraction of peak")
+            exe = None
+        yield exe
 
 
 def _bf16_ok(backend: str) -> bool:

@@ -192,6 +192,22 @@ def test_machine_limits_measure_peak_bandwidth_and_round_trip():
     assert 1 < limits["round_trip_ns"] < 1e6
 
 
+@pytest.mark.slow  # compiles and runs benchmarks/peak.c
+@pytest.mark.skipif(shutil.which("cc") is None, reason="benchmarks/peak.c needs a C compiler")
+def test_bench_train_measures_the_peak_and_the_threads_round_trip():
+    from benchmarks.bench_train import machine_peak, round_trip_ns
+    from fastchar import isa
+
+    path = isa.selection().path
+    if path not in ("avx512", "avx2"):
+        pytest.skip(f"benchmarks/peak.c measures x86-64 only (this path: {path})")
+    peak = machine_peak(2, path, round_trip=True)
+    assert peak["fp32"] > 1 and peak["isa"] == path
+    assert 1 < peak["round_trip_ns"] < 1e6
+    assert "round_trip_ns" not in machine_peak(1, path, round_trip=True)  # one thread: no pair to time
+    assert 1 < round_trip_ns() < 1e6
+
+
 def test_rounds_give_medians_and_the_rounds_own_ratios():
     """--rounds: a system's figure is its median over the rounds; the ratio is the median of each round's
     own best-against-best ratio, so a round on a slower machine state compares like with like."""
