@@ -36,16 +36,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.common import append_record, cpu_model, isolated, median_time
+from benchmarks.common import append_record, build_peak, cpu_model, isolated, median_time, peak_round_trip
 from fastchar import Model, ModelConfig, generate, load, set_threads
 from fastchar.config import POSITIONS
 from fastchar.threads import cores
 from fastchar.tokenizer import CharTokenizer
 
 PROMPT = "ROMEO:"
-PEAK_C = Path(__file__).resolve().parent / "peak.c"
 
 
 def _model(
@@ -79,12 +77,10 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
     if gcc is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "peak"
-        build = subprocess.run(
-            [gcc, "-O3", "-fopenmp", "-march=native", str(PEAK_C), "-o", str(exe)], capture_output=True, text=True
-        )
-        if build.returncode != 0:
-            print(f"note: benchmarks/peak.c did not build: {build.stderr.strip()[:200]}")
+        try:
+            exe = build_peak(tmp, gcc, "-march=native")
+        except subprocess.CalledProcessError as exc:
+            print(f"note: benchmarks/peak.c did not build: {exc.stderr.strip()[:200]}")
             return {}
         limits: dict = {}
         args = [str(exe), str(threads)] + ([isa] if isa in ("avx512", "avx2") else [])
@@ -104,10 +100,9 @@ def machine_limits(threads: int, buffers_mb: list[float], isa: str | None = None
                 if m:
                     limits[f"read_gbs_{mb:.2f}MB{suffix}"] = float(m.group(1))
         if threads > 1:  # what each hand-over between the threads of a one-stream step costs at least
-            out = subprocess.run([str(exe), "--latency"], capture_output=True, text=True)
-            m = re.search(r"([\d.]+) ns", out.stdout)
-            if m:
-                limits["round_trip_ns"] = float(m.group(1))
+            trip = peak_round_trip(exe)
+            if trip is not None:
+                limits["round_trip_ns"] = trip
         return limits
 
 

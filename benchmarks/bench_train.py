@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import string
 import subprocess
@@ -29,7 +28,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,9 +35,11 @@ import numpy as np
 from benchmarks.common import (
     ChildDied,
     append_record,
+    build_peak,
     isolated,
     machine,
     median_time,
+    peak_round_trip,
     peak_rss_mib,
     rss_mib,
     table,
@@ -621,30 +621,22 @@ def machine_peak(threads: int, path: str, round_trip: bool = False) -> dict:
             return {}
         peak = json.loads(out.stdout.strip().splitlines()[-1])
         if round_trip and threads > 1:
-            peak["round_trip_ns"] = _round_trip(exe)
+            peak["round_trip_ns"] = peak_round_trip(exe)
     return peak
 
 
 def round_trip_ns() -> float | None:
     """A cache line's round trip between two threads now (benchmarks/peak.c --latency), or None."""
     with _peak_exe() as exe:
-        return _round_trip(exe) if exe is not None else None
-
-
-def _round_trip(exe: str) -> float | None:
-    m = re.search(r"([\d.]+) ns", subprocess.run([exe, "--latency"], capture_output=True, text=True).stdout)
-    return float(m.group(1)) if m else None
+        return peak_round_trip(exe) if exe is not None else None
 
 
 @contextlib.contextmanager
 def _peak_exe() -> Iterator[str | None]:
     """benchmarks/peak.c compiled with cc (or $CC) into a temporary folder: its path, or None."""
-    source = Path(__file__).with_name("peak.c")
     with tempfile.TemporaryDirectory() as tmp:
-        exe = os.path.join(tmp, "peak")
-        cc = os.environ.get("CC", "cc")
         try:
-            subprocess.run([cc, "-O3", "-fopenmp", str(source), "-o", exe], check=True, capture_output=True)
+            exe = build_peak(tmp, os.environ.get("CC", "cc"))
         except (OSError, subprocess.CalledProcessError) as exc:
             print(f"peak: benchmarks/peak.c did not build ({exc}); no fraction of peak")
             exe = None

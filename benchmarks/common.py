@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PEAK_C = Path(__file__).resolve().parent / "peak.c"
 
 
 class ChildDied(RuntimeError):
@@ -115,3 +117,18 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def build_peak(folder: str | Path, compiler: str, *flags: str) -> str:
+    """benchmarks/peak.c compiled with `compiler` -O3 -fopenmp and flags into folder: the program's path.
+    Raises OSError without the compiler, subprocess.CalledProcessError (its stderr) if the build fails."""
+    exe = str(Path(folder) / "peak")
+    subprocess.run([compiler, "-O3", "-fopenmp", *flags, str(PEAK_C), "-o", exe], check=True, capture_output=True,
+                   text=True)  # fmt: skip
+    return exe
+
+
+def peak_round_trip(exe: str) -> float | None:
+    """A cache line's round trip between two threads in ns (`exe --latency`, exe from build_peak), or None."""
+    m = re.search(r"([\d.]+) ns", subprocess.run([exe, "--latency"], capture_output=True, text=True).stdout)
+    return float(m.group(1)) if m else None
